@@ -1,0 +1,45 @@
+"""The ``ttspec`` command: one subcommand per module, imported only when it runs.
+
+Each module named in COMMANDS provides ``add_arguments(parser)`` and ``run(args) -> int``
+and a one-line module docstring used as the subcommand's help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+}
+
+
+def _summary(module_name: str) -> str:
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or spec.origin is None:
+        return ""
+    import ast
+
+    with open(spec.origin, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="ttspec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Build every subparser cheaply from docstrings; import only the chosen module.
+    for name, module_name in COMMANDS.items():
+        sub.add_parser(name, help=_summary(module_name), add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    cmd = argparse.ArgumentParser(prog=f"ttspec {argv[0]}", description=module.__doc__)
+    module.add_arguments(cmd)
+    return int(module.run(cmd.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

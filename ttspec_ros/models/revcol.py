@@ -1,0 +1,395 @@
+"""Reversible Column Networks (RevCol) for classification, checkpoint-compatible with the
+official release (Cai et al., arXiv 2212.11696).
+
+Module and parameter names follow the official state dict exactly, so official checkpoints
+load with ``strict=True``. The forward pass is the non-reversible form, which computes the
+same values as the reversible one (only training memory differs).
+
+Besides ``forward`` (official outputs), the model exposes the pieces the early-exit cascade
+runs one at a time: ``stem``, ``run_column``, ``pool`` and ``head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+NUM_EXITS = 4  # the official model has a head after every num_columns // 4 columns
+STEM_PATCH = 4  # stem conv kernel = stride = 4
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """LayerNorm over C of an (N, C, H, W) tensor, as the official ``channels_first`` LN."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class ConvNextBlock(nn.Module):
+    """dwconv → LN (NHWC) → Linear → GELU → Linear → gamma → DropPath → residual."""
+
+    def __init__(self, dim: int, hidden: int, kernel_size: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(hidden, dim)
+        self.gamma = nn.Parameter(1e-6 * torch.ones(dim))
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        y = (self.gamma * y).permute(0, 3, 1, 2)
+        return x + drop_path(y, self.drop_path, self.training)
+
+
+class UpSampleConvnext(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.channel_reschedule = nn.Sequential(
+            nn.Linear(in_channels, out_channels), nn.LayerNorm(out_channels, eps=1e-6)
+        )
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.up(x)
+
+
+class Fusion(nn.Module):
+    def __init__(self, level: int, channels: Sequence[int], first_col: bool) -> None:
+        super().__init__()
+        self.first_col = first_col
+        if level == 0:
+            self.down: nn.Module = nn.Identity()
+        else:
+            self.down = nn.Sequential(
+                nn.Conv2d(channels[level - 1], channels[level], 2, stride=2),
+                ChannelsFirstLayerNorm(channels[level]),
+            )
+        self.up = (
+            UpSampleConvnext(channels[level + 1], channels[level])
+            if not first_col and level in (0, 1, 2)
+            else None
+        )
+
+    def forward(self, c_down: Tensor, c_up: Tensor | None) -> Tensor:
+        if self.first_col or self.up is None or c_up is None:
+            return self.down(c_down)
+        return self.up(c_up) + self.down(c_down)
+
+
+class Level(nn.Module):
+    def __init__(
+        self,
+        level: int,
+        channels: Sequence[int],
+        layers: Sequence[int],
+        kernel_size: int,
+        first_col: bool,
+        dp_rates: Sequence[float],
+    ) -> None:
+        super().__init__()
+        start = sum(layers[:level])
+        c = channels[level]
+        self.fusion = Fusion(level, channels, first_col)
+        self.blocks = nn.Sequential(
+            *[
+                ConvNextBlock(c, 4 * c, kernel_size, dp_rates[start + j])
+                for j in range(layers[level])
+            ]
+        )
+
+    def forward(self, c_down: Tensor, c_up: Tensor | None) -> Tensor:
+        return self.blocks(self.fusion(c_down, c_up))
+
+
+ColumnState = tuple[Tensor | float, Tensor | float, Tensor | float, Tensor | float]
+
+
+class SubNet(nn.Module):
+    """One column: four levels, each mixing its previous value (× alpha) with a new one."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        layers: Sequence[int],
+        kernel_size: int,
+        first_col: bool,
+        dp_rates: Sequence[float],
+    ) -> None:
+        super().__init__()
+        for i, c in enumerate(channels):
+            self.register_parameter(f"alpha{i}", nn.Parameter(0.5 * torch.ones(1, c, 1, 1)))
+        self.level0 = Level(0, channels, layers, kernel_size, first_col, dp_rates)
+        self.level1 = Level(1, channels, layers, kernel_size, first_col, dp_rates)
+        self.level2 = Level(2, channels, layers, kernel_size, first_col, dp_rates)
+        self.level3 = Level(3, channels, layers, kernel_size, first_col, dp_rates)
+
+    @staticmethod
+    def _clamp_abs(data: Tensor, value: float) -> None:
+        # Official behaviour: keep |alpha| >= value, sign kept (a zero stays zero).
+        with torch.no_grad():
+            sign = data.sign()
+            data.abs_().clamp_(value)
+            data *= sign
+
+    def forward(self, x: Tensor, c0, c1, c2, c3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        for i in range(4):
+            self._clamp_abs(getattr(self, f"alpha{i}").data, 1e-3)
+        # Order matters: each level reads the *new* value below it and the *previous* above.
+        c0 = self.alpha0 * c0 + self.level0(x, c1 if torch.is_tensor(c1) else None)
+        c1 = self.alpha1 * c1 + self.level1(c0, c2 if torch.is_tensor(c2) else None)
+        c2 = self.alpha2 * c2 + self.level2(c1, c3 if torch.is_tensor(c3) else None)
+        c3 = self.alpha3 * c3 + self.level3(c2, None)
+        return c0, c1, c2, c3
+
+
+class Classifier(nn.Module):
+    """Global average pool → LayerNorm → Linear (``cls_blocks.i.classifier.{0,1}``)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.classifier = nn.Sequential(
+            nn.LayerNorm(in_channels, eps=1e-6), nn.Linear(in_channels, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.avgpool(x).flatten(1))
+
+
+class Decoder(nn.Module):
+    """Reconstruction decoder of an exit's c3: three (1x1 conv, LN, GELU, ×2 bilinear, block)
+    stages on the reversed channel list, then a 1x1 conv and PixelShuffle to image size."""
+
+    def __init__(self, channels: Sequence[int], kernel_size: int, out_chans: int) -> None:
+        super().__init__()
+        dims = list(channels)[::-1]
+        self.proj_layers = nn.ModuleList()
+        self.upsample_layers = nn.ModuleList()
+        self.normal_layers = nn.ModuleList()
+        for i in range(1, len(dims)):
+            self.proj_layers.append(
+                nn.Sequential(
+                    nn.Conv2d(dims[i - 1], dims[i], 1), ChannelsFirstLayerNorm(dims[i]), nn.GELU()
+                )
+            )
+            self.upsample_layers.append(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+            )
+            self.normal_layers.append(nn.Sequential(ConvNextBlock(dims[i], dims[i], kernel_size)))
+        self.projback = nn.Sequential(
+            nn.Conv2d(dims[-1], STEM_PATCH * STEM_PATCH * out_chans, 1),
+            nn.PixelShuffle(STEM_PATCH),
+        )
+
+    def forward(self, c3: Tensor) -> Tensor:
+        x = c3
+        for proj, up, block in zip(
+            self.proj_layers, self.upsample_layers, self.normal_layers, strict=True
+        ):
+            x = block(up(proj(x)))
+        return self.projback(x)
+
+
+@dataclass(frozen=True)
+class RevColConfig:
+    """Everything that decides the state-dict layout; stored in model cards."""
+
+    channels: tuple[int, ...]
+    layers: tuple[int, ...]
+    num_columns: int
+    num_classes: int
+    kernel_size: int = 3
+    in_chans: int = 3
+    drop_path: float = 0.0
+    with_decoders: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RevColConfig:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["channels"] = tuple(known["channels"])
+        known["layers"] = tuple(known["layers"])
+        return cls(**known)
+
+
+class RevCol(nn.Module):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        layers: Sequence[int],
+        num_columns: int,
+        num_classes: int,
+        kernel_size: int = 3,
+        in_chans: int = 3,
+        drop_path: float = 0.0,
+        with_decoders: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(channels) != 4 or len(layers) != 4:
+            raise ValueError("RevCol needs 4 levels: channels and layers of length 4")
+        if num_columns < NUM_EXITS or num_columns % NUM_EXITS:
+            raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
+        self.config = RevColConfig(
+            tuple(channels), tuple(layers), num_columns, num_classes, kernel_size, in_chans,
+            drop_path, with_decoders,
+        )
+        self.num_columns = num_columns
+        self.interval = num_columns // NUM_EXITS
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, channels[0], STEM_PATCH, stride=STEM_PATCH),
+            ChannelsFirstLayerNorm(channels[0]),
+        )
+        dp_rates = torch.linspace(0, drop_path, sum(layers)).tolist()
+        for k in range(num_columns):
+            self.add_module(
+                f"subnet{k}", SubNet(channels, layers, kernel_size, k == 0, dp_rates)
+            )
+        self.cls_blocks = nn.ModuleList(
+            [Classifier(channels[-1], num_classes) for _ in range(NUM_EXITS)]
+        )
+        self.decoder_blocks = (
+            nn.ModuleList(
+                [Decoder(channels, kernel_size, in_chans) for _ in range(NUM_EXITS - 1)]
+            )
+            if with_decoders
+            else None
+        )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.constant_(m.bias, 0)
+
+    # -- pieces the cascade runs one at a time -------------------------------------------
+    @property
+    def num_exits(self) -> int:
+        return NUM_EXITS
+
+    def exit_columns(self, exit_index: int) -> range:
+        """Columns evaluated between exit ``exit_index - 1`` and exit ``exit_index``."""
+        return range(exit_index * self.interval, (exit_index + 1) * self.interval)
+
+    def run_column(self, k: int, x: Tensor, state: ColumnState) -> ColumnState:
+        return getattr(self, f"subnet{k}")(x, *state)
+
+    @staticmethod
+    def pool(c3: Tensor) -> Tensor:
+        """The exit's head input: global average of the column's c3, shape (N, C3)."""
+        return c3.mean(dim=(2, 3))
+
+    def head(self, exit_index: int, pooled: Tensor) -> Tensor:
+        return self.cls_blocks[exit_index].classifier(pooled)
+
+    def run_exit(self, exit_index: int, x: Tensor, state: ColumnState) -> ColumnState:
+        for k in self.exit_columns(exit_index):
+            state = self.run_column(k, x, state)
+        return state
+
+    # -- whole-model forwards ------------------------------------------------------------
+    def forward_exits(self, x: Tensor) -> list[Tensor]:
+        """Logits of every exit (no decoders), equal to the official forward's class outputs."""
+        x = self.stem(x)
+        state: ColumnState = (0.0, 0.0, 0.0, 0.0)
+        logits = []
+        for i in range(NUM_EXITS):
+            state = self.run_exit(i, x, state)
+            logits.append(self.cls_blocks[i](state[3]))
+        return logits
+
+    def forward_with_reconstruction(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(logits of every exit, reconstructions after exits 0..2), as the official forward."""
+        if self.decoder_blocks is None:
+            raise RuntimeError("this model was built without reconstruction decoders")
+        x = self.stem(x)
+        state: ColumnState = (0.0, 0.0, 0.0, 0.0)
+        logits, images = [], []
+        for i in range(NUM_EXITS):
+            state = self.run_exit(i, x, state)
+            logits.append(self.cls_blocks[i](state[3]))
+            if i < NUM_EXITS - 1:
+                images.append(self.decoder_blocks[i](state[3]))
+        return logits, images
+
+    def forward_last(self, x: Tensor) -> Tensor:
+        """Plain backbone forward with only the last head (the paper's baseline)."""
+        x = self.stem(x)
+        state: ColumnState = (0.0, 0.0, 0.0, 0.0)
+        for k in range(self.num_columns):
+            state = self.run_column(k, x, state)
+        return self.cls_blocks[-1](state[3])
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.forward_exits(x)
+
+
+PRESETS: dict[str, dict] = {
+    "revcol_tiny": dict(channels=(64, 128, 256, 512), layers=(2, 2, 4, 2), num_columns=4,
+                        drop_path=0.1),
+    "revcol_small": dict(channels=(64, 128, 256, 512), layers=(2, 2, 4, 2), num_columns=8,
+                         drop_path=0.3),
+    "revcol_base": dict(channels=(72, 144, 288, 576), layers=(1, 1, 3, 2), num_columns=16,
+                        drop_path=0.4),
+    "revcol_large": dict(channels=(128, 256, 512, 1024), layers=(1, 2, 6, 2), num_columns=8,
+                         drop_path=0.5),
+}
+
+
+def build_preset(name: str, num_classes: int = 1000, **overrides) -> RevCol:
+    if name not in PRESETS:
+        raise ValueError(f"unknown RevCol preset {name!r}; known: {', '.join(PRESETS)}")
+    kwargs = {**PRESETS[name], "num_classes": num_classes, **overrides}
+    return RevCol(**kwargs)
+
+
+def revcol_tiny(**kw) -> RevCol:
+    return build_preset("revcol_tiny", **kw)
+
+
+def revcol_small(**kw) -> RevCol:
+    return build_preset("revcol_small", **kw)
+
+
+def revcol_base(**kw) -> RevCol:
+    return build_preset("revcol_base", **kw)
+
+
+def revcol_large(**kw) -> RevCol:
+    return build_preset("revcol_large", **kw)
+
+
+__all__ = [
+    "RevCol", "RevColConfig", "PRESETS", "NUM_EXITS", "build_preset", "revcol_tiny",
+    "revcol_small", "revcol_base", "revcol_large",
+]
