@@ -1,0 +1,104 @@
+"""Image -> model input: the one preprocessing used by training, the camera node and replay.
+
+A frame (any size, mono or RGB, uint8 or uint16) becomes grayscale (cv2 luma), is centre-cropped
+to a square and resized to ``content_size`` with INTER_AREA, zero-padded to ``size`` (zero =
+black, the Fashion-MNIST background) and normalised with the training mean/std. The input spec
+is the model card's ``input`` dict: {channels, size, content_size, mean, std}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import cv2
+import numpy as np
+
+_SPEC_KEYS = ("channels", "size", "content_size", "mean", "std")
+
+
+def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    missing = [k for k in _SPEC_KEYS if k not in input_spec]
+    if missing:
+        raise ValueError(f"input spec lacks {missing}; expected keys {list(_SPEC_KEYS)}")
+    channels, size = int(input_spec["channels"]), int(input_spec["size"])
+    content = int(input_spec["content_size"])
+    if channels not in (1, 3):
+        raise ValueError(f"input spec channels must be 1 or 3, got {channels}")
+    if not 0 < content <= size:
+        raise ValueError(f"input spec needs 0 < content_size <= size, got {content} and {size}")
+    mean = np.asarray(input_spec["mean"], dtype=np.float32).reshape(-1)
+    std = np.asarray(input_spec["std"], dtype=np.float32).reshape(-1)
+    if mean.size not in (1, channels) or std.size not in (1, channels):
+        raise ValueError(f"input spec mean/std must have 1 or {channels} values")
+    if np.any(std <= 0):
+        raise ValueError(f"input spec std must be positive, got {std.tolist()}")
+    return channels, size, content, mean, std
+
+
+def _to_unit_gray(image: np.ndarray) -> np.ndarray:
+    """(H,W) / (H,W,1) / (H,W,3) RGB / (H,W,4) RGBA uint8 or uint16 -> (H,W) float32 in [0,1]."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype == np.uint8:
+        scale = 255.0
+    elif image.dtype == np.uint16:
+        scale = 65535.0
+    else:
+        raise ValueError(f"image dtype must be uint8 or uint16, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        code = cv2.COLOR_RGB2GRAY if image.shape[2] == 3 else cv2.COLOR_RGBA2GRAY
+        image = cv2.cvtColor(np.ascontiguousarray(image), code)
+    if image.ndim != 2 or min(image.shape) == 0:
+        raise ValueError(
+            f"image must be (H,W) or (H,W,C) with C in 1/3/4 and H,W > 0, got shape {image.shape}"
+        )
+    return image.astype(np.float32) / scale
+
+
+def _center_square(gray: np.ndarray) -> np.ndarray:
+    # Crop rather than squash so a 4:3 camera frame keeps the object's proportions.
+    h, w = gray.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return gray[top : top + side, left : left + side]
+
+
+def pad_and_normalise(content: np.ndarray, input_spec: Mapping) -> np.ndarray:
+    """Content-sized unit-range grayscale (..., c, c) -> normalised (..., C, size, size) float32.
+
+    Shared by ``preprocess`` (one frame) and ``preprocess_batch`` (a dataset)."""
+    channels, size, content_size, mean, std = _check_spec(input_spec)
+    if content.shape[-2:] != (content_size, content_size):
+        raise ValueError(
+            f"content must be {content_size}x{content_size}, got {content.shape[-2:]}"
+        )
+    lead = content.shape[:-2]
+    out = np.zeros(lead + (1, size, size), dtype=np.float32)
+    off = (size - content_size) // 2
+    out[..., 0, off : off + content_size, off : off + content_size] = content
+    if channels == 3:
+        out = np.repeat(out, 3, axis=-3)
+    shape = (channels, 1, 1)
+    mean_b = np.broadcast_to(mean.reshape(-1, 1, 1), shape)
+    std_b = np.broadcast_to(std.reshape(-1, 1, 1), shape)
+    return ((out - mean_b) / std_b).astype(np.float32)
+
+
+def preprocess(image: np.ndarray, input_spec: Mapping) -> np.ndarray:
+    """One frame (H,W) or (H,W,C), uint8/uint16 -> float32 (channels, size, size)."""
+    _, _, content_size, _, _ = _check_spec(input_spec)
+    gray = _center_square(_to_unit_gray(image))
+    if gray.shape != (content_size, content_size):
+        gray = cv2.resize(gray, (content_size, content_size), interpolation=cv2.INTER_AREA)
+    return pad_and_normalise(gray, input_spec)
+
+
+def preprocess_batch(images: np.ndarray, input_spec: Mapping) -> np.ndarray:
+    """Dataset fast path: uint8 (N, c, c) grayscale already at content size -> (N,C,size,size).
+
+    Gives exactly what ``preprocess`` gives for each image (a test checks this)."""
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(f"expected uint8 (N, H, W) images, got {images.dtype} {images.shape}")
+    return pad_and_normalise(images.astype(np.float32) / 255.0, input_spec)
