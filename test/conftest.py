@@ -1,0 +1,31 @@
+"""Test isolation for real ROS 2 processes: every test run gets its own DDS domain, stays on
+localhost, logs into a temp dir, and finds this package's installed executables."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_PREFIX = Path(sys.prefix)
+
+# Set before any test imports rclpy, and inherited by every node process a test starts.
+os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))  # unique per run
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="ttspec-roslog-"))
+os.environ.setdefault("AMENT_PREFIX_PATH", str(VENV_PREFIX))
+os.environ.setdefault("HOME", tempfile.gettempdir())
+# Node processes import the installed package; make them see the same sources as the tests.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+)
+
+
+def installed_executable(name: str) -> Path:
+    """Path of an executable this package installs into lib/ttspec_ros."""
+    path = VENV_PREFIX / "lib" / "ttspec_ros" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is not installed: run `make env` (tools/setup_env.sh)")
+    return path
