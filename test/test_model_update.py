@@ -1,0 +1,104 @@
+"""ModelUpdatePayload: validation, message conversion (fake and, if built, real messages), files."""
+
+from __future__ import annotations
+
+import array
+import importlib.util
+import types
+
+import numpy as np
+import pytest
+
+from ttspec_ros.model_update import (
+    ModelUpdatePayload,
+    from_msg,
+    load_payload,
+    save_payload,
+    to_msg,
+)
+
+
+class FakeNamedTensor:
+    def __init__(self) -> None:
+        self.name, self.shape, self.data = "", array.array("I"), array.array("f")
+
+
+class FakeModelUpdate:
+    def __init__(self) -> None:
+        self.header, self.model_id, self.version, self.tensors = None, "", 0, []
+
+
+FAKE_MSGS = types.SimpleNamespace(ModelUpdate=FakeModelUpdate, NamedTensor=FakeNamedTensor)
+
+
+def _payload() -> ModelUpdatePayload:
+    rng = np.random.default_rng(0)
+    return ModelUpdatePayload(
+        "demo-1", 7,
+        {"cls_blocks.0.classifier.1.weight": rng.standard_normal((10, 16)).astype(np.float32),
+         "cls_blocks.0.classifier.1.bias": rng.standard_normal(10).astype(np.float32)},
+    )
+
+
+def test_payload_validates_input() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        ModelUpdatePayload("m", 1, {"a": np.array([np.nan], np.float32)})
+    with pytest.raises(ValueError, match="version"):
+        ModelUpdatePayload("m", -1, {})
+    with pytest.raises(ValueError, match="names"):
+        ModelUpdatePayload("m", 1, {"": np.zeros(1)})
+    p = ModelUpdatePayload("m", 1, {"a": np.zeros((2, 3), np.float64)})
+    assert p.tensors["a"].dtype == np.float32
+
+
+def test_message_round_trip_with_fake_classes() -> None:
+    p = _payload()
+    msg = to_msg(p, FAKE_MSGS)
+    assert msg.model_id == "demo-1" and msg.version == 7
+    assert [list(t.shape) for t in msg.tensors] == [[10, 16], [10]]
+    back = from_msg(msg)
+    assert back.model_id == p.model_id and back.version == p.version
+    assert set(back.tensors) == set(p.tensors)
+    for name, t in p.tensors.items():
+        np.testing.assert_array_equal(back.tensors[name], t)
+
+
+def test_from_msg_rejects_shape_data_mismatch_and_duplicates() -> None:
+    msg = to_msg(_payload(), FAKE_MSGS)
+    msg.tensors[1].shape = array.array("I", [11])
+    with pytest.raises(ValueError, match="needs 11 values"):
+        from_msg(msg)
+    msg = to_msg(_payload(), FAKE_MSGS)
+    msg.tensors[1].name = msg.tensors[0].name
+    msg.tensors[1].shape, msg.tensors[1].data = msg.tensors[0].shape, msg.tensors[0].data
+    with pytest.raises(ValueError, match="twice"):
+        from_msg(msg)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ttspec_ros.msg") is None,
+                    reason="generated messages not built (ROS build)")
+def test_message_round_trip_with_generated_classes() -> None:
+    from ttspec_ros import msg as msgs
+
+    p = _payload()
+    back = from_msg(to_msg(p))
+    assert isinstance(to_msg(p, msgs), msgs.ModelUpdate)
+    for name, t in p.tensors.items():
+        np.testing.assert_array_equal(back.tensors[name], t)
+
+
+def test_file_round_trip_is_atomic(tmp_path) -> None:
+    p = _payload()
+    path = save_payload(p, tmp_path / "u" / "update.safetensors")
+    back = load_payload(path)
+    assert (back.model_id, back.version) == ("demo-1", 7)
+    for name, t in p.tensors.items():
+        np.testing.assert_array_equal(back.tensors[name], t)
+    assert sorted(x.name for x in path.parent.iterdir()) == ["update.safetensors"]
+    with pytest.raises(FileNotFoundError):
+        load_payload(tmp_path / "missing.safetensors")
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.zeros(1, np.float32)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a model update"):
+        load_payload(tmp_path / "plain.safetensors")

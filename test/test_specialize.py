@@ -1,0 +1,325 @@
+"""Specializer: only earlier heads learn, the paper's SGD rule, versions, persistence, threads,
+the anchor guard, and the export -> apply_update round trip into another process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ttspec_ros.model_update import load_payload, save_payload
+from ttspec_ros.models.revcol import RevCol
+from ttspec_ros.specialize import (
+    AnchorGuard,
+    AnchorSet,
+    Specializer,
+    StackedHeads,
+    build_anchor_set,
+    early_head_tensors,
+    head_tensor_names,
+    pack_features,
+    pooled_features,
+    unpack_features,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(channels=(8, 16, 24, 32), layers=(1, 1, 1, 1), num_columns=4, num_classes=5,
+            in_chans=1, with_decoders=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def tiny_model(seed: int = 0) -> RevCol:
+    torch.manual_seed(seed)
+    return RevCol(**TINY).eval()
+
+
+def features(n: int, dim: int = 32, seed: int = 0) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal(dim).astype(np.float32) for _ in range(3)] for _ in range(n)]
+
+
+def test_stacked_heads_match_model_heads() -> None:
+    model = tiny_model()
+    x = torch.randn(6, 1, 32, 32)
+    feats = pooled_features(model, x, batch_size=4)
+    expected = model.forward_exits(x)
+    heads = StackedHeads.from_tensors(early_head_tensors(model), 3)
+    stacked = heads.logits(torch.stack(feats[:3]))
+    for i in range(3):
+        torch.testing.assert_close(heads.logits_of(i, feats[i]), expected[i])
+        torch.testing.assert_close(stacked[i], expected[i])
+
+
+def test_step_equals_autograd_sgd_with_momentum() -> None:
+    model = tiny_model()
+    init = early_head_tensors(model)
+    spec = Specializer(init, 4, lr=0.1, momentum=0.9, batch_size=2)
+    mods = []
+    for i in range(3):
+        mod = torch.nn.Sequential(torch.nn.LayerNorm(32, eps=1e-6), torch.nn.Linear(32, 5))
+        mod.load_state_dict({k.split("classifier.")[1]: v for k, v in init.items()
+                             if k.startswith(f"cls_blocks.{i}.")})
+        mods.append(mod)
+    opt = torch.optim.SGD([p for m in mods for p in m.parameters()], lr=0.1, momentum=0.9)
+    samples = features(8)
+    for step in range(4):
+        pair, labels = samples[2 * step : 2 * step + 2], [step % 5, (step + 2) % 5]
+        for f, label in zip(pair, labels, strict=True):
+            spec.add_sample(3, label, 0.95, f)
+        opt.zero_grad()
+        loss = sum(torch.nn.functional.cross_entropy(
+            mods[i](torch.stack([torch.from_numpy(f[i]) for f in pair])), torch.tensor(labels))
+            for i in range(3))
+        loss.backward()
+        opt.step()
+    exported = spec.export().tensors
+    for i, mod in enumerate(mods):
+        for k, v in mod.state_dict().items():
+            torch.testing.assert_close(
+                torch.from_numpy(exported[f"cls_blocks.{i}.classifier.{k}"]), v,
+                rtol=1e-5, atol=1e-6)
+
+
+def test_only_heads_before_the_answering_exit_change() -> None:
+    model = tiny_model()
+    init = {k: v.numpy() for k, v in early_head_tensors(model).items()}
+    spec = Specializer(early_head_tensors(model), 4, model_id="tiny", lr=0.5)
+    f = features(1)[0]
+    assert spec.add_sample(2, 1, 0.99, f[:2]) is True
+    payload = spec.export()
+    assert payload.model_id == "tiny" and payload.version == 1
+    assert set(payload.tensors) == set(spec.tensor_names)
+    assert not any(name.startswith("cls_blocks.3.") for name in payload.tensors)
+    for i in range(3):
+        changed = [not np.array_equal(payload.tensors[n], init[n]) for n in head_tensor_names(i)]
+        assert any(changed) == (i < 2), f"head {i}"
+    # the pseudo-label became more likely at the trained heads
+    heads_before = StackedHeads.from_tensors(init, 3)
+    after = spec.heads()
+    for i in range(2):
+        x = torch.from_numpy(f[i])[None]
+        p_after = after.logits_of(i, x).softmax(1)[0, 1]
+        assert p_after > heads_before.logits_of(i, x).softmax(1)[0, 1]
+
+
+def test_skips_first_exit_and_low_confidence_and_counts_them() -> None:
+    spec = Specializer(early_head_tensors(tiny_model()), 4, min_confidence=0.8, batch_size=2)
+    f = features(3)
+    assert spec.add_sample(0, 1, 0.99, []) is False
+    assert spec.add_sample(3, 1, 0.5, f[0]) is False
+    assert spec.add_sample(3, 1, 0.9, f[1]) is False  # batch of 2 not full yet
+    assert spec.version == 0
+    assert spec.add_sample(1, 2, 0.9, f[2][:1]) is True
+    stats = spec.stats()
+    assert stats["skipped_first_exit"] == 1 and stats["skipped_low_confidence"] == 1
+    assert stats["steps"] == 1 and stats["samples"] == 4 and spec.version == 1
+
+
+def test_bad_samples_are_rejected_with_reasons() -> None:
+    spec = Specializer(early_head_tensors(tiny_model()), 4)
+    f = features(1)[0]
+    with pytest.raises(ValueError, match="3 vectors"):
+        spec.add_sample(3, 1, 0.9, f[:2])
+    with pytest.raises(ValueError, match="out of range"):
+        spec.add_sample(4, 1, 0.9, f)
+    with pytest.raises(ValueError, match="class_id"):
+        spec.add_sample(3, 5, 0.9, f)
+    with pytest.raises(ValueError, match="heads take 32"):
+        spec.add_sample(1, 1, 0.9, [np.zeros(31, np.float32)])
+    with pytest.raises(ValueError, match="NaN"):
+        spec.add_sample(1, 1, 0.9, [np.full(32, np.nan, np.float32)])
+    with pytest.raises(ValueError, match="exactly"):
+        Specializer({"cls_blocks.0.classifier.0.weight": np.ones(32)}, 4)
+    assert spec.version == 0
+
+
+def test_reset_restores_original_heads_with_a_new_version() -> None:
+    model = tiny_model()
+    init = {k: v.numpy() for k, v in early_head_tensors(model).items()}
+    spec = Specializer(early_head_tensors(model), 4, lr=0.5)
+    for f in features(3):
+        spec.add_sample(3, 4, 0.9, f)
+    assert spec.version == 3
+    spec.reset()
+    payload = spec.export()
+    assert payload.version == 4
+    for name, t in init.items():
+        np.testing.assert_array_equal(payload.tensors[name], t)
+
+
+def test_save_load_round_trip_and_validation(tmp_path) -> None:
+    model = tiny_model()
+    spec = Specializer(early_head_tensors(model), 4, model_id="tiny", lr=0.2, momentum=0.5)
+    samples = features(6)
+    for f in samples[:3]:
+        spec.add_sample(3, 2, 0.9, f)
+    spec.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["specializer.safetensors"]
+    restored = Specializer(early_head_tensors(model), 4, model_id="tiny", lr=0.2, momentum=0.5)
+    restored.load(tmp_path)
+    assert restored.version == spec.version
+    for f in samples[3:]:  # momentum buffers came back too: the next steps agree
+        spec.add_sample(3, 2, 0.9, f)
+        restored.add_sample(3, 2, 0.9, f)
+    for name, t in spec.export().tensors.items():
+        np.testing.assert_allclose(restored.export().tensors[name], t, rtol=1e-6, atol=1e-7)
+    other = Specializer(early_head_tensors(tiny_model(seed=1)), 4, model_id="tiny")
+    with pytest.raises(ValueError, match="different original heads"):
+        other.load(tmp_path)
+    wrong_id = Specializer(early_head_tensors(model), 4, model_id="other")
+    with pytest.raises(ValueError, match="model"):
+        wrong_id.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        restored.load(tmp_path / "nowhere")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "specializer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(Exception, match="header|safetensors|state"):
+        restored.load(tmp_path / "bad")
+
+
+def test_training_thread_and_exporting_thread() -> None:
+    model = tiny_model()
+    samples = features(200, seed=3)
+    spec = Specializer(early_head_tensors(model), 4, lr=0.05)
+    sequential = Specializer(early_head_tensors(model), 4, lr=0.05)
+    for i, f in enumerate(samples):
+        sequential.add_sample(3, i % 5, 0.9, f)
+
+    def train() -> None:
+        for i, f in enumerate(samples):
+            spec.add_sample(3, i % 5, 0.9, f)
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    versions = []
+    while worker.is_alive():
+        versions.append(spec.export().version)
+    worker.join()
+    assert versions == sorted(versions)
+    final = spec.export()
+    assert final.version == 200
+    for name, t in sequential.export().tensors.items():
+        np.testing.assert_array_equal(final.tensors[name], t)
+
+
+def test_replay_buffer_is_class_balanced_and_used() -> None:
+    spec = Specializer(early_head_tensors(tiny_model()), 4, replay_size=10, lr=0.1)
+    for i, f in enumerate(features(30)):
+        spec.add_sample(3, 0 if i < 25 else 1, 0.9, f)
+    assert {c: len(q) for c, q in spec._replay.items()} == {0: 2, 1: 2}
+    plain = Specializer(early_head_tensors(tiny_model()), 4, lr=0.1)
+    for i, f in enumerate(features(30)):
+        plain.add_sample(3, 0 if i < 25 else 1, 0.9, f)
+    a, b = spec.export().tensors, plain.export().tensors
+    assert any(not np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_pack_unpack_features() -> None:
+    f = features(1)[0]
+    sizes, flat = pack_features(f)
+    assert sizes == [32, 32, 32] and flat.dtype == np.float32
+    for a, b in zip(unpack_features(sizes, flat), f, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="add up"):
+        unpack_features([32, 31], flat)
+
+
+def test_anchor_guard_limits_forgetting(tmp_path) -> None:
+    model = tiny_model()
+    torch.manual_seed(1)
+    anchors = build_anchor_set(model, torch.randn(300, 1, 32, 32), per_class=20)
+    anchors.save(tmp_path / "anchors.safetensors")
+    anchors = AnchorSet.load(tmp_path / "anchors.safetensors")
+    stream = features(150, seed=5)
+
+    def run(guard: AnchorGuard | None) -> Specializer:
+        spec = Specializer(early_head_tensors(model), 4, lr=1.0, guard=guard)
+        for f in stream:  # a stream that shows only class 0, with a far too large lr
+            spec.add_sample(3, 0, 0.99, f)
+        return spec
+
+    def guard() -> AnchorGuard:
+        return AnchorGuard(anchors, threshold=0.3, rehearsal=0, tolerance=0.0,
+                           class_tolerance=0.0)
+
+    probe = guard()
+    probe.bind(StackedHeads.from_tensors(early_head_tensors(model), 3))
+    unguarded = run(None)
+    assert not probe.passes(unguarded.heads()), "the stream must cause forgetting to test this"
+    guarded = run(guard())
+    assert probe.passes(guarded.heads())
+    assert guarded.stats()["rollbacks"] > 0
+    with pytest.raises(ValueError, match="anchors are for"):
+        Specializer(early_head_tensors(model, 3), 3, guard=guard())
+
+
+ROUND_TRIP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    from ttspec_ros.cascade import Cascade
+    from ttspec_ros.model_update import load_payload
+    from ttspec_ros.models.revcol import RevCol
+    torch.manual_seed(0)
+    model = RevCol(**json.loads(sys.argv[1])).eval()
+    cascade = Cascade(model, [0.5, 0.5, 0.5], num_threads=1)
+    payload = load_payload(sys.argv[2])
+    cascade.apply_update(payload.tensors, payload.version)
+    x = torch.from_numpy(np.load(sys.argv[3]))
+    out = {"version": int(cascade.version), "logits": [], "confidences": []}
+    with torch.inference_mode():
+        out["logits"] = [t.tolist() for t in model.forward_exits(x)]
+    for img in x:
+        r = cascade.run(img, force_exit=3)
+        out["confidences"].append([float(c) for c in r.exit_confidences])
+    print(json.dumps(out))
+""")
+
+
+def test_export_applies_in_another_process(tmp_path) -> None:
+    pytest.importorskip("ttspec_ros.cascade")
+    model = tiny_model(seed=0)
+    spec = Specializer(early_head_tensors(model), 4, model_id="tiny", lr=0.5)
+    for i, f in enumerate(features(20, seed=7)):
+        spec.add_sample(1 + i % 3, i % 5, 0.9, f[: 1 + i % 3])
+    payload = spec.export()
+    update = save_payload(payload, tmp_path / "update.safetensors")
+    images = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    config = {**TINY, "channels": list(TINY["channels"]), "layers": list(TINY["layers"])}
+    proc = subprocess.run(
+        [sys.executable, "-c", ROUND_TRIP_SCRIPT, json.dumps(config), str(update),
+         str(tmp_path / "images.npy")],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    other = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert other["version"] == payload.version == load_payload(update).version
+    x = torch.from_numpy(images)
+    feats = pooled_features(model, x)
+    heads = spec.heads()
+    changed = False
+    for i in range(3):
+        expected = heads.logits_of(i, feats[i])
+        torch.testing.assert_close(torch.tensor(other["logits"][i]), expected,
+                                   rtol=1e-4, atol=1e-5)
+        changed |= not torch.allclose(expected, model.head(i, feats[i]), atol=1e-3)
+        conf = expected.softmax(1).max(1).values
+        torch.testing.assert_close(torch.tensor([c[i] for c in other["confidences"]]), conf,
+                                   rtol=1e-4, atol=1e-5)
+    assert changed, "the update must change the early exits for this test to mean anything"
+    # the last exit is the original model's in both processes
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.tensor(other["logits"][3]), model.forward_exits(x)[3],
+                                   rtol=1e-4, atol=1e-5)

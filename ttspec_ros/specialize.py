@@ -1,0 +1,663 @@
+"""Test-time specialization of the early exits, and a guard against forgetting.
+
+When a frame is answered by exit k > 0, exit k's class is the pseudo-label for cross-entropy on
+heads 0..k-1, computed on the pooled features those exits already produced (what an
+``AdaptationSample`` carries). Only those heads (``cls_blocks.i.classifier``: LayerNorm +
+Linear) change; the backbone and the last head never do, so the last exit keeps its accuracy.
+Defaults follow the paper: plain SGD, lr 1e-4, batch 1, no momentum.
+
+The heads are kept stacked ((H, ...) tensors for the H = num_exits - 1 early heads, which all
+share one shape), so one update step is a single small forward/backward whatever the exit.
+
+Forgetting guard (``AnchorGuard``)
+----------------------------------
+Self-training on a stream dominated by a few classes pushes the early heads' biases and
+weights towards those classes; other classes then either exit later (cost) or, worse, exit
+early with a confident wrong subset class (accuracy). The guard uses an *anchor set*: pooled
+features of exits 0..H-1 of a small class-balanced set of unlabeled images, labelled by the
+model's own last exit. Because the backbone and the last head never change, these features
+and labels stay valid for the model's whole life, and the last exit is what the cascade falls
+back to, so "agreement with the last exit" is exactly what an early exit can lose. The anchor
+set is built once from unlabeled images (``build_anchor_set``) and stored as a small file.
+The guard does two things:
+
+1. Rehearsal: every update step also fits ``rehearsal`` anchors drawn evenly over classes, so
+   the heads keep seeing every class, not only the ones the robot currently sees. This slows
+   drift instead of merely detecting it.
+2. Check and roll back: every ``check_every`` steps it runs the cascade's decision rule on the
+   anchors (first early head whose confidence reaches ``threshold``, else the last exit) and
+   compares, per class, the agreement with the last exit (and, if ``exit_cost`` is given, the
+   mean cost) with the original heads. If any class lost more than ``class_tolerance``, or the
+   class mean lost more than ``tolerance``, the heads roll back to the last state that passed
+   (and the optimizer's momentum is cleared); otherwise that state becomes the new snapshot.
+   Rollback bounds the damage even if rehearsal is not enough (e.g. a far too large lr).
+
+A replay buffer of the stream's own samples (``replay_size``) is a separate option: it
+balances the classes the stream has shown, but cannot protect classes it has not shown yet,
+which is why the guard relies on anchors instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ttspec_ros.model_update import ModelUpdatePayload, atomic_write_bytes
+
+LAYER_NORM_EPS = 1e-6  # eps of the classifier LayerNorm (RevCol)
+STATE_FILE = "specializer.safetensors"
+_STATE_FORMAT = "ttspec-specializer-1"
+
+
+# -- head tensors ------------------------------------------------------------------------
+def head_tensor_names(exit_index: int) -> list[str]:
+    """State-dict names of one exit's classifier: LayerNorm weight/bias, Linear weight/bias."""
+    p = f"cls_blocks.{exit_index}.classifier."
+    return [p + "0.weight", p + "0.bias", p + "1.weight", p + "1.bias"]
+
+
+def early_head_tensors(model: nn.Module | Mapping[str, Tensor], num_exits: int | None = None
+                       ) -> dict[str, Tensor]:
+    """Copies of the classifier tensors of exits 0..num_exits-2 (the ones specialization trains).
+
+    ``model`` is a RevCol or its state dict; ``num_exits`` defaults to ``model.num_exits``."""
+    if isinstance(model, nn.Module):
+        num_exits = num_exits or int(model.num_exits)
+        state = model.state_dict()
+    else:
+        state = model
+        if num_exits is None:
+            raise ValueError("num_exits is needed when passing a state dict")
+    out = {}
+    for i in range(num_exits - 1):
+        for name in head_tensor_names(i):
+            if name not in state:
+                raise KeyError(f"state dict lacks {name}")
+            out[name] = state[name].detach().clone().float()
+    return out
+
+
+class StackedHeads:
+    """Early heads 0..H-1 as stacked tensors: LayerNorm (H,C), Linear (H,K,C) and (H,K)."""
+
+    def __init__(self, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor) -> None:
+        self.ln_weight, self.ln_bias, self.weight, self.bias = ln_weight, ln_bias, weight, bias
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Any], num_early: int) -> StackedHeads:
+        if num_early < 1:
+            raise ValueError(f"need at least one early head, got num_early={num_early}")
+        expected = {n for i in range(num_early) for n in head_tensor_names(i)}
+        missing, extra = expected - set(tensors), set(tensors) - expected
+        if missing or extra:
+            raise ValueError(
+                f"early-head tensors must be exactly cls_blocks.0..{num_early - 1}.classifier.*; "
+                f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        parts: list[list[Tensor]] = [[], [], [], []]
+        for i in range(num_early):
+            for slot, name in enumerate(head_tensor_names(i)):
+                parts[slot].append(torch.as_tensor(np.asarray(_np(tensors[name]), np.float32)))
+        ln_w, ln_b, w, b = parts
+        c, k = ln_w[0].numel(), b[0].numel()
+        for i in range(num_early):
+            shapes = (tuple(ln_w[i].shape), tuple(ln_b[i].shape), tuple(w[i].shape),
+                      tuple(b[i].shape))
+            if shapes != ((c,), (c,), (k, c), (k,)):
+                raise ValueError(
+                    f"head {i} has shapes {shapes}; every early head must be LayerNorm({c}) + "
+                    f"Linear({c}, {k})"
+                )
+        stacked = [torch.stack(p).contiguous() for p in parts]
+        for name, t in zip(("LayerNorm weight", "LayerNorm bias", "weight", "bias"), stacked,
+                           strict=True):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"early-head {name} holds NaN or infinite values")
+        return cls(*stacked)
+
+    @property
+    def num_heads(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.weight.shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[1]
+
+    def parameters(self) -> list[Tensor]:
+        return [self.ln_weight, self.ln_bias, self.weight, self.bias]
+
+    def clone(self) -> StackedHeads:
+        return StackedHeads(*(p.detach().clone() for p in self.parameters()))
+
+    def copy_(self, other: StackedHeads) -> None:
+        with torch.no_grad():
+            for dst, src in zip(self.parameters(), other.parameters(), strict=True):
+                dst.copy_(src)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x (h, B, C) pooled features of heads 0..h-1 -> logits (h, B, K)."""
+        h = x.shape[0]
+        xn = F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
+        xn = xn * self.ln_weight[:h, None, :] + self.ln_bias[:h, None, :]
+        return torch.baddbmm(self.bias[:h, None, :], xn, self.weight[:h].transpose(1, 2))
+
+    def logits_of(self, index: int, x: Tensor) -> Tensor:
+        """Logits of head ``index`` for x (N, C)."""
+        xn = F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
+        xn = xn * self.ln_weight[index] + self.ln_bias[index]
+        return xn @ self.weight[index].T + self.bias[index]
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        out = {}
+        for i in range(self.num_heads):
+            names = head_tensor_names(i)
+            for name, p in zip(names, self.parameters(), strict=True):
+                out[name] = p[i].detach().cpu().numpy().astype(np.float32, copy=True)
+        return out
+
+
+def _np(value: Any) -> np.ndarray:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+# -- features ----------------------------------------------------------------------------
+@torch.inference_mode()
+def pooled_features(model: nn.Module, images: Tensor | np.ndarray, batch_size: int = 256
+                    ) -> list[Tensor]:
+    """Pooled head inputs of every exit for a batch of preprocessed images (N, C, H, W).
+
+    The same vectors the cascade produces frame by frame (computed in batches)."""
+    was_training = model.training
+    model.eval()
+    try:
+        images = torch.as_tensor(images)
+        outs: list[list[Tensor]] = [[] for _ in range(model.num_exits)]
+        for start in range(0, images.shape[0], batch_size):
+            x = model.stem(images[start : start + batch_size].float())
+            state = (0.0, 0.0, 0.0, 0.0)
+            for i in range(model.num_exits):
+                state = model.run_exit(i, x, state)
+                outs[i].append(model.pool(state[3]))
+        return [torch.cat(o) if o else torch.zeros(0) for o in outs]
+    finally:
+        model.train(was_training)
+
+
+def unpack_features(feature_sizes: Sequence[int], features: Sequence[float] | np.ndarray
+                    ) -> list[np.ndarray]:
+    """AdaptationSample's (feature_sizes, concatenated features) -> one array per exit."""
+    flat = np.asarray(features, dtype=np.float32).reshape(-1)
+    sizes = [int(s) for s in feature_sizes]
+    if sum(sizes) != flat.size:
+        raise ValueError(f"feature_sizes add up to {sum(sizes)}, but {flat.size} features came")
+    return [a.copy() for a in np.split(flat, np.cumsum(sizes)[:-1])] if sizes else []
+
+
+def pack_features(features: Sequence[np.ndarray | Tensor]) -> tuple[list[int], np.ndarray]:
+    """One feature vector per exit -> (feature_sizes, concatenated float32 features)."""
+    arrays = [np.asarray(_np(f), dtype=np.float32).reshape(-1) for f in features]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+    return [a.size for a in arrays], flat
+
+
+# -- anchors and the forgetting guard ------------------------------------------------------
+@dataclass
+class AnchorSet:
+    """Pooled features of exits 0..H-1 (each (M, C)); reference labels (M,) from the last exit."""
+
+    features: list[np.ndarray]
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.features = [np.ascontiguousarray(_np(f), dtype=np.float32) for f in self.features]
+        self.labels = np.asarray(_np(self.labels)).astype(np.int64).reshape(-1)
+        if not self.features:
+            raise ValueError("an anchor set needs the features of at least one early exit")
+        m = self.labels.size
+        for i, f in enumerate(self.features):
+            if f.ndim != 2 or f.shape[0] != m:
+                raise ValueError(f"anchor features of exit {i} have shape {f.shape}; "
+                                 f"expected ({m}, C) to match {m} labels")
+            if not np.all(np.isfinite(f)):
+                raise ValueError(f"anchor features of exit {i} hold NaN or infinite values")
+        if m == 0:
+            raise ValueError("an anchor set needs at least one anchor")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.numpy import save
+
+        tensors = {f"features.{i}": f for i, f in enumerate(self.features)}
+        tensors["labels"] = self.labels
+        data = save(tensors, metadata={"format": "ttspec-anchors-1"})
+        return atomic_write_bytes(Path(path), data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AnchorSet:
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"anchor file {path} does not exist")
+        t = load_file(str(path))
+        n = sum(1 for k in t if k.startswith("features."))
+        if "labels" not in t or n == 0 or any(f"features.{i}" not in t for i in range(n)):
+            raise ValueError(f"{path}: not an anchor set (needs labels and features.0..N)")
+        return cls([t[f"features.{i}"] for i in range(n)], t["labels"])
+
+
+def build_anchor_set(model: nn.Module, images: Tensor | np.ndarray, per_class: int | None = None,
+                     seed: int = 0, batch_size: int = 256) -> AnchorSet:
+    """Anchors from unlabeled preprocessed images: early-exit features + the last exit's class.
+
+    With ``per_class``, keep at most that many anchors of each last-exit class (seeded)."""
+    feats = pooled_features(model, images, batch_size)
+    with torch.inference_mode():
+        labels = model.head(model.num_exits - 1, feats[-1]).argmax(1).numpy()
+    keep = np.arange(labels.size)
+    if per_class is not None:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(np.concatenate(
+            [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+        ))
+    return AnchorSet([f[keep].numpy() for f in feats[:-1]], labels[keep])
+
+
+def cascade_answers(head_probs: Sequence[Tensor], last_pred: Tensor, thresholds: Sequence[float]
+                    ) -> tuple[Tensor, Tensor]:
+    """The cascade's rule on precomputed probabilities: first early exit i whose max softmax
+    reaches thresholds[i] answers, else the last exit. -> (exit index (N,), class (N,))."""
+    n = last_pred.shape[0]
+    exit_index = torch.full((n,), len(head_probs), dtype=torch.long)
+    pred = last_pred.clone()
+    undecided = torch.ones(n, dtype=torch.bool)
+    for i, p in enumerate(head_probs):
+        conf, cls = p.max(1)
+        take = undecided & (conf >= thresholds[i])
+        exit_index[take] = i
+        pred[take] = cls[take]
+        undecided &= ~take
+    return exit_index, pred
+
+
+class AnchorGuard:
+    """Rehearsal of anchors plus check-and-rollback against the original heads (see module doc).
+
+    ``threshold``: the cascade threshold the check simulates (one for every early exit, or a
+    sequence). ``exit_cost``: cumulative compute share of every exit (model card); with
+    ``cost_tolerance`` set, a class whose anchor mean cost rises by more than that fraction
+    also triggers a rollback."""
+
+    def __init__(self, anchors: AnchorSet, *, threshold: float | Sequence[float] = 0.9,
+                 rehearsal: int = 8, check_every: int = 1, tolerance: float = 0.005,
+                 class_tolerance: float = 0.03, exit_cost: Sequence[float] | None = None,
+                 cost_tolerance: float | None = None, seed: int = 0) -> None:
+        if rehearsal < 0 or check_every < 0:
+            raise ValueError("rehearsal and check_every must be >= 0")
+        if cost_tolerance is not None and exit_cost is None:
+            raise ValueError("cost_tolerance needs exit_cost")
+        self.anchors = anchors
+        h = len(anchors.features)
+        self.thresholds = [float(threshold)] * h if np.isscalar(threshold) else \
+            [float(t) for t in threshold]  # type: ignore[union-attr]
+        if len(self.thresholds) != h:
+            raise ValueError(f"need {h} thresholds, got {len(self.thresholds)}")
+        self.rehearsal, self.check_every = int(rehearsal), int(check_every)
+        self.tolerance, self.class_tolerance = float(tolerance), float(class_tolerance)
+        self.exit_cost = None if exit_cost is None else torch.tensor(exit_cost, dtype=torch.float64)
+        if self.exit_cost is not None and self.exit_cost.numel() != h + 1:
+            raise ValueError(f"exit_cost needs {h + 1} values (one per exit), got "
+                             f"{self.exit_cost.numel()}")
+        self.cost_tolerance = cost_tolerance
+        self._x = torch.stack([torch.from_numpy(f) for f in anchors.features])  # (H, M, C)
+        self._labels = torch.from_numpy(anchors.labels)
+        self._classes = torch.unique(self._labels)
+        self._by_class = [torch.nonzero(self._labels == c).flatten() for c in self._classes]
+        self._rng = np.random.default_rng(seed)
+        self.reference: dict[str, Tensor] | None = None
+
+    def bind(self, heads: StackedHeads) -> None:
+        """Record the original heads' per-class agreement/cost (the reference)."""
+        if heads.num_heads != self._x.shape[0] or heads.feature_dim != self._x.shape[2]:
+            raise ValueError(
+                f"anchors are for {self._x.shape[0]} heads of width {self._x.shape[2]}, the "
+                f"specializer has {heads.num_heads} of width {heads.feature_dim}"
+            )
+        self.reference = self.measure(heads)
+
+    @torch.no_grad()
+    def measure(self, heads: StackedHeads) -> dict[str, Tensor]:
+        """Per-class agreement with the last exit (and mean cost) of the cascade on the anchors."""
+        probs = list(heads.logits(self._x).softmax(-1))
+        exit_index, pred = cascade_answers(probs, self._labels, self.thresholds)
+        agree = (pred == self._labels).double()
+        out = {"agreement": torch.stack([agree[i].mean() for i in self._by_class])}
+        if self.exit_cost is not None:
+            cost = self.exit_cost[exit_index]
+            out["cost"] = torch.stack([cost[i].mean() for i in self._by_class])
+        return out
+
+    def passes(self, heads: StackedHeads) -> bool:
+        if self.reference is None:
+            raise RuntimeError("AnchorGuard.bind(heads) must be called first")
+        now, ref = self.measure(heads), self.reference
+        drop = ref["agreement"] - now["agreement"]
+        if drop.mean() > self.tolerance + 1e-12 or drop.max() > self.class_tolerance + 1e-12:
+            return False
+        if self.cost_tolerance is not None:
+            if (now["cost"] > ref["cost"] * (1.0 + self.cost_tolerance) + 1e-12).any():
+                return False
+        return True
+
+    def rehearsal_batch(self) -> tuple[Tensor, Tensor] | None:
+        """``rehearsal`` anchors drawn evenly over classes -> (features (H, R, C), labels (R,))."""
+        if self.rehearsal == 0:
+            return None
+        picks = self._rng.integers(len(self._by_class), size=self.rehearsal)
+        idx = torch.tensor([int(self._by_class[c][self._rng.integers(len(self._by_class[c]))])
+                            for c in picks])
+        return self._x[:, idx], self._labels[idx]
+
+
+# -- the specializer -------------------------------------------------------------------------
+class Specializer:
+    """Trains early heads 0..k-1 on exit k's pseudo-labels; thread-safe; exports updates.
+
+    ``add_sample`` queues one frame's sample and takes an SGD step when ``batch_size`` samples
+    are queued; ``export`` gives the current heads as a ``ModelUpdatePayload`` whose version
+    increases with every change (step, rollback, reset, load)."""
+
+    def __init__(self, initial_heads: Mapping[str, Any], num_exits: int, *, model_id: str = "",
+                 lr: float = 1e-4, momentum: float = 0.0, batch_size: int = 1,
+                 min_confidence: float = 0.0, replay_size: int = 0,
+                 guard: AnchorGuard | None = None, seed: int = 0) -> None:
+        if num_exits < 2:
+            raise ValueError(f"specialization needs at least 2 exits, got {num_exits}")
+        if not lr > 0 or not 0 <= momentum < 1:
+            raise ValueError(f"need lr > 0 and 0 <= momentum < 1, got lr={lr}, "
+                             f"momentum={momentum}")
+        if batch_size < 1 or replay_size < 0 or not 0 <= min_confidence <= 1:
+            raise ValueError("need batch_size >= 1, replay_size >= 0, 0 <= min_confidence <= 1")
+        self.num_exits = int(num_exits)
+        self.model_id = model_id
+        self.lr, self.momentum, self.batch_size = float(lr), float(momentum), int(batch_size)
+        self.min_confidence, self.replay_size = float(min_confidence), int(replay_size)
+        self.seed = int(seed)
+        self._initial = StackedHeads.from_tensors(initial_heads, self.num_exits - 1)
+        self._heads = self._initial.clone()
+        self.guard = guard
+        if guard is not None:
+            guard.bind(self._initial)
+        self._snapshot = self._initial.clone()
+        self._lock = threading.RLock()
+        self._rng = np.random.default_rng(seed)
+        self._pending: list[tuple[list[Tensor], int]] = []
+        per_class = math.ceil(replay_size / self.num_classes) if replay_size else 0
+        self._replay: dict[int, deque] = {}
+        self._replay_per_class = per_class
+        self._new_optimizer()
+        self.version = 0
+        self.counters = {"samples": 0, "skipped_low_confidence": 0, "skipped_first_exit": 0,
+                         "steps": 0, "rollbacks": 0, "resets": 0}
+
+    # -- properties
+    @property
+    def num_classes(self) -> int:
+        return self._initial.num_classes
+
+    @property
+    def feature_dim(self) -> int:
+        return self._initial.feature_dim
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [n for i in range(self.num_exits - 1) for n in head_tensor_names(i)]
+
+    def settings(self) -> dict:
+        return {"lr": self.lr, "momentum": self.momentum, "batch_size": self.batch_size,
+                "min_confidence": self.min_confidence, "replay_size": self.replay_size,
+                "guard": self.guard is not None, "seed": self.seed}
+
+    def _new_optimizer(self) -> None:
+        """Fresh (zero) momentum buffers."""
+        self._momentum = [torch.zeros_like(p) for p in self._heads.parameters()]
+
+    # -- training
+    def _check_sample(self, exit_index: int, class_id: int, confidence: float,
+                      features: Sequence[Any]) -> list[Tensor]:
+        if not 0 <= int(exit_index) < self.num_exits:
+            raise ValueError(f"exit_index {exit_index} out of range 0..{self.num_exits - 1}")
+        if not 0 <= int(class_id) < self.num_classes:
+            raise ValueError(f"class_id {class_id} out of range 0..{self.num_classes - 1}")
+        if not 0.0 <= float(confidence) <= 1.0:
+            raise ValueError(f"confidence {confidence} outside [0, 1]")
+        if len(features) != exit_index:
+            raise ValueError(f"exit {exit_index} answered, so the features of exits "
+                             f"0..{exit_index - 1} ({exit_index} vectors) are needed; got "
+                             f"{len(features)}")
+        out = []
+        for i, f in enumerate(features):
+            t = torch.as_tensor(np.asarray(_np(f), dtype=np.float32)).reshape(-1)
+            if t.numel() != self.feature_dim:
+                raise ValueError(f"feature of exit {i} has {t.numel()} values, heads take "
+                                 f"{self.feature_dim}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"feature of exit {i} holds NaN or infinite values")
+            out.append(t)
+        return out
+
+    def add_sample(self, exit_index: int, class_id: int, confidence: float,
+                   features: Sequence[np.ndarray | Tensor]) -> bool:
+        """Queue one answered frame; returns True if an update step (or rollback) happened.
+
+        ``features`` are the pooled head inputs of exits 0..exit_index-1. Frames answered by
+        exit 0 have no earlier head to train; frames under ``min_confidence`` are skipped;
+        both are counted."""
+        feats = self._check_sample(exit_index, class_id, confidence, features)
+        with self._lock:
+            self.counters["samples"] += 1
+            if exit_index == 0:
+                self.counters["skipped_first_exit"] += 1
+                return False
+            if confidence < self.min_confidence:
+                self.counters["skipped_low_confidence"] += 1
+                return False
+            self._pending.append((feats, int(class_id)))
+            if len(self._pending) < self.batch_size:
+                return False
+            batch, self._pending = self._pending, []
+            self._step(batch)
+            return True
+
+    def _replay_batch(self) -> list[tuple[list[Tensor], int]]:
+        classes = [c for c, q in self._replay.items() if q]
+        if not classes:
+            return []
+        out = []
+        for c in self._rng.choice(classes, size=self.batch_size):
+            q = self._replay[int(c)]
+            out.append(q[int(self._rng.integers(len(q)))])
+        return out
+
+    def _gradients(self, x: Tensor, mask: Tensor, labels: Tensor) -> list[Tensor]:
+        """Gradients of sum_heads mean_samples CE for heads 0..h-1, in closed form.
+
+        The features are inputs (nothing upstream trains), so LayerNorm needs no backward
+        through its normalisation; this avoids autograd's overhead on a step this small."""
+        hd, h, c = self._heads, x.shape[0], x.shape[2]
+        normed = F.layer_norm(x, (c,), eps=LAYER_NORM_EPS)
+        z = normed * hd.ln_weight[:h, None, :] + hd.ln_bias[:h, None, :]
+        d = torch.baddbmm(hd.bias[:h, None, :], z, hd.weight[:h].transpose(1, 2)).softmax(-1)
+        d[:, torch.arange(labels.numel()), labels] -= 1.0  # dCE/dlogits = softmax - onehot
+        d *= (mask / mask.sum(1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
+        dz = torch.bmm(d, hd.weight[:h])
+        return [(dz * normed).sum(1), dz.sum(1), torch.bmm(d.transpose(1, 2), z), d.sum(1)]
+
+    def _sgd(self, grads: list[Tensor], h: int) -> None:
+        """torch.optim.SGD's rule (no dampening/nesterov) on heads 0..h-1 only; heads the batch
+        did not reach are left alone, as separate per-head optimizers would."""
+        for p, g, buf in zip(self._heads.parameters(), grads, self._momentum, strict=True):
+            if self.momentum:
+                buf[:h].mul_(self.momentum).add_(g)
+                g = buf[:h]
+            p[:h].sub_(g, alpha=self.lr)
+
+    def _step(self, batch: list[tuple[list[Tensor], int]]) -> None:
+        samples = batch + (self._replay_batch() if self.replay_size else [])
+        h = max(len(f) for f, _ in samples)
+        rehearsal = self.guard.rehearsal_batch() if self.guard is not None else None
+        r = 0 if rehearsal is None else rehearsal[1].numel()
+        b = len(samples)
+        x = torch.zeros(h, b + r, self.feature_dim)
+        mask = torch.zeros(h, b + r)
+        labels = torch.empty(b + r, dtype=torch.long)
+        for j, (feats, label) in enumerate(samples):
+            x[: len(feats), j] = torch.stack(feats)
+            mask[: len(feats), j] = 1.0
+            labels[j] = label
+        if rehearsal is not None:
+            x[:, b:] = rehearsal[0][:h]
+            mask[:, b:] = 1.0
+            labels[b:] = rehearsal[1]
+        self._sgd(self._gradients(x, mask, labels), h)
+        self.counters["steps"] += 1
+        self.version += 1
+        if self.replay_size:
+            for feats, label in batch:
+                self._replay.setdefault(label, deque(maxlen=self._replay_per_class)).append(
+                    (feats, label))
+        if self.guard is not None and self.guard.check_every and \
+                self.counters["steps"] % self.guard.check_every == 0:
+            if self.guard.passes(self._heads):
+                self._snapshot = self._heads.clone()
+            else:
+                self._heads.copy_(self._snapshot)
+                self._new_optimizer()
+                self.counters["rollbacks"] += 1
+
+    # -- outputs
+    def export(self) -> ModelUpdatePayload:
+        """The current early heads (every tensor specialization may change) and version."""
+        with self._lock:
+            return ModelUpdatePayload(self.model_id, self.version, self._heads.to_tensors())
+
+    def heads(self) -> StackedHeads:
+        """A detached copy of the current early heads (for evaluation)."""
+        with self._lock:
+            return self._heads.clone()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {**self.counters, "version": self.version, "pending": len(self._pending)}
+
+    def reset(self) -> None:
+        """Back to the original heads (a new version); pending samples and replay are dropped."""
+        with self._lock:
+            self._heads.copy_(self._initial)
+            self._snapshot = self._initial.clone()
+            self._pending.clear()
+            self._replay.clear()
+            self._new_optimizer()
+            self.counters["resets"] += 1
+            self.version += 1
+
+    # -- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """{"tensors": name -> float32 array, "meta": JSON-able dict}; replay/pending excluded."""
+        with self._lock:
+            tensors = {f"heads.{k}": v for k, v in self._heads.to_tensors().items()}
+            tensors.update({f"initial.{k}": v for k, v in self._initial.to_tensors().items()})
+            for name, buf in zip(("ln_weight", "ln_bias", "weight", "bias"), self._momentum,
+                                 strict=True):
+                if self.momentum:
+                    tensors[f"momentum.{name}"] = buf.numpy().copy()
+            meta = {"format": _STATE_FORMAT, "model_id": self.model_id,
+                    "num_exits": self.num_exits, "version": self.version,
+                    "counters": dict(self.counters), "settings": self.settings()}
+            return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict``; it must come from the same model (same initial heads)."""
+        tensors, meta = state["tensors"], state["meta"]
+        if meta.get("format") != _STATE_FORMAT:
+            raise ValueError(f"unknown specializer state format {meta.get('format')!r}")
+        if meta.get("model_id") != self.model_id or int(meta.get("num_exits", -1)) != \
+                self.num_exits:
+            raise ValueError(
+                f"state is for model {meta.get('model_id')!r} with {meta.get('num_exits')} "
+                f"exits; this specializer adapts {self.model_id!r} with {self.num_exits}"
+            )
+        h = self.num_exits - 1
+        initial = StackedHeads.from_tensors(
+            {k[len("initial."):]: v for k, v in tensors.items() if k.startswith("initial.")}, h)
+        heads = StackedHeads.from_tensors(
+            {k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")}, h)
+        if any(a.shape != b.shape or not torch.equal(a, b)
+               for a, b in zip(initial.parameters(), self._initial.parameters(), strict=True)):
+            raise ValueError("state was saved for different original heads (another model?)")
+        version = int(meta["version"])
+        with self._lock:
+            self._heads.copy_(heads)
+            self._snapshot = heads.clone()
+            self._pending.clear()
+            self._new_optimizer()
+            for name, buf in zip(("ln_weight", "ln_bias", "weight", "bias"), self._momentum,
+                                 strict=True):
+                saved = tensors.get(f"momentum.{name}")
+                if saved is not None and self.momentum:
+                    saved = np.asarray(saved, np.float32)
+                    if saved.shape != tuple(buf.shape):
+                        raise ValueError(f"momentum.{name} has shape {saved.shape}, expected "
+                                         f"{tuple(buf.shape)}")
+                    buf.copy_(torch.from_numpy(saved))
+            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()
+                                  if k in self.counters})
+            # Never go back in version: a classifier may already hold a newer one.
+            self.version = max(self.version + 1, version)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the state to ``directory/specializer.safetensors`` atomically (metadata = JSON)."""
+        from safetensors.numpy import save
+
+        state = self.state_dict()
+        data = save(state["tensors"], metadata={"state": json.dumps(state["meta"])})
+        return atomic_write_bytes(Path(directory) / STATE_FILE, data)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restore from ``save``; raises with the reason if the file is missing or wrong."""
+        from safetensors import safe_open
+
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no specializer state at {path}")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = json.loads((f.metadata() or {})["state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a specializer state file ({e})") from e
+        self.load_state_dict({"tensors": tensors, "meta": meta})
+
+
+__all__ = [
+    "Specializer", "AnchorGuard", "AnchorSet", "StackedHeads", "build_anchor_set",
+    "cascade_answers", "early_head_tensors", "head_tensor_names", "pack_features",
+    "pooled_features", "unpack_features",
+]
