@@ -1,0 +1,177 @@
+"""ONNX export per cascade stage, the ONNX Runtime backend and backend selection."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import onnx
+import pytest
+import torch
+
+from ttspec_ros.backends import (
+    BackendUnavailable,
+    create_backbone,
+    require_torch_for_strategy,
+)
+from ttspec_ros.backends.onnx_export import (
+    backbone_hash,
+    ensure_exported,
+    export_stages,
+    load_manifest,
+    relative_difference,
+)
+from ttspec_ros.backends.onnxruntime_backend import OnnxRuntimeBackbone
+from ttspec_ros.models.revcol import RevCol
+
+SIZE = 32
+
+
+def make_tiny_model(seed: int = 0) -> RevCol:
+    torch.manual_seed(seed)
+    model = RevCol((8, 16, 24, 32), (1, 1, 1, 1), 4, 10, in_chans=1, with_decoders=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Trained-like scales: at init (layer scale 1e-6) blocks are near-identities and
+            # a backend mismatch inside them would hardly show in the outputs.
+            if name.endswith(".gamma"):
+                p.normal_(1.0, 0.2)
+            else:
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def torch_reference(model: RevCol, image: torch.Tensor) -> list[torch.Tensor]:
+    """Pooled head input of every exit, straight from the model's own stage API."""
+    with torch.no_grad():
+        x = model.stem(image)
+        state = (0.0, 0.0, 0.0, 0.0)
+        pooled = []
+        for i in range(model.num_exits):
+            state = model.run_exit(i, x, state)
+            pooled.append(model.pool(state[3]))
+    return pooled
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.set_num_threads(1)
+    model = make_tiny_model()
+    out = tmp_path_factory.mktemp("graphs")
+    manifest = export_stages(model, SIZE, out)
+    return model, out, manifest
+
+
+@pytest.fixture()
+def image():
+    return torch.randn(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+
+
+def _graph_io(path):
+    graph = onnx.load(str(path)).graph
+
+    def dims(values):
+        return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+    return dims(graph.input), dims(graph.output)
+
+
+def test_manifest_describes_checked_static_graphs(exported):
+    model, out, manifest = exported
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert manifest["opset"] == 17 and manifest["num_stages"] == 4
+    assert manifest["model_hash"] == backbone_hash(model)
+    assert set(manifest["versions"]) == {"torch", "onnx", "onnxruntime"}
+    for entry in [*manifest["stages"], manifest["unsplit"]]:
+        onnx.checker.check_model(str(out / entry["file"]), full_check=True)
+        inputs, outputs = _graph_io(out / entry["file"])
+        assert inputs == {i["name"]: i["shape"] for i in entry["inputs"]}
+        assert outputs == {o["name"]: o["shape"] for o in entry["outputs"]}
+    first, later = manifest["stages"][0], manifest["stages"][1]
+    assert [i["name"] for i in first["inputs"]] == ["image"]
+    assert [o["name"] for o in first["outputs"]] == ["x", "c0", "c1", "c2", "c3", "pooled"]
+    assert [i["name"] for i in later["inputs"]] == ["x", "c0_in", "c1_in", "c2_in", "c3_in"]
+    assert first["outputs"][-1]["shape"] == [1, 32]
+    # No head parameters in any graph: heads stay in torch and stay updatable.
+    for entry in manifest["stages"]:
+        names = {t.name for t in onnx.load(str(out / entry["file"])).graph.initializer}
+        assert not any("cls_blocks" in n for n in names)
+
+
+def test_model_hash_covers_backbone_not_heads():
+    model = make_tiny_model()
+    before = backbone_hash(model)
+    with torch.no_grad():
+        model.cls_blocks[0].classifier[1].weight.add_(1.0)
+        assert backbone_hash(model) == before
+        model.subnet1.alpha2.add_(0.25)
+    assert backbone_hash(model) != before
+
+
+def test_onnxruntime_stages_match_torch(exported, image):
+    model, out, _ = exported
+    backbone = OnnxRuntimeBackbone(out, num_threads=1)
+    carry = image[0]  # (C, H, W) is accepted as batch 1
+    for i, expected in enumerate(torch_reference(model, image)):
+        carry, pooled = backbone.run_stage(i, carry)
+        assert pooled.shape == (1, 32)
+        assert relative_difference(pooled, expected) < 1e-4
+        with torch.no_grad():
+            assert relative_difference(model.head(i, pooled), model.head(i, expected)) < 1e-4
+    assert relative_difference(backbone.run_unsplit(image), expected) < 1e-4
+
+
+def test_onnxruntime_rejects_wrong_image_shape(exported):
+    backbone = OnnxRuntimeBackbone(exported[1], num_threads=1)
+    with pytest.raises(ValueError, match="does not match the exported graphs"):
+        backbone.run_stage(0, torch.zeros(1, 1, 64, 64))
+
+
+def test_tampered_graph_is_refused(exported, tmp_path):
+    _, out, _ = exported
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "stage2.onnx").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="stage2.onnx is missing or does not match"):
+        load_manifest(tmp_path)
+
+
+def test_create_backbone_onnxruntime_reuses_cached_export(tmp_path, image):
+    model = make_tiny_model()
+    backbone = create_backbone("onnxruntime", model, num_threads=1, cache_dir=tmp_path,
+                               image_size=SIZE)
+    (graph_dir,) = [d for d in tmp_path.iterdir() if d.name.startswith("onnx-")]
+    stamp = (graph_dir / "stage0.onnx").stat().st_mtime_ns
+    assert ensure_exported(model, SIZE, tmp_path) == graph_dir
+    assert (graph_dir / "stage0.onnx").stat().st_mtime_ns == stamp
+    _, pooled = backbone.run_stage(0, image)
+    assert relative_difference(pooled, torch_reference(model, image)[0]) < 1e-4
+    with torch.no_grad():  # a changed backbone gets its own graphs, never stale ones
+        model.subnet0.alpha0.mul_(2.0)
+    assert ensure_exported(model, SIZE, tmp_path) != graph_dir
+
+
+def test_selection_errors_name_what_is_missing():
+    model = make_tiny_model()
+    with pytest.raises(ValueError, match="unknown backend 'openvino'.*torch, onnxruntime"):
+        create_backbone("openvino", model)
+    with pytest.raises(ValueError, match="needs image_size"):
+        create_backbone("onnxruntime", model)
+    with pytest.raises(BackendUnavailable, match="CPU execution provider only"):
+        create_backbone("onnxruntime", model, device="cuda", image_size=SIZE)
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(BackendUnavailable, match="needs the `tensorrt` Python package"):
+            create_backbone("tensorrt", model, device="cuda", image_size=SIZE)
+    elif not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA device"):
+            create_backbone("tensorrt", model, device="cuda", image_size=SIZE)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="needs CUDA"):
+            create_backbone("torch", model, device="cuda")
+
+
+def test_backbone_changing_strategy_needs_torch():
+    require_torch_for_strategy("torch", "ttt", changes_backbone=True)
+    require_torch_for_strategy("onnxruntime", "heads", changes_backbone=False)
+    with pytest.raises(ValueError, match="changes backbone parameters.*'tensorrt'"):
+        require_torch_for_strategy("tensorrt", "ttt", changes_backbone=True)

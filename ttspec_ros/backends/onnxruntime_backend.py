@@ -1,0 +1,94 @@
+"""Staged backbone on ONNX Runtime (CPU execution provider), one session per cascade stage.
+
+Column features stay in ONNX Runtime values between stages (no copy through numpy); only the
+pooled head input of each exit comes back to torch, where the heads run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
+
+Carry = dict  # name -> onnxruntime.OrtValue; the next stage's inputs
+
+
+def check_image(image: Tensor, expected_shape: list[int]) -> Tensor:
+    """(C,H,W) or (1,C,H,W) float image -> (1,C,H,W); the graphs have static shapes."""
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if list(image.shape) != list(expected_shape):
+        raise ValueError(
+            f"image shape {tuple(image.shape)} does not match the exported graphs "
+            f"{tuple(expected_shape)} (static shapes, batch 1)"
+        )
+    return image
+
+
+class OnnxRuntimeBackbone:
+    """``run_stage(i, carry) -> (carry, pooled (1, C3))``; stage 0 takes the image tensor."""
+
+    backend = "onnxruntime"
+    device = "cpu"
+
+    def __init__(self, graph_dir: str | os.PathLike, *, num_threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.graph_dir = Path(graph_dir)
+        self.manifest = load_manifest(self.graph_dir)
+        self.num_exits = int(self.manifest["num_stages"])
+        self.image_shape = list(self.manifest["image_shape"])
+        self.model_hash = self.manifest["model_hash"]
+        self.num_threads = num_threads
+        self._sessions = [self._session(e["file"]) for e in self.manifest["stages"]]
+        self._output_names = [
+            [o["name"] for o in e["outputs"]] for e in self.manifest["stages"]
+        ]
+        self._unsplit = None
+
+    def _session(self, file: str):
+        ort = self._ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        if self.num_threads is not None:
+            if self.num_threads < 1:
+                raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+            options.intra_op_num_threads = int(self.num_threads)
+        return ort.InferenceSession(
+            str(self.graph_dir / file), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+
+    def run_stage(self, i: int, carry: Tensor | Carry) -> tuple[Carry, Tensor]:
+        if not 0 <= i < self.num_exits:
+            raise IndexError(f"stage {i} out of range 0..{self.num_exits - 1}")
+        if i == 0:
+            image = check_image(carry, self.image_shape)
+            array = np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32)
+            feeds = {"image": self._ort.OrtValue.ortvalue_from_numpy(array)}
+        else:
+            feeds = carry
+        names = self._output_names[i]
+        values = self._sessions[i].run_with_ort_values(names, feeds)
+        out = dict(zip(names, values, strict=True))
+        next_carry = {"x": out["x"] if i == 0 else carry["x"]}
+        next_carry.update({f"{n}_in": out[n] for n in STATE_NAMES})
+        return next_carry, torch.tensor(out["pooled"].numpy())  # copy: tiny, owns its memory
+
+    def run_unsplit(self, image: Tensor) -> Tensor:
+        """Last exit's pooled features from the one-graph export (overhead reference)."""
+        if self._unsplit is None:
+            if not self.manifest.get("unsplit"):
+                raise ValueError(f"{self.graph_dir} has no unsplit graph (export it with the CLI)")
+            self._unsplit = self._session(self.manifest["unsplit"]["file"])
+        array = np.ascontiguousarray(
+            check_image(image, self.image_shape).detach().cpu().numpy(), dtype=np.float32
+        )
+        return torch.from_numpy(self._unsplit.run(["pooled"], {"image": array})[0])

@@ -1,0 +1,309 @@
+"""Staged backbone on TensorRT (Jetson): one engine per cascade stage, cached on disk.
+
+Engines are built from the stage graphs of ``onnx_export`` (FP32 or FP16) and cached under a
+key of (graph sha256, TensorRT version, GPU name, precision). A cached engine is never rebuilt.
+Each engine has a JSON sidecar holding its key and sha256; an entry whose sidecar disagrees
+with what this process would build (another model export, TensorRT version or GPU, or a
+changed file) is refused before deserializing, because TensorRT engines are only valid for
+the exact TensorRT version and GPU that built them.
+
+The cache logic (``EngineKey``, ``EngineCache``) is plain Python; ``tensorrt`` and CUDA are
+only touched by ``TensorRTBackbone``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ttspec_ros.backends import BackendUnavailable
+from ttspec_ros.backends.onnx_export import STATE_NAMES, file_sha256, load_manifest
+from ttspec_ros.backends.onnxruntime_backend import check_image
+
+PRECISIONS = ("fp32", "fp16")
+SIDECAR_FORMAT = 1
+DEFAULT_WORKSPACE_BYTES = 1 << 30
+
+
+class StaleEngineError(RuntimeError):
+    """A cache entry exists but was not built for this graph / TensorRT / GPU / precision."""
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    graph_sha256: str
+    tensorrt_version: str
+    gpu_name: str
+    precision: str
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), str) or not getattr(self, f.name):
+                raise ValueError(f"engine key field {f.name} must be a non-empty string")
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+class EngineCache:
+    """``name.engine`` + ``name.json`` (sidecar) per entry in ``cache_dir``.
+
+    Names are chosen by the caller (model hash, image size, stage, precision), so the same
+    model always maps to the same entry and a mismatching entry is reported, not ignored.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+
+    def paths(self, name: str) -> tuple[Path, Path]:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad engine cache entry name {name!r}")
+        return self.cache_dir / f"{name}.engine", self.cache_dir / f"{name}.json"
+
+    def load(self, name: str, key: EngineKey) -> bytes | None:
+        """The cached engine bytes, None when there is no entry; raises StaleEngineError when
+        an entry exists that does not verify against ``key``."""
+        engine_path, sidecar_path = self.paths(name)
+        if not engine_path.exists() and not sidecar_path.exists():
+            return None
+        remedy = (
+            f"delete {engine_path} and {sidecar_path} to rebuild, or use another cache_dir"
+        )
+        if not sidecar_path.is_file():
+            raise StaleEngineError(
+                f"engine cache entry {engine_path} has no sidecar {sidecar_path.name}, so it "
+                f"cannot be verified; {remedy}"
+            )
+        if not engine_path.is_file():
+            raise StaleEngineError(f"engine cache sidecar {sidecar_path} has no engine; {remedy}")
+        try:
+            with open(sidecar_path, encoding="utf-8") as f:
+                sidecar = json.load(f)
+            stored = sidecar["key"]
+            stored_sha = sidecar["engine_sha256"]
+            fmt = sidecar["format"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StaleEngineError(
+                f"unreadable engine sidecar {sidecar_path} ({e}); {remedy}"
+            ) from e
+        if fmt != SIDECAR_FORMAT:
+            raise StaleEngineError(
+                f"engine sidecar {sidecar_path} has format {fmt!r}, expected {SIDECAR_FORMAT}; "
+                f"{remedy}"
+            )
+        expected = key.to_dict()
+        if not isinstance(stored, dict) or stored != expected:
+            stored = stored if isinstance(stored, dict) else {}
+            diffs = "; ".join(
+                f"{k}: cached {stored.get(k)!r}, here {v!r}"
+                for k, v in expected.items()
+                if stored.get(k) != v
+            ) or f"unexpected key fields {sorted(set(stored) - set(expected))}"
+            kind = (
+                "foreign (built by another TensorRT version or GPU)"
+                if any(stored.get(k) != expected[k] for k in ("tensorrt_version", "gpu_name"))
+                else "stale (built from another graph or precision)"
+            )
+            raise StaleEngineError(f"engine cache entry {engine_path} is {kind}: {diffs}; {remedy}")
+        data = engine_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != stored_sha:
+            raise StaleEngineError(
+                f"engine file {engine_path} changed since it was cached (sha256 differs from "
+                f"its sidecar); {remedy}"
+            )
+        return data
+
+    def store(self, name: str, key: EngineKey, engine: bytes) -> None:
+        """Write engine then sidecar, each atomically; a complete sidecar marks a valid entry."""
+        engine_path, sidecar_path = self.paths(name)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        sidecar = {
+            "format": SIDECAR_FORMAT,
+            "key": key.to_dict(),
+            "engine_sha256": hashlib.sha256(engine).hexdigest(),
+            "engine_bytes": len(engine),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_atomic(engine_path, engine)
+        _write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+
+    def get_or_build(self, name: str, key: EngineKey, build: Callable[[], bytes]) -> bytes:
+        """Cached engine for ``key``; ``build`` runs only when there is no entry at all."""
+        cached = self.load(name, key)
+        if cached is not None:
+            return cached
+        engine = build()
+        self.store(name, key, engine)
+        return engine
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def entry_name(model_hash: str, image_shape: list[int], stage: int, precision: str) -> str:
+    return f"{model_hash[:16]}-{image_shape[2]}x{image_shape[3]}-stage{stage}-{precision}"
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise BackendUnavailable(
+            "backend 'tensorrt' needs the `tensorrt` Python package (JetPack on Jetson, or "
+            f"NVIDIA's tensorrt wheels with a CUDA GPU); it is not importable here: {e}"
+        ) from e
+    return tensorrt
+
+
+def cuda_device(device: str) -> torch.device:
+    """Checks CUDA is usable from torch (buffers and streams) and returns the device."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise BackendUnavailable(
+            f"backend 'tensorrt' needs device 'cuda' or 'cuda:N', got {device!r}"
+        )
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(
+            "backend 'tensorrt' needs a CUDA device visible to torch (torch.cuda.is_available() "
+            f"is False; torch {torch.__version__} built with CUDA {torch.version.cuda})"
+        )
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise BackendUnavailable(
+            f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)"
+        )
+    return torch.device("cuda", index)
+
+
+def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int) -> bytes:
+    """Serialized engine for one static-shape ONNX graph."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    # TensorRT < 10 needs explicit batch requested; from 10 on it is the only mode.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(j)) for j in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision == "fp16":
+        if not getattr(builder, "platform_has_fast_fp16", True):
+            raise BackendUnavailable("precision 'fp16' requested but this GPU has no fast FP16")
+        config.set_flag(trt.BuilderFlag.FP16)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} ({precision})")
+    return bytes(serialized)
+
+
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32}
+
+
+class TensorRTBackbone:
+    """``run_stage(i, carry) -> (carry, pooled (1, C3) on the CPU)``; stage 0 takes the image.
+
+    Output buffers are allocated once per stage and reused every frame, so the carry of one
+    frame is only valid until the next frame's same stage runs (the cascade runs frames one
+    at a time).
+    """
+
+    backend = "tensorrt"
+
+    def __init__(
+        self,
+        graph_dir: str | os.PathLike,
+        *,
+        cache_dir: str | os.PathLike,
+        precision: str = "fp32",
+        device: str = "cuda",
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        trt = import_tensorrt()
+        self.device = cuda_device(device)
+        self.precision = precision
+        self.graph_dir = Path(graph_dir)
+        self.manifest = load_manifest(self.graph_dir)
+        self.num_exits = int(self.manifest["num_stages"])
+        self.image_shape = list(self.manifest["image_shape"])
+        self.model_hash = self.manifest["model_hash"]
+        self.cache = EngineCache(cache_dir)
+        gpu_name = torch.cuda.get_device_name(self.device)
+        self.builds = 0  # engines built by this instance (0 when all came from the cache)
+
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engines, self._contexts, self._outputs, self._inputs = [], [], [], []
+        for entry in self.manifest["stages"]:
+            graph = self.graph_dir / entry["file"]
+            key = EngineKey(file_sha256(graph), trt.__version__, gpu_name, precision)
+            name = entry_name(self.model_hash, self.image_shape, entry["index"], precision)
+
+            def build(graph: Path = graph) -> bytes:
+                self.builds += 1
+                return build_engine(trt, graph, precision, workspace_bytes)
+
+            with torch.cuda.device(self.device):
+                engine = runtime.deserialize_cuda_engine(self.cache.get_or_build(name, key, build))
+                if engine is None:
+                    raise RuntimeError(f"TensorRT could not deserialize the engine for {graph}")
+                context = engine.create_execution_context()
+                inputs, outputs = [], {}
+                for j in range(engine.num_io_tensors):
+                    tname = engine.get_tensor_name(j)
+                    if engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT:
+                        inputs.append(tname)
+                        continue
+                    dtype = _TORCH_DTYPES[engine.get_tensor_dtype(tname).name]
+                    shape = tuple(engine.get_tensor_shape(tname))
+                    outputs[tname] = torch.empty(shape, dtype=dtype, device=self.device)
+                    context.set_tensor_address(tname, outputs[tname].data_ptr())
+            self._engines.append(engine)
+            self._contexts.append(context)
+            self._inputs.append(inputs)
+            self._outputs.append(outputs)
+        self._image = torch.empty(self.image_shape, dtype=torch.float32, device=self.device)
+
+    def run_stage(self, i: int, carry: Tensor | dict[str, Tensor]) -> tuple[dict, Tensor]:
+        if not 0 <= i < self.num_exits:
+            raise IndexError(f"stage {i} out of range 0..{self.num_exits - 1}")
+        if i == 0:
+            self._image.copy_(check_image(carry, self.image_shape))
+            feeds = {"image": self._image}
+        else:
+            feeds = carry
+        context = self._contexts[i]
+        for name in self._inputs[i]:
+            context.set_tensor_address(name, feeds[name].data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of stage {i} failed")
+        out = self._outputs[i]
+        next_carry = {"x": out["x"] if i == 0 else carry["x"]}
+        next_carry.update({f"{n}_in": out[n] for n in STATE_NAMES})
+        return next_carry, out["pooled"].to("cpu", torch.float32)  # waits for the stream

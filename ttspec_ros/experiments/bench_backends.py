@@ -1,0 +1,275 @@
+"""Batch-1 latency per backend and forced exit, and the cost of stage boundaries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> --model spec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="directory for backends.json")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--backends", default="torch,onnxruntime,tensorrt",
+                        help="comma-separated; tensorrt is skipped (with the reason recorded) "
+                             "when it cannot run here")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ORT)")
+    parser.add_argument("--repeats", type=int, default=40, help="timed runs per measurement")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--demo-model", default="demo",
+                        help="what 'demo' means: 'demo' (bundled) or a checkpoint path")
+    parser.add_argument("--tensorrt-precision", default="fp32", choices=("fp32", "fp16"))
+    parser.add_argument("--cache-dir", default=None,
+                        help="TensorRT engine cache (default: <out>/cache)")
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _forced_exit(backbone, model, image: torch.Tensor, exit_index: int) -> Callable[[], object]:
+    """The cascade's work when forced to ``exit_index``: stages 0..exit_index, then its head."""
+
+    def run() -> torch.Tensor:
+        carry = image
+        for i in range(exit_index + 1):
+            carry, pooled = backbone.run_stage(i, carry)
+        return model.head(exit_index, pooled).softmax(-1)
+
+    return run
+
+
+def _all_stages(backbone, image: torch.Tensor) -> Callable[[], object]:
+    def run() -> torch.Tensor:
+        carry = image
+        for i in range(backbone.num_exits):
+            carry, pooled = backbone.run_stage(i, carry)
+        return pooled
+
+    return run
+
+
+def _build_backbones(names, model, graph_dir: Path, args, skipped: list) -> dict:
+    from ttspec_ros.backends import BackendUnavailable
+    from ttspec_ros.backends.onnxruntime_backend import OnnxRuntimeBackbone
+    from ttspec_ros.cascade import TorchBackbone
+
+    backbones = {}
+    for name in names:
+        if name == "torch":
+            backbones[name] = TorchBackbone(model)
+        elif name == "onnxruntime":
+            backbones[name] = OnnxRuntimeBackbone(graph_dir, num_threads=args.threads)
+        elif name == "tensorrt":
+            try:
+                from ttspec_ros.backends.tensorrt_backend import TensorRTBackbone
+
+                cache = Path(args.cache_dir) if args.cache_dir else Path(args.out) / "cache"
+                backbones[name] = TensorRTBackbone(
+                    graph_dir, cache_dir=cache, precision=args.tensorrt_precision, device="cuda"
+                )
+            except BackendUnavailable as e:
+                skipped.append({"backend": name, "reason": str(e)})
+        else:
+            raise ValueError(f"unknown backend {name!r}")
+    return backbones
+
+
+def _unsplit_runner(name: str, backbone, model, image: torch.Tensor):
+    if name == "torch":
+        from ttspec_ros.backends.onnx_export import UnsplitForward
+
+        unsplit = UnsplitForward(model)
+        return lambda: unsplit(image)
+    if name == "onnxruntime":
+        return lambda: backbone.run_unsplit(image)
+    return None  # no unsplit TensorRT engine is built
+
+
+def _accuracy(backbones: dict, model, image: torch.Tensor) -> dict:
+    """Max relative difference (max|a-b| / max|b|) of pooled features and logits vs torch."""
+    from ttspec_ros.backends.onnx_export import relative_difference
+
+    reference = [p for _, p in _stage_outputs(backbones["torch"], image)]
+    report = {}
+    for name, backbone in backbones.items():
+        if name == "torch":
+            continue
+        pooled = [p for _, p in _stage_outputs(backbone, image)]
+        report[name] = {
+            "pooled_max_rel_diff": max(
+                relative_difference(a, b) for a, b in zip(pooled, reference, strict=True)
+            ),
+            "logits_max_rel_diff": max(
+                relative_difference(model.head(i, a), model.head(i, b))
+                for i, (a, b) in enumerate(zip(pooled, reference, strict=True))
+            ),
+        }
+    return report
+
+
+def _stage_outputs(backbone, image):
+    carry, out = image, []
+    for i in range(backbone.num_exits):
+        carry, pooled = backbone.run_stage(i, carry)
+        out.append((carry, pooled.detach().cpu().clone()))
+    return out
+
+
+def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: dict):
+    from ttspec_ros.backends.onnx_export import export_stages
+    from ttspec_ros.experiments.export_onnx import resolve_model
+
+    model, size, description = resolve_model(spec, seed=args.seed)
+    graph_dir = work / label
+    t0 = time.perf_counter()
+    manifest = export_stages(model, size, graph_dir)
+    skipped: list = []
+    backbones = _build_backbones(backend_names, model, graph_dir, args, skipped)
+    gen = torch.Generator().manual_seed(args.seed)
+    image = torch.randn(manifest["image_shape"], generator=gen)
+    info = {
+        "description": description, "image_shape": manifest["image_shape"],
+        "model_hash": manifest["model_hash"], "export_s": round(time.perf_counter() - t0, 2),
+        "skipped": skipped,
+    }
+    with torch.inference_mode():
+        if "torch" in backbones:
+            info["accuracy_vs_torch"] = _accuracy(backbones, model, image)
+        # (kind, backend, exit) -> callable; measured round-robin in a shuffled order each
+        # repeat so load changes from other processes hit every backend alike.
+        jobs: dict[tuple, Callable[[], object]] = {}
+        for name, backbone in backbones.items():
+            for e in range(backbone.num_exits):
+                jobs[("exit", name, e)] = _forced_exit(backbone, model, image, e)
+            unsplit = _unsplit_runner(name, backbone, model, image)
+            if unsplit is not None:
+                jobs[("staged", name, None)] = _all_stages(backbone, image)
+                jobs[("unsplit", name, None)] = unsplit
+        for fn in jobs.values():
+            for _ in range(args.warmup):
+                fn()
+        times: dict[tuple, list[float]] = {k: [] for k in jobs}
+        order = list(jobs)
+        rng = random.Random(args.seed)
+        for _ in range(args.repeats):
+            rng.shuffle(order)
+            for key in order:
+                times[key].append(_timed(jobs[key]))
+
+    results = [
+        {
+            "model": label, "backend": name, "exit": e,
+            "latency_ms": round(statistics.fmean(t), 3),
+            "latency_std_ms": round(statistics.stdev(t) if len(t) > 1 else 0.0, 3),
+        }
+        for (kind, name, e), t in times.items()
+        if kind == "exit"
+    ]
+    overhead = [
+        {
+            "model": label, "backend": name,
+            "staged_ms": round(statistics.fmean(times[("staged", name, None)]), 3),
+            "unsplit_ms": round(statistics.fmean(times[("unsplit", name, None)]), 3),
+        }
+        for (kind, name, _), _t in times.items()
+        if kind == "staged"
+    ]
+    info["median_ms"] = {
+        f"{kind}/{name}" + (f"/exit{e}" if e is not None else ""): round(statistics.median(t), 3)
+        for (kind, name, e), t in times.items()
+    }
+    meta["models"][label] = info
+    return results, overhead
+
+
+def _summary(results: list[dict], overhead: list[dict]) -> dict:
+    """The issue's targets, computed from the written figures."""
+    out = {}
+    for model in {r["model"] for r in results}:
+        last = {
+            r["backend"]: r["latency_ms"] for r in results
+            if r["model"] == model and r["exit"] == max(x["exit"] for x in results)
+        }
+        if "torch" in last and "onnxruntime" in last:
+            out[f"{model}/onnxruntime_speedup_vs_torch_last_exit"] = round(
+                last["torch"] / last["onnxruntime"], 3
+            )
+    for o in overhead:
+        out[f"{o['model']}/{o['backend']}/stage_overhead_pct"] = round(
+            100.0 * (o["staged_ms"] / o["unsplit_ms"] - 1.0), 2
+        )
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import onnx
+    import onnxruntime
+
+    labels = [m for m in args.models.split(",") if m]
+    unknown = set(labels) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"unknown --models {sorted(unknown)}; known: {', '.join(MODELS)}")
+    backend_names = [b for b in args.backends.split(",") if b]
+    if "torch" not in backend_names:
+        raise SystemExit("--backends must include torch (the reference for accuracy)")
+    if args.repeats < 2:
+        raise SystemExit("--repeats must be >= 2 (a standard deviation needs two runs)")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "seed": args.seed, "threads": args.threads, "repeats": args.repeats,
+        "warmup": args.warmup, "tensorrt_precision": args.tensorrt_precision,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+        "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
+        "models": {}, "skipped_models": [],
+        "note": "latency = stages 0..exit + that exit's torch head; staged/unsplit = backbone "
+                "only (image -> last pooled); RevCol-T layer-scale gammas set to 1 (see "
+                "resolve_model)",
+    }
+    results, overhead = [], []
+    with tempfile.TemporaryDirectory(prefix="ttspec-bench-") as tmp:
+        for label in labels:
+            spec = args.demo_model if label == "demo" else MODELS[label]
+            try:
+                r, o = bench_model(label, spec, args, backend_names, Path(tmp), meta)
+            except (FileNotFoundError, ImportError) as e:
+                if label != "demo":
+                    raise
+                reason = f"{type(e).__name__}: {e}"
+                meta["skipped_models"].append({"model": label, "reason": reason})
+                continue
+            results += r
+            overhead += o
+    meta["load_average_end"] = list(os.getloadavg())
+    meta["summary"] = _summary(results, overhead)
+    _write_json(out / "backends.json", {"results": results, "stage_overhead": overhead})
+    _write_json(out / "backends_meta.json", meta)
+    print(json.dumps(meta["summary"], indent=2))
+    return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
