@@ -11,6 +11,8 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
+    "export-onnx": "ttspec_ros.experiments.export_onnx",
+    "bench-backends": "ttspec_ros.experiments.bench_backends",
 }
 
 
