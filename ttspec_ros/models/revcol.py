@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 NUM_EXITS = 4  # the official model has a head after every num_columns // 4 columns
 STEM_PATCH = 4  # stem conv kernel = stride = 4
+DECODER_KERNEL = 3  # the official decoders use kernel 3 whatever the columns use
 
 
 class ChannelsFirstLayerNorm(nn.Module):
@@ -37,6 +39,12 @@ class ChannelsFirstLayerNorm(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+def global_pool(c3: Tensor) -> Tensor:
+    """Global average of an (N, C, H, W) map, shape (N, C): the heads' input. One function for
+    the heads and the cascade, so both give bit-identical logits."""
+    return F.adaptive_avg_pool2d(c3, 1).flatten(1)
+
+
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     if p == 0.0 or not training:
         return x
@@ -50,7 +58,9 @@ class ConvNextBlock(nn.Module):
 
     def __init__(self, dim: int, hidden: int, kernel_size: int, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.dwconv = nn.Conv2d(
+            dim, dim, kernel_size, padding=(kernel_size - 1) // 2, groups=dim
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
@@ -172,20 +182,19 @@ class Classifier(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(
             nn.LayerNorm(in_channels, eps=1e-6), nn.Linear(in_channels, num_classes)
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.avgpool(x).flatten(1))
+        return self.classifier(global_pool(x))
 
 
 class Decoder(nn.Module):
     """Reconstruction decoder of an exit's c3: three (1x1 conv, LN, GELU, ×2 bilinear, block)
     stages on the reversed channel list, then a 1x1 conv and PixelShuffle to image size."""
 
-    def __init__(self, channels: Sequence[int], kernel_size: int, out_chans: int) -> None:
+    def __init__(self, channels: Sequence[int], out_chans: int) -> None:
         super().__init__()
         dims = list(channels)[::-1]
         self.proj_layers = nn.ModuleList()
@@ -200,7 +209,9 @@ class Decoder(nn.Module):
             self.upsample_layers.append(
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
             )
-            self.normal_layers.append(nn.Sequential(ConvNextBlock(dims[i], dims[i], kernel_size)))
+            self.normal_layers.append(
+                nn.Sequential(ConvNextBlock(dims[i], dims[i], DECODER_KERNEL))
+            )
         self.projback = nn.Sequential(
             nn.Conv2d(dims[-1], STEM_PATCH * STEM_PATCH * out_chans, 1),
             nn.PixelShuffle(STEM_PATCH),
@@ -279,7 +290,7 @@ class RevCol(nn.Module):
         )
         self.decoder_blocks = (
             nn.ModuleList(
-                [Decoder(channels, kernel_size, in_chans) for _ in range(NUM_EXITS - 1)]
+                [Decoder(channels, in_chans) for _ in range(NUM_EXITS - 1)]
             )
             if with_decoders
             else None
@@ -307,7 +318,7 @@ class RevCol(nn.Module):
     @staticmethod
     def pool(c3: Tensor) -> Tensor:
         """The exit's head input: global average of the column's c3, shape (N, C3)."""
-        return c3.mean(dim=(2, 3))
+        return global_pool(c3)
 
     def head(self, exit_index: int, pooled: Tensor) -> Tensor:
         return self.cls_blocks[exit_index].classifier(pooled)

@@ -1,0 +1,1 @@
+"""Experiment and benchmark commands of the ``ttspec`` CLI; each writes its results as JSON."""

@@ -1,0 +1,461 @@
+"""Loading and saving RevCol weights: official checkpoints and our safetensors + model card.
+
+Two formats:
+- **Ours**: ``<stem>.safetensors`` (tensors) + ``<stem>.json`` (a ModelCard: architecture,
+  class names, input spec, default thresholds, exit costs, training provenance, metrics).
+  Written atomically by ``save_model``; ``load_model(None)`` loads the bundled demo model.
+- **Official** RevCol checkpoints (``.pth``): a raw state dict, or a training checkpoint dict
+  holding ``model`` and usually ``state_dict_ema``. The architecture is read off the tensors.
+
+Pickled files are never unpickled freely. ``torch.load(weights_only=True)`` is tried first; the
+official training checkpoints also hold a yacs config node and other non-tensor objects, which
+it refuses, so those go through a restricted unpickler: tensors and plain containers are
+rebuilt, every other global (classes, functions) becomes an inert ``ForeignObject`` that
+records what was pickled and never calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import types
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ttspec_ros.models.revcol import NUM_EXITS, RevCol, RevColConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEMO_STEM = WEIGHTS_DIR / "demo"
+SAFETENSORS_SUFFIX = ".safetensors"
+CARD_SUFFIX = ".json"
+MODEL_ID_HEX = 12  # model ids are the first 12 hex digits of the weights file's sha256
+DEFAULT_THRESHOLD = 0.9  # early-exit threshold for checkpoints that come without a card
+IMAGENET_INPUT = {
+    "channels": 3, "size": 224, "content_size": 224,
+    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+}
+DECODER_PREFIX = "decoder_blocks."
+INPUT_KEYS = ("channels", "size", "content_size", "mean", "std")
+
+
+# -- model card ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelCard:
+    """What a consumer needs besides the tensors (stored as ``<stem>.json``)."""
+
+    model_id: str
+    architecture: dict  # RevColConfig.to_dict()
+    class_names: list[str]
+    input: dict  # channels, size, content_size, mean, std
+    thresholds: list[float]  # default early-exit thresholds, one per exit but the last
+    exit_cost: list[float]  # cumulative share of the full forward's compute, last = 1.0
+    training: dict = dataclasses.field(default_factory=dict)  # seed, data, splits, ...
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source: str = "model card") -> ModelCard:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+        card = cls(**{k: d[k] for k in fields if k in d})
+        card.validate(source)
+        return card
+
+    @property
+    def config(self) -> RevColConfig:
+        return RevColConfig.from_dict(self.architecture)
+
+    def validate(self, source: str = "model card") -> None:
+        """Internal consistency; raises ValueError saying which field is wrong and why."""
+        try:
+            config = self.config
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source}: architecture is incomplete or malformed ({e})") from e
+        if len(self.class_names) != config.num_classes:
+            raise ValueError(
+                f"{source}: {len(self.class_names)} class_names for a model with "
+                f"{config.num_classes} classes"
+            )
+        missing = [k for k in INPUT_KEYS if k not in self.input]
+        if missing:
+            raise ValueError(f"{source}: input lacks {', '.join(missing)}")
+        if int(self.input["channels"]) != config.in_chans:
+            raise ValueError(
+                f"{source}: input.channels={self.input['channels']} but the architecture takes "
+                f"{config.in_chans} input channels"
+            )
+        for key in ("mean", "std"):
+            if len(self.input[key]) != config.in_chans:
+                raise ValueError(f"{source}: input.{key} needs {config.in_chans} values")
+        validate_thresholds(self.thresholds, NUM_EXITS, source=f"{source}: thresholds")
+        if len(self.exit_cost) != NUM_EXITS or abs(self.exit_cost[-1] - 1.0) > 1e-6:
+            raise ValueError(
+                f"{source}: exit_cost needs {NUM_EXITS} cumulative shares ending at 1.0, "
+                f"got {self.exit_cost}"
+            )
+
+
+def validate_thresholds(thresholds, num_exits: int, source: str = "thresholds") -> list[float]:
+    """A float (same for every early exit) or one value in [0, 1] per exit but the last."""
+    if isinstance(thresholds, (int, float)):
+        thresholds = [float(thresholds)] * (num_exits - 1)
+    values = [float(t) for t in thresholds]
+    if len(values) != num_exits - 1:
+        raise ValueError(
+            f"{source}: need {num_exits - 1} values (one per exit but the last, which always "
+            f"answers), got {len(values)}"
+        )
+    bad = [t for t in values if not 0.0 <= t <= 1.0]  # also refuses NaN
+    if bad:
+        raise ValueError(f"{source}: every threshold must lie in [0, 1], got {values}")
+    return values
+
+
+# -- restricted unpickling ----------------------------------------------------------------
+class ForeignObject(dict):
+    """Stands in for any pickled global outside the allow-list; calling or building it only
+    records its arguments. A dict so that pickled dict subclasses (yacs CfgNode) keep their
+    items readable."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<ForeignObject {self.pickled_global}>"
+
+
+def _inert_global(module: str, name: str) -> type:
+    return type("ForeignObject", (ForeignObject,), {"pickled_global": f"{module}.{name}"})
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> Tensor:
+    # Stands in for torch._utils._rebuild_tensor_v2; drops backward hooks and metadata.
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError("tensor record without a tensor storage")
+    return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, *_ignored) -> Tensor:
+    if not isinstance(data, Tensor):
+        raise pickle.UnpicklingError("parameter record without tensor data")
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): OrderedDict,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals; everything else becomes an inert ForeignObject.
+    (torch.load's wrapper resolves storage types itself before asking us.)"""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _ALLOWED_GLOBALS.get((module, name)) or _inert_global(module, name)
+
+
+def _restricted_load(file, **kwargs) -> Any:
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load takes a pickle *module*; this one only has the restricted pieces.
+restricted_pickle = types.ModuleType("ttspec_restricted_pickle")
+restricted_pickle.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
+restricted_pickle.load = _restricted_load  # type: ignore[attr-defined]
+restricted_pickle.__name__ = "ttspec_restricted_pickle"
+
+
+def read_pickled_checkpoint(path: str | os.PathLike) -> Any:
+    """Unpickle a torch checkpoint without executing pickled code (see module docstring)."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            if any(n.endswith("/constants.pkl") for n in zf.namelist()):
+                raise ValueError(f"{path}: a TorchScript archive, not a checkpoint of weights")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # non-tensor objects inside: take the restricted path below
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=restricted_pickle)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+
+
+# -- state dicts ----------------------------------------------------------------------------
+def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint"
+                       ) -> dict[str, Tensor]:
+    """The state dict inside a loaded checkpoint: the object itself if it maps names to
+    tensors, else its ``model`` entry (default) or, with ``use_ema``, its ``state_dict_ema``
+    entry when present (falling back to ``model`` with a warning when it is not)."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: holds a {type(obj).__name__}, not a state dict")
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        state = obj
+    else:
+        key = "model"
+        if use_ema:
+            if "state_dict_ema" in obj:
+                key = "state_dict_ema"
+            else:
+                warnings.warn(f"{source}: no state_dict_ema entry; using 'model'", stacklevel=2)
+        if key not in obj or not isinstance(obj[key], Mapping):
+            raise ValueError(
+                f"{source}: neither a state dict nor a checkpoint with a {key!r} state dict "
+                f"(top-level keys: {', '.join(map(str, list(obj)[:8]))})"
+            )
+        state = obj[key]
+    not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise ValueError(f"{source}: state dict entry {not_tensors[0]!r} is not a tensor")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def infer_config(state: Mapping[str, Tensor], source: str = "state dict") -> RevColConfig:
+    """The RevCol architecture a state dict was saved from (drop_path is not recorded)."""
+    try:
+        channels = tuple(int(state[f"subnet0.alpha{i}"].shape[1]) for i in range(4))
+        layers = tuple(
+            len({m.group(1) for k in state
+                 if (m := re.match(rf"subnet0\.level{lv}\.blocks\.(\d+)\.", k))})
+            for lv in range(4)
+        )
+        num_columns = len({m.group(1) for k in state if (m := re.match(r"subnet(\d+)\.", k))})
+        num_classes, _ = state["cls_blocks.0.classifier.1.weight"].shape
+        kernel_size = int(state["subnet0.level0.blocks.0.dwconv.weight"].shape[-1])
+        in_chans = int(state["stem.0.weight"].shape[1])
+    except KeyError as e:
+        raise ValueError(
+            f"{source}: not a RevCol state dict with intermediate heads (no tensor {e})"
+        ) from e
+    return RevColConfig(
+        channels=channels, layers=layers, num_columns=num_columns, num_classes=int(num_classes),
+        kernel_size=kernel_size, in_chans=in_chans,
+        with_decoders=any(k.startswith(DECODER_PREFIX) for k in state),
+    )
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor],
+                     source: str = "state dict", show: int = 5) -> None:
+    """Raise ValueError naming the first missing, unexpected and wrongly shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {_shape(state[k])} (model: {_shape(expected[k])})"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("wrong shape", wrong)):
+        if keys:
+            more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
+            problems.append(f"{label}: {', '.join(keys[:show])}{more}")
+    if problems:
+        raise ValueError(f"{source} does not match the model; " + "; ".join(problems))
+
+
+def build_from_state_dict(state: Mapping[str, Tensor], config: RevColConfig | None = None,
+                          with_decoders: bool | None = None, source: str = "state dict"
+                          ) -> RevCol:
+    """A RevCol in eval mode holding ``state`` (strict). ``with_decoders=False`` drops decoder
+    tensors; ``None`` keeps whatever the state dict has."""
+    has_decoders = any(k.startswith(DECODER_PREFIX) for k in state)
+    if with_decoders is None:
+        with_decoders = has_decoders
+    if with_decoders and not has_decoders:
+        raise ValueError(f"{source}: decoders requested but the file holds no decoder tensors")
+    if not with_decoders:
+        state = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIX)}
+    config = config or infer_config(state, source)
+    kwargs = config.to_dict()
+    kwargs["with_decoders"] = with_decoders
+    with torch.device("meta"):  # skip the random init; load_state_dict(assign=True) fills it
+        model = RevCol(**kwargs)
+    check_state_dict(model, state, source)
+    model.load_state_dict(
+        {k: v.to(torch.float32).contiguous() for k, v in state.items()}, strict=True, assign=True
+    )
+    return model.eval()
+
+
+# -- our format -----------------------------------------------------------------------------
+def file_hash(path: str | os.PathLike) -> str:
+    """Model id of a weights file: first 12 hex digits of its sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:MODEL_ID_HEX]
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _stem(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) else path
+
+
+def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> ModelCard:
+    """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns the card as
+    written (architecture from the model; model_id = file hash if the card had none)."""
+    from safetensors.torch import save_file
+
+    stem = _stem(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_suffix(SAFETENSORS_SUFFIX)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(weights, lambda tmp: save_file(state, tmp))
+    card = dataclasses.replace(card, architecture=model.config.to_dict(),
+                               model_id=card.model_id or file_hash(weights))
+    card.validate(f"model card for {weights}")
+    text = json.dumps(card.to_dict(), indent=2) + "\n"
+    _atomic_write(stem.with_suffix(CARD_SUFFIX),
+                  lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return card
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: model card is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: model card must be a JSON object")
+    return ModelCard.from_dict(data, source=str(path))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
+
+
+def _compare_configs(card: RevColConfig, found: RevColConfig, source: str) -> None:
+    diffs = [
+        f"{f}: card {getattr(card, f)!r}, tensors {getattr(found, f)!r}"
+        for f in ("channels", "layers", "num_columns", "num_classes", "kernel_size", "in_chans")
+        if tuple_or(getattr(card, f)) != tuple_or(getattr(found, f))
+    ]
+    if diffs:
+        raise ValueError(
+            f"{source}: the model card's architecture does not match the tensors ("
+            + "; ".join(diffs) + ")"
+        )
+
+
+def tuple_or(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _default_card(model: RevCol, model_id: str) -> ModelCard:
+    from ttspec_ros.cascade import exit_costs
+
+    config = model.config
+    return ModelCard(
+        model_id=model_id,
+        architecture=config.to_dict(),
+        class_names=[f"class_{i}" for i in range(config.num_classes)],
+        input=dict(IMAGENET_INPUT, channels=config.in_chans,
+                   mean=IMAGENET_INPUT["mean"][: config.in_chans],
+                   std=IMAGENET_INPUT["std"][: config.in_chans]),
+        thresholds=[DEFAULT_THRESHOLD] * (NUM_EXITS - 1),
+        exit_cost=exit_costs(model, IMAGENET_INPUT["size"]),
+    )
+
+
+def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
+               with_decoders: bool | None = None) -> tuple[RevCol, ModelCard]:
+    """A RevCol in eval mode and its card.
+
+    ``path``: None = the bundled demo model; ``X.safetensors`` / ``X.json`` / ``X`` = our format
+    (both files needed); anything else = an official pickled checkpoint (raw state dict or a
+    training checkpoint; ``use_ema`` picks ``state_dict_ema`` over ``model`` when present),
+    for which a card is made up (architecture from the tensors, generic class names,
+    ImageNet input spec, threshold 0.9, model_id = hash of the file).
+    ``with_decoders``: None keeps what the file has; False drops the decoders.
+    """
+    if path is None:
+        if not DEMO_STEM.with_suffix(SAFETENSORS_SUFFIX).exists():
+            raise FileNotFoundError(
+                f"bundled demo model not found: {DEMO_STEM.with_suffix(SAFETENSORS_SUFFIX)} "
+                "(it is produced by `ttspec train`)"
+            )
+        path = DEMO_STEM
+    path = Path(path)
+    if path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) or path.suffix == "":
+        stem = _stem(path)
+        weights, card_path = stem.with_suffix(SAFETENSORS_SUFFIX), stem.with_suffix(CARD_SUFFIX)
+        for p in (weights, card_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{p} not found (our format needs {weights.name} and "
+                                        f"{card_path.name} side by side)")
+        card = read_card(card_path)
+        state = read_safetensors(weights)
+        _compare_configs(card.config, infer_config(state, str(weights)), str(card_path))
+        model = build_from_state_dict(state, card.config, with_decoders, str(weights))
+        card = dataclasses.replace(card, architecture=model.config.to_dict(),
+                                   model_id=card.model_id or file_hash(weights))
+        return model, card
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    state = extract_state_dict(read_pickled_checkpoint(path), use_ema, str(path))
+    model = build_from_state_dict(state, None, with_decoders, str(path))
+    return model, _default_card(model, file_hash(path))
+
+
+__all__ = [
+    "ModelCard", "ForeignObject", "load_model", "save_model", "read_card", "file_hash",
+    "read_pickled_checkpoint", "extract_state_dict", "infer_config", "check_state_dict",
+    "build_from_state_dict", "validate_thresholds", "DEMO_STEM",
+]
