@@ -1,0 +1,192 @@
+"""Bags written from the dataset and read back (both storages), foreign bags, bad bags."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("rosbags")
+
+from ttspec_ros import bags  # noqa: E402
+from ttspec_ros.cli import main as cli_main  # noqa: E402
+from ttspec_ros.data import SUBSETS, load_fashion_mnist  # noqa: E402
+
+FRAMES = 24
+
+
+@pytest.fixture(scope="module")
+def shift_bags(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bags")
+    return {storage: Path(bags.make_scenario_bag(
+        "shift", root / f"shift_{storage}", frames=FRAMES, seed=3, storage=storage)["bag"])
+        for storage in bags.STORAGES}
+
+
+@pytest.mark.parametrize("storage", bags.STORAGES)
+def test_scenario_bag_round_trip(shift_bags, storage):
+    path = shift_bags[storage]
+    meta = yaml.safe_load((path / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["version"] == 9 and meta["storage_identifier"] == storage
+    topics = {t["topic_metadata"]["name"]: t for t in meta["topics_with_message_count"]}
+    assert topics[bags.DEFAULT_IMAGE_TOPIC]["topic_metadata"]["type"] == bags.IMAGE_TYPE
+    assert topics[bags.DEFAULT_LABEL_TOPIC]["topic_metadata"]["type"] == bags.LABEL_TYPE
+    assert topics[bags.DEFAULT_IMAGE_TOPIC]["message_count"] == FRAMES
+
+    stream = bags.open_image_stream(path)
+    assert stream.storage == storage and stream.image_topic == bags.DEFAULT_IMAGE_TOPIC
+    assert stream.image_count == FRAMES
+    assert stream.label_topic == bags.DEFAULT_LABEL_TOPIC and len(stream.labels) == FRAMES
+    frames = list(stream.frames())
+    assert [f.index for f in frames] == list(range(FRAMES))
+    assert stream.encodings == {"rgb8": FRAMES}
+    # 30 Hz recording timing, header stamp = recording time
+    assert set(np.diff([f.time_ns for f in frames]).tolist()) == {round(1e9 / 30)}
+    assert all(f.stamp_ns == f.time_ns for f in frames)
+
+    # pixels: the test image upscaled; label: its class, matched by stamp
+    images, labels = load_fashion_mnist("test")
+    indices = bags.scenario_indices("shift", FRAMES, 3)
+    for f, idx in zip(frames[:3], indices[:3], strict=False):
+        pixels = bags.decode_image(f.raw, stream.image_type)
+        assert pixels.shape == (96, 96, 3) and pixels.dtype == np.uint8
+        assert np.array_equal(pixels, bags.to_camera_image(images[idx], 96))
+        assert stream.labels[f.stamp_ns] == labels[idx]
+    assert stream.custom_data["ttspec.scenario"] == "shift"
+    assert stream.custom_data["ttspec.switch_frame"] == str(FRAMES // 2)
+
+
+def test_rihs01_hash_matches_the_built_message():
+    """The hash recorded for LabelStamped equals the one rosidl generated (ros2 bag play and
+    rclpy check it)."""
+    candidates = [Path(d) / "LabelStamped.json" for d in bags._msg_dirs()]
+    built = next((p for p in candidates if p.is_file()), None)
+    if built is None:
+        pytest.skip("messages not built (run make env)")
+    expected = json.loads(built.read_text())["type_hashes"][0]["hash_string"]
+    assert bags.typestore().hash_rihs01(bags.LABEL_TYPE) == expected
+
+
+def test_scenario_mixes():
+    _, labels = load_fashion_mnist("test")
+    n = 200
+    for name, group in (("footwear-heavy", "footwear"), ("tops-heavy", "tops")):
+        idx = bags.scenario_indices(name, n, 0)
+        assert np.isin(labels[idx], SUBSETS[group]).sum() == round(0.9 * n)
+        assert len(set(idx.tolist())) == n  # no repeats while the pool lasts
+    shift = labels[bags.scenario_indices("shift", n, 0)]
+    assert np.isin(shift[: n // 2], SUBSETS["footwear"]).mean() == 0.9
+    assert np.isin(shift[n // 2:], SUBSETS["tops"]).mean() == 0.9
+    uniform = labels[bags.scenario_indices("uniform", 2000, 0)]
+    assert np.bincount(uniform, minlength=10).min() > 150
+    same = bags.scenario_indices("shift", 50, 7)
+    assert np.array_equal(same, bags.scenario_indices("shift", 50, 7))
+    assert not np.array_equal(bags.scenario_indices("shift", 50, 7),
+                              bags.scenario_indices("shift", 50, 8))
+    with pytest.raises(ValueError, match="unknown scenario"):
+        bags.scenario_indices("rainy", 10, 0)
+
+
+def test_make_bag_command(tmp_path, capsys):
+    out = tmp_path / "bag"
+    args = ["make-bag", "--scenario", "uniform", "--out", str(out), "--frames", "5",
+            "--storage", "sqlite3", "--rate", "10", "--seed", "1"]
+    assert cli_main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["frames"] == 5 and printed["rate_hz"] == 10.0 and printed["storage"] == "sqlite3"
+    assert sum(printed["class_counts"].values()) == 5
+    assert (out / "metadata.yaml").is_file() and (out / "bag.db3").is_file()
+    # no leftovers from the atomic write; refuses to overwrite without --force
+    assert [p.name for p in tmp_path.iterdir()] == ["bag"]
+    assert cli_main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli_main(args + ["--force"]) == 0
+
+
+def _foreign_bag(path: Path, storage: str, compressed: bool, topic: str) -> None:
+    """A bag written by 'someone else': other topic name, no labels, maybe CompressedImage."""
+    import cv2
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    store = bags.typestore()
+    Header = store.types["std_msgs/msg/Header"]
+    Time = store.types["builtin_interfaces/msg/Time"]
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    images, _ = load_fashion_mnist("test")
+    with Writer(path, version=8, storage_plugin=plugin) as writer:
+        msgtype = bags.COMPRESSED_TYPE if compressed else bags.IMAGE_TYPE
+        conn = writer.add_connection(topic, msgtype, typestore=store)
+        other = writer.add_connection("/tf_like", "std_msgs/msg/String", typestore=store)
+        for i in range(4):
+            header = Header(stamp=Time(sec=100 + i, nanosec=0), frame_id="cam")
+            if compressed:
+                ok, png = cv2.imencode(".png", images[i])
+                msg = store.types[msgtype](header=header, format="png", data=png.reshape(-1))
+            else:
+                msg = store.types[msgtype](header=header, height=28, width=28, encoding="mono8",
+                                           is_bigendian=0, step=28, data=images[i].reshape(-1))
+            writer.write(conn, (100 + i) * 10**9 + 5, store.serialize_cdr(msg, msgtype))
+            writer.write(other, (100 + i) * 10**9,
+                         store.serialize_cdr(store.types["std_msgs/msg/String"](data="x"),
+                                             "std_msgs/msg/String"))
+
+
+@pytest.mark.parametrize(("storage", "compressed"), [("mcap", True), ("sqlite3", False)])
+def test_foreign_bag_without_labels(tmp_path, storage, compressed):
+    path = tmp_path / "foreign"
+    _foreign_bag(path, storage, compressed, "/front/image")
+    stream = bags.open_image_stream(path)  # the only image topic is found
+    assert stream.image_topic == "/front/image" and stream.compressed == compressed
+    assert stream.label_topic is None and stream.labels == {}
+    frames = list(stream.frames())
+    assert [f.stamp_ns for f in frames] == [(100 + i) * 10**9 for i in range(4)]
+    assert frames[0].time_ns == 100 * 10**9 + 5
+    images, _ = load_fashion_mnist("test")
+    assert np.array_equal(bags.decode_image(frames[1].raw, stream.image_type), images[1])
+
+
+def test_bad_bags_give_clear_errors(tmp_path, shift_bags):
+    good = shift_bags["mcap"]
+    with pytest.raises(bags.BagError, match="has no topic '/camera/depth'.*image_raw"):
+        bags.open_image_stream(good, image_topic="/camera/depth")
+    with pytest.raises(bags.BagError, match="has type ttspec_ros/msg/LabelStamped.*cannot play"):
+        bags.open_image_stream(good, image_topic="/camera/label")
+    with pytest.raises(bags.BagError, match="no label topic '/labels'"):
+        bags.open_image_stream(good, label_topic="/labels")
+    with pytest.raises(bags.BagError, match="label topic /camera/image_raw has type"):
+        bags.open_image_stream(good, label_topic="/camera/image_raw")
+    assert bags.open_image_stream(good, use_labels=False).labels == {}
+    with pytest.raises(bags.BagError, match="does not exist"):
+        bags.open_image_stream(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(bags.BagError, match="no metadata.yaml"):
+        bags.open_image_stream(tmp_path / "empty")
+
+    # a bag without any image topic
+    from rosbags.rosbag2 import Writer
+    store = bags.typestore()
+    with Writer(tmp_path / "strings", version=9) as writer:
+        conn = writer.add_connection("/chatter", "std_msgs/msg/String", typestore=store)
+        writer.write(conn, 1, store.serialize_cdr(store.types["std_msgs/msg/String"](data="x"),
+                                                  "std_msgs/msg/String"))
+    with pytest.raises(bags.BagError, match="no sensor_msgs/msg/Image or .*CompressedImage topic"):
+        bags.open_image_stream(tmp_path / "strings")
+
+    # truncated storage files, both plugins
+    for storage, suffix in (("mcap", ".mcap"), ("sqlite3", ".db3")):
+        damaged = tmp_path / f"truncated_{storage}"
+        shutil.copytree(shift_bags[storage], damaged)
+        data_file = next(damaged.glob(f"*{suffix}"))
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+        with pytest.raises(bags.BagError, match="truncated or corrupt"):
+            stream = bags.open_image_stream(damaged)
+            list(stream.frames())
+    garbage = tmp_path / "garbage.mcap"
+    garbage.write_bytes(b"not a bag at all" * 10)
+    with pytest.raises(bags.BagError, match="truncated or corrupt"):
+        bags.open_image_stream(garbage)
+
