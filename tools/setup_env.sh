@@ -36,7 +36,7 @@ if [ "$(cat "$VENV/.requirements-hash" 2>/dev/null)" != "$REQ_HASH" ]; then
   # The ROS wheels' exported CMake files hard-code their build box's Python paths.
   PYINC=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   NPINC=$("$VENV/bin/python" -c "import numpy; print(numpy.get_include())")
-  grep -rl /opt/python/cp311-cp311 "$VENV"/share/*/cmake 2>/dev/null | xargs -r sed -i \
+  { grep -rl /opt/python/cp311-cp311 "$VENV"/share/*/cmake 2>/dev/null || true; } | xargs -r sed -i \
     -e "s#/opt/python/cp311-cp311/include/python3.11#$PYINC#g" \
     -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$NPINC#g"
   echo "$REQ_HASH" > "$VENV/.requirements-hash"
