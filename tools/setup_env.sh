@@ -9,6 +9,9 @@ ROOT=$PWD
 VENV=$ROOT/.venv
 PY=${PYTHON:-python3}
 say() { printf '[setup] %s\n' "$*"; }
+# One set-up at a time per checkout (parallel `make test` / `make demo` share build/ and .venv).
+exec 9>"$ROOT/.setup.lock"
+flock 9
 
 # 1. Data: Fashion-MNIST from Debian's dataset-fashion-mnist.
 FMNIST=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
