@@ -1,0 +1,124 @@
+"""Image message fields <-> numpy: every encoding, padded steps, both byte orders, bad input."""
+
+from __future__ import annotations
+
+import array
+
+import cv2
+import numpy as np
+import pytest
+
+from ttspec_ros.image_codec import (
+    ImageDecodeError,
+    decode_compressed,
+    decode_frame,
+    decode_image,
+    encode_frame,
+    encode_image,
+)
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+RGBA = RNG.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+MONO16 = RNG.integers(0, 65536, (5, 7), dtype=np.uint16)
+
+
+def _fields(image: np.ndarray, encoding: str, pad: int = 0, big: bool = False) -> dict:
+    """Fields laid out by hand: ``pad`` bytes after every row, explicit byte order."""
+    image = image if image.ndim == 3 else image[:, :, None]
+    raw = image.astype(image.dtype.newbyteorder(">" if big else "<"))
+    rows = raw.reshape(image.shape[0], -1).view(np.uint8)
+    padded = np.concatenate([rows, np.full((rows.shape[0], pad), 0xAB, np.uint8)], axis=1)
+    return {"height": image.shape[0], "width": image.shape[1], "encoding": encoding,
+            "is_bigendian": int(big), "step": padded.shape[1], "data": padded.tobytes()}
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize(("encoding", "source", "expected"), [
+    ("rgb8", RGB, RGB),
+    ("bgr8", RGB[:, :, ::-1], RGB),
+    ("rgba8", RGBA, RGBA),
+    ("bgra8", RGBA[:, :, [2, 1, 0, 3]], RGBA),
+    ("mono8", RGB[:, :, 0], RGB[:, :, 0]),
+])
+def test_8bit_encodings_come_back_as_rgb_or_gray(encoding, source, expected, pad):
+    out = decode_image(**_fields(source, encoding, pad))
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("pad", [0, 1, 4])
+def test_mono16_honours_byte_order_and_unaligned_step(big, pad):
+    out = decode_image(**_fields(MONO16, "mono16", pad, big))
+    assert out.dtype == np.uint16 and out.dtype.isnative
+    np.testing.assert_array_equal(out, MONO16)
+
+
+def test_rclpy_style_array_data_is_accepted():
+    f = _fields(RGB, "rgb8")
+    f["data"] = array.array("B", f["data"])
+    np.testing.assert_array_equal(decode_image(**f), RGB)
+
+
+def test_frame_round_trip_keeps_the_tensor():
+    tensor = RNG.standard_normal((3, 8, 8)).astype(np.float32)
+    fields = encode_frame(tensor)
+    assert fields["encoding"] == "32FC3" and fields["step"] == 8 * 3 * 4
+    np.testing.assert_array_equal(decode_frame(**fields), tensor)
+    one = tensor[:1]
+    np.testing.assert_array_equal(decode_frame(**encode_frame(one)), one)
+
+
+def test_big_endian_float_frames_are_swapped():
+    tensor = RNG.standard_normal((1, 4, 4)).astype(np.float32)
+    big = _fields(np.transpose(tensor, (1, 2, 0)), "32FC1", big=True)
+    np.testing.assert_array_equal(decode_frame(**big), tensor)
+
+
+def test_encode_image_round_trip():
+    np.testing.assert_array_equal(decode_image(**encode_image(MONO16, "mono16")), MONO16)
+    with pytest.raises(ValueError, match="needs"):
+        encode_image(RGB, "mono8")
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"encoding": "yuv422"}, "unsupported_encoding"),
+    ({"encoding": "RGB8"}, "unsupported_encoding"),
+    ({"height": 0}, "zero_size"),
+    ({"width": 0, "step": 0}, "zero_size"),
+    ({"height": 100000}, "absurd_size"),
+    ({"height": 10000, "width": 10000, "step": 30000}, "absurd_size"),
+    ({"step": 20}, "wrong_step"),
+    ({"step": 10**12}, "wrong_step"),
+    ({"data": bytes(21 * 5 - 1)}, "truncated"),
+    ({"data": b""}, "truncated"),
+    ({"data": bytes(21 * 5 + 7)}, "data_length"),
+])
+def test_malformed_images_raise_with_reason(change, reason):
+    fields = {**_fields(RGB, "rgb8"), **change}
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(**fields)
+    assert err.value.reason == reason
+    assert str(err.value)  # says what is wrong
+
+
+def test_frames_must_be_float():
+    with pytest.raises(ImageDecodeError, match="32FC1 or 32FC3"):
+        decode_frame(**_fields(RGB, "rgb8"))
+
+
+def test_compressed_png_and_jpeg():
+    ok, png = cv2.imencode(".png", RGB[:, :, ::-1])  # cv2 writes BGR
+    assert ok
+    np.testing.assert_array_equal(decode_compressed("png", png.tobytes()), RGB)
+    ok, jpg = cv2.imencode(".jpg", np.full((16, 16), 128, np.uint8))
+    gray = decode_compressed("jpeg", jpg.tobytes())
+    assert gray.shape == (16, 16) and abs(int(gray.mean()) - 128) <= 2
+
+
+@pytest.mark.parametrize(("data", "reason"), [(b"", "zero_size"), (b"not an image", "undecodable")])
+def test_bad_compressed_images(data, reason):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_compressed("jpeg", data)
+    assert err.value.reason == reason

@@ -1,0 +1,157 @@
+"""sensor_msgs/Image and CompressedImage fields <-> numpy, without ROS or cv_bridge.
+
+``decode_image`` takes the message fields (height, width, encoding, is_bigendian, step, data)
+and returns (H, W) for mono8/mono16, (H, W, 3) RGB for rgb8/bgr8, (H, W, 4) RGBA for
+rgba8/bgra8 (colour order normalised so callers never care), or (H, W, C) float32 for the
+32FC1/32FC3 frames the camera node publishes. ``step`` (row stride, may include padding) and
+``is_bigendian`` are honoured. Malformed input raises ``ImageDecodeError`` whose ``reason`` is
+one of ``REASONS`` (the nodes count rejections per reason).
+
+Frames (camera -> classifier) carry the preprocessed (C, S, S) float32 tensor as a
+``32FC{C}`` image of S x S pixels, channels interleaved (the ROS layout), native byte order:
+``encode_frame`` / ``decode_frame``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+# encoding -> (channels, numpy dtype, reorder to RGB(A) by reversing the first 3 channels)
+ENCODINGS: dict[str, tuple[int, np.dtype, bool]] = {
+    "rgb8": (3, np.dtype(np.uint8), False),
+    "bgr8": (3, np.dtype(np.uint8), True),
+    "rgba8": (4, np.dtype(np.uint8), False),
+    "bgra8": (4, np.dtype(np.uint8), True),
+    "mono8": (1, np.dtype(np.uint8), False),
+    "mono16": (1, np.dtype(np.uint16), False),
+    "32FC1": (1, np.dtype(np.float32), False),
+    "32FC3": (3, np.dtype(np.float32), False),
+}
+CAMERA_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16")
+MAX_SIDE = 16384  # pixels; larger sides are treated as corrupt headers
+MAX_BYTES = 256 * 1024 * 1024
+
+REASONS = ("unsupported_encoding", "zero_size", "absurd_size", "wrong_step", "truncated",
+           "data_length", "undecodable")
+NATIVE_BIG_ENDIAN = sys.byteorder == "big"
+
+
+class ImageDecodeError(ValueError):
+    """A malformed image; ``reason`` is one of REASONS, the message says what and why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _buffer(data: Any) -> np.ndarray:
+    # bytes, bytearray, array.array('B') (rclpy's uint8[]), memoryview or ndarray; no copy
+    if isinstance(data, np.ndarray):
+        return data.reshape(-1).view(np.uint8)
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def check_size(height: int, width: int, channels: int = 1, itemsize: int = 1) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError("zero_size", f"image is {height}x{width}: nothing to decode")
+    if height > MAX_SIDE or width > MAX_SIDE or height * width * channels * itemsize > MAX_BYTES:
+        raise ImageDecodeError(
+            "absurd_size", f"image claims {height}x{width}x{channels} ({itemsize} B each); "
+            f"the limit is {MAX_SIDE} px a side and {MAX_BYTES // 2**20} MiB")
+
+
+def decode_image(height: int, width: int, encoding: str, is_bigendian: int | bool, step: int,
+                 data: Any) -> np.ndarray:
+    """Image message fields -> array (a copy; see the module docstring for shapes)."""
+    if encoding not in ENCODINGS:
+        raise ImageDecodeError(
+            "unsupported_encoding",
+            f"encoding {encoding!r} is not supported; use one of {list(ENCODINGS)}")
+    channels, dtype, reverse = ENCODINGS[encoding]
+    height, width, step = int(height), int(width), int(step)
+    check_size(height, width, channels, dtype.itemsize)
+    row_bytes = width * channels * dtype.itemsize
+    if step < row_bytes or step > MAX_BYTES:
+        raise ImageDecodeError(
+            "wrong_step", f"step {step} is too small for {width} px of {encoding} "
+            f"({row_bytes} bytes a row)" if step < row_bytes else f"step {step} is absurd")
+    buf = _buffer(data)
+    if buf.size < step * height:
+        raise ImageDecodeError(
+            "truncated", f"{height} rows of step {step} need {step * height} bytes, "
+            f"data has {buf.size}")
+    if buf.size > step * height:
+        raise ImageDecodeError(
+            "data_length", f"data has {buf.size} bytes, but height*step = {step * height}")
+    rows = buf.reshape(height, step)[:, :row_bytes]
+    if dtype.itemsize > 1:
+        # A row slice of a bigger buffer need not be aligned for the wider type: copy rows first.
+        order = ">" if is_bigendian else "<"
+        image = np.ascontiguousarray(rows).view(dtype.newbyteorder(order))
+        image = image.astype(dtype.newbyteorder("="), copy=False)
+    else:
+        image = rows
+    image = image.reshape(height, width, channels)
+    if reverse:
+        image = image[:, :, [2, 1, 0, 3][:channels]]
+    if channels == 1 and encoding.startswith("mono"):
+        image = image[:, :, 0]
+    return np.array(image, copy=True, order="C")
+
+
+def decode_compressed(format_: str, data: Any) -> np.ndarray:
+    """CompressedImage (JPEG, PNG, ... anything cv2.imdecode reads) -> (H, W) or RGB(A)."""
+    import cv2
+
+    buf = _buffer(data)
+    if buf.size == 0:
+        raise ImageDecodeError("zero_size", f"compressed image ({format_!r}) has no data")
+    if buf.size > MAX_BYTES:
+        raise ImageDecodeError("absurd_size", f"compressed image has {buf.size} bytes")
+    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageDecodeError(
+            "undecodable", f"cv2.imdecode could not decode {buf.size} bytes (format {format_!r})")
+    check_size(image.shape[0], image.shape[1])
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    return image
+
+
+def encode_image(image: np.ndarray, encoding: str) -> dict[str, Any]:
+    """Array -> Image fields (height, width, encoding, is_bigendian, step, data bytes).
+
+    ``image`` is laid out for ``encoding`` already (e.g. BGR order for bgr8)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding {encoding!r} is not supported; use one of {list(ENCODINGS)}")
+    channels, dtype, _ = ENCODINGS[encoding]
+    image = np.ascontiguousarray(image, dtype=dtype)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] != channels:
+        raise ValueError(f"{encoding} needs (H, W, {channels}) data, got {image.shape}")
+    h, w = image.shape[:2]
+    return {"height": h, "width": w, "encoding": encoding, "is_bigendian": int(NATIVE_BIG_ENDIAN),
+            "step": w * channels * dtype.itemsize, "data": image.tobytes()}
+
+
+def encode_frame(tensor: np.ndarray) -> dict[str, Any]:
+    """Preprocessed (C, S, S) float32 -> 32FC{C} Image fields."""
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+        raise ValueError(f"a frame is (1 or 3, H, W) float32, got {tensor.shape}")
+    return encode_image(np.transpose(tensor, (1, 2, 0)), f"32FC{tensor.shape[0]}")
+
+
+def decode_frame(height: int, width: int, encoding: str, is_bigendian: int | bool, step: int,
+                 data: Any) -> np.ndarray:
+    """32FC1/32FC3 Image fields -> (C, H, W) float32 (contiguous)."""
+    if encoding not in ("32FC1", "32FC3"):
+        raise ImageDecodeError("unsupported_encoding",
+                               f"frames must be 32FC1 or 32FC3, got {encoding!r}")
+    image = decode_image(height, width, encoding, is_bigendian, step, data)
+    return np.ascontiguousarray(np.transpose(image, (2, 0, 1)))

@@ -1,0 +1,258 @@
+"""rclpy glue shared by the three nodes: parameter descriptors from ``ttspec_ros.params``, QoS
+profiles by name, the /diagnostics publisher, the one-frame pending slot and ``run_node``
+(Humble-compatible spin with clean SIGINT/SIGTERM shutdown).
+
+Only this package imports rclpy; everything the nodes compute lives in the ROS-free core.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+    SetParametersResult,
+)
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+
+from ttspec_ros import topics
+from ttspec_ros.params import ParamSpec
+
+_PARAM_TYPES = {
+    "bool": ParameterType.PARAMETER_BOOL,
+    "int": ParameterType.PARAMETER_INTEGER,
+    "double": ParameterType.PARAMETER_DOUBLE,
+    "string": ParameterType.PARAMETER_STRING,
+    "double_array": ParameterType.PARAMETER_DOUBLE_ARRAY,
+}
+
+
+def descriptor(spec: ParamSpec) -> ParameterDescriptor:
+    """ParameterDescriptor (type, description, range, read-only) of one ParamSpec."""
+    description = spec.description
+    if spec.choices:
+        description += f" (one of: {', '.join(spec.choices)})"
+    constraints = spec.constraints
+    d = ParameterDescriptor(name=spec.name, type=_PARAM_TYPES[spec.type], description=description,
+                            read_only=spec.read_only)
+    # rclpy checks ranges on scalars only, so arrays state theirs in additional_constraints.
+    if spec.type == "int" and spec.min is not None and spec.max is not None:
+        d.integer_range = [IntegerRange(from_value=int(spec.min), to_value=int(spec.max), step=1)]
+    elif spec.type == "double" and spec.min is not None and spec.max is not None:
+        d.floating_point_range = [FloatingPointRange(
+            from_value=float(spec.min), to_value=float(spec.max), step=0.0)]
+    elif spec.type == "double_array" and spec.min is not None:
+        constraints = f"each in [{spec.min}, {spec.max}]; {constraints}".rstrip("; ")
+    d.additional_constraints = constraints
+    return d
+
+
+def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
+    """Declare every spec (``defaults`` fills FROM_MODEL_CARD ones); -> name -> value."""
+    values = {}
+    for spec in specs:
+        default = spec.default if spec.default is not None else (defaults or {})[spec.name]
+        values[spec.name] = node.declare_parameter(spec.name, default, descriptor(spec)).value
+    return values
+
+
+def refuse(reason: str) -> SetParametersResult:
+    return SetParametersResult(successful=False, reason=reason)
+
+
+def accept() -> SetParametersResult:
+    return SetParametersResult(successful=True)
+
+
+def qos(name: str) -> QoSProfile:
+    """QoS profile for a ``topics.QOS_*`` name."""
+    if name == topics.QOS_SENSOR:
+        return qos_profile_sensor_data
+    if name == topics.QOS_LATCHED:
+        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                          reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    if name == topics.QOS_RELIABLE:
+        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                          reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.VOLATILE)
+    raise ValueError(f"unknown QoS name {name!r}")
+
+
+class Stats:
+    """Thread-safe counters and running means a node reports on /diagnostics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self._sums: dict[str, tuple[float, int]] = {}
+        self.notes: dict[str, str] = {}
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[key] += n
+
+    def add(self, key: str, value: float) -> None:
+        with self._lock:
+            total, n = self._sums.get(key, (0.0, 0))
+            self._sums[key] = (total + value, n + 1)
+
+    def note(self, key: str, text: str) -> None:
+        with self._lock:
+            self.notes[key] = text
+
+    def snapshot(self) -> dict[str, str]:
+        with self._lock:
+            out = {k: str(v) for k, v in sorted(self.counts.items())}
+            out.update({f"mean_{k}": f"{t / n:.3f}" for k, (t, n) in sorted(self._sums.items())
+                        if n})
+            out.update(self.notes)
+            return out
+
+
+class Diagnostics:
+    """Publishes one DiagnosticStatus for the node on /diagnostics every ``period_s``."""
+
+    def __init__(self, node: Node, values: Callable[[], tuple[int, str, Mapping[str, Any]]],
+                 period_s: float = 1.0) -> None:
+        self._node = node
+        self._values = values
+        self._pub = node.create_publisher(DiagnosticArray, topics.DIAGNOSTICS,
+                                          qos(topics.QOS_RELIABLE))
+        self._timer = node.create_timer(period_s, self.publish)
+
+    def publish(self) -> None:
+        level, message, values = self._values()
+        status = DiagnosticStatus(
+            level=bytes([level]), name=self._node.get_fully_qualified_name(),
+            message=message, hardware_id=topics.PACKAGE,
+            values=[KeyValue(key=str(k), value=str(v)) for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self._node.get_clock().now().to_msg()
+        self._pub.publish(array)
+
+
+# DiagnosticStatus levels (the message's constants are bytes; these are their values)
+OK, WARN, ERROR = 0, 1, 2
+
+
+class LatestSlot:
+    """At most one pending item: ``put`` replaces an unprocessed older one (a drop), ``take``
+    waits for one. Keeps a slow consumer on the newest frame and its memory flat."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+
+    def put(self, item: Any) -> bool:
+        """Store ``item``; True if it replaced one that was never taken."""
+        with self._cond:
+            dropped = self._item is not None
+            self._item = item
+            self._cond.notify()
+            return dropped
+
+    def take(self, timeout: float) -> Any:
+        """The pending item (removing it), or None after ``timeout`` s or once closed."""
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def pending(self) -> int:
+        with self._cond:
+            return int(self._item is not None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+# checkpoint.DEMO_STEM without importing torch (test_params checks they agree)
+DEMO_STEM = Path(__file__).resolve().parent.parent / "weights" / "demo"
+
+
+def load_input_spec(model: str) -> dict[str, Any]:
+    """The ``input`` spec of ``model``'s card ('' = bundled demo model). Our format's card is
+    read as JSON so the camera never imports torch; official checkpoints have no card, so
+    ``checkpoint.load_model`` makes one up."""
+    import json
+
+    import numpy as np
+
+    from ttspec_ros.preprocess import preprocess
+
+    path = Path(model) if model else DEMO_STEM
+    if path.suffix in ("", ".json", ".safetensors"):
+        card_path = path.with_suffix(".json")
+        try:
+            spec = json.loads(card_path.read_text(encoding="utf-8"))["input"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{card_path}: not a model card with an input spec ({e})") from e
+    else:
+        from ttspec_ros.models.checkpoint import load_model
+
+        spec = load_model(path)[1].input
+    preprocess(np.zeros((2, 2), np.uint8), spec)  # raises ValueError saying what is wrong
+    return dict(spec)
+
+
+def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:
+    """Init rclpy, build the node, spin until SIGINT/SIGTERM, shut down without a traceback.
+
+    Nodes may define ``close()`` (stop threads, save state); it runs before destroy_node."""
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = node_factory()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except StartupError as e:
+        # A configuration problem: one clear line, not a traceback.
+        rclpy.logging.get_logger("ttspec").fatal(str(e))
+        code = 1
+    except Exception:
+        if rclpy.ok():
+            raise
+        # SIGINT/SIGTERM arrived while the node was being built: rcl calls then fail with
+        # "context is invalid"; that is a shutdown, not an error.
+    finally:
+        if node is not None:
+            close = getattr(node, "close", None)
+            if close is not None:
+                close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+class StartupError(RuntimeError):
+    """Raised by a node constructor for bad configuration (message says what and why)."""
+
+
+def monotonic_ms() -> float:
+    return time.perf_counter() * 1000.0

@@ -1,0 +1,238 @@
+"""Adapter node: ``adaptation_samples`` -> Specializer (background thread) -> ``model_updates``.
+
+Samples are queued by the subscription callback and trained on by a worker thread, so the
+executor never waits for an SGD step. A timer publishes the current heads at most every
+``publish_period_s`` when they changed (reliable + transient local: a classifier that starts
+later still gets the latest). With ``state_dir`` the state is saved atomically every
+``save_period_s``, on ``~/save`` and at shutdown, and resumed (and republished) at start.
+Any number of classifiers running the same model may feed one adapter.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import rclpy.logging
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from std_srvs.srv import Trigger
+
+from ttspec_ros import params, topics
+from ttspec_ros.model_update import to_msg
+from ttspec_ros.msg import AdaptationSample, ModelUpdate
+from ttspec_ros.nodes import (
+    OK,
+    WARN,
+    Diagnostics,
+    StartupError,
+    Stats,
+    accept,
+    declare,
+    qos,
+    refuse,
+    run_node,
+)
+from ttspec_ros.specialize import STATE_FILE, Specializer, early_head_tensors, unpack_features
+
+SAMPLE_QUEUE = 256  # samples waiting for the trainer; older ones are dropped (and counted)
+
+
+class AdapterNode(Node):
+    def __init__(self) -> None:
+        super().__init__(topics.ADAPTER_NODE)
+        values = declare(self, params.ADAPTER)
+        reason = params.check_adapter(values)
+        if reason:
+            raise StartupError(f"adapter: {reason}")
+        self._values = values
+        self.stats = Stats()
+        self.specializer = self._build_specializer(values)
+        self._queue: deque[AdaptationSample] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._published_version: int | None = None
+        self._saved_version: int | None = None
+        self._save_lock = threading.Lock()
+        resumed = self._resume(values["state_dir"])
+
+        self._update_pub = self.create_publisher(ModelUpdate, topics.MODEL_UPDATES,
+                                                 qos(topics.QOS_LATCHED))
+        self.create_subscription(AdaptationSample, topics.ADAPTATION_SAMPLES, self._on_sample,
+                                 qos(topics.QOS_RELIABLE))
+        self.create_service(Trigger, topics.RESET_SERVICE, self._on_reset)
+        self.create_service(Trigger, topics.SAVE_SERVICE, self._on_save)
+        self._publish_timer = self.create_timer(values["publish_period_s"], self._publish)
+        self._save_timer = self.create_timer(values["save_period_s"], self._periodic_save)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._diagnostics = Diagnostics(self, self._diagnostic_values)
+        self._worker = threading.Thread(target=self._train, name="specializer", daemon=True)
+        self._worker.start()
+        if resumed:
+            self._publish()  # classifiers get the resumed heads at once
+        self.get_logger().info(
+            f"adapter: model {self.specializer.model_id}, version {self.specializer.version}"
+            + (f" (resumed from {values['state_dir']})" if resumed else ""))
+
+    def _build_specializer(self, values: dict[str, Any]) -> Specializer:
+        from ttspec_ros.models.checkpoint import load_model
+
+        try:
+            model, card = load_model(values["model"] or None)
+        except (OSError, ValueError, KeyError) as e:
+            raise StartupError(f"adapter: cannot load model {values['model']!r}: {e}") from e
+        # Only the early heads are needed; the network itself is dropped after this.
+        return Specializer(
+            early_head_tensors(model), model.num_exits, model_id=card.model_id,
+            lr=values["learning_rate"], momentum=values["momentum"],
+            batch_size=values["batch_size"], min_confidence=values["min_confidence"])
+
+    def _resume(self, state_dir: str) -> bool:
+        if not state_dir or not (Path(state_dir) / STATE_FILE).is_file():
+            return False
+        try:
+            self.specializer.load(state_dir)
+        except (OSError, ValueError) as e:
+            # Never overwrite a state we cannot read: the user decides what to do with it.
+            raise StartupError(f"adapter: cannot resume from {state_dir}: {e}") from e
+        self._saved_version = self.specializer.version
+        return True
+
+    # -- parameters
+    def _on_set_parameters(self, changes: list[Parameter]):
+        new = {p.name: p.value for p in changes}
+        reason = params.check_adapter(new)
+        if reason:
+            self.get_logger().warning(f"refused parameters {new}: {reason}")
+            return refuse(reason)
+        spec = self.specializer
+        # Plain attribute writes; the trainer reads them at its next step.
+        for name, attr in (("learning_rate", "lr"), ("momentum", "momentum"),
+                           ("batch_size", "batch_size"), ("min_confidence", "min_confidence")):
+            if name in new:
+                setattr(spec, attr, new[name])
+        if "publish_period_s" in new:
+            self.destroy_timer(self._publish_timer)
+            self._publish_timer = self.create_timer(new["publish_period_s"], self._publish)
+        if "save_period_s" in new:
+            self.destroy_timer(self._save_timer)
+            self._save_timer = self.create_timer(new["save_period_s"], self._periodic_save)
+        self._values = {**self._values, **new}
+        self.get_logger().info(f"parameters set: {new}")
+        return accept()
+
+    # -- samples
+    def _on_sample(self, msg: AdaptationSample) -> None:
+        self.stats.count("samples_received")
+        with self._cond:
+            if len(self._queue) >= SAMPLE_QUEUE:
+                self._queue.popleft()
+                self.stats.count("samples_dropped")
+            self._queue.append(msg)
+            self._cond.notify()
+
+    def _train(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                msg = self._queue.popleft()
+            if not self._values["enabled"]:
+                self.stats.count("samples_ignored_disabled")
+                continue
+            try:
+                if msg.model_id != self.specializer.model_id:
+                    raise ValueError(f"sample is from model {msg.model_id!r}, the adapter "
+                                     f"adapts {self.specializer.model_id!r}")
+                feats = unpack_features(msg.feature_sizes, msg.features)
+                self.specializer.add_sample(msg.exit_index, msg.class_id, msg.confidence, feats)
+            except ValueError as e:
+                self.stats.count("samples_rejected")
+                self.stats.note("last_rejection", str(e))
+                self.get_logger().warning(f"rejected sample: {e}", throttle_duration_sec=5.0)
+                continue
+            self.stats.count("samples_used")
+
+    # -- outputs
+    def _publish(self) -> None:
+        payload = self.specializer.export()
+        if payload.version == self._published_version:
+            return
+        msg = to_msg(payload)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._update_pub.publish(msg)
+        self._published_version = payload.version
+        self.stats.count("updates_published")
+
+    def _save(self) -> str:
+        state_dir = self._values["state_dir"]
+        if not state_dir:
+            raise ValueError("state_dir is '' (state not persisted)")
+        with self._save_lock:
+            path = self.specializer.save(state_dir)
+            self._saved_version = self.specializer.version
+        self.stats.count("saves")
+        return f"saved version {self._saved_version} to {path}"
+
+    def _periodic_save(self) -> None:
+        if self._values["state_dir"] and self.specializer.version != self._saved_version:
+            try:
+                self._save()
+            except OSError as e:
+                self.get_logger().error(f"saving state failed: {e}", throttle_duration_sec=30.0)
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response):
+        self.specializer.reset()
+        self._publish()
+        response.success = True
+        response.message = f"heads reset to the original; published version " \
+                           f"{self.specializer.version}"
+        if self._values["state_dir"]:
+            try:
+                self._save()
+            except OSError as e:
+                response.message += f" (saving failed: {e})"
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_save(self, request: Trigger.Request, response: Trigger.Response):
+        try:
+            response.message = self._save()
+            response.success = True
+        except (OSError, ValueError) as e:
+            response.success, response.message = False, f"not saved: {e}"
+        return response
+
+    # -- diagnostics and shutdown
+    def _diagnostic_values(self) -> tuple[int, str, dict]:
+        values = self.stats.snapshot()
+        values.update({f"specializer_{k}": v for k, v in self.specializer.stats().items()})
+        values.update({"model_id": self.specializer.model_id,
+                       "model_version": self.specializer.version,
+                       "published_version": self._published_version,
+                       "saved_version": self._saved_version,
+                       "queued": len(self._queue), "enabled": self._values["enabled"]})
+        level = WARN if int(values.get("samples_rejected", 0)) else OK
+        return level, f"version {self.specializer.version}, " \
+                      f"{values.get('samples_used', 0)} samples used", values
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._worker.join(timeout=5.0)
+        # The context may be shut down already: log without the node's /rosout publisher.
+        log = rclpy.logging.get_logger(f"{self.get_logger().name}.shutdown")
+        if self._values["state_dir"] and self.specializer.version != self._saved_version:
+            try:
+                log.info(self._save())
+            except OSError as e:
+                log.error(f"saving state at shutdown failed: {e}")
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(AdapterNode, args)

@@ -1,0 +1,148 @@
+"""Camera node: image_raw (or image_raw/compressed) -> preprocessed model input on ``frames``.
+
+Decodes with ``image_codec`` (no cv_bridge), preprocesses with the model card's input spec
+(``preprocess``), and publishes a 32FC1/32FC3 Image carrying the source header. Malformed
+images are rejected with a throttled warning and counted per reason; ``max_rate_hz`` drops
+frames that come sooner than the rate allows.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos_overriding_options import QoSOverridingOptions
+from sensor_msgs.msg import CompressedImage, Image
+
+from ttspec_ros import params, topics
+from ttspec_ros.image_codec import ImageDecodeError, decode_compressed, decode_image, encode_frame
+from ttspec_ros.nodes import (
+    OK,
+    WARN,
+    Diagnostics,
+    StartupError,
+    Stats,
+    accept,
+    declare,
+    load_input_spec,
+    qos,
+    refuse,
+    run_node,
+)
+from ttspec_ros.preprocess import preprocess
+
+
+class CameraNode(Node):
+    def __init__(self) -> None:
+        super().__init__(topics.CAMERA_NODE)
+        values = declare(self, params.CAMERA)
+        self.stats = Stats()
+        self._input_spec = self._load_input_spec(values["model"])
+        self._min_period_s = params.min_period_s(values["max_rate_hz"])
+        self._last_pass = -float("inf")
+        self._frames_pub = self.create_publisher(Image, topics.FRAMES, qos(topics.QOS_SENSOR))
+        self._sub = None
+        self._subscribe(values["transport"])
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._diagnostics = Diagnostics(self, self._diagnostic_values)
+        self.get_logger().info(
+            f"camera: {self._sub.topic_name} ({values['transport']}) -> "
+            f"{self._frames_pub.topic_name}, input {dict(self._input_spec)}")
+
+    @staticmethod
+    def _load_input_spec(model: str) -> dict[str, Any]:
+        try:
+            return load_input_spec(model)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"camera: cannot read the model card of model {model!r}: {e}"
+                               ) from e
+
+    def _subscribe(self, transport: str) -> None:
+        if self._sub is not None:
+            self.destroy_subscription(self._sub)
+        # Sensor-data QoS by default; users override it with the standard QoS parameters,
+        # e.g. -p qos_overrides./ttspec/image_raw.subscription.reliability:=reliable
+        overrides = QoSOverridingOptions.with_default_policies()
+        if transport == "compressed":
+            self._sub = self.create_subscription(
+                CompressedImage, topics.IMAGE_RAW_COMPRESSED, self._on_compressed,
+                qos(topics.QOS_SENSOR), qos_overriding_options=overrides)
+        else:
+            self._sub = self.create_subscription(
+                Image, topics.IMAGE_RAW, self._on_image, qos(topics.QOS_SENSOR),
+                qos_overriding_options=overrides)
+
+    # -- parameters
+    def _on_set_parameters(self, changes: list[Parameter]):
+        new = {p.name: p.value for p in changes}
+        reason = params.check_params(topics.CAMERA_NODE, new)
+        if reason:
+            return refuse(reason)
+        if "model" in new:
+            try:
+                spec = self._load_input_spec(new["model"])
+            except StartupError as e:
+                return refuse(str(e))
+            self._input_spec = spec
+        if "max_rate_hz" in new:
+            self._min_period_s = params.min_period_s(new["max_rate_hz"])
+        if "transport" in new and new["transport"] != self.get_parameter("transport").value:
+            self._subscribe(new["transport"])
+        self.get_logger().info(f"parameters set: {new}")
+        return accept()
+
+    # -- frames
+    def _rate_allows(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_pass < self._min_period_s:
+            self.stats.count("dropped_rate_limit")
+            return False
+        self._last_pass = now
+        return True
+
+    def _on_image(self, msg: Image) -> None:
+        self.stats.count("received")
+        if not self._rate_allows():
+            return
+        self._convert(msg.header, lambda: decode_image(
+            msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data))
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        self.stats.count("received")
+        if not self._rate_allows():
+            return
+        self._convert(msg.header, lambda: decode_compressed(msg.format, msg.data))
+
+    def _convert(self, header: Any, decode: Any) -> None:
+        start = time.perf_counter()
+        try:
+            tensor = preprocess(decode(), self._input_spec)
+        except ImageDecodeError as e:
+            self._reject(e.reason, str(e))
+            return
+        except ValueError as e:  # preprocess refused the decoded image
+            self._reject("preprocess", str(e))
+            return
+        out = Image(header=header, **encode_frame(tensor))
+        self._frames_pub.publish(out)
+        self.stats.count("published")
+        self.stats.add("convert_ms", (time.perf_counter() - start) * 1000.0)
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.stats.count(f"rejected_{reason}")
+        self.stats.count("rejected")
+        self.stats.note("last_rejection", message)
+        self.get_logger().warning(f"rejected image ({reason}): {message}",
+                                  throttle_duration_sec=5.0)
+
+    def _diagnostic_values(self) -> tuple[int, str, dict]:
+        values = self.stats.snapshot()
+        rejected = int(values.get("rejected", 0))
+        level = WARN if rejected else OK
+        return level, f"{values.get('published', 0)} frames, {rejected} rejected", values
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(CameraNode, args)

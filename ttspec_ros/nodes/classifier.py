@@ -1,0 +1,241 @@
+"""Classifier node: ``frames`` -> early-exit cascade -> ``predictions`` (+ ``adaptation_samples``).
+
+The subscription callback only stores the newest frame (``LatestSlot``: one pending frame at
+most, a replaced one counts as dropped); a worker thread runs the cascade, so the executor
+stays free for parameters, model updates and diagnostics. ``model_updates`` (reliable,
+transient local) are validated and applied by ``Cascade.apply_update`` between two frames.
+"""
+
+from __future__ import annotations
+
+import array
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos_overriding_options import QoSOverridingOptions
+from sensor_msgs.msg import Image
+
+from ttspec_ros import params, topics
+from ttspec_ros.image_codec import ImageDecodeError, decode_frame
+from ttspec_ros.model_update import from_msg
+from ttspec_ros.msg import AdaptationSample, CascadePrediction, ModelUpdate
+from ttspec_ros.nodes import (
+    OK,
+    WARN,
+    Diagnostics,
+    LatestSlot,
+    StartupError,
+    Stats,
+    accept,
+    declare,
+    qos,
+    refuse,
+    run_node,
+)
+from ttspec_ros.specialize import pack_features
+
+
+class LoadedModel:
+    """A cascade with the card facts the node needs, swapped as one object on `model` change."""
+
+    def __init__(self, model_path: str, num_threads: int) -> None:
+        from ttspec_ros.cascade import Cascade
+        from ttspec_ros.models.checkpoint import load_model
+
+        try:
+            model, card = load_model(model_path or None)
+            self.cascade = Cascade(model, card.thresholds, num_threads, model_id=card.model_id)
+        except (OSError, ValueError, KeyError) as e:
+            raise StartupError(f"cannot load model {model_path or '(bundled demo)'!r}: {e}"
+                               ) from e
+        self.card = card
+        self.path = model_path
+        self.num_exits = self.cascade.num_exits
+        spec = card.input
+        self.input_shape = (int(spec["channels"]), int(spec["size"]), int(spec["size"]))
+
+
+class ClassifierNode(Node):
+    def __init__(self) -> None:
+        super().__init__(topics.CLASSIFIER_NODE)
+        # model and num_threads first: the cascade needs them, and `thresholds` defaults to
+        # the loaded card's values.
+        first = [params.spec(topics.CLASSIFIER_NODE, n) for n in ("model", "num_threads")]
+        values = declare(self, first)
+        self.loaded = LoadedModel(values["model"], values["num_threads"])
+        rest = [s for s in params.CLASSIFIER if s not in first]
+        values.update(declare(self, rest, {
+            "thresholds": [float(t) for t in self.loaded.card.thresholds]}))
+        reason = params.check_classifier(values, self.loaded.num_exits)
+        if reason:
+            raise StartupError(f"classifier: {reason}")
+        self._values = values
+        self._settings = self._settings_from(values)
+        self._threads_wanted = values["num_threads"]
+        self.stats = Stats()
+        self.exit_histogram: Counter[int] = Counter()
+        self.max_pending = 0
+        self._slot = LatestSlot()
+        self._stop = threading.Event()
+
+        self._pred_pub = self.create_publisher(CascadePrediction, topics.PREDICTIONS,
+                                               qos(topics.QOS_RELIABLE))
+        self._sample_pub = self.create_publisher(AdaptationSample, topics.ADAPTATION_SAMPLES,
+                                                 qos(topics.QOS_RELIABLE))
+        self.create_subscription(Image, topics.FRAMES, self._on_frame, qos(topics.QOS_SENSOR),
+                                 qos_overriding_options=QoSOverridingOptions.with_default_policies())
+        self.create_subscription(ModelUpdate, topics.MODEL_UPDATES, self._on_update,
+                                 qos(topics.QOS_LATCHED))
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._diagnostics = Diagnostics(self, self._diagnostic_values)
+        self._worker = threading.Thread(target=self._work, name="cascade", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"classifier: model {self.loaded.cascade.model_id} ({self.loaded.num_exits} exits, "
+            f"input {self.loaded.input_shape}), thresholds {self._settings['thresholds']}")
+
+    @staticmethod
+    def _settings_from(values: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "thresholds": params.effective_thresholds(values["threshold"], values["thresholds"]),
+            "max_exit": None if values["max_exit"] < 0 else values["max_exit"],
+            "publish_samples": values["publish_samples"],
+        }
+
+    # -- parameters (applied live; refused with the reason, nothing changed)
+    def _on_set_parameters(self, changes: list[Parameter]):
+        new = {p.name: list(p.value) if isinstance(p.value, array.array) else p.value
+               for p in changes}
+        merged = {**self._values, **new}
+        reason = params.check_params(topics.CLASSIFIER_NODE, new)
+        loaded = self.loaded
+        if not reason and "model" in new and new["model"] != loaded.path:
+            try:
+                loaded = LoadedModel(new["model"], merged["num_threads"])
+            except StartupError as e:
+                reason = str(e)
+        if not reason:
+            reason = params.check_classifier(merged, loaded.num_exits, list(new))
+        if reason:
+            self.get_logger().warning(f"refused parameters {new}: {reason}")
+            return refuse(reason)
+        self._values = merged
+        self._threads_wanted = merged["num_threads"]
+        # One assignment each: the worker reads a consistent model and settings per frame.
+        self.loaded = loaded
+        self._settings = self._settings_from(merged)
+        self.get_logger().info(f"parameters set: {new}")
+        return accept()
+
+    # -- frames
+    def _on_frame(self, msg: Image) -> None:
+        self.stats.count("received")
+        if self._slot.put((msg, time.perf_counter())):
+            self.stats.count("dropped")
+        self.max_pending = max(self.max_pending, self._slot.pending())
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            item = self._slot.take(timeout=0.2)
+            if item is None:
+                continue
+            if self._threads_wanted != torch.get_num_threads():
+                torch.set_num_threads(self._threads_wanted)
+            try:
+                self._classify(*item)
+            except Exception as e:  # keep serving frames; the log says what went wrong
+                self.stats.count("errors")
+                self.get_logger().error(f"frame failed: {type(e).__name__}: {e}",
+                                        throttle_duration_sec=5.0)
+
+    def _classify(self, msg: Image, received: float) -> None:
+        loaded, settings = self.loaded, self._settings
+        try:
+            x = decode_frame(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step,
+                             msg.data)
+        except ImageDecodeError as e:
+            self._reject(e.reason, str(e))
+            return
+        if x.shape != loaded.input_shape:
+            self._reject("wrong_shape", f"frame is {x.shape}, the model takes "
+                                        f"{loaded.input_shape}")
+            return
+        self.stats.add("queue_wait_ms", (time.perf_counter() - received) * 1000.0)
+        r = loaded.cascade.run(torch.from_numpy(x), thresholds=settings["thresholds"],
+                               max_exit=settings["max_exit"])
+        pred = CascadePrediction(
+            header=msg.header, class_id=r.class_id, class_name=loaded.card.class_names[r.class_id],
+            confidence=float(r.confidence), exit_index=r.exit_index,
+            num_exits=loaded.num_exits, exit_confidences=[float(c) for c in r.exit_confidences],
+            latency_ms=float(r.latency_ms), model_version=r.model_version)
+        self._pred_pub.publish(pred)
+        self.stats.count("classified")
+        self.stats.add("model_ms", r.latency_ms)
+        self.exit_histogram[r.exit_index] += 1
+        if settings["publish_samples"] and r.exit_index > 0:
+            sizes, flat = pack_features(r.features[: r.exit_index])
+            self._sample_pub.publish(AdaptationSample(
+                header=msg.header, model_id=loaded.cascade.model_id,
+                model_version=r.model_version, exit_index=r.exit_index, class_id=r.class_id,
+                confidence=float(r.confidence), feature_sizes=sizes,
+                features=array.array("f", flat.astype(np.float32).tobytes())))
+            self.stats.count("samples_published")
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.stats.count(f"rejected_{reason}")
+        self.stats.count("rejected")
+        self.stats.note("last_rejection", message)
+        self.get_logger().warning(f"rejected frame ({reason}): {message}",
+                                  throttle_duration_sec=5.0)
+
+    # -- model updates
+    def _on_update(self, msg: ModelUpdate) -> None:
+        self.stats.count("updates_received")
+        cascade = self.loaded.cascade
+        try:
+            payload = from_msg(msg)
+            if payload.model_id != cascade.model_id:
+                raise ValueError(f"update is for model {payload.model_id!r}, this classifier "
+                                 f"runs {cascade.model_id!r}")
+            cascade.apply_update(payload.tensors, payload.version)
+        except ValueError as e:
+            self.stats.count("updates_rejected")
+            self.stats.note("last_update_rejection", str(e))
+            self.get_logger().warning(f"rejected model update v{msg.version}: {e}",
+                                      throttle_duration_sec=2.0)
+            return
+        self.stats.count("updates_applied")
+        self.get_logger().debug(f"applied model update v{payload.version}")
+
+    # -- diagnostics
+    def _diagnostic_values(self) -> tuple[int, str, dict]:
+        pending = self._slot.pending()
+        values = self.stats.snapshot()
+        values.update({
+            "model_id": self.loaded.cascade.model_id,
+            "model_version": self.loaded.cascade.version,
+            "pending": pending,
+            "max_pending": self.max_pending,
+            "thresholds": " ".join(f"{t:.3f}" for t in self._settings["thresholds"]),
+        })
+        for i in range(self.loaded.num_exits):
+            values[f"exit_{i}"] = self.exit_histogram[i]
+        level = WARN if int(values.get("rejected", 0)) or int(values.get("errors", 0)) else OK
+        msg = (f"{values.get('classified', 0)} classified, {values.get('dropped', 0)} dropped, "
+               f"model v{values['model_version']}")
+        return level, msg, values
+
+    def close(self) -> None:
+        self._stop.set()
+        self._slot.close()
+        self._worker.join(timeout=5.0)
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(ClassifierNode, args)

@@ -1,0 +1,313 @@
+"""Replay driver: starts the installed node graph as processes, plays a bag's images into it and
+collects every prediction (the rclpy half of ``ttspec replay``; metrics live in ttspec_ros.replay).
+
+Each run gets fresh camera/classifier/adapter processes (same ``--ros-args --params-file`` and
+namespace as the launch file, plus ``-p`` overrides), so adaptation never carries over between
+runs. The raw CDR bytes from the bag are published unchanged (header stamps preserved);
+predictions are matched to frames by header stamp. ``main()`` is ``ttspec replay``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter_client import AsyncParameterClient
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+
+from ttspec_ros import replay, topics
+from ttspec_ros.bags import ImageStream
+from ttspec_ros.msg import CascadePrediction
+from ttspec_ros.nodes import qos
+
+STARTUP_TIMEOUT_S = 120.0  # three processes importing torch on a busy 2-core machine
+SETTLE_S = 0.5  # after discovery, before the first frame
+DIAGNOSTICS_WAIT_S = 2.5  # diagnostics come about once a second
+
+
+class GraphError(RuntimeError):
+    """The node graph did not start or died; the message names the node and its log."""
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class NodeGraph:
+    """The three node processes of one run."""
+
+    def __init__(self, graph: replay.GraphSpec, overrides: dict[str, dict[str, object]],
+                 env: dict[str, str], log_dir: Path) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for node, executable in topics.EXECUTABLES.items():
+            cmd = [str(graph.executable(executable)), *graph.ros_args(overrides.get(node, {}))]
+            log = log_dir / f"{node}.log"
+            self.logs[node] = log
+            with open(log, "wb") as f:
+                f.write((" ".join(cmd) + "\n").encode())
+                f.flush()
+                self.procs[node] = subprocess.Popen(
+                    cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+    def check_alive(self) -> None:
+        for node, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise GraphError(f"node {node} exited with code {proc.returncode}; "
+                                 f"log {self.logs[node]}:\n{_log_tail(self.logs[node])}")
+
+    def stop(self, timeout_s: float = 10.0) -> dict[str, int | None]:
+        """SIGINT every node, then SIGKILL what is still running; -> exit codes."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + timeout_s
+        codes: dict[str, int | None] = {}
+        for node, proc in self.procs.items():
+            try:
+                codes[node] = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[node] = proc.wait()
+        return codes
+
+
+class Collector(Node):
+    """Publishes frames on the camera topic, collects predictions and node diagnostics."""
+
+    def __init__(self, context: Context, compressed: bool) -> None:
+        super().__init__("replay", namespace="/" + topics.NAMESPACE, context=context)
+        msg_type = CompressedImage if compressed else Image
+        topic = topics.IMAGE_RAW_COMPRESSED if compressed else topics.IMAGE_RAW
+        self.image_pub = self.create_publisher(
+            msg_type, topic,
+            QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                       reliability=ReliabilityPolicy.RELIABLE))
+        deep_reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10000,
+                                   reliability=ReliabilityPolicy.RELIABLE)
+        self.pred_sub = self.create_subscription(
+            CascadePrediction, topics.PREDICTIONS, self._on_prediction, deep_reliable)
+        self.create_subscription(DiagnosticArray, topics.DIAGNOSTICS, self._on_diagnostics,
+                                 qos(topics.QOS_RELIABLE))
+        self.cond = threading.Condition()
+        self.predictions: deque[tuple[CascadePrediction, float]] = deque()
+        self.diagnostics: dict[str, dict[str, str]] = {}
+        self.diagnostics_at: dict[str, float] = {}
+
+    def _on_prediction(self, msg: CascadePrediction) -> None:
+        with self.cond:
+            self.predictions.append((msg, time.perf_counter()))
+            self.cond.notify_all()
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        with self.cond:
+            for status in msg.status:
+                name = status.name.rsplit("/", 1)[-1]
+                self.diagnostics[name] = {kv.key: kv.value for kv in status.values}
+                self.diagnostics_at[name] = time.monotonic()
+            self.cond.notify_all()
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        with self.cond:
+            return {node: replay.int_counters(values) for node, values in self.diagnostics.items()}
+
+    def wait_fresh_diagnostics(self, nodes: list[str], after: float, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while any(self.diagnostics_at.get(n, -1.0) <= after for n in nodes):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+
+
+class _Matcher:
+    """Frames waiting for their prediction, by header stamp (duplicates answered in order)."""
+
+    def __init__(self, outcomes: list[replay.Outcome]) -> None:
+        self.outcomes = outcomes
+        self.waiting: dict[int, deque[int]] = {}
+        self.sent_at: dict[int, float] = {}
+        self.unmatched = 0
+
+    def sent(self, index: int, at: float) -> None:
+        self.waiting.setdefault(self.outcomes[index].stamp_ns, deque()).append(index)
+        self.sent_at[index] = at
+
+    def answer(self, msg: CascadePrediction, at: float) -> int | None:
+        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        queue = self.waiting.get(stamp)
+        if not queue:
+            self.unmatched += 1
+            return None
+        index = queue.popleft()
+        o = self.outcomes[index]
+        o.class_id, o.exit_index = int(msg.class_id), int(msg.exit_index)
+        o.confidence, o.latency_ms = float(msg.confidence), float(msg.latency_ms)
+        o.model_version = int(msg.model_version)
+        o.e2e_ms = (at - self.sent_at[index]) * 1000.0
+        o.dropped = None  # a late answer (after a lockstep timeout) still counts as answered
+        return index
+
+
+def _wait_for_graph(node: Collector, graph: NodeGraph, adapt: bool, timeout_s: float) -> None:
+    """Until every node is up (diagnostics seen) and every hop of the graph is matched."""
+    deadline = time.monotonic() + timeout_s
+    ns = "/" + topics.NAMESPACE
+    while True:
+        graph.check_alive()
+        with node.cond:
+            seen = set(node.diagnostics)
+        ready = {
+            "camera subscribed to our images": node.image_pub.get_subscription_count() >= 1,
+            "classifier predictions matched": node.pred_sub.get_publisher_count() >= 1,
+            "frames topic connected": node.count_subscribers(f"{ns}/{topics.FRAMES}") >= 1
+            and node.count_publishers(f"{ns}/{topics.FRAMES}") >= 1,
+            "all nodes reporting": set(topics.EXECUTABLES) <= seen,
+        }
+        if adapt:
+            ready["adapter subscribed to samples"] = node.count_subscribers(
+                f"{ns}/{topics.ADAPTATION_SAMPLES}") >= 1
+        if all(ready.values()):
+            return
+        if time.monotonic() > deadline:
+            missing = [k for k, v in ready.items() if not v]
+            raise GraphError(f"node graph not ready after {timeout_s:.0f} s: {missing}")
+        time.sleep(0.1)
+
+
+def _classifier_thresholds(node: Collector, timeout_s: float = 10.0) -> list[float] | None:
+    from ttspec_ros import params
+
+    client = AsyncParameterClient(node, topics.CLASSIFIER_NODE)
+    if not client.wait_for_services(timeout_sec=timeout_s):
+        return None
+    future = client.get_parameters(["threshold", "thresholds"])
+    deadline = time.monotonic() + timeout_s
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not future.done() or future.result() is None:
+        return None
+    threshold, thresholds = future.result().values
+    return params.effective_thresholds(threshold.double_value, list(thresholds.double_array_value))
+
+
+def play(
+    stream: ImageStream, settings: replay.RunSettings, graph: replay.GraphSpec, *,
+    domain_id: int, log_dir: Path, max_frames: int | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> replay.RunResult:
+    """One run: start the graph, play the frames, collect predictions, stop the graph."""
+    env = graph.environment(domain_id, log_dir)
+    overrides = graph.overrides(settings, compressed=stream.compressed)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = env["ROS_AUTOMATIC_DISCOVERY_RANGE"]
+    os.environ.setdefault("ROS_LOG_DIR", env["ROS_LOG_DIR"])
+    total = min(stream.image_count, max_frames) if max_frames else stream.image_count
+
+    procs = NodeGraph(graph, overrides, env, log_dir)
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    node = Collector(context, stream.compressed)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, name="replay-spin", daemon=True)
+    spinner.start()
+    outcomes: list[replay.Outcome] = []
+    matcher = _Matcher(outcomes)
+    codes: dict[str, int | None] = {}
+    started = time.perf_counter()
+    try:
+        _wait_for_graph(node, procs, settings.adapt, STARTUP_TIMEOUT_S)
+        used_thresholds = _classifier_thresholds(node)
+        time.sleep(SETTLE_S)
+        before = node.counters()
+        started = time.perf_counter()
+        first_time_ns: int | None = None
+
+        def drain() -> None:
+            # caller holds node.cond
+            while node.predictions:
+                msg, at = node.predictions.popleft()
+                matcher.answer(msg, at)
+
+        for frame in stream.frames():
+            if frame.index >= total:
+                break
+            outcomes.append(replay.Outcome(index=frame.index, stamp_ns=frame.stamp_ns,
+                                           label=stream.labels.get(frame.stamp_ns)))
+            if not settings.lockstep:
+                first_time_ns = frame.time_ns if first_time_ns is None else first_time_ns
+                due = started + (frame.time_ns - first_time_ns) / 1e9 / settings.rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            sent = time.perf_counter()
+            with node.cond:
+                matcher.sent(frame.index, sent)
+            node.image_pub.publish(frame.raw)
+            if settings.lockstep:
+                deadline = sent + settings.timeout_s
+                with node.cond:
+                    drain()
+                    while outcomes[-1].class_id is None and time.perf_counter() < deadline:
+                        node.cond.wait(deadline - time.perf_counter())
+                        drain()
+                if outcomes[-1].class_id is None:
+                    procs.check_alive()
+                    node.wait_fresh_diagnostics(["camera", "classifier"], time.monotonic(),
+                                                DIAGNOSTICS_WAIT_S)
+                    replay.attribute_drops(
+                        outcomes, replay.counter_delta(before, node.counters()),
+                        settings.timeout_s)
+            else:
+                with node.cond:
+                    drain()
+            if progress:
+                progress(len(outcomes), f"v{outcomes[-1].model_version or 0}")
+        # Late answers (rate mode): wait until every frame is answered or nothing comes any more.
+        deadline = time.perf_counter() + settings.timeout_s
+        with node.cond:
+            drain()
+            while any(o.class_id is None for o in outcomes) and time.perf_counter() < deadline:
+                node.cond.wait(min(0.5, deadline - time.perf_counter()))
+                drain()
+        wall = time.perf_counter() - started
+        node.wait_fresh_diagnostics(list(topics.EXECUTABLES), time.monotonic(),
+                                    DIAGNOSTICS_WAIT_S)
+        after = node.counters()
+        replay.attribute_drops(outcomes, replay.counter_delta(before, after), settings.timeout_s)
+        with node.cond:
+            final_counters = {k: dict(v) for k, v in node.diagnostics.items()}
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        codes = procs.stop()
+    return replay.RunResult(
+        settings=settings, outcomes=outcomes, wall_s=wall, thresholds=used_thresholds,
+        unmatched_predictions=matcher.unmatched, node_counters=final_counters,
+        node_exit_codes=codes,
+    )
+
+
+def main(args: list[str] | None = None) -> int:
+    """``ttspec replay`` (this module is its rclpy half)."""
+    from ttspec_ros import cli
+
+    return cli.main(["replay", *(args if args is not None else __import__("sys").argv[1:])])

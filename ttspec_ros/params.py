@@ -1,0 +1,182 @@
+"""Every node parameter as plain data (name, type, default, range, description) + validation.
+
+ROS-free: the nodes turn each ``ParamSpec`` into a ``ParameterDescriptor`` and call
+``check_value`` / the node's ``check_*`` function from their on-set-parameters callback, so a
+refused value comes back with the reason. ``config/ttspec.yaml`` repeats these defaults (a test
+keeps them equal). Types are ROS parameter types: bool, int, double, string, double_array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ttspec_ros import topics
+
+FROM_MODEL_CARD = None  # default of parameters whose value comes from the model card
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str  # bool | int | double | string | double_array
+    default: Any  # FROM_MODEL_CARD (None) = taken from the loaded model card at start-up
+    description: str
+    min: float | None = None  # inclusive bounds (each element for arrays)
+    max: float | None = None
+    read_only: bool = False  # settable at start-up (params file, -p) but not at run time
+    choices: tuple[str, ...] = ()
+    constraints: str = ""  # what the range cannot say (ROS additional_constraints)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "bool": (bool,), "int": (int,), "double": (float,), "string": (str,),
+    "double_array": (list, tuple),
+}
+
+MODEL = ParamSpec(
+    "model", "string", "",
+    "model path stem: <stem>.safetensors (weights) + <stem>.json (model card); "
+    "'' = the bundled demo model")
+
+CAMERA: tuple[ParamSpec, ...] = (
+    MODEL,
+    ParamSpec("transport", "string", "raw",
+              "'raw': sensor_msgs/Image on image_raw; 'compressed': sensor_msgs/CompressedImage "
+              "on image_raw/compressed", choices=("raw", "compressed")),
+    ParamSpec("max_rate_hz", "double", 0.0,
+              "most frames per second passed on to the classifier (0 = no limit); "
+              "frames arriving sooner are dropped and counted", min=0.0, max=1000.0),
+)
+
+CLASSIFIER: tuple[ParamSpec, ...] = (
+    MODEL,
+    ParamSpec("threshold", "double", -1.0,
+              "confidence every early exit needs to answer; -1 = use 'thresholds'",
+              min=-1.0, max=1.0, constraints="-1, or a value in [0, 1]"),
+    ParamSpec("thresholds", "double_array", FROM_MODEL_CARD,
+              "per-early-exit confidence thresholds (one per exit except the last), each in "
+              "[0, 1]; default: the model card's; used while threshold is -1",
+              min=0.0, max=1.0, constraints="length = number of exits - 1"),
+    ParamSpec("max_exit", "int", -1,
+              "deepest exit to run (answers with the best exit so far); -1 = no limit",
+              min=-1, max=255, constraints="-1 or at most number of exits - 1"),
+    ParamSpec("publish_samples", "bool", True,
+              "publish adaptation_samples for frames answered after exit 0"),
+    ParamSpec("num_threads", "int", 1, "CPU threads for the model (torch intra-op)",
+              min=1, max=64),
+)
+
+ADAPTER: tuple[ParamSpec, ...] = (
+    ParamSpec(MODEL.name, MODEL.type, MODEL.default,
+              MODEL.description + "; must be the classifiers' model", read_only=True),
+    ParamSpec("enabled", "bool", True, "train on incoming samples (false: count and ignore)"),
+    ParamSpec("learning_rate", "double", 1e-4, "SGD learning rate of the early heads",
+              min=0.0, max=1.0, constraints="> 0"),
+    ParamSpec("momentum", "double", 0.0, "SGD momentum", min=0.0, max=0.99),
+    ParamSpec("batch_size", "int", 1, "samples per SGD step", min=1, max=1024),
+    ParamSpec("min_confidence", "double", 0.0,
+              "samples whose answering exit is less confident are skipped", min=0.0, max=1.0),
+    ParamSpec("publish_period_s", "double", 1.0,
+              "model_updates are published at most this often (seconds), when changed",
+              min=0.01, max=3600.0),
+    ParamSpec("state_dir", "string", "",
+              "directory for the adapter's state (saved atomically, resumed at start); "
+              "'' = not persisted"),
+    ParamSpec("save_period_s", "double", 10.0, "save the state this often (seconds) when changed",
+              min=0.1, max=86400.0),
+)
+
+NODE_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
+    topics.CAMERA_NODE: CAMERA,
+    topics.CLASSIFIER_NODE: CLASSIFIER,
+    topics.ADAPTER_NODE: ADAPTER,
+}
+
+
+def spec(node: str, name: str) -> ParamSpec:
+    for s in NODE_PARAMS[node]:
+        if s.name == name:
+            return s
+    raise KeyError(f"node {node!r} has no parameter {name!r}")
+
+
+def defaults(node: str) -> dict[str, Any]:
+    """name -> default of every parameter of ``node`` (FROM_MODEL_CARD ones left out)."""
+    return {s.name: s.default for s in NODE_PARAMS[node] if s.default is not FROM_MODEL_CARD}
+
+
+def check_value(s: ParamSpec, value: Any) -> str | None:
+    """Reason ``value`` is not acceptable for ``s`` on its own, or None."""
+    if not isinstance(value, _TYPES[s.type]) or (s.type == "int" and isinstance(value, bool)):
+        return f"{s.name} must be {s.type}, got {type(value).__name__} {value!r}"
+    items = list(value) if s.type == "double_array" else [value]
+    if s.type == "double_array" and not all(
+            isinstance(v, float) and not isinstance(v, bool) for v in items):
+        return f"{s.name} must be a list of doubles, got {value!r}"
+    for v in items if s.type in ("int", "double", "double_array") else []:
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{s.name} must be finite, got {v}"
+        if (s.min is not None and v < s.min) or (s.max is not None and v > s.max):
+            return f"{s.name} = {v} is outside [{s.min}, {s.max}]"
+    if s.choices and value not in s.choices:
+        return f"{s.name} must be one of {list(s.choices)}, got {value!r}"
+    return None
+
+
+def check_params(node: str, values: Mapping[str, Any]) -> str | None:
+    """Reason the given values (each on its own) are not acceptable, or None."""
+    names = {s.name: s for s in NODE_PARAMS[node]}
+    for name, value in values.items():
+        if name not in names:
+            return f"{node} has no parameter {name!r}"
+        reason = check_value(names[name], value)
+        if reason:
+            return reason
+    return None
+
+
+def check_classifier(values: Mapping[str, Any], num_exits: int, changed: Sequence[str] = ()
+                     ) -> str | None:
+    """Reason the classifier's complete parameter set is inconsistent for a model with
+    ``num_exits`` exits, or None. ``values`` holds every classifier parameter (new values
+    merged in); ``changed`` names the ones being set now."""
+    reason = check_params(topics.CLASSIFIER_NODE, values)
+    if reason:
+        return reason
+    threshold, thresholds = values["threshold"], list(values["thresholds"])
+    if threshold != -1.0 and not 0.0 <= threshold <= 1.0:
+        return f"threshold must be -1 or in [0, 1], got {threshold}"
+    if len(thresholds) != num_exits - 1:
+        return (f"thresholds needs {num_exits - 1} values (one per early exit of this "
+                f"{num_exits}-exit model), got {len(thresholds)}")
+    if "thresholds" in changed and "threshold" not in changed and threshold >= 0.0:
+        return (f"thresholds has no effect while threshold is {threshold}; set threshold to -1 "
+                "in the same call")
+    if values["max_exit"] > num_exits - 1:
+        return f"max_exit must be -1 or at most {num_exits - 1}, got {values['max_exit']}"
+    return None
+
+
+def check_adapter(values: Mapping[str, Any]) -> str | None:
+    reason = check_params(topics.ADAPTER_NODE, values)
+    if reason:
+        return reason
+    if "learning_rate" in values and not values["learning_rate"] > 0.0:
+        return f"learning_rate must be > 0, got {values['learning_rate']}"
+    return None
+
+
+def effective_thresholds(threshold: float, thresholds: Sequence[float]) -> list[float]:
+    """Per-early-exit thresholds the cascade uses: ``threshold`` for all if set, else
+    ``thresholds``."""
+    if threshold >= 0.0:
+        return [float(threshold)] * len(thresholds)
+    return [float(t) for t in thresholds]
+
+
+def min_period_s(max_rate_hz: float) -> float:
+    """Shortest time between two passed frames (0 = no limit)."""
+    return 1.0 / max_rate_hz if max_rate_hz > 0.0 else 0.0
