@@ -1,0 +1,189 @@
+"""Specialization experiments: the precomputed-feature rule equals the cascade, curve maths,
+and the three commands on tiny settings write well-formed JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ttspec_ros.experiments.exit_curves import (
+    THRESHOLDS,
+    ExitFeatures,
+    answers,
+    curve,
+    iso_accuracy_cost_ratio,
+    simulate_stream,
+)
+from ttspec_ros.models.revcol import RevCol
+from ttspec_ros.specialize import Specializer, StackedHeads, early_head_tensors
+
+TINY = dict(channels=(8, 16, 24, 32), layers=(1, 1, 1, 1), num_columns=4, num_classes=10,
+            in_chans=1, with_decoders=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def tiny_model(seed: int = 0) -> RevCol:
+    torch.manual_seed(seed)
+    model = RevCol(**TINY).eval()
+    with torch.no_grad():  # spread the heads' confidences so that exits differ
+        for i in range(3):
+            model.cls_blocks[i].classifier[1].weight.mul_(40.0 * (i + 1))
+    return model
+
+
+def test_thresholds_are_the_issue_grid() -> None:
+    assert len(THRESHOLDS) == 50 and THRESHOLDS[0] == 0.5 and THRESHOLDS[-1] == 0.99
+
+
+def test_precomputed_rule_matches_the_cascade() -> None:
+    cascade_mod = pytest.importorskip("ttspec_ros.cascade")
+    model = tiny_model()
+    x = torch.randn(40, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    data = ExitFeatures.compute(model, x, batch_size=16)
+    heads = StackedHeads.from_tensors(early_head_tensors(model), 3)
+    for t in (0.3, 0.6):
+        exit_index, pred = answers(heads, data, t)
+        cascade = cascade_mod.Cascade(model, [t] * 3, num_threads=1)
+        runs = [cascade.run(img) for img in x]
+        assert [r.exit_index for r in runs] == exit_index.tolist()
+        assert [r.class_id for r in runs] == pred.tolist()
+    assert len(set(exit_index.tolist())) > 1, "exits must differ for this test to mean much"
+
+
+def test_curve_rows_and_monotone_cost() -> None:
+    model = tiny_model()
+    x = torch.randn(60, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    data = ExitFeatures.compute(model, x)
+    heads = StackedHeads.from_tensors(early_head_tensors(model), 3)
+    labels = data.last_pred.numpy().copy()
+    labels[:10] = (labels[:10] + 1) % 10  # the last exit is wrong on 10 images
+    groups = {"subset": np.arange(60) < 30, "others": np.arange(60) >= 30}
+    c = curve(heads, data, labels, groups, [0.25, 0.5, 0.75, 1.0], [1.0, 2.0, 3.0, 4.0])
+    assert set(c) == {"subset", "others"}
+    for rows in c.values():
+        assert [r["threshold"] for r in rows] == list(THRESHOLDS)
+        assert set(rows[0]) == {"threshold", "latency_ms", "accuracy", "mean_exit", "mean_cost"}
+        costs = [r["mean_cost"] for r in rows]
+        assert costs == sorted(costs)  # a higher threshold never exits earlier
+        for r in rows:
+            assert 0.0 <= r["accuracy"] <= 1.0 and 0.25 <= r["mean_cost"] <= 1.0
+            assert r["latency_ms"] == pytest.approx(4.0 * r["mean_cost"], abs=1e-3)
+    # above 1 nothing exits early: accuracy is the last exit's
+    top = curve(heads, data, labels, groups, [0.25, 0.5, 0.75, 1.0], None, thresholds=[1.01])
+    assert top["subset"][0]["accuracy"] == pytest.approx(20 / 30, abs=1e-6)
+    assert top["others"][0]["mean_cost"] == 1.0
+
+
+def test_iso_accuracy_cost_ratio() -> None:
+    before = [{"threshold": 0.8, "accuracy": 0.90, "mean_cost": 0.6},
+              {"threshold": 0.9, "accuracy": 0.92, "mean_cost": 0.8}]
+    after = [{"threshold": 0.8, "accuracy": 0.9195, "mean_cost": 0.5},
+             {"threshold": 0.9, "accuracy": 0.93, "mean_cost": 0.7}]
+    assert iso_accuracy_cost_ratio(before, after, 0.9) == pytest.approx(0.5 / 0.8)
+    assert iso_accuracy_cost_ratio(before, before, 0.9) == pytest.approx(1.0)
+    worse = [{"threshold": 0.9, "accuracy": 0.5, "mean_cost": 0.1}]
+    assert iso_accuracy_cost_ratio(before, worse, 0.9) is None
+
+
+def test_simulated_stream_feeds_every_frame() -> None:
+    model = tiny_model()
+    x = torch.randn(30, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    data = ExitFeatures.compute(model, x)
+    spec = Specializer(early_head_tensors(model), 4, lr=0.05)
+    seen = []
+    simulate_stream(spec, data, list(range(30)) * 2, 0.6, seen.append)
+    stats = spec.stats()
+    assert seen == list(range(1, 61)) and stats["samples"] == 60
+    assert stats["steps"] + stats["skipped_first_exit"] == 60
+
+
+# -- the commands, on a tiny checkpoint ------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    checkpoint = pytest.importorskip("ttspec_ros.models.checkpoint")
+    pytest.importorskip("ttspec_ros.cascade")
+    return _save_tiny(checkpoint, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def _save_tiny(checkpoint, stem):
+    from ttspec_ros import data
+
+    model = tiny_model()
+    card = checkpoint.ModelCard(
+        model_id="tiny-test", architecture=model.config.to_dict(),
+        class_names=list(data.CLASS_NAMES),
+        input={"channels": 1, "size": 32, "content_size": 28, "mean": [0.286], "std": [0.353]},
+        thresholds=[0.9, 0.9, 0.9], exit_cost=[0.25, 0.5, 0.75, 1.0],
+        training={"seed": 0, "splits": {"seed": 0}}, metrics={},
+    )
+    checkpoint.save_model(model, card, str(stem))
+    return str(stem)
+
+
+def _args(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_specialize_experiment_writes_figure4(tiny_checkpoint, tmp_path) -> None:
+    from ttspec_ros.experiments import specialize_experiment as mod
+
+    args = _args(mod, ["--subset", "bags", "--out", str(tmp_path), "--model", tiny_checkpoint,
+                       "--preset", "tuned", "--per-class", "4", "--latency-frames", "2",
+                       "--test-limit", "300", "--threads", "1", "--anchors-per-class", "3"])
+    assert mod.run(args) == 0
+    result = json.loads((tmp_path / "figure4.json").read_text())
+    assert list(result) == ["subset", "classes", "seed", "settings", "before", "after",
+                            "fixed_threshold", "iso_accuracy", "last_exit_unchanged"]
+    assert result["classes"] == [8] and result["seed"] == 0
+    for state in ("before", "after"):
+        assert set(result[state]) == {"subset", "others"}
+        assert len(result[state]["subset"]) == 50
+    assert set(result["fixed_threshold"]) == {
+        "threshold", "subset_cost_ratio", "subset_accuracy_delta", "others_cost_ratio",
+        "others_accuracy_delta"}
+    assert set(result["iso_accuracy"]) == {
+        "subset_cost_ratio", "control_subset_cost_ratio", "others_cost_ratio",
+        "control_others_cost_ratio"}
+    assert result["last_exit_unchanged"] is True
+    assert result["settings"]["stream_size"] == 4
+    assert result["settings"]["specializer_stats"]["samples"] == 4 * 3  # 3 passes
+    assert (tmp_path / "figure4.png").stat().st_size > 1000
+
+
+def test_forgetting_experiment_writes_json(tiny_checkpoint, tmp_path) -> None:
+    from ttspec_ros.experiments import forgetting_experiment as mod
+
+    args = _args(mod, ["--out", str(tmp_path), "--model", tiny_checkpoint, "--subset-frames",
+                       "30", "--mixed-frames", "20", "--eval-every", "25", "--test-limit", "200",
+                       "--threads", "1", "--anchors-per-class", "3"])
+    assert mod.run(args) == 0
+    result = json.loads((tmp_path / "forgetting.json").read_text())
+    assert set(result["runs"]) == {"no_guard", "guard"}
+    for r in result["runs"].values():
+        assert r["frames"] == [0, 25, 50]
+        assert len(r["others_accuracy"]) == 3 and r["stats"]["samples"] == 50
+    assert isinstance(result["target"]["met_with_guard"], bool)
+    assert (tmp_path / "forgetting.png").stat().st_size > 1000
+
+
+def test_bench_update_writes_json(tiny_checkpoint, tmp_path) -> None:
+    from ttspec_ros.experiments import bench_update as mod
+
+    args = _args(mod, ["--out", str(tmp_path), "--models", "demo", "--demo-model",
+                       tiny_checkpoint, "--repeats", "3", "--warmup", "1", "--threads", "1"])
+    assert mod.run(args) == 0
+    result = json.loads((tmp_path / "bench_update.json").read_text())
+    demo = result["models"]["demo"]
+    assert set(demo["median_ms"]) == {"inference", "update_step", "update_step_guarded",
+                                      "export", "apply_update"}
+    assert demo["update_over_inference"] > 0 and demo["early_heads"] == 3

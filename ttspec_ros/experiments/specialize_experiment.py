@@ -1,0 +1,257 @@
+"""Figure 4: cost and accuracy of a subset and of the other classes before/after specialization.
+
+The adaptation stream is ``--per-class`` unlabeled deployment-pool images of every subset class
+(never the test split), shuffled with ``--seed``; each frame goes through the real cascade at
+``--threshold`` and its answer is an update sample; every update is applied to the cascade
+before the next frame, as the adapter does. Evaluation uses the 10k test split's pooled exit
+features, computed once (before) and again with the adapted model (after), so the after-curves
+also prove the backbone and the last exit did not move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ttspec_ros import data
+from ttspec_ros.experiments.exit_curves import (
+    THRESHOLDS,
+    ExitFeatures,
+    curve,
+    iso_accuracy_cost_ratio,
+    measure_exit_latency,
+    row_at,
+)
+from ttspec_ros.specialize import (
+    AnchorGuard,
+    Specializer,
+    StackedHeads,
+    build_anchor_set,
+    early_head_tensors,
+)
+
+# "paper": the paper's update rule. "tuned": our setting (see the report in the JSON).
+PRESETS: dict[str, dict] = {
+    "paper": dict(lr=1e-4, momentum=0.0, batch_size=1, passes=1, min_confidence=0.0,
+                  replay_size=0, guard=False),
+    "tuned": dict(lr=1e-2, momentum=0.0, batch_size=1, passes=3, min_confidence=0.0,
+                  replay_size=0, guard=True),
+}
+ISO_TOLERANCE = 0.001  # 0.1 accuracy point
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subset", required=True, choices=sorted(data.SUBSETS))
+    parser.add_argument("--out", required=True, help="directory for figure4.json/figure4.png")
+    parser.add_argument("--model", default=None, help="checkpoint stem (default: demo model)")
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                        help="update settings; single options below override it")
+    parser.add_argument("--threshold", type=float, default=0.9,
+                        help="cascade threshold of the stream and of the fixed-threshold report")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--momentum", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--passes", type=int, default=None, help="passes over the stream")
+    parser.add_argument("--min-confidence", type=float, default=None)
+    parser.add_argument("--replay-size", type=int, default=None)
+    guard = parser.add_mutually_exclusive_group()
+    guard.add_argument("--guard", dest="guard", action="store_true", default=None)
+    guard.add_argument("--no-guard", dest="guard", action="store_false")
+    parser.add_argument("--anchors-per-class", type=int, default=50,
+                        help="guard anchors per last-exit class, from pool images not streamed")
+    parser.add_argument("--per-class", type=int, default=100, help="stream images per class")
+    parser.add_argument("--seed", type=int, default=0, help="stream order and sampling seed")
+    parser.add_argument("--latency-frames", type=int, default=200,
+                        help="frames per forced exit for the per-exit latency")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch", type=int, default=250, help="feature-extraction batch size")
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="use only the first N test images (quick checks only)")
+
+
+def settings_from(args: argparse.Namespace) -> dict:
+    s = dict(PRESETS[args.preset])
+    for key in s:
+        value = getattr(args, key)
+        if value is not None:
+            s[key] = value
+    return {"preset": args.preset, **s, "threshold": args.threshold}
+
+
+def split_seed(card) -> int:
+    """The seed of the train/pool split the model was trained with (model card)."""
+    training = card.training or {}
+    splits = training.get("splits")
+    if isinstance(splits, dict) and "seed" in splits:
+        return int(splits["seed"])
+    if "seed" in training:
+        return int(training["seed"])
+    raise ValueError("model card's training section records no split seed; cannot tell which "
+                     "images are the deployment pool")
+
+
+def pool_images(card) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool indices into the train split, their images, their labels)."""
+    images, labels = data.load_fashion_mnist("train")
+    pool = data.splits(split_seed(card)).pool
+    return pool, images[pool], labels[pool]
+
+
+def make_guard(model, card, pool_imgs: np.ndarray, exclude: np.ndarray, per_class: int,
+               threshold: float, seed: int, batch: int) -> tuple[AnchorGuard, dict]:
+    """Anchors from pool images not in the stream, labelled by the last exit (no ground truth)."""
+    from ttspec_ros.preprocess import preprocess_batch
+
+    rng = np.random.default_rng(seed + 1)
+    candidates = np.setdiff1d(np.arange(len(pool_imgs)), exclude)
+    take = rng.permutation(candidates)[: per_class * data.NUM_CLASSES * 2]
+    x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(pool_imgs[take]), card.input))
+    anchors = build_anchor_set(model, x, per_class=per_class, seed=seed, batch_size=batch)
+    guard = AnchorGuard(anchors, threshold=threshold, exit_cost=card.exit_cost, seed=seed)
+    info = {"anchors": int(anchors.labels.size), "anchors_per_class": per_class,
+            "rehearsal": guard.rehearsal, "check_every": guard.check_every,
+            "tolerance": guard.tolerance, "class_tolerance": guard.class_tolerance,
+            "cost_tolerance": guard.cost_tolerance}
+    return guard, info
+
+
+def run(args: argparse.Namespace) -> int:
+    from ttspec_ros.cascade import Cascade
+    from ttspec_ros.models.checkpoint import load_model
+    from ttspec_ros.preprocess import preprocess, preprocess_batch
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings_from(args)
+    classes = list(data.SUBSETS[args.subset])
+    model, card = load_model(args.model)
+    model.eval()
+    num_exits = model.num_exits
+    h = num_exits - 1
+    thresholds = [args.threshold] * h
+    cascade = Cascade(model, thresholds, num_threads=args.threads)
+
+    # -- test split: features once, before any update
+    test_images, test_labels = data.load_fashion_mnist("test")
+    if args.test_limit:
+        test_images, test_labels = test_images[: args.test_limit], test_labels[: args.test_limit]
+    test_x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(test_images), card.input))
+    before_data = ExitFeatures.compute(model, test_x, args.batch)
+    in_subset = np.isin(test_labels, classes)
+    groups = {"subset": in_subset, "others": ~in_subset}
+    latency = measure_exit_latency(cascade, list(test_x[:50]), args.latency_frames, num_exits)
+    initial = early_head_tensors(model)
+
+    # -- adaptation stream from the deployment pool
+    rng = np.random.default_rng(args.seed)
+    pool, pool_imgs, pool_labels = pool_images(card)
+    chosen = np.concatenate([
+        rng.choice(np.flatnonzero(pool_labels == c), args.per_class, replace=False)
+        for c in classes
+    ])
+    guard, guard_info = (None, None)
+    if settings["guard"]:
+        guard, guard_info = make_guard(model, card, pool_imgs, chosen, args.anchors_per_class,
+                                       args.threshold, args.seed, args.batch)
+    spec = Specializer(initial, num_exits, model_id=card.model_id, lr=settings["lr"],
+                       momentum=settings["momentum"], batch_size=settings["batch_size"],
+                       min_confidence=settings["min_confidence"],
+                       replay_size=settings["replay_size"], guard=guard, seed=args.seed)
+    stream_exits: list[list[int]] = []
+    for _ in range(settings["passes"]):
+        order = rng.permutation(chosen)
+        exits = []
+        for i in order:
+            result = cascade.run(torch.from_numpy(preprocess(pool_imgs[i], card.input)))
+            exits.append(int(result.exit_index))
+            if spec.add_sample(result.exit_index, result.class_id, result.confidence,
+                               [f.numpy() for f in result.features[: result.exit_index]]):
+                payload = spec.export()
+                cascade.apply_update(payload.tensors, payload.version)
+        stream_exits.append(exits)
+
+    # -- after: features again with the adapted model (backbone and last head must be equal)
+    after_data = ExitFeatures.compute(cascade.model, test_x, args.batch)
+    adapted = spec.heads()
+    original = StackedHeads.from_tensors(initial, h)
+    before = curve(original, before_data, test_labels, groups, card.exit_cost, latency)
+    after = curve(adapted, after_data, test_labels, groups, card.exit_cost, latency)
+    t = args.threshold
+    fixed = {"threshold": t}
+    iso = {}
+    for g in ("subset", "others"):
+        b, a = row_at(before[g], t), row_at(after[g], t)
+        fixed[f"{g}_cost_ratio"] = round(a["mean_cost"] / b["mean_cost"], 6)
+        fixed[f"{g}_accuracy_delta"] = round(a["accuracy"] - b["accuracy"], 6)
+    for g in ("subset", "others"):
+        iso[f"{g}_cost_ratio"] = iso_accuracy_cost_ratio(before[g], after[g], t, ISO_TOLERANCE)
+        iso[f"control_{g}_cost_ratio"] = iso_accuracy_cost_ratio(before[g], before[g], t,
+                                                                 ISO_TOLERANCE)
+    last_unchanged = bool(torch.equal(before_data.last_pred, after_data.last_pred))
+
+    settings.update({
+        "model_id": card.model_id, "per_class": args.per_class,
+        "stream_size": int(chosen.size), "stream_source": "deployment pool (data.splits seed "
+        f"{split_seed(card)})", "stream_pool_indices_sha256": data.index_hash(pool[chosen]),
+        "stream_exit_histogram_per_pass": [np.bincount(e, minlength=num_exits).tolist()
+                                           for e in stream_exits],
+        "exit_cost": list(card.exit_cost), "exit_latency_ms": [round(v, 4) for v in latency],
+        "latency": "median batch-1 cascade latency per forced exit, mapped through the exits "
+                   "taken", "threads": args.threads, "test_images": int(test_labels.size),
+        "thresholds": [THRESHOLDS[0], THRESHOLDS[-1], 0.01],
+        "iso_accuracy_tolerance": ISO_TOLERANCE, "control": "original heads (never updated)",
+        "guard_settings": guard_info, "specializer_stats": spec.stats(),
+        "final_version": int(cascade.version), "runtime_s": round(time.perf_counter() - t_start, 1),
+    })
+    result = {
+        "subset": args.subset, "classes": classes, "seed": args.seed, "settings": settings,
+        "before": before, "after": after, "fixed_threshold": fixed, "iso_accuracy": iso,
+        "last_exit_unchanged": last_unchanged,
+    }
+    (out / "figure4.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "figure4.png")
+    print(json.dumps({"out": str(out / "figure4.json"), "fixed_threshold": fixed,
+                      "iso_accuracy": iso, "last_exit_unchanged": last_unchanged}, indent=1))
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [data.CLASS_NAMES[c] for c in result["classes"]]
+    for ax, key, label in ((axes[0], "latency_ms", "mean latency (ms)"),
+                           (axes[1], "mean_cost", "mean cost (share of full forward)")):
+        for group, color in (("subset", "green"), ("others", "red")):
+            for state, style in (("before", "-"), ("after", ":")):
+                rows = result[state][group]
+                xs = [r[key] for r in rows]
+                if any(x is None for x in xs):
+                    continue
+                ax.plot(xs, [100 * r["accuracy"] for r in rows], style, color=color,
+                        label=f"{group} {state}")
+            b = [r for r in result["before"][group]
+                 if abs(r["threshold"] - result["fixed_threshold"]["threshold"]) < 1e-9][0]
+            ax.plot(b[key], 100 * b["accuracy"], "o", color=color, ms=4)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    s = result["settings"]
+    fig.suptitle(f"Specialization to {result['subset']} ({', '.join(names)}): "
+                 f"{s['preset']}, lr {s['lr']}, batch {s['batch_size']}, passes {s['passes']}, "
+                 f"guard {s['guard']}; thresholds 0.50-0.99, dot = {s['threshold']} before",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
