@@ -11,6 +11,9 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
+    "bench-update": "ttspec_ros.experiments.bench_update",
+    "specialize-experiment": "ttspec_ros.experiments.specialize_experiment",
+    "forgetting-experiment": "ttspec_ros.experiments.forgetting_experiment",
     "export-onnx": "ttspec_ros.experiments.export_onnx",
     "bench-backends": "ttspec_ros.experiments.bench_backends",
 }
