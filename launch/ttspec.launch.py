@@ -1,0 +1,64 @@
+"""Start the ttspec_ros pipeline: camera -> classifier -> adapter in namespace /ttspec.
+
+    ros2 launch ttspec_ros ttspec.launch.py camera_topic:=/camera/color/image_raw \
+        model:=/path/to/model threshold:=0.8 state_dir:=/var/lib/ttspec
+
+Every node reads config/ttspec.yaml (or params_file:=...); the launch arguments below override
+it when given. Topics, nodes and executables come from ttspec_ros.topics.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+from launch import LaunchDescription
+from ttspec_ros import topics
+
+ARGUMENTS = {
+    "camera_topic": (topics.IMAGE_RAW,
+                     "image topic the camera node reads (remaps image_raw; the compressed "
+                     "stream is <camera_topic>/compressed)"),
+    "model": ("", "model path stem (<stem>.safetensors + <stem>.json); '' = params_file's value"),
+    "threshold": ("", "early-exit confidence threshold in [0, 1] for every early exit; "
+                      "'' = params_file's value"),
+    "state_dir": ("", "adapter state directory; '' = params_file's value"),
+    "params_file": (os.path.join(get_package_share_directory(topics.PACKAGE), "config",
+                                 "ttspec.yaml"), "parameters of all three nodes"),
+}
+
+
+def _nodes(context) -> list[Node]:
+    arg = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
+    shared = {"model": arg["model"]} if arg["model"] else {}
+    extra = {
+        topics.CAMERA_NODE: dict(shared),
+        topics.CLASSIFIER_NODE: dict(shared),
+        topics.ADAPTER_NODE: dict(shared),
+    }
+    if arg["threshold"]:
+        extra[topics.CLASSIFIER_NODE]["threshold"] = float(arg["threshold"])
+    if arg["state_dir"]:
+        extra[topics.ADAPTER_NODE]["state_dir"] = arg["state_dir"]
+    remap = {topics.CAMERA_NODE: [
+        (topics.IMAGE_RAW, arg["camera_topic"]),
+        (topics.IMAGE_RAW_COMPRESSED, arg["camera_topic"] + "/compressed"),
+    ]}
+    return [
+        Node(package=topics.PACKAGE, executable=topics.EXECUTABLES[name], name=name,
+             namespace=topics.NAMESPACE, parameters=[arg["params_file"], extra[name]],
+             remappings=remap.get(name, []), output="screen")
+        for name in (topics.CAMERA_NODE, topics.CLASSIFIER_NODE, topics.ADAPTER_NODE)
+    ]
+
+
+def generate_launch_description() -> LaunchDescription:
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=default, description=description)
+         for name, (default, description) in ARGUMENTS.items()]
+        + [OpaqueFunction(function=_nodes)]
+    )

@@ -1,0 +1,127 @@
+"""The launch file without `ros2 launch` (not installable here): it is installed, imports only
+what a ROS install has, and — run against minimal stand-ins for launch/launch_ros — starts the
+three installed executables in /ttspec with the installed config and the launch arguments."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import REPO, VENV_PREFIX, installed_executable
+
+from ttspec_ros import params, topics
+
+LAUNCH = REPO / "launch" / "ttspec.launch.py"
+CONFIG = REPO / "config" / "ttspec.yaml"
+SHARE = VENV_PREFIX / "share" / topics.PACKAGE
+
+
+def test_launch_and_config_are_installed_unchanged():
+    for src, rel in ((LAUNCH, "launch/ttspec.launch.py"), (CONFIG, "config/ttspec.yaml")):
+        installed = SHARE / rel
+        assert installed.is_file(), f"{installed} missing: run `make env`"
+        assert installed.read_bytes() == src.read_bytes(), f"{installed} is stale: `make env`"
+
+
+def test_launch_file_imports_only_ros_launch_modules():
+    tree = ast.parse(LAUNCH.read_text())
+    modules = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    modules |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}
+    assert modules <= {"__future__", "os", "launch", "launch_ros", "ament_index_python",
+                       "ttspec_ros"}
+
+
+# -- minimal stand-ins recording what the launch file asks for -------------------------------
+class _Action:
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+class _LaunchConfiguration:
+    def __init__(self, name, default=None):
+        self.name = name
+
+    def perform(self, context):
+        return context.launch_configurations[self.name]
+
+
+def _load_launch_file(monkeypatch) -> types.ModuleType:
+    launch = types.ModuleType("launch")
+    launch.LaunchDescription = lambda entities: list(entities)
+    actions = types.ModuleType("launch.actions")
+    actions.DeclareLaunchArgument = type("DeclareLaunchArgument", (_Action,), {})
+    actions.OpaqueFunction = type("OpaqueFunction", (_Action,), {})
+    substitutions = types.ModuleType("launch.substitutions")
+    substitutions.LaunchConfiguration = _LaunchConfiguration
+    launch_ros = types.ModuleType("launch_ros")
+    ros_actions = types.ModuleType("launch_ros.actions")
+    ros_actions.Node = type("Node", (_Action,), {})
+    for name, mod in {"launch": launch, "launch.actions": actions,
+                      "launch.substitutions": substitutions, "launch_ros": launch_ros,
+                      "launch_ros.actions": ros_actions}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(VENV_PREFIX))
+    spec = importlib.util.spec_from_file_location("ttspec_launch", SHARE / "launch" /
+                                                  "ttspec.launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _launch(monkeypatch, **arguments) -> tuple[list, dict]:
+    entities = _load_launch_file(monkeypatch).generate_launch_description()
+    declared = {e.args[0] if e.args else e.kwargs["name"]: e.kwargs["default_value"]
+                for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
+    unknown = set(arguments) - set(declared)
+    assert not unknown, f"not launch arguments: {unknown}"
+    context = types.SimpleNamespace(launch_configurations={**declared, **arguments})
+    opaque = [e for e in entities if type(e).__name__ == "OpaqueFunction"]
+    nodes = [n for o in opaque for n in o.kwargs["function"](context)]
+    return nodes, declared
+
+
+def test_launch_arguments_for_camera_topic_model_threshold(monkeypatch):
+    _, declared = _launch(monkeypatch)
+    assert {"camera_topic", "model", "threshold"} <= set(declared)
+
+
+def test_default_launch_starts_installed_nodes_with_installed_config(monkeypatch):
+    nodes, _ = _launch(monkeypatch)
+    assert [n.kwargs["name"] for n in nodes] == [topics.CAMERA_NODE, topics.CLASSIFIER_NODE,
+                                                  topics.ADAPTER_NODE]
+    for node in nodes:
+        kw = node.kwargs
+        assert kw["package"] == topics.PACKAGE and kw["namespace"] == topics.NAMESPACE
+        assert installed_executable(kw["executable"]).is_file()
+        assert kw["executable"] == topics.EXECUTABLES[kw["name"]]
+        params_file, overrides = kw["parameters"]
+        assert Path(params_file) == SHARE / "config" / "ttspec.yaml"
+        assert Path(params_file).is_file()
+        assert overrides == {}  # nothing given: the config decides
+
+
+def test_launch_arguments_become_overrides_and_remaps(monkeypatch):
+    nodes, _ = _launch(monkeypatch, camera_topic="/cam/color/image_raw", model="/m/demo",
+                       threshold="0.75", state_dir="/var/lib/ttspec")
+    by_name = {n.kwargs["name"]: n.kwargs for n in nodes}
+    camera = by_name[topics.CAMERA_NODE]
+    assert dict(camera["remappings"]) == {
+        topics.IMAGE_RAW: "/cam/color/image_raw",
+        topics.IMAGE_RAW_COMPRESSED: "/cam/color/image_raw/compressed"}
+    assert by_name[topics.CLASSIFIER_NODE]["parameters"][1] == {"model": "/m/demo",
+                                                                "threshold": 0.75}
+    assert by_name[topics.ADAPTER_NODE]["parameters"][1] == {"model": "/m/demo",
+                                                             "state_dir": "/var/lib/ttspec"}
+    for name, kw in by_name.items():
+        overrides = kw["parameters"][1]
+        assert params.check_params(name, overrides) is None
+
+
+def test_bad_threshold_argument_fails_loudly(monkeypatch):
+    with pytest.raises(ValueError):
+        _launch(monkeypatch, threshold="high")

@@ -1,0 +1,128 @@
+"""Parameter specs (plain data), their validation, the descriptors built from them, and the
+agreement of config/ttspec.yaml, CMakeLists.txt and the nodes' helpers with them."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import yaml
+from conftest import REPO
+
+from ttspec_ros import params, topics
+
+CLASSIFIER_OK = {"model": "", "threshold": -1.0, "thresholds": [0.5, 0.6, 0.7], "max_exit": -1,
+                 "publish_samples": True, "num_threads": 1}
+
+
+def _config_params() -> dict:
+    doc = yaml.safe_load((REPO / "config" / "ttspec.yaml").read_text())
+    assert list(doc) == ["/**"], "one /** section (see the file's comment)"
+    return doc["/**"]["ros__parameters"]
+
+
+def test_every_default_is_valid_and_described():
+    for node, specs in params.NODE_PARAMS.items():
+        assert len({s.name for s in specs}) == len(specs), node
+        for s in specs:
+            assert s.description, (node, s.name)
+            if s.default is not params.FROM_MODEL_CARD:
+                assert params.check_value(s, s.default) is None, (node, s.name)
+
+
+def test_config_yaml_equals_the_defaults():
+    config = _config_params()
+    for name, value in config.items():
+        owners = [n for n, specs in params.NODE_PARAMS.items()
+                  if any(s.name == name for s in specs)]
+        assert owners, f"config sets {name!r}, which no node declares"
+        for node in owners:
+            assert value == params.spec(node, name).default, (node, name)
+            assert type(value) is type(params.spec(node, name).default), (node, name)
+    for node in params.NODE_PARAMS:
+        missing = set(params.defaults(node)) - set(config)
+        assert not missing, f"{node} parameters missing from config/ttspec.yaml: {missing}"
+
+
+def test_issue_defaults_of_the_adapter():
+    assert params.defaults(topics.ADAPTER_NODE) == {
+        "model": "", "enabled": True, "learning_rate": 1e-4, "momentum": 0.0, "batch_size": 1,
+        "min_confidence": 0.0, "publish_period_s": 1.0, "state_dir": "", "save_period_s": 10.0}
+
+
+@pytest.mark.parametrize(("node", "name", "value", "words"), [
+    ("classifier", "threshold", 1.5, "outside"),
+    ("classifier", "threshold", "0.5", "must be double"),
+    ("classifier", "threshold", 1, "must be double"),
+    ("classifier", "threshold", math.nan, "finite"),
+    ("classifier", "thresholds", [0.5, 2.0, 0.5], "outside"),
+    ("classifier", "thresholds", [0.5, 1, 0.5], "list of doubles"),
+    ("classifier", "max_exit", -2, "outside"),
+    ("classifier", "max_exit", True, "must be int"),
+    ("classifier", "num_threads", 0, "outside"),
+    ("classifier", "publish_samples", 1, "must be bool"),
+    ("camera", "transport", "theora", "one of"),
+    ("camera", "max_rate_hz", -1.0, "outside"),
+    ("adapter", "batch_size", 0, "outside"),
+    ("adapter", "momentum", 1.0, "outside"),
+])
+def test_bad_values_are_refused_with_a_reason(node, name, value, words):
+    reason = params.check_value(params.spec(node, name), value)
+    assert reason is not None and words in reason and name in reason
+
+
+def test_unknown_parameter_is_refused():
+    assert "no parameter" in params.check_params("camera", {"threshold": 0.5})
+
+
+def test_classifier_consistency():
+    ok = dict(CLASSIFIER_OK)
+    assert params.check_classifier(ok, 4) is None
+    assert "needs 3 values" in params.check_classifier({**ok, "thresholds": [0.5]}, 4)
+    assert "at most 3" in params.check_classifier({**ok, "max_exit": 4}, 4)
+    assert params.check_classifier({**ok, "max_exit": 3}, 4) is None
+    assert "-1 or in [0, 1]" in params.check_classifier({**ok, "threshold": -0.5}, 4)
+    both = {**ok, "threshold": 0.8}
+    assert "no effect" in params.check_classifier(both, 4, changed=["thresholds"])
+    assert params.check_classifier({**ok, "threshold": -1.0}, 4,
+                                   changed=["thresholds", "threshold"]) is None
+
+
+def test_adapter_learning_rate_must_be_positive():
+    assert "> 0" in params.check_adapter({"learning_rate": 0.0})
+    assert params.check_adapter({"learning_rate": 0.01}) is None
+
+
+def test_effective_thresholds_and_rate():
+    assert params.effective_thresholds(-1.0, [0.2, 0.3]) == [0.2, 0.3]
+    assert params.effective_thresholds(0.9, [0.2, 0.3]) == [0.9, 0.9]
+    assert params.min_period_s(0.0) == 0.0 and params.min_period_s(20.0) == pytest.approx(0.05)
+
+
+def test_descriptors_carry_type_range_and_description():
+    from rcl_interfaces.msg import ParameterType
+
+    from ttspec_ros.nodes import descriptor
+
+    d = descriptor(params.spec("classifier", "threshold"))
+    assert d.type == ParameterType.PARAMETER_DOUBLE and d.description
+    assert (d.floating_point_range[0].from_value, d.floating_point_range[0].to_value) == (-1, 1)
+    d = descriptor(params.spec("classifier", "num_threads"))
+    assert (d.integer_range[0].from_value, d.integer_range[0].to_value) == (1, 64)
+    d = descriptor(params.spec("classifier", "thresholds"))
+    assert d.type == ParameterType.PARAMETER_DOUBLE_ARRAY and "each in [0.0, 1.0]" in \
+        d.additional_constraints
+    assert descriptor(params.spec("adapter", "model")).read_only
+    assert "compressed" in descriptor(params.spec("camera", "transport")).description
+
+
+def test_names_agree_with_cmake_and_checkpoint():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    pairs = dict(re.findall(r"(\w+_node):(\w+)", cmake))
+    assert pairs == {exe: node for node, exe in topics.EXECUTABLES.items()}
+    from ttspec_ros.models.checkpoint import DEMO_STEM
+    from ttspec_ros.nodes import DEMO_STEM as NODES_DEMO_STEM
+    assert NODES_DEMO_STEM == DEMO_STEM
+    names = [t.name for t in topics.TOPICS]
+    assert len(names) == len(set(names))
