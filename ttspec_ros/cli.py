@@ -11,6 +11,8 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
+    "make-corrupted": "ttspec_ros.experiments.make_corrupted",
+    "ttt-experiment": "ttspec_ros.experiments.ttt_experiment",
     "bench-update": "ttspec_ros.experiments.bench_update",
     "specialize-experiment": "ttspec_ros.experiments.specialize_experiment",
     "forgetting-experiment": "ttspec_ros.experiments.forgetting_experiment",

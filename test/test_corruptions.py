@@ -1,0 +1,99 @@
+"""Fashion-MNIST-C corruptions and the make-corrupted command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ttspec_ros import corruptions, data
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.array(data.load_fashion_mnist("test")[0][:64])
+
+
+@pytest.mark.parametrize("name", list(corruptions.CORRUPTIONS))
+def test_shape_dtype_determinism_and_severity_order(images, name):
+    distances = []
+    for s in corruptions.SEVERITIES:
+        a = corruptions.corrupt_images(images, name, s, seed=3, source="test")
+        b = corruptions.corrupt_images(images, name, s, seed=3, source="test")
+        assert a.dtype == np.uint8 and a.shape == images.shape
+        np.testing.assert_array_equal(a, b)
+        distances.append(np.abs(a.astype(float) - images).mean())
+    # every severity changes the images, and more so as the severity rises
+    assert distances[0] > 0.5
+    assert all(d1 < d2 for d1, d2 in zip(distances, distances[1:], strict=False)), distances
+
+
+def test_subset_gets_the_same_corruption_as_the_full_set(images):
+    full = corruptions.corrupt_images(images[:8], "gaussian_noise", 2, seed=0, source="pool",
+                                      indices=np.arange(10, 18))
+    part = corruptions.corrupt_images(images[3:5], "gaussian_noise", 2, seed=0, source="pool",
+                                      indices=np.array([13, 14]))
+    np.testing.assert_array_equal(full[3:5], part)
+    other_seed = corruptions.corrupt_images(images[3:5], "gaussian_noise", 2, seed=1,
+                                            source="pool", indices=np.array([13, 14]))
+    assert not np.array_equal(part, other_seed)
+
+
+def test_contrast_scales_deviation_from_the_mean(images):
+    x = images[0]
+    y = corruptions.corrupt(x, "contrast", 5, np.random.default_rng(0))
+    c = corruptions.SEVERITY_PARAMS["contrast"][4]
+    assert abs(y.std() - c * x.std()) < 1.0
+    assert abs(y.mean() - x.mean()) < 1.0
+
+
+def test_motion_kernel_is_a_normalised_one_sided_streak():
+    k = corruptions.motion_blur_kernel(2.0, 0.0)
+    assert k.sum() == pytest.approx(1.0, abs=1e-6)
+    centre = k.shape[0] // 2
+    row = k[centre]
+    assert np.count_nonzero(k) == np.count_nonzero(row)  # angle 0: a horizontal line
+    assert row[:centre].sum() == 0 and row[centre] == row.max()  # starts at the centre
+
+
+def test_works_on_colour_and_other_sizes():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    for name in corruptions.CORRUPTIONS:
+        assert corruptions.corrupt(x, name, 3, np.random.default_rng(1)).shape == x.shape
+
+
+def test_bad_input_is_rejected(images):
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corruptions.corrupt(images[0], "fog", 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="severity"):
+        corruptions.corrupt(images[0], "contrast", 6, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="uint8"):
+        corruptions.corrupt(images[0].astype(np.float32), "contrast", 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="one index per image"):
+        corruptions.corrupt_images(images, "contrast", 1, seed=0, source="test",
+                                   indices=np.arange(3))
+
+
+def test_make_corrupted_tiny(tmp_path):
+    from ttspec_ros.cli import main
+
+    assert main(["make-corrupted", "--out", str(tmp_path), "--test-images", "6",
+                 "--pool-images", "4", "--split-seed", "0"]) == 0
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["seed"] == 0 and index["split_seed"] == 0
+    assert index["sources"]["test"]["count"] == 6 and index["sources"]["pool"]["count"] == 4
+    assert index["parameter_mapping"]["params"] == corruptions.SEVERITY_PARAMS
+    assert len(index["files"]) == 2 * (1 + len(corruptions.CORRUPTIONS))
+    with np.load(tmp_path / "pool_motion_blur.npz") as f:
+        stack, indices, labels = f["images"], f["indices"], f["labels"]
+    assert stack.shape == (5, 4, 28, 28) and stack.dtype == np.uint8
+    pool = data.splits(0).pool[:4]
+    np.testing.assert_array_equal(indices, pool)
+    train_images, train_labels = data.load_fashion_mnist("train")
+    np.testing.assert_array_equal(labels, train_labels[pool])
+    expected = corruptions.corrupt_images(train_images[pool], "motion_blur", 3, seed=0,
+                                          source="pool", indices=pool)
+    np.testing.assert_array_equal(stack[2], expected)
+    assert (tmp_path / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,187 @@
+"""Test-time training engine on a tiny random RevCol (+ the experiment on tiny settings)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from ttspec_ros.model_update import ModelUpdatePayload
+from ttspec_ros.models.revcol import RevCol
+from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, select_parameters
+
+torch.set_num_threads(1)
+
+
+def tiny_model(seed: int = 0) -> RevCol:
+    torch.manual_seed(seed)
+    model = RevCol((8, 16, 24, 32), (1, 1, 1, 1), 4, 10, in_chans=1)
+    # Random init has gamma = 1e-6 (blocks ~ identity) and near-zero decoder outputs; larger
+    # values let the encoder's changes show in the predictions and the reconstruction.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.5)
+            elif name.startswith("decoder_blocks") and p.ndim > 1:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def image(seed: int = 1) -> torch.Tensor:
+    return torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def state(model: RevCol) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_parameter_selection():
+    m = tiny_model()
+    norm = select_parameters(m, "norm", 1, "mae")
+    assert norm and all(".norm." in n or "stem.1" in n or "down.1" in n
+                        or "channel_reschedule.1" in n for n in norm)
+    # the decoders read columns 0..2 only; heads and decoders never adapt
+    assert not any(n.startswith(("subnet3", "cls_blocks", "decoder_blocks")) for n in norm)
+    cols = select_parameters(m, "columns", 2, "mae")
+    assert {n.split(".")[0] for n in cols} == {"stem", "subnet0", "subnet1"}
+    enc = select_parameters(m, "encoder", 1, "mae")
+    assert {n.split(".")[0] for n in enc} == {"stem", "subnet0", "subnet1", "subnet2"}
+    assert "subnet3.alpha0" in select_parameters(m, "encoder", 1, "entropy")
+    with pytest.raises(ValueError, match="reaches only"):
+        select_parameters(m, "columns", 4, "mae")
+    assert set(enc) <= set(m.state_dict())
+
+
+def test_config_rejects_bad_values():
+    for bad in (dict(mode="sometimes"), dict(update="heads"), dict(lr=0.0), dict(batch=0),
+                dict(mask_ratio=1.0), dict(optimizer="lbfgs")):
+        with pytest.raises(ValueError):
+            TTTConfig(**bad)
+
+
+def test_online_changes_only_selected_and_keeps_them():
+    m = tiny_model()
+    before = state(m)
+    t = TestTimeTrainer(m, TTTConfig(mode="online", update="norm", lr=0.05, batch=4))
+    t.adapt_and_predict(image())
+    t.adapt_and_predict(image(2))
+    after = state(m)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= set(t.parameter_names)
+    assert t.version == 2
+
+
+def test_episodic_resets_and_differs_from_baseline():
+    m = tiny_model()
+    before = state(m)
+    baseline = copy.deepcopy(m).forward_exits(image()[None])
+    t = TestTimeTrainer(m, TTTConfig(mode="episodic", update="encoder", optimizer="adamw",
+                                     lr=1e-2, steps=3, batch=4))
+    adapted = t.adapt_and_predict(image())
+    assert not torch.allclose(adapted[-1], baseline[-1])
+    after = state(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_adaptation_lowers_the_reconstruction_loss():
+    m = tiny_model()
+    cfg = TTTConfig(mode="online", update="encoder", optimizer="adamw", lr=1e-2, batch=8, seed=5)
+    t = TestTimeTrainer(m, cfg)
+    x = image()
+
+    def fixed_mask_loss() -> float:
+        t._generator.manual_seed(123)  # same masks before and after
+        with torch.no_grad():
+            return float(t.loss(x))
+
+    start = fixed_mask_loss()
+    for _ in range(15):
+        t.adapt(x)
+    assert fixed_mask_loss() < 0.9 * start
+
+
+def test_tent_lowers_entropy():
+    m = tiny_model()
+    x = image()
+    t = TestTimeTrainer(m, TTTConfig(mode="online", objective="entropy", batch=1, lr=0.05))
+    with torch.no_grad():
+        start = float(t.loss(x))
+    for _ in range(10):
+        t.adapt(x)
+    with torch.no_grad():
+        assert float(t.loss(x)) < start
+
+
+def test_export_update_names_and_values():
+    m = tiny_model()
+    t = TestTimeTrainer(m, TTTConfig(update="columns", columns=1, lr=0.05), model_id="tiny")
+    assert t.export_tensors(changed_only=True) == {}
+    t.adapt(image())
+    payload = t.export_update()
+    assert isinstance(payload, ModelUpdatePayload)
+    assert payload.model_id == "tiny" and payload.version == 1
+    sd = m.state_dict()
+    assert set(payload.tensors) == set(t.parameter_names)
+    for name, value in payload.tensors.items():
+        np.testing.assert_array_equal(value, sd[name].numpy())
+    t.reset()
+    assert t.export_tensors(changed_only=True) == {}
+
+
+def test_export_is_a_consistent_snapshot_while_adapting():
+    m = tiny_model()
+    t = TestTimeTrainer(m, TTTConfig(update="encoder", lr=0.01, batch=2))
+    snapshots = [t.export_tensors()]
+    done = threading.Event()
+
+    def adapter() -> None:
+        for i in range(15):
+            t.adapt(image(i))
+            snapshots.append(t.export_tensors())  # only this thread changes the parameters
+        done.set()
+
+    thread = threading.Thread(target=adapter)
+    thread.start()
+    exported = []
+    while not done.is_set():
+        exported.append(t.export_tensors())
+    thread.join()
+    assert len(exported) > 1
+    for e in exported:
+        assert any(all(torch.equal(e[k], s[k]) for k in e) for s in snapshots)
+
+
+def test_experiment_tiny_run(tmp_path):
+    from ttspec_ros.experiments.ttt_experiment import Options, run_experiment
+
+    spec = {"channels": 1, "size": 32, "content_size": 28, "mean": [0.29], "std": [0.35]}
+    opts = Options(images=4, clean_images=5, stream=4, eval_every=2, batches=(2,),
+                   corruptions=("gaussian_noise", "zoom_blur"), severity_corruptions=("contrast",),
+                   episodic=TTTConfig(mode="episodic", lr=0.1, steps=1, batch=2),
+                   online=TTTConfig(mode="online", lr=0.01, batch=2),
+                   tent_episodic=TTTConfig(mode="episodic", lr=0.01, batch=1, objective="entropy"),
+                   cost_images=2)
+    run_experiment(tiny_model(), spec, opts, tmp_path, {"model_id": "tiny"})
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["severity"] == 5 and table["images_per_corruption"] == 4 and table["seed"] == 0
+    assert [r["corruption"] for r in table["rows"]] == list(opts.corruptions)
+    for row in table["rows"]:
+        for key in ("baseline", "standard_b2", "online", "tent_online", "tent_episodic"):
+            assert 0.0 <= row[key] <= 1.0
+    assert 0.0 <= table["clean"]["baseline"] <= 1.0 and 0.0 <= table["clean"]["online"] <= 1.0
+    online = json.loads((tmp_path / "online.json").read_text())
+    curve = online["single"]["gaussian_noise"]["curves"]["gaussian_noise"]
+    assert [p["images"] for p in curve] == [0, 2, 4]
+    assert set(online["blur_consecutive"]["final"]) == {"motion_blur", "zoom_blur"}
+    assert set(online["severity"]["contrast"]) == {"gradual", "shuffled"}
+    harm = json.loads((tmp_path / "harm.json").read_text())
+    assert harm["images"] == 5
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["modes"]["episodic_b2"]["seconds_per_image"] > 0
+    for png in ("table.png", "online_curves.png", "blur_order.png", "severity_order.png",
+                "harm.png"):
+        assert (tmp_path / png).stat().st_size > 1000

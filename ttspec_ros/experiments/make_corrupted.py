@@ -1,0 +1,162 @@
+"""Build Fashion-MNIST-C (5 corruptions x severities 1-5) from the test split and deployment pool.
+
+Writes, under ``--out``: ``{source}_{corruption}.npz`` (uint8 ``images`` (severities, N, 28, 28),
+``labels``, ``indices`` into the source split, ``severities``), ``{source}_clean.npz``,
+``index.json`` (seeds, counts, files with sha256, the corruption parameter mapping) and
+``contact_sheet.png`` (corruption x severity). Sources: ``test`` = the first N images of the
+10k test split, ``pool`` = the first N of the deployment pool (``data.splits(split_seed).pool``,
+indices into the training split). Every image is seeded by (seed, source, corruption, severity,
+index), so the same image gets the same corruption in any subset (``corruptions.image_rng``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ttspec_ros import corruptions, data
+from ttspec_ros.model_update import atomic_write_bytes
+
+SOURCES = ("test", "pool")
+DEFAULT_SPLIT_SEED = 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--test-images", type=int, default=2000,
+                        help="first N images of the test split (0 = all 10000)")
+    parser.add_argument("--pool-images", type=int, default=2000,
+                        help="first N images of the deployment pool (0 = all)")
+    parser.add_argument("--seed", type=int, default=0, help="corruption seed")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="seed of data.splits (default: the demo model card's, else "
+                             f"{DEFAULT_SPLIT_SEED})")
+    parser.add_argument("--corruptions", nargs="+", default=list(corruptions.CORRUPTIONS),
+                        choices=list(corruptions.CORRUPTIONS))
+
+
+def split_seed_of(card) -> int:
+    """The data.splits seed a model card records (``training.splits.seed``, as written by
+    ``data.splits_card``). Guessing would risk streaming images the model was trained on."""
+    splits = card.training.get("splits") if isinstance(card.training, dict) else None
+    if not isinstance(splits, dict) or "seed" not in splits:
+        raise ValueError(f"model card {card.model_id!r} does not record training.splits.seed; "
+                         "pass --split-seed")
+    return int(splits["seed"])
+
+
+def default_split_seed() -> int:
+    """The split seed the bundled demo model was trained with (its pool was never trained on)."""
+    from ttspec_ros.models.checkpoint import CARD_SUFFIX, DEMO_STEM, read_card
+
+    card_path = DEMO_STEM.with_suffix(CARD_SUFFIX)
+    return split_seed_of(read_card(card_path)) if card_path.exists() else DEFAULT_SPLIT_SEED
+
+
+def source_images(source: str, count: int, split_seed: int) -> tuple[np.ndarray, np.ndarray,
+                                                                    np.ndarray]:
+    """(images, labels, indices into the source's Fashion-MNIST split) of the first ``count``
+    images of ``source`` ("test" or "pool"; count 0 = all)."""
+    if source == "test":
+        images, labels = data.load_fashion_mnist("test")
+        indices = np.arange(len(images))
+    elif source == "pool":
+        images, labels = data.load_fashion_mnist("train")
+        indices = data.splits(split_seed).pool
+    else:
+        raise ValueError(f"unknown source {source!r}; use one of {SOURCES}")
+    if count < 0 or count > len(indices):
+        raise ValueError(f"{source} has {len(indices)} images, asked for {count}")
+    indices = indices[:count] if count else indices
+    return images[indices], labels[indices], indices
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def contact_sheet(images: np.ndarray, names: list[str], seed: int, path: Path) -> None:
+    """Rows = corruptions, columns = clean + severities; each cell shows the same few images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = np.arange(len(images))
+    cols = ["clean"] + [f"severity {s}" for s in corruptions.SEVERITIES]
+    size = (2.0 * len(cols), 0.9 * len(names) + 0.6)
+    fig, axes = plt.subplots(len(names), len(cols), figsize=size, squeeze=False)
+    for r, name in enumerate(names):
+        for c, title in enumerate(cols):
+            cell = images if c == 0 else corruptions.corrupt_images(
+                images, name, c, seed=seed, source="test", indices=idx)
+            ax = axes[r][c]
+            ax.imshow(np.concatenate(list(cell), axis=1), cmap="gray", vmin=0, vmax=255,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> int:
+    split_seed = default_split_seed() if args.split_seed is None else args.split_seed
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    files, sources = [], {}
+    for source, count in (("test", args.test_images), ("pool", args.pool_images)):
+        images, labels, indices = source_images(source, count, split_seed)
+        sources[source] = {"count": int(len(images)), "indices_sha256": data.index_hash(indices),
+                           "split": "test" if source == "test" else "train"}
+        variants = {"clean": images[None]}
+        for name in args.corruptions:
+            variants[name] = np.stack([
+                corruptions.corrupt_images(images, name, s, seed=args.seed, source=source,
+                                           indices=indices)
+                for s in corruptions.SEVERITIES
+            ])
+        for name, stack in variants.items():
+            severities = [0] if name == "clean" else list(corruptions.SEVERITIES)
+            blob = _npz_bytes(images=stack, labels=labels, indices=indices,
+                              severities=np.asarray(severities, dtype=np.int64))
+            path = atomic_write_bytes(out / f"{source}_{name}.npz", blob)
+            files.append({"file": path.name, "source": source, "corruption": name,
+                          "severities": severities, "shape": list(stack.shape),
+                          "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})
+            print(f"{path.name}: {list(stack.shape)} {len(blob) / 1e6:.1f} MB", flush=True)
+    test_images, _ = data.load_fashion_mnist("test")
+    contact_sheet(test_images[:3], list(args.corruptions), args.seed, out / "contact_sheet.png")
+    index = {
+        "dataset": "Fashion-MNIST-C (ttspec_ros)",
+        "seed": args.seed,
+        "split_seed": split_seed,
+        "sources": sources,
+        "corruptions": list(args.corruptions),
+        "severities": list(corruptions.SEVERITIES),
+        "image_seeding": "numpy default_rng([seed, crc32(source), crc32(corruption), severity, "
+                         "index]) per image (ttspec_ros.corruptions.image_rng)",
+        "parameter_mapping": corruptions.parameter_mapping(),
+        "files": files,
+        "contact_sheet": "contact_sheet.png",
+        "data_source": "Fashion-MNIST idx files of Debian dataset-fashion-mnist",
+        "seconds": round(time.time() - started, 1),
+    }
+    atomic_write_bytes(out / "index.json", (json.dumps(index, indent=2) + "\n").encode())
+    print(f"wrote {len(files)} files, index.json and contact_sheet.png to {out}")
+    return 0

@@ -1,0 +1,555 @@
+"""Test-time training under corruption: episodic/online TTT and Tent vs baseline (issue 7 part 4).
+
+Parts (``--parts``, default all):
+  a. severity-``--severity`` table, five corruptions: baseline, episodic TTT with each
+     ``--batches`` size, online TTT (held-out accuracy after a stream), Tent (online, episodic);
+     last-exit accuracy, cascade accuracy and mean exit at ``--threshold`` -> ``table.json``.
+  b. online streams from the deployment pool (held-out evaluation every ``--eval-every``
+     images): each corruption alone, blur types shuffled / consecutive, severities gradual
+     1->5 / shuffled -> ``online.json``.
+  c. harm check: online pass over a clean stream, clean held-out accuracy before/after ->
+     ``harm.json``.
+  d. cost: seconds per adapted image for every mode -> ``cost.json``.
+Plots: ``table.png``, ``online_curves.png``, ``blur_order.png``, ``severity_order.png``,
+``harm.png``.
+
+Held-out evaluation images are the first ``--images`` test images (corrupted as
+``make-corrupted`` corrupts them: same seed, same per-image generators); streams are the first
+``--stream`` images of a seeded permutation of the deployment pool (never trained on). The
+same held-out images are used for the baseline, episodic TTT and the online evaluations, so
+gains are paired. Hyper-parameters were chosen on deployment-pool images, not on these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ttspec_ros import corruptions, data
+from ttspec_ros.experiments.make_corrupted import split_seed_of
+from ttspec_ros.model_update import atomic_write_bytes
+from ttspec_ros.models.revcol import RevCol
+from ttspec_ros.preprocess import preprocess_batch
+from ttspec_ros.ttt import TestTimeTrainer, TTTConfig
+
+PARTS = ("a", "b", "c", "d")
+EVAL_BATCH = 250
+ALL_CORRUPTIONS = tuple(corruptions.CORRUPTIONS)
+
+
+@dataclass
+class Options:
+    """Everything that decides the experiment's numbers (written into every JSON)."""
+
+    seed: int = 0
+    corruption_seed: int = 0
+    split_seed: int = 0
+    severity: int = 5
+    images: int = 200  # held-out test images per corruption (table and online evaluation)
+    clean_images: int = 1000  # clean held-out images for the harm check
+    stream: int = 1000  # deployment-pool images per online stream
+    eval_every: int = 100
+    threshold: float = 0.9
+    batches: tuple[int, ...] = (8, 32)
+    corruptions: tuple[str, ...] = ALL_CORRUPTIONS
+    severity_corruptions: tuple[str, ...] = ALL_CORRUPTIONS
+    episodic: TTTConfig = field(default_factory=lambda: TTTConfig(
+        mode="episodic", update="norm", optimizer="sgd", lr=0.1, steps=5, batch=8))
+    online: TTTConfig = field(default_factory=lambda: TTTConfig(
+        mode="online", update="norm", optimizer="sgd", lr=1e-2, steps=1, batch=8))
+    tent_online: TTTConfig = field(default_factory=lambda: TTTConfig(
+        mode="online", update="norm", optimizer="sgd", lr=1e-3, steps=1, batch=1,
+        objective="entropy"))
+    tent_episodic: TTTConfig = field(default_factory=lambda: TTTConfig(
+        mode="episodic", update="norm", optimizer="sgd", lr=1e-2, steps=5, batch=1,
+        objective="entropy"))
+    parts: tuple[str, ...] = PARTS
+    cost_images: int = 20  # images timed per mode in part d
+
+    def to_dict(self) -> dict:
+        out = {}
+        for k, v in self.__dict__.items():
+            out[k] = v.to_dict() if isinstance(v, TTTConfig) else (
+                list(v) if isinstance(v, tuple) else v)
+        return out
+
+
+# -- data ----------------------------------------------------------------------------------
+class DataSource:
+    """Preprocessed clean/corrupted images of the test split and the deployment pool, cached."""
+
+    def __init__(self, input_spec: dict, opts: Options) -> None:
+        self.spec = input_spec
+        self.opts = opts
+        test_images, test_labels = data.load_fashion_mnist("test")
+        n = max(opts.images, opts.clean_images)
+        if n > len(test_images):
+            raise ValueError(f"asked for {n} test images, the test split has {len(test_images)}")
+        self.test_raw, self.test_labels = test_images[:n], test_labels[:n]
+        train_images, train_labels = data.load_fashion_mnist("train")
+        pool = data.splits(opts.split_seed).pool
+        if opts.stream > len(pool):
+            raise ValueError(f"--stream {opts.stream} exceeds the pool's {len(pool)} images")
+        order = np.random.default_rng(opts.seed).permutation(pool)[: opts.stream]
+        self.pool_indices = order
+        self.pool_raw, self.pool_labels = train_images[order], train_labels[order]
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def test(self, name: str, severity: int, count: int) -> tuple[torch.Tensor, np.ndarray]:
+        key = ("test", name, severity, count)
+        if key not in self._cache:
+            raw = self.test_raw[:count]
+            if name != "clean":
+                raw = corruptions.corrupt_images(raw, name, severity,
+                                                 seed=self.opts.corruption_seed, source="test",
+                                                 indices=np.arange(count))
+            self._cache[key] = torch.from_numpy(preprocess_batch(raw, self.spec))
+        return self._cache[key], self.test_labels[:count]
+
+    def stream(self, names: Sequence[str], severities: Sequence[int]) -> torch.Tensor:
+        """The pool stream with image i corrupted by names[i] at severities[i] ("clean" = none)."""
+        raw = self.pool_raw.copy()
+        for i, (name, sev) in enumerate(zip(names, severities, strict=True)):
+            if name != "clean":
+                rng = corruptions.image_rng(self.opts.corruption_seed, "pool", name, sev,
+                                            int(self.pool_indices[i]))
+                raw[i] = corruptions.corrupt(raw[i], name, sev, rng)
+        return torch.from_numpy(preprocess_batch(raw, self.spec))
+
+
+# -- metrics -------------------------------------------------------------------------------
+def cascade_decisions(logits: Sequence[torch.Tensor], threshold: float) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+    """(class, exit index) per image: the first exit whose top softmax >= threshold, else the
+    last exit (the cascade's rule with one threshold for every early exit)."""
+    probs = [lg.softmax(dim=1) for lg in logits]
+    n = probs[0].shape[0]
+    pred = probs[-1].argmax(1).numpy().copy()
+    exit_index = np.full(n, len(probs) - 1)
+    decided = np.zeros(n, dtype=bool)
+    for i, p in enumerate(probs[:-1]):
+        conf, cls = p.max(1)
+        take = (conf.numpy() >= threshold) & ~decided
+        pred[take] = cls.numpy()[take]
+        exit_index[take] = i
+        decided |= take
+    return pred, exit_index
+
+
+def metrics(logits: Sequence[torch.Tensor], labels: np.ndarray, threshold: float) -> dict:
+    pred, exits = cascade_decisions(logits, threshold)
+    return {
+        "last_exit": float((logits[-1].argmax(1).numpy() == labels).mean()),
+        "cascade": float((pred == labels).mean()),
+        "mean_exit": float(exits.mean()),
+    }
+
+
+def predict_all(trainer_or_model, images: torch.Tensor) -> list[torch.Tensor]:
+    chunks = []
+    for start in range(0, len(images), EVAL_BATCH):
+        batch = images[start : start + EVAL_BATCH]
+        if isinstance(trainer_or_model, TestTimeTrainer):
+            chunks.append(trainer_or_model.predict(batch))
+        else:
+            with torch.no_grad():
+                chunks.append(trainer_or_model.forward_exits(batch))
+    return [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+# -- runs ----------------------------------------------------------------------------------
+def episodic_run(model: RevCol, cfg: TTTConfig, images: torch.Tensor, labels: np.ndarray,
+                 threshold: float) -> dict:
+    trainer = TestTimeTrainer(copy.deepcopy(model), cfg)
+    logits: list[list[torch.Tensor]] = []
+    start = time.perf_counter()
+    for x in images:
+        logits.append(trainer.adapt_and_predict(x))
+    seconds = time.perf_counter() - start
+    stacked = [torch.cat([lg[i] for lg in logits]) for i in range(len(logits[0]))]
+    return {**metrics(stacked, labels, threshold), "seconds_per_image": seconds / len(images)}
+
+
+def online_run(model: RevCol, cfg: TTTConfig, stream: torch.Tensor, stream_labels: np.ndarray,
+               heldout: dict[str, tuple[torch.Tensor, np.ndarray]], eval_every: int,
+               threshold: float) -> dict:
+    """Adapt on every stream image (predict it after its step: prequential accuracy), evaluate
+    every held-out set before the stream and every ``eval_every`` images."""
+    trainer = TestTimeTrainer(copy.deepcopy(model), cfg)
+    curves: dict[str, list[dict]] = {k: [] for k in heldout}
+
+    def evaluate(seen: int) -> None:
+        for key, (x, y) in heldout.items():
+            curves[key].append({"images": seen, **metrics(predict_all(trainer, x), y, threshold)})
+
+    evaluate(0)
+    correct = np.zeros(len(stream), dtype=bool)
+    adapt_seconds = 0.0
+    for i, x in enumerate(stream):
+        start = time.perf_counter()
+        trainer.adapt(x)
+        adapt_seconds += time.perf_counter() - start
+        correct[i] = int(trainer.predict(x)[-1].argmax(1)) == stream_labels[i]
+        if (i + 1) % eval_every == 0 or i + 1 == len(stream):
+            if curves[next(iter(curves))][-1]["images"] != i + 1:
+                evaluate(i + 1)
+    blocks = [float(b.mean()) for b in np.array_split(correct, max(1, len(stream) // eval_every))]
+    return {
+        "curves": curves,
+        "final": {k: v[-1] for k, v in curves.items()},
+        "start": {k: v[0] for k, v in curves.items()},
+        "stream_accuracy": float(correct.mean()),
+        "stream_accuracy_blocks": blocks,
+        "seconds_per_image": adapt_seconds / len(stream),
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
+                   model_info: dict | None = None) -> dict:
+    """Run the selected parts, write their JSON and plots under ``out``; returns the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    model.eval()
+    src = DataSource(input_spec, opts)
+    sev, thr, n = opts.severity, opts.threshold, opts.images
+    header = {
+        "seed": opts.seed, "options": opts.to_dict(), "model": model_info or {},
+        "corruption_parameters": corruptions.parameter_mapping(),
+        "heldout_images": {"split": "test", "first": n},
+        "stream_images": {"split": "train (deployment pool)", "count": opts.stream,
+                          "pool_indices_sha256": data.index_hash(src.pool_indices)},
+        "threads": torch.get_num_threads(), "machine": platform.machine(),
+    }
+    results: dict = {"header": header}
+    labels_stream = src.pool_labels
+    L = opts.stream
+    wants_online = "a" in opts.parts or "b" in opts.parts
+
+    # Baselines on the held-out sets.
+    baseline = {}
+    for name in ("clean", *opts.corruptions):
+        x, y = src.test(name, sev, n)
+        baseline[name] = metrics(predict_all(model, x), y, thr)
+    _log(f"baseline {json.dumps({k: round(v['last_exit'], 3) for k, v in baseline.items()})}")
+
+    # Online per corruption (part b, and the table's online column).
+    online_single: dict[str, dict] = {}
+    tent_online: dict[str, dict] = {}
+    if wants_online:
+        for name in opts.corruptions:
+            stream = src.stream([name] * L, [sev] * L)
+            held = {name: src.test(name, sev, n)}
+            online_single[name] = online_run(model, opts.online, stream, labels_stream, held,
+                                             opts.eval_every, thr)
+            _log(f"online {name}: {online_single[name]['final'][name]['last_exit']:.3f}")
+            if "a" in opts.parts:
+                tent_online[name] = online_run(model, opts.tent_online, stream, labels_stream,
+                                               held, L, thr)
+                _log(f"tent online {name}: {tent_online[name]['final'][name]['last_exit']:.3f}")
+
+    # Clean stream (harm check; also the table's clean.online).
+    clean_run = None
+    if "c" in opts.parts or "a" in opts.parts:
+        stream = src.stream(["clean"] * L, [0] * L)
+        held = {"clean": src.test("clean", 0, opts.clean_images)}
+        clean_run = online_run(model, opts.online, stream, labels_stream, held,
+                               opts.eval_every, thr)
+        _log(f"online clean: {clean_run['start']['clean']['last_exit']:.4f} -> "
+             f"{clean_run['final']['clean']['last_exit']:.4f}")
+
+    # Part a: episodic TTT and the table.
+    if "a" in opts.parts:
+        rows = []
+        for name in opts.corruptions:
+            x, y = src.test(name, sev, n)
+            row = {"corruption": name, "baseline": baseline[name]["last_exit"]}
+            detail = {"baseline": baseline[name]}
+            for b in opts.batches:
+                r = episodic_run(model, replace(opts.episodic, batch=b), x, y, thr)
+                row[f"standard_b{b}"] = r["last_exit"]
+                detail[f"standard_b{b}"] = r
+                _log(f"episodic b{b} {name}: {r['last_exit']:.3f} ({r['seconds_per_image']:.3f}"
+                     " s/img)")
+            r = episodic_run(model, opts.tent_episodic, x, y, thr)
+            row["tent_episodic"], detail["tent_episodic"] = r["last_exit"], r
+            row["online"] = online_single[name]["final"][name]["last_exit"]
+            detail["online"] = online_single[name]["final"][name]
+            row["tent_online"] = tent_online[name]["final"][name]["last_exit"]
+            detail["tent_online"] = tent_online[name]["final"][name]
+            row["cascade"] = detail
+            rows.append(row)
+        methods = [k for k in rows[0] if k not in ("corruption", "cascade")]
+        mean = {m: float(np.mean([r[m] for r in rows])) for m in methods}
+        gains = {m: mean[m] - mean["baseline"] for m in methods if m != "baseline"}
+        table = {
+            "severity": sev, "images_per_corruption": n, "seed": opts.seed, "rows": rows,
+            "clean": {
+                "baseline": clean_run["start"]["clean"]["last_exit"],
+                "online": clean_run["final"]["clean"]["last_exit"],
+                "images": opts.clean_images,
+                "cascade": {"baseline": clean_run["start"]["clean"],
+                            "online": clean_run["final"]["clean"]},
+            },
+            "mean": mean, "mean_gain": gains, "threshold": thr,
+            "stream_images": L, **header,
+        }
+        _write_json(out / "table.json", table)
+        results["table"] = table
+        _plot_table(table, out / "table.png")
+
+    # Part b: stream orders.
+    if "b" in opts.parts:
+        online = {"single": {k: _strip(v) for k, v in online_single.items()}}
+        rng = np.random.default_rng(opts.seed + 1)
+        blur = corruptions.BLUR_CORRUPTIONS
+        held_blur = {b: src.test(b, sev, n) for b in blur}
+        shuffled = [blur[i] for i in rng.integers(0, len(blur), L)]
+        consecutive = [blur[min(len(blur) - 1, i * len(blur) // L)] for i in range(L)]
+        for key, names in (("blur_shuffled", shuffled), ("blur_consecutive", consecutive)):
+            online[key] = _strip(online_run(model, opts.online, src.stream(names, [sev] * L),
+                                            labels_stream, held_blur, opts.eval_every, thr))
+            finals = {k: round(v["last_exit"], 3) for k, v in online[key]["final"].items()}
+            _log(f"online {key}: {finals}")
+        gradual = [1 + i * len(corruptions.SEVERITIES) // L for i in range(L)]
+        shuffled_sev = list(rng.permutation(gradual))
+        online["severity"] = {}
+        for name in opts.severity_corruptions:
+            held = {name: src.test(name, sev, n)}
+            entry = {}
+            for key, sevs in (("gradual", gradual), ("shuffled", shuffled_sev)):
+                entry[key] = _strip(online_run(model, opts.online, src.stream([name] * L, sevs),
+                                               labels_stream, held, opts.eval_every, thr))
+                _log(f"online {name} severities {key}: "
+                     f"{entry[key]['final'][name]['last_exit']:.3f}")
+            online["severity"][name] = entry
+        online.update({"baseline": baseline, **header})
+        _write_json(out / "online.json", online)
+        results["online"] = online
+        _plot_online(online, baseline, out)
+
+    if "c" in opts.parts:
+        before = clean_run["start"]["clean"]["last_exit"]
+        after = clean_run["final"]["clean"]["last_exit"]
+        change = 100 * (after - before)
+        harm = {"clean_before": before, "clean_after": after, "change_points": change,
+                "limit_points": -1.0, "target_points": -0.3, "passes": change >= -1.0,
+                "images": opts.clean_images, "run": _strip(clean_run), **header}
+        _write_json(out / "harm.json", harm)
+        results["harm"] = harm
+        _plot_curve({"clean": clean_run["curves"]["clean"]}, "online TTT on a clean stream",
+                    out / "harm.png")
+
+    if "d" in opts.parts:
+        results["cost"] = cost = _cost(model, opts, src)
+        _write_json(out / "cost.json", {**cost, **header})
+    return results
+
+
+def _strip(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "start"}
+
+
+def _cost(model: RevCol, opts: Options, src: DataSource) -> dict:
+    """Seconds per adapted image of every mode, timed on the same few held-out images."""
+    name = opts.corruptions[0]
+    x, _ = src.test(name, opts.severity, opts.images)
+    x = x[: min(opts.cost_images, len(x))]
+    modes: dict[str, TTTConfig] = {f"episodic_b{b}": replace(opts.episodic, batch=b)
+                                   for b in opts.batches}
+    modes.update({"online": opts.online, "tent_online": opts.tent_online,
+                  "tent_episodic": opts.tent_episodic})
+    out: dict = {"images_timed": len(x), "corruption": name, "modes": {}}
+    with torch.no_grad():
+        start = time.perf_counter()
+        for img in x:
+            model.forward_exits(img[None])
+        out["modes"]["inference_only"] = {"seconds_per_image": (time.perf_counter() - start)
+                                          / len(x)}
+    for key, cfg in modes.items():
+        trainer = TestTimeTrainer(copy.deepcopy(model), cfg)
+        trainer.adapt_and_predict(x[0])  # warm-up
+        start = time.perf_counter()
+        for img in x:
+            trainer.adapt_and_predict(img)
+        out["modes"][key] = {"seconds_per_image": (time.perf_counter() - start) / len(x),
+                             "config": cfg.to_dict()}
+        _log(f"cost {key}: {out['modes'][key]['seconds_per_image']:.4f} s/img")
+    return out
+
+
+# -- plots ---------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_table(table: dict, path: Path) -> None:
+    plt = _pyplot()
+    rows = table["rows"]
+    methods = [k for k in rows[0] if k not in ("corruption", "cascade")]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        ax.bar(np.arange(len(rows)) + j * width, [100 * r[m] for r in rows], width, label=m)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r["corruption"] for r in rows])
+    ax.set_ylabel("last-exit accuracy (%)")
+    ax.set_title(f"severity {table['severity']}, {table['images_per_corruption']} images each")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _plot_curve(curves: dict[str, list[dict]], title: str, path: Path | None = None,
+                ax=None) -> None:
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, pts in curves.items():
+        ax.plot([p["images"] for p in pts], [100 * p["last_exit"] for p in pts], marker=".",
+                label=key)
+    ax.set_xlabel("stream images adapted on")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    if fig is not None and path is not None:
+        fig.tight_layout()
+        _save(fig, path)
+        plt.close(fig)
+
+
+def _plot_online(online: dict, baseline: dict, out: Path) -> None:
+    plt = _pyplot()
+    single = online["single"]
+    fig, axes = plt.subplots(1, len(single), figsize=(3.2 * len(single), 3), squeeze=False)
+    for ax, (name, run) in zip(axes[0], single.items(), strict=True):
+        _plot_curve(run["curves"], name, ax=ax)
+    fig.tight_layout()
+    _save(fig, out / "online_curves.png")
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in zip(axes, ("blur_shuffled", "blur_consecutive"), strict=True):
+        _plot_curve(online[key]["curves"], key.replace("_", " "), ax=ax)
+    fig.tight_layout()
+    _save(fig, out / "blur_order.png")
+    plt.close(fig)
+    sev = online["severity"]
+    if sev:
+        fig, axes = plt.subplots(1, len(sev), figsize=(3.2 * len(sev), 3), squeeze=False)
+        for ax, (name, entry) in zip(axes[0], sev.items(), strict=True):
+            curves = {k: entry[k]["curves"][name] for k in ("gradual", "shuffled")}
+            _plot_curve(curves, f"{name}: held-out at severity 5", ax=ax)
+        fig.tight_layout()
+        _save(fig, out / "severity_order.png")
+        plt.close(fig)
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Options()
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--model", default=None, help="weights path (default: bundled demo)")
+    parser.add_argument("--images", type=int, default=d.images,
+                        help="held-out test images per corruption (the first N of the split)")
+    parser.add_argument("--clean-images", type=int, default=d.clean_images)
+    parser.add_argument("--stream", type=int, default=d.stream,
+                        help="deployment-pool images per online stream")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--corruption-seed", type=int, default=d.corruption_seed)
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="data.splits seed (default: the model card's)")
+    parser.add_argument("--severity", type=int, default=d.severity, choices=corruptions.SEVERITIES)
+    parser.add_argument("--threshold", type=float, default=d.threshold)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(d.batches))
+    parser.add_argument("--corruptions", nargs="+", default=list(d.corruptions),
+                        choices=list(corruptions.CORRUPTIONS))
+    parser.add_argument("--severity-corruptions", nargs="*", default=list(d.severity_corruptions),
+                        choices=list(corruptions.CORRUPTIONS))
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--threads", type=int, default=2)
+    for prefix, cfg in (("episodic", d.episodic), ("online", d.online)):
+        parser.add_argument(f"--{prefix}-lr", type=float, default=cfg.lr)
+        parser.add_argument(f"--{prefix}-update", default=cfg.update,
+                            choices=["norm", "columns", "encoder"])
+        parser.add_argument(f"--{prefix}-columns", type=int, default=cfg.columns)
+        parser.add_argument(f"--{prefix}-optimizer", default=cfg.optimizer,
+                            choices=["sgd", "adamw"])
+    parser.add_argument("--episodic-steps", type=int, default=d.episodic.steps)
+    parser.add_argument("--online-batch", type=int, default=d.online.batch)
+    parser.add_argument("--tent-lr", type=float, default=d.tent_online.lr)
+
+
+def options_from_args(args: argparse.Namespace, split_seed: int) -> Options:
+    d = Options()
+    ep = replace(d.episodic, lr=args.episodic_lr, update=args.episodic_update,
+                 columns=args.episodic_columns, optimizer=args.episodic_optimizer,
+                 steps=args.episodic_steps, seed=args.seed)
+    on = replace(d.online, lr=args.online_lr, update=args.online_update,
+                 columns=args.online_columns, optimizer=args.online_optimizer,
+                 batch=args.online_batch, seed=args.seed)
+    for key in ("images", "clean_images", "stream", "eval_every"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
+    return Options(
+        seed=args.seed, corruption_seed=args.corruption_seed, split_seed=split_seed,
+        severity=args.severity, images=args.images, clean_images=args.clean_images,
+        stream=args.stream, eval_every=args.eval_every, threshold=args.threshold,
+        batches=tuple(args.batches), corruptions=tuple(args.corruptions),
+        severity_corruptions=tuple(args.severity_corruptions), episodic=ep, online=on,
+        tent_online=replace(d.tent_online, lr=args.tent_lr, seed=args.seed),
+        tent_episodic=replace(d.tent_episodic, lr=args.tent_lr * 10, seed=args.seed),
+        parts=tuple(args.parts),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ttspec_ros.models.checkpoint import load_model
+
+    torch.set_num_threads(args.threads)
+    model, card = load_model(args.model)
+    split_seed = split_seed_of(card) if args.split_seed is None else args.split_seed
+    opts = options_from_args(args, split_seed)
+    info = {"model_id": card.model_id, "path": args.model or "bundled demo",
+            "input": dict(card.input)}
+    started = time.time()
+    results = run_experiment(model, dict(card.input), opts, args.out, info)
+    _log(f"done in {time.time() - started:.0f} s; results in {args.out}")
+    if "table" in results:
+        t = results["table"]
+        print(json.dumps({"mean": t["mean"], "mean_gain": t["mean_gain"], "clean": {
+            k: t["clean"][k] for k in ("baseline", "online")}}, indent=2))
+    return 0
+
+
+__all__ = ["Options", "run_experiment", "cascade_decisions", "metrics"]

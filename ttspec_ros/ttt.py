@@ -1,0 +1,254 @@
+"""Test-time training (TTT) of a RevCol's encoder with masked reconstruction (or Tent entropy).
+
+Two modes, as in TTT-MAE (Gandelsman et al. 2022) and online TTT (Wang et al. 2023):
+
+- ``episodic`` (standard TTT): for each image, ``steps`` optimizer steps on a batch of ``batch``
+  differently masked copies of it, predict, then reset to the starting parameters.
+- ``online``: ``steps`` (normally one) step(s) per image, parameters kept from image to image.
+
+The self-supervised loss is the model's own reconstruction branch: random patch masking and the
+masked-patch loss of ``ttspec_ros.masking`` (the functions the demo model's decoders were
+trained with), averaged over the decoders after exits 0..2. ``objective="entropy"`` instead
+minimises the mean prediction entropy of the exits (Tent, Wang et al. 2021) for comparison.
+
+What is updated (``update``): ``norm`` = LayerNorm affine parameters of the encoder, ``columns``
+= every parameter of the stem and the first ``columns`` columns, ``encoder`` = stem and all
+columns. Only columns the loss reaches are included (the reconstruction decoders read the
+columns up to exit 2, so the last exit's column(s) get no gradient from it). Heads and
+decoders never change.
+
+Thread safety: every method that reads or writes the adapted parameters holds one lock, so a
+node can adapt in a background thread while another thread calls ``export_update`` and gets a
+consistent snapshot (a ``ModelUpdatePayload`` named with the model's state-dict names).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ttspec_ros.masking import DEFAULT_MASK_RATIO, masked_reconstruction_loss, random_patch_mask
+from ttspec_ros.model_update import ModelUpdatePayload
+from ttspec_ros.models.revcol import ChannelsFirstLayerNorm, RevCol
+
+MODES = ("episodic", "online")
+UPDATES = ("norm", "columns", "encoder")
+OPTIMIZERS = ("sgd", "adamw")
+OBJECTIVES = ("mae", "entropy")
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    mode: str = "online"
+    update: str = "norm"
+    columns: int = 1  # used by update="columns"
+    optimizer: str = "sgd"
+    lr: float = 1e-2
+    steps: int = 1  # optimizer steps per image
+    batch: int = 8  # masked copies of the image per step (mae objective)
+    mask_ratio: float = DEFAULT_MASK_RATIO
+    momentum: float = 0.9  # SGD
+    weight_decay: float = 0.0
+    objective: str = "mae"
+    seed: int = 0  # masks
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("mode", MODES), ("update", UPDATES), ("optimizer", OPTIMIZERS),
+                             ("objective", OBJECTIVES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"TTT {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TTT lr must be positive, got {self.lr}")
+        if self.steps < 1 or self.batch < 1 or self.columns < 1:
+            raise ValueError(
+                f"TTT steps, batch and columns must be >= 1, got {self.steps}, {self.batch}, "
+                f"{self.columns}"
+            )
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"TTT mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("TTT weight_decay must be >= 0 and momentum in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reachable_columns(model: RevCol, objective: str) -> range:
+    """Columns whose parameters the objective's gradient reaches."""
+    if objective == "mae":
+        if model.decoder_blocks is None:
+            raise ValueError("masked-reconstruction TTT needs a model with decoders")
+        return range(len(model.decoder_blocks) * model.interval)
+    return range(model.num_columns)
+
+
+def select_parameters(model: RevCol, update: str, columns: int, objective: str) -> list[str]:
+    """State-dict names of the parameters TTT changes (see the module docstring)."""
+    reachable = reachable_columns(model, objective)
+    if update == "columns":
+        if columns > len(reachable):
+            raise ValueError(
+                f"update='columns' with columns={columns}, but the {objective} loss reaches only "
+                f"the first {len(reachable)} of {model.num_columns} columns"
+            )
+        reachable = range(columns)
+    prefixes = ["stem"] + [f"subnet{k}" for k in reachable]
+    names = []
+    for prefix in prefixes:
+        module = model.get_submodule(prefix)
+        if update == "norm":
+            for mod_name, mod in module.named_modules():
+                if isinstance(mod, (nn.LayerNorm, ChannelsFirstLayerNorm)):
+                    full = f"{prefix}.{mod_name}" if mod_name else prefix
+                    names += [f"{full}.{p}" for p, _ in mod.named_parameters(recurse=False)]
+        else:
+            names += [f"{prefix}.{p}" for p, _ in module.named_parameters()]
+    return names
+
+
+def entropy_loss(logits: list[Tensor]) -> Tensor:
+    """Mean softmax entropy over the exits and the batch (Tent's objective)."""
+    total = 0.0
+    for lg in logits:
+        logp = lg.log_softmax(dim=1)
+        total = total + -(logp.exp() * logp).sum(dim=1).mean()
+    return total / len(logits)
+
+
+class TestTimeTrainer:
+    """Adapts ``model`` in place (pass a copy if the original must stay untouched)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, model: RevCol, config: TTTConfig, model_id: str = "") -> None:
+        self.model = model
+        self.config = config
+        self.model_id = model_id
+        self._lock = threading.RLock()
+        model.eval()  # no drop-path during adaptation or prediction
+        self.parameter_names = select_parameters(model, config.update, config.columns,
+                                                 config.objective)
+        all_params = dict(model.named_parameters())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._params = [all_params[n] for n in self.parameter_names]
+        for p in self._params:
+            p.requires_grad_(True)
+        self._initial = [p.detach().clone() for p in self._params]
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._optimizer = self._new_optimizer()
+        self._version = 0
+
+    # -- internals -------------------------------------------------------------------------
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(self._params, lr=c.lr, momentum=c.momentum,
+                                   weight_decay=c.weight_decay)
+        return torch.optim.AdamW(self._params, lr=c.lr, weight_decay=c.weight_decay)
+
+    @staticmethod
+    def _as_batch(image: Tensor) -> Tensor:
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"expected one image (C,H,W) or (1,C,H,W), got {tuple(image.shape)}")
+        return image.float()
+
+    def _mae_loss(self, image: Tensor) -> Tensor:
+        target = image.expand(self.config.batch, -1, -1, -1)
+        masked, mask = random_patch_mask(target, self.config.mask_ratio,
+                                         generator=self._generator)
+        m = self.model
+        x = m.stem(masked)
+        state = (0.0, 0.0, 0.0, 0.0)
+        losses = []
+        for i, decoder in enumerate(m.decoder_blocks):
+            state = m.run_exit(i, x, state)
+            losses.append(masked_reconstruction_loss(decoder(state[3]), target, mask))
+        return torch.stack(losses).mean()
+
+    def loss(self, image: Tensor) -> Tensor:
+        """The self-supervised loss of one image (a fresh random mask batch each call)."""
+        image = self._as_batch(image)
+        if self.config.objective == "entropy":
+            return entropy_loss(self.model.forward_exits(image))
+        return self._mae_loss(image)
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Number of images adapted on since construction (online) — the export version."""
+        return self._version
+
+    def adapt(self, image: Tensor) -> float:
+        """``steps`` optimizer steps on one image (normalised (C,H,W)); returns the last loss."""
+        image = self._as_batch(image)
+        with self._lock, torch.enable_grad():
+            for _ in range(self.config.steps):
+                loss = self.loss(image)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"TTT loss is {loss.item()}; lr {self.config.lr} "
+                                             "too high?")
+                self._optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self._optimizer.step()
+            self._version += 1
+            return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> list[Tensor]:
+        """Logits of every exit for a batch (N,C,H,W) or one image, with the current params."""
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        with self._lock:
+            return self.model.forward_exits(images.float())
+
+    def reset(self) -> None:
+        """Back to the starting parameters, with a fresh optimizer state."""
+        with self._lock, torch.no_grad():
+            for p, p0 in zip(self._params, self._initial, strict=True):
+                p.copy_(p0)
+            self._optimizer = self._new_optimizer()
+
+    def adapt_and_predict(self, image: Tensor) -> list[Tensor]:
+        """Per the mode: episodic = adapt, predict, reset; online = adapt (kept), predict."""
+        with self._lock:
+            if self.config.mode == "episodic":
+                self.reset()
+            self.adapt(image)
+            logits = self.predict(image)
+            if self.config.mode == "episodic":
+                self.reset()
+            return logits
+
+    def export_tensors(self, changed_only: bool = False) -> dict[str, Tensor]:
+        """Copies of the adapted parameters by state-dict name (a consistent snapshot).
+
+        ``changed_only`` leaves out tensors still equal to their starting value."""
+        with self._lock:
+            out = {}
+            for name, p, p0 in zip(self.parameter_names, self._params, self._initial, strict=True):
+                if changed_only and torch.equal(p.detach(), p0):
+                    continue
+                out[name] = p.detach().clone()
+            return out
+
+    def export_update(self, version: int | None = None) -> ModelUpdatePayload:
+        """The adapted tensors as a ``ModelUpdatePayload`` (version: default ``self.version``)."""
+        with self._lock:
+            tensors = {n: t.numpy() for n, t in self.export_tensors().items()}
+            return ModelUpdatePayload(
+                model_id=self.model_id,
+                version=self._version if version is None else version,
+                tensors=tensors,
+            )
+
+
+__all__ = [
+    "TTTConfig", "TestTimeTrainer", "select_parameters", "reachable_columns", "entropy_loss",
+    "MODES", "UPDATES", "OPTIMIZERS", "OBJECTIVES",
+]
