@@ -11,6 +11,9 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
+    "make-bag": "ttspec_ros.experiments.make_bag",
+    "replay": "ttspec_ros.experiments.replay_cmd",
+    "demo": "ttspec_ros.experiments.demo",
     "make-corrupted": "ttspec_ros.experiments.make_corrupted",
     "ttt-experiment": "ttspec_ros.experiments.ttt_experiment",
     "bench-update": "ttspec_ros.experiments.bench_update",

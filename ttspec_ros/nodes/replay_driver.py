@@ -56,8 +56,10 @@ class NodeGraph:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         log_dir.mkdir(parents=True, exist_ok=True)
+        overlay = log_dir / "overrides.yaml"
+        overlay.write_text(graph.overlay_yaml(overrides), encoding="utf-8")
         for node, executable in topics.EXECUTABLES.items():
-            cmd = [str(graph.executable(executable)), *graph.ros_args(overrides.get(node, {}))]
+            cmd = [str(graph.executable(executable)), *graph.ros_args(overlay)]
             log = log_dir / f"{node}.log"
             self.logs[node] = log
             with open(log, "wb") as f:

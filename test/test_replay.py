@@ -1,0 +1,279 @@
+"""Replay evaluation: metrics/report on synthetic outcomes, drop accounting, and one short real
+replay of a small bag through the installed node graph (tiny model)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ttspec_ros import replay
+from ttspec_ros.replay import Outcome, RunResult, RunSettings
+
+EXIT_COST = [0.25, 0.5, 0.75, 1.0]
+
+
+def _run(adapt: bool, exits: list[int], labels: list[int | None], preds: list[int | None],
+         threshold: float | None = None) -> RunResult:
+    outcomes = []
+    for i, (e, y, p) in enumerate(zip(exits, labels, preds, strict=True)):
+        o = Outcome(index=i, stamp_ns=1000 + i, label=y)
+        if p is not None:
+            o.class_id, o.exit_index, o.latency_ms, o.e2e_ms = p, e, 1.0 + e, 3.0 + e
+            o.model_version = i // 4
+        else:
+            o.dropped = "no prediction within 10 s"
+        outcomes.append(o)
+    return RunResult(settings=RunSettings(adapt=adapt, threshold=threshold, rate=None),
+                     outcomes=outcomes, wall_s=2.0)
+
+
+def test_run_metrics_by_hand():
+    # 8 frames: exits 3,3,2,2,1,1,0,0; labels 5 (footwear) and 0 (tops); frame 7 lost
+    exits = [3, 3, 2, 2, 1, 1, 0, 0]
+    labels = [5, 5, 0, 0, 5, 5, 0, 0]
+    preds = [5, 7, 0, 0, 5, 5, 0, None]
+    r = replay.run_metrics(_run(True, exits, labels, preds), EXIT_COST, 4, window=4, tail=2,
+                           with_groups=True)
+    assert r["frames"] == 8 and r["predictions"] == 7 and r["lost"] == 1
+    assert r["dropped"] == {"no prediction within 10 s": 1}
+    assert r["accuracy"] == pytest.approx(6 / 7, abs=1e-4)
+    assert r["mean_exit"] == pytest.approx(12 / 7, abs=1e-4)
+    assert r["mean_cost"] == pytest.approx((2 * 1.0 + 2 * 0.75 + 2 * 0.5 + 0.25) / 7, abs=1e-4)
+    assert r["exit_histogram"] == [1, 2, 2, 2]
+    assert r["final_model_version"] == 1
+    assert r["mean_latency_ms"] == pytest.approx(1 + 12 / 7, abs=1e-3)
+    assert [(w["start"], w["end"]) for w in r["windows"]] == [(0, 4), (4, 8)]
+    assert r["windows"][0]["accuracy"] == 0.75 and r["windows"][0]["mean_cost"] == 0.875
+    assert r["windows"][1]["mean_exit"] == pytest.approx(2 / 3, abs=1e-4)
+    assert r["tail"] == {"start": 6, "end": 8, "frames": 2, "answered": 1, "labelled": 1,
+                         "accuracy": 1.0, "mean_exit": 0.0, "mean_cost": 0.25,
+                         "groups": r["tail"]["groups"]}
+    assert r["groups"]["footwear"]["accuracy"] == 0.75
+    assert r["groups"]["tops"]["accuracy"] == 1.0 and r["groups"]["tops"]["answered"] == 3
+    assert r["groups"]["other"]["answered"] == 0 and r["groups"]["other"]["accuracy"] is None
+
+
+def test_report_keys_comparison_and_files(tmp_path):
+    exits_on, exits_off = [3, 2, 1, 0, 0, 0], [3, 3, 2, 3, 2, 3]
+    labels = [0, 2, 4, 6, 0, 1]
+    on = _run(True, exits_on, labels, [0, 2, 4, 6, 0, 0])
+    off = _run(False, exits_off, labels, [0, 2, 4, 6, 0, 1])
+    bag = {"path": "/bags/x", "image_topic": "/camera/image_raw", "labels": 6,
+           "custom_data": {"ttspec.scenario": "tops-heavy"}}
+    model = {"model_id": "m", "exit_cost": EXIT_COST, "num_exits": 4}
+    report = replay.build_report(bag, [on, off], exit_cost=EXIT_COST, num_exits=4,
+                                 class_names=replay.CLASS_NAMES, model=model, window=3, tail=3)
+    assert {"bag", "frames", "predictions", "lost", "runs"} <= set(report)
+    assert (report["bag"], report["frames"], report["predictions"], report["lost"]) == (
+        "/bags/x", 6, 12, 0)
+    issue_keys = {"adapt", "threshold", "accuracy", "mean_latency_ms", "p95_latency_ms",
+                  "mean_exit", "mean_cost", "exit_histogram", "final_model_version", "windows"}
+    for run in report["runs"]:
+        assert issue_keys <= set(run)
+        for w in run["windows"]:
+            assert {"start", "end", "accuracy", "mean_exit", "mean_cost"} <= set(w)
+    (c,) = report["comparison"]
+    assert c["tail_mean_cost_adapt"] == 0.25 and c["tail_mean_cost_no_adapt"] == pytest.approx(
+        (1.0 + 0.75 + 1.0) / 3, abs=1e-4)
+    assert c["tail_cost_ratio"] == pytest.approx(0.25 / ((2.75) / 3), abs=1e-3)
+    assert c["accuracy_delta_points"] == pytest.approx(100 * (5 / 6 - 1.0), abs=1e-2)
+
+    plots = replay.write_report(tmp_path, report, [on, off], EXIT_COST)
+    names = {p.name for p in plots}
+    assert {"accuracy.png", "exit_cost.png", "exit_histogram.png", "latency.png",
+            "group_cost.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in plots)
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["runs"][0]["exit_histogram"] == [3, 1, 1, 1]
+    md = (tmp_path / "report.md").read_text()
+    assert "| adapt |" in md and "ratio" in md and "![accuracy](accuracy.png)" in md
+    per_frame = json.loads((tmp_path / "outcomes.json").read_text())
+    assert len(per_frame["adapt"]) == 6 and per_frame["no-adapt"][0]["exit_index"] == 3
+
+
+def test_unlabelled_bag_report_has_no_accuracy(tmp_path):
+    run = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
+    report = replay.build_report({"path": "b", "labels": 0}, [run], exit_cost=EXIT_COST,
+                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    (r,) = report["runs"]
+    assert r["accuracy"] is None and r["mean_cost"] == 0.5 and "groups" not in r
+    plots = replay.write_report(tmp_path, report, [run], EXIT_COST)
+    assert "accuracy.png" not in {p.name for p in plots}
+
+
+def test_shift_analysis():
+    # 8 frames, switch at 4: footwear before, tops after; tops cost falls 1.0 -> 0.25
+    labels = [5, 7, 9, 5, 0, 2, 4, 6]
+    exits = [1, 1, 1, 1, 3, 3, 0, 0]
+    run = _run(True, exits, labels, labels)
+    (s,) = replay.shift_analysis([run], 4, EXIT_COST, segment=2)
+    assert s["tops_cost_after_switch"] == 1.0 and s["tops_cost_at_end"] == 0.25
+    assert s["footwear_accuracy"] == 1.0
+
+
+def test_drop_attribution_uses_node_counters():
+    outcomes = [Outcome(index=i, stamp_ns=i) for i in range(6)]
+    for o in outcomes[:3]:
+        o.class_id, o.exit_index = 1, 0
+    delta = {"camera": {"received": 5, "published": 4, "rejected": 1, "rejected_wrong_step": 1},
+             "classifier": {"received": 4, "dropped": 1, "classified": 3}}
+    replay.attribute_drops(outcomes, delta, 5.0)
+    reasons = sorted(o.dropped for o in outcomes[3:])
+    assert reasons == ["not received by the camera", "rejected by camera: wrong_step",
+                       "replaced by a newer frame in the classifier's pending slot"]
+    # lockstep: called again after another lost frame, earlier reasons are kept
+    outcomes.append(Outcome(index=6, stamp_ns=6))
+    delta["camera"]["received"] += 1
+    delta["camera"]["published"] += 1
+    delta["classifier"]["received"] += 1
+    delta["classifier"]["errors"] = 1
+    replay.attribute_drops(outcomes, delta, 5.0)
+    assert outcomes[6].dropped == "classifier error"
+    assert sorted(o.dropped for o in outcomes[3:6]) == reasons
+    outcomes.append(Outcome(index=7, stamp_ns=7))
+    replay.attribute_drops(outcomes, {}, 5.0)  # counters say nothing: a timeout
+    assert outcomes[7].dropped in ("no prediction within 5 s", "not received by the camera")
+
+
+def test_graph_arguments(tmp_path):
+    graph = replay.GraphSpec(prefix=tmp_path, params_file=tmp_path / "p.yaml", model="/m/x")
+    o = graph.overrides(RunSettings(adapt=False, threshold=0.7), compressed=True)
+    assert o["camera"] == {"transport": "compressed", "model": "/m/x"}
+    assert o["classifier"] == {"threshold": 0.7, "model": "/m/x"}
+    assert o["adapter"] == {"enabled": False, "model": "/m/x"}
+    args = graph.ros_args(tmp_path / "o.yaml")
+    assert args == ["--ros-args", "--params-file", str(tmp_path / "p.yaml"), "--params-file",
+                    str(tmp_path / "o.yaml"), "-r", "__ns:=/ttspec"]
+    overlay = yaml.safe_load(graph.overlay_yaml(o))
+    assert overlay["/ttspec/classifier"]["ros__parameters"] == {"threshold": 0.7, "model": "/m/x"}
+    assert overlay["/ttspec/adapter"]["ros__parameters"]["enabled"] is False
+    assert graph.executable("camera_node") == tmp_path / "lib" / "ttspec_ros" / "camera_node"
+    env = graph.environment(170, tmp_path)
+    assert env["ROS_DOMAIN_ID"] == "170" and env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+
+
+def test_run_settings_from_command_line():
+    import argparse
+
+    from ttspec_ros.experiments import replay_cmd
+
+    parser = argparse.ArgumentParser()
+    replay_cmd.add_arguments(parser)
+    runs = replay_cmd.run_settings(parser.parse_args(
+        ["b", "--out", "o", "--compare", "--lockstep", "--sweep-thresholds", "0.5,0.9"]))
+    assert [(r.adapt, r.threshold, r.lockstep) for r in runs] == [
+        (True, 0.5, True), (False, 0.5, True), (True, 0.9, True), (False, 0.9, True)]
+    (r,) = replay_cmd.run_settings(parser.parse_args(["b", "--out", "o", "--no-adapt",
+                                                      "--rate", "2"]))
+    assert (r.adapt, r.rate, r.threshold) == (False, 2.0, None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["b", "--out", "o", "--lockstep", "--rate", "2"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["b", "--out", "o", "--sweep-thresholds", "0.5,1.5"])
+
+
+def test_progress_bar_reports_eta():
+    now = [0.0]
+    out = io.StringIO()
+    bar = replay.Progress(100, "run", stream=out, clock=lambda: now[0])
+    now[0] = 10.0
+    bar.update(50)
+    line = out.getvalue()
+    assert "50/100" in line and "5.0 fps" in line and "ETA 00:10" in line
+    bar.update(55)  # not a new tenth: no new line when not a terminal
+    assert out.getvalue().count("\n") == 1
+    bar.finish(100)
+    assert "100/100" in out.getvalue().splitlines()[-1]
+
+
+def test_replay_command_bad_bag(tmp_path, capsys):
+    from ttspec_ros.cli import main as cli_main
+
+    (tmp_path / "notabag").mkdir()
+    assert cli_main(["replay", str(tmp_path / "notabag"), "--out", str(tmp_path / "r")]) == 2
+    assert "no metadata.yaml" in capsys.readouterr().err
+
+
+# -- one short real replay through the installed node graph ------------------------------------
+
+
+def _tiny_model(stem: Path) -> str:
+    import torch
+
+    from ttspec_ros import data
+    from ttspec_ros.models import checkpoint
+    from ttspec_ros.models.revcol import RevCol
+
+    torch.manual_seed(0)
+    model = RevCol(channels=(8, 16, 24, 32), layers=(1, 1, 1, 1), num_columns=4,
+                   num_classes=10, in_chans=1, with_decoders=False).eval()
+    with torch.no_grad():  # spread the heads' confidences so that exits differ
+        for i in range(3):
+            model.cls_blocks[i].classifier[1].weight.mul_(40.0 * (i + 1))
+    card = checkpoint.ModelCard(
+        model_id="tiny-replay-test", architecture=model.config.to_dict(),
+        class_names=list(data.CLASS_NAMES),
+        input={"channels": 1, "size": 32, "content_size": 28, "mean": [0.286], "std": [0.353]},
+        thresholds=[0.9, 0.9, 0.9], exit_cost=EXIT_COST, training={"seed": 0}, metrics={})
+    checkpoint.save_model(model, card, str(stem))
+    return str(stem)
+
+
+def test_real_replay_through_the_node_graph(tmp_path):
+    pytest.importorskip("rclpy")
+    pytest.importorskip("ttspec_ros.msg")
+    for module in ("camera", "classifier", "adapter"):
+        if not (Path(replay.__file__).parent / "nodes" / f"{module}.py").is_file():
+            pytest.skip(f"node {module} not written yet")
+    try:
+        graph = replay.find_graph()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    from ttspec_ros import bags
+
+    frames = 30
+    bag = bags.make_scenario_bag("tops-heavy", tmp_path / "bag", frames=frames, seed=0,
+                                 storage="sqlite3")["bag"]
+    graph = replay.GraphSpec(prefix=graph.prefix, params_file=graph.params_file,
+                             model=_tiny_model(tmp_path / "tiny"))
+    runs = [RunSettings(adapt=True, rate=None, timeout_s=10.0),
+            RunSettings(adapt=False, threshold=0.8, rate=1.0, timeout_s=5.0)]
+    err = io.StringIO()
+    report, plots = replay.replay_bag(
+        bag, tmp_path / "report", runs, graph=graph,
+        domain_id=int(os.environ.get("ROS_DOMAIN_ID", "0")), stream_out=err)
+    assert report["frames"] == frames and len(report["runs"]) == 2
+    labels = bags.open_image_stream(bag).labels
+    outcomes = json.loads((tmp_path / "report" / "outcomes.json").read_text())
+    for run in report["runs"]:
+        # every played frame is accounted for: answered or dropped with a reason
+        assert run["predictions"] + run["lost"] == frames
+        assert sum(run["dropped"].values()) == run["lost"]
+        assert sum(run["exit_histogram"]) == run["predictions"]
+        assert run["mean_latency_ms"] > 0 and run["mean_e2e_latency_ms"] >= run["mean_latency_ms"]
+        for o in outcomes[run["name"]]:
+            assert o["label"] == labels[o["stamp_ns"]]  # stamps preserved end to end
+            assert (o["class_id"] is None) == (o["dropped"] is not None)
+    lockstep, timed = report["runs"]
+    assert lockstep["mode"] == "lockstep" and lockstep["lost"] == 0, lockstep["dropped"]
+    assert timed["mode"] == "rate x1" and timed["predictions"] >= frames // 2, timed["dropped"]
+    # the run settings reached the nodes
+    assert lockstep["thresholds_used"] == [0.9, 0.9, 0.9]
+    assert timed["thresholds_used"] == [0.8, 0.8, 0.8]
+    samples = lockstep["node_counters"]["classifier"].get("samples_published", "0")
+    assert lockstep["node_counters"]["adapter"].get("samples_used") == samples != "0"
+    assert timed["node_counters"]["adapter"]["enabled"] == "False"
+    assert timed["final_model_version"] == 0
+    assert {p.name for p in plots} >= {"accuracy.png", "exit_cost.png", "latency.png"}
+    assert "[1/2] adapt" in err.getvalue() and "30/30" in err.getvalue()
+    assert all(code == 0 for run in report["runs"] for code in run["node_exit_codes"].values())
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

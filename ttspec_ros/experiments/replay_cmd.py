@@ -1,0 +1,90 @@
+"""Replay a rosbag2 through the real node graph; write report.json, report.md and plots.
+
+Starts the installed camera/classifier/adapter executables (installed config/ttspec.yaml,
+namespace /ttspec, fresh processes per run, a private DDS domain), publishes the bag's images on
+the camera topic (recorded timing scaled by --rate, or --lockstep: the next frame once the
+previous prediction arrived) and matches every prediction to its frame by header stamp. Any
+sensor_msgs/Image or CompressedImage topic works; accuracy needs a ttspec_ros/LabelStamped topic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ttspec_ros import replay
+from ttspec_ros.bags import BagError
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from err
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"thresholds must be in [0, 1], got {text}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bag", help="rosbag2 directory, or its .mcap/.db3 file")
+    parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument("--image-topic", default=None,
+                        help="Image/CompressedImage topic (default: /camera/image_raw, else the "
+                             "bag's only image topic)")
+    parser.add_argument("--label-topic", default=None,
+                        help="LabelStamped topic (default: /camera/label when present)")
+    parser.add_argument("--no-labels", action="store_true", help="ignore labels in the bag")
+    parser.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the adapter (test-time specialization); default on")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="classifier threshold for every early exit (default: params file)")
+    timing = parser.add_mutually_exclusive_group()
+    timing.add_argument("--rate", type=float, default=1.0,
+                        help="playback speed factor of the recorded timing (default 1.0)")
+    timing.add_argument("--lockstep", action="store_true",
+                        help="publish the next frame once the previous prediction arrived")
+    parser.add_argument("--timeout", type=float, default=replay.DEFAULT_TIMEOUT_S,
+                        help="seconds a frame may wait for its prediction before it counts as "
+                             f"lost (default {replay.DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--compare", action="store_true",
+                        help="run with adaptation on and off, both in one report")
+    parser.add_argument("--sweep-thresholds", type=_thresholds, default=None, metavar="T1,T2,...",
+                        help="one replay per threshold; plots the latency/accuracy curve")
+    parser.add_argument("--max-frames", type=int, default=None, help="play only the first N")
+    parser.add_argument("--window", type=int, default=None,
+                        help="frames per report window (default: a sixth of the bag)")
+    parser.add_argument("--tail", type=int, default=None,
+                        help="frames at the end reported separately (default: min(1000, 1/3))")
+    parser.add_argument("--model", default="", help="model path stem ('' = bundled demo model)")
+    parser.add_argument("--params-file", default=None,
+                        help="params file (default: the installed config/ttspec.yaml)")
+    parser.add_argument("--domain-id", type=int, default=None,
+                        help="DDS domain of the replay graph (default: a private one, 150..229)")
+
+
+def run_settings(args: argparse.Namespace) -> list[replay.RunSettings]:
+    if args.rate is not None and not args.rate > 0:
+        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    rate = None if args.lockstep else args.rate
+    thresholds = args.sweep_thresholds or [args.threshold]
+    adapts = [True, False] if args.compare else [args.adapt]
+    return [replay.RunSettings(adapt=a, threshold=t, rate=rate, timeout_s=args.timeout)
+            for t in thresholds for a in adapts]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        runs = run_settings(args)
+        report, plots = replay.replay_bag(
+            args.bag, args.out, runs, image_topic=args.image_topic, label_topic=args.label_topic,
+            use_labels=not args.no_labels, model=args.model, params_file=args.params_file,
+            domain_id=args.domain_id,
+            max_frames=args.max_frames, window=args.window, tail=args.tail)
+    except (BagError, FileNotFoundError, ValueError) as err:
+        print(f"ttspec replay: {err}", file=sys.stderr)
+        return 2
+    print(replay.summary_table(report))
+    print(f"\nreport: {args.out}/report.json, {args.out}/report.md; plots: "
+          + ", ".join(str(p) for p in plots))
+    return 0

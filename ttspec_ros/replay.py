@@ -1,0 +1,685 @@
+"""Replay evaluation: per-frame outcomes of a bag played through the node graph -> metrics, report.
+
+ROS-free. ``replay_bag`` plays a bag once per run setting (adaptation on/off, threshold) through
+freshly started node processes; the rclpy part lives in ``ttspec_ros.nodes.replay_driver`` and is
+imported only when a replay actually runs. Everything else here (outcomes, metrics, the report
+JSON/Markdown, the progress bar) works on plain data and is unit-tested directly.
+
+Definitions used in the report:
+- accuracy: correct / answered frames that have a label (lost frames are counted separately).
+- latency_ms: the classifier's model time per frame (CascadePrediction.latency_ms);
+  e2e_latency_ms: bag frame published -> its prediction received (what a robot waits).
+- cost: the model card's ``exit_cost`` of the answering exit (cumulative share of the full
+  forward compute; last exit = 1.0). mean_cost 0.5 = half the compute of running every frame
+  through the whole model.
+- windows: consecutive blocks of ``window`` played frames; tail: the last ``tail`` frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ttspec_ros import topics
+from ttspec_ros.data import CLASS_NAMES, SUBSETS
+
+# Class groups reported separately when the model uses the Fashion-MNIST classes.
+GROUPS: dict[str, list[int]] = {
+    "footwear": SUBSETS["footwear"],
+    "tops": SUBSETS["tops"],
+    "other": [c for c in range(len(CLASS_NAMES))
+              if c not in SUBSETS["footwear"] + SUBSETS["tops"]],
+}
+DEFAULT_TAIL = 1000  # frames; the issue's "last 1,000 frames"
+DEFAULT_WINDOWS = 6
+DEFAULT_TIMEOUT_S = 10.0
+PARAMS_FILE_NAME = "ttspec.yaml"
+REPLAY_DOMAIN_BASE, REPLAY_DOMAIN_SPAN = 150, 80  # DDS domains 150..229
+
+
+@dataclass
+class Outcome:
+    """What happened to one played frame: a prediction, or ``dropped`` with the reason."""
+
+    index: int
+    stamp_ns: int
+    label: int | None = None
+    class_id: int | None = None
+    exit_index: int | None = None
+    confidence: float | None = None
+    latency_ms: float | None = None  # model time reported by the classifier
+    e2e_ms: float | None = None  # published -> prediction received
+    model_version: int | None = None
+    dropped: str | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.class_id is not None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    adapt: bool
+    threshold: float | None = None  # None: the params file's / model card's thresholds
+    rate: float | None = 1.0  # playback speed factor of the recorded timing; None = lockstep
+    timeout_s: float = DEFAULT_TIMEOUT_S  # lockstep: a frame without answer by then is lost
+
+    @property
+    def lockstep(self) -> bool:
+        return self.rate is None
+
+    @property
+    def name(self) -> str:
+        parts = ["adapt" if self.adapt else "no-adapt"]
+        if self.threshold is not None:
+            parts.append(f"t{self.threshold:g}")
+        return "_".join(parts)
+
+
+@dataclass
+class RunResult:
+    settings: RunSettings
+    outcomes: list[Outcome]
+    wall_s: float = 0.0
+    thresholds: list[float] | None = None  # what the classifier actually used
+    unmatched_predictions: int = 0  # predictions whose stamp matched no outstanding frame
+    node_counters: dict[str, dict[str, str]] = field(default_factory=dict)  # last diagnostics
+    node_exit_codes: dict[str, int | None] = field(default_factory=dict)
+
+
+def read_model_card(model: str = "") -> Any:
+    """The card of ``model`` ('' = bundled demo model); official checkpoints have none, so
+    ``load_model`` makes one up (slow, but only for those)."""
+    from ttspec_ros.models import checkpoint
+
+    path = Path(model) if model else checkpoint.DEMO_STEM
+    if path.suffix in ("", checkpoint.CARD_SUFFIX, checkpoint.SAFETENSORS_SUFFIX):
+        return checkpoint.read_card(path.with_suffix(checkpoint.CARD_SUFFIX))
+    return checkpoint.load_model(path)[1]
+
+
+def model_summary(card: Any) -> dict:
+    """What the report needs from a model card (ttspec_ros.models.checkpoint.ModelCard)."""
+    return {
+        "model_id": card.model_id,
+        "class_names": list(card.class_names),
+        "num_exits": len(card.exit_cost),
+        "exit_cost": [float(c) for c in card.exit_cost],
+        "card_thresholds": [float(t) for t in card.thresholds],
+    }
+
+
+# --- the node graph (paths and arguments; the processes are started by the driver) -------------
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Where the installed node executables and params file are, and how to start them."""
+
+    prefix: Path  # install prefix holding lib/ttspec_ros and share/ttspec_ros
+    params_file: Path
+    model: str = ""  # '' = the bundled demo model (the params file's default)
+
+    def executable(self, name: str) -> Path:
+        return self.prefix / "lib" / topics.PACKAGE / name
+
+    def ros_args(self, overlay: Path | None = None) -> list[str]:
+        """The launch file's arguments, plus an overlay params file with this run's values.
+
+        An overlay file, not ``-p``: rclpy gives ``-p`` values the ``/**`` scope, which the
+        params file's ``/**/<node>`` sections shadow, so ``-p threshold:=0.7`` would be
+        ignored. A second file keyed by the full node name (``/ttspec/classifier``) wins."""
+        files = [self.params_file] + ([overlay] if overlay else [])
+        args = ["--ros-args"]
+        for f in files:
+            args += ["--params-file", str(f)]
+        return args + ["-r", f"__ns:=/{topics.NAMESPACE}"]
+
+    @staticmethod
+    def overlay_yaml(overrides: dict[str, dict[str, object]]) -> str:
+        """Params file text setting ``overrides`` (node -> name -> value) on /ttspec/<node>."""
+        import yaml
+
+        return yaml.safe_dump({
+            f"/{topics.NAMESPACE}/{node}": {"ros__parameters": dict(values)}
+            for node, values in overrides.items() if values
+        }, sort_keys=True)
+
+    def overrides(self, settings: RunSettings, compressed: bool) -> dict[str, dict[str, object]]:
+        """-p overrides per node for one run."""
+        out: dict[str, dict[str, object]] = {
+            topics.CAMERA_NODE: {"transport": "compressed" if compressed else "raw"},
+            topics.CLASSIFIER_NODE: {},
+            topics.ADAPTER_NODE: {"enabled": settings.adapt},
+        }
+        if settings.threshold is not None:
+            out[topics.CLASSIFIER_NODE]["threshold"] = float(settings.threshold)
+        if self.model:
+            for node in out:
+                out[node]["model"] = self.model
+        return out
+
+    def environment(self, domain_id: int, log_dir: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "ROS_DOMAIN_ID": str(domain_id),
+            "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+            "ROS_LOG_DIR": str(log_dir / "ros"),
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.setdefault("HOME", tempfile.gettempdir())
+        return env
+
+
+def find_graph(model: str = "", params_file: str | os.PathLike | None = None) -> GraphSpec:
+    """The install prefix of this package's executables (AMENT_PREFIX_PATH, then the running
+    interpreter's prefix) and its installed params file."""
+    prefixes = [Path(p) for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
+    prefixes.append(Path(sys.prefix))
+    exe = topics.EXECUTABLES[topics.CAMERA_NODE]
+    for prefix in prefixes:
+        if (prefix / "lib" / topics.PACKAGE / exe).is_file():
+            break
+    else:
+        raise FileNotFoundError(
+            f"the node executables (lib/{topics.PACKAGE}/{exe}) are not installed under "
+            f"{', '.join(map(str, prefixes))}; run `make env` (tools/setup_env.sh) first")
+    params = Path(params_file) if params_file else (
+        prefix / "share" / topics.PACKAGE / "config" / PARAMS_FILE_NAME)
+    if not params.is_file():
+        raise FileNotFoundError(f"params file {params} not found")
+    return GraphSpec(prefix=prefix, params_file=params, model=model)
+
+
+def pick_domain_id() -> int:
+    """A DDS domain of its own, away from a robot's usual 0 and from the tests' 1..100."""
+    return REPLAY_DOMAIN_BASE + os.getpid() % REPLAY_DOMAIN_SPAN
+
+
+# --- dropped frames ------------------------------------------------------------------------------
+
+
+def int_counters(values: dict[str, str]) -> dict[str, int]:
+    """The integer counters of a node's diagnostics key/values."""
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = int(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def counter_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+                  ) -> dict[str, dict[str, int]]:
+    return {node: {k: v - before.get(node, {}).get(k, 0) for k, v in values.items()}
+            for node, values in after.items()}
+
+
+def drop_reasons(delta: dict[str, dict[str, int]], sent: int, answered: int) -> dict[str, int]:
+    """reason -> frames, for the ``sent - answered`` frames without a prediction, from the
+    nodes' counters (``delta``: per node, counter changes over the same frames)."""
+    cam = delta.get(topics.CAMERA_NODE, {})
+    cls = delta.get(topics.CLASSIFIER_NODE, {})
+    out: dict[str, int] = {}
+    for node, counts in ((topics.CAMERA_NODE, cam), (topics.CLASSIFIER_NODE, cls)):
+        for key, n in sorted(counts.items()):
+            if key.startswith("rejected_"):
+                out[f"rejected by {node}: {key.removeprefix('rejected_')}"] = n
+    out["dropped by camera: max_rate_hz"] = cam.get("dropped_rate_limit", 0)
+    out["not received by the camera"] = sent - cam.get("received", 0)
+    out["replaced by a newer frame in the classifier's pending slot"] = cls.get("dropped", 0)
+    out["classifier error"] = cls.get("errors", 0)
+    out["lost between camera and classifier"] = cam.get("published", 0) - cls.get("received", 0)
+    out["prediction published but not received"] = cls.get("classified", 0) - answered
+    return {r: n for r, n in out.items() if n > 0}
+
+
+def attribute_drops(outcomes: Sequence[Outcome], delta: dict[str, dict[str, int]],
+                    timeout_s: float) -> None:
+    """Give every unanswered frame without a reason one, from the nodes' counters over the run
+    so far (``delta``), minus the reasons already given. Called after each lost frame in
+    lockstep this is exact per frame; played at a rate, which frame met which fate is unknown
+    and only the counts per reason are exact."""
+    answered = sum(o.answered for o in outcomes)
+    left = drop_reasons(delta, len(outcomes), answered)
+    for o in outcomes:
+        if o.dropped in left:
+            left[o.dropped] -= 1
+    pool = [r for r, n in left.items() for _ in range(max(0, n))]
+    for o in outcomes:
+        if not o.answered and o.dropped is None:
+            o.dropped = pool.pop(0) if pool else f"no prediction within {timeout_s:g} s"
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), digits)
+
+
+def block_metrics(outcomes: Sequence[Outcome], exit_cost: Sequence[float] | None) -> dict:
+    """accuracy, mean_exit, mean_cost (and counts) of a block of frames."""
+    answered = [o for o in outcomes if o.answered]
+    labelled = [o for o in answered if o.label is not None]
+    correct = sum(o.class_id == o.label for o in labelled)
+    exits = [o.exit_index for o in answered]
+    return {
+        "frames": len(outcomes),
+        "answered": len(answered),
+        "labelled": len(labelled),
+        "accuracy": _round(correct / len(labelled)) if labelled else None,
+        "mean_exit": _round(_mean(exits)),
+        "mean_cost": _round(_mean([exit_cost[e] for e in exits])) if exit_cost else None,
+    }
+
+
+def group_metrics(outcomes: Sequence[Outcome], exit_cost: Sequence[float] | None) -> dict:
+    """block_metrics per class group (by ground-truth label)."""
+    return {
+        name: block_metrics([o for o in outcomes if o.label in classes], exit_cost)
+        for name, classes in GROUPS.items()
+    }
+
+
+def window_bounds(frames: int, window: int) -> list[tuple[int, int]]:
+    return [(s, min(s + window, frames)) for s in range(0, frames, window)]
+
+
+def default_window(frames: int) -> int:
+    return max(1, math.ceil(frames / DEFAULT_WINDOWS))
+
+
+def default_tail(frames: int) -> int:
+    """The issue's last 1,000 frames of a 3,000-frame bag; a third of shorter bags."""
+    return max(1, min(DEFAULT_TAIL, frames // 3))
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def run_metrics(
+    result: RunResult, exit_cost: Sequence[float] | None, num_exits: int, *,
+    window: int, tail: int, with_groups: bool,
+) -> dict:
+    """One run's entry of report.json."""
+    outcomes = result.outcomes
+    answered = [o for o in outcomes if o.answered]
+    latencies = [o.latency_ms for o in answered if o.latency_ms is not None]
+    e2e = [o.e2e_ms for o in answered if o.e2e_ms is not None]
+    histogram = [0] * num_exits
+    for o in answered:
+        if 0 <= o.exit_index < num_exits:
+            histogram[o.exit_index] += 1
+    dropped: dict[str, int] = {}
+    for o in outcomes:
+        if not o.answered:
+            reason = o.dropped or "no prediction"
+            dropped[reason] = dropped.get(reason, 0) + 1
+    versions = [o.model_version for o in answered if o.model_version is not None]
+    whole = block_metrics(outcomes, exit_cost)
+    windows = []
+    for start, end in window_bounds(len(outcomes), window):
+        block = outcomes[start:end]
+        entry = {"start": start, "end": end, **block_metrics(block, exit_cost)}
+        if with_groups:
+            entry["groups"] = group_metrics(block, exit_cost)
+        windows.append(entry)
+    tail = min(tail, len(outcomes))
+    tail_block = outcomes[len(outcomes) - tail:]
+    s = result.settings
+    run = {
+        "name": s.name,
+        "adapt": s.adapt,
+        "threshold": s.threshold,
+        "thresholds_used": result.thresholds,
+        "mode": "lockstep" if s.lockstep else f"rate x{s.rate:g}",
+        "frames": len(outcomes),
+        "predictions": len(answered),
+        "lost": len(outcomes) - len(answered),
+        "dropped": dropped,
+        "unmatched_predictions": result.unmatched_predictions,
+        "accuracy": whole["accuracy"],
+        "labelled": whole["labelled"],
+        "mean_latency_ms": _round(_mean(latencies), 3),
+        "p50_latency_ms": _round(percentile(latencies, 50), 3),
+        "p95_latency_ms": _round(percentile(latencies, 95), 3),
+        "mean_e2e_latency_ms": _round(_mean(e2e), 3),
+        "p95_e2e_latency_ms": _round(percentile(e2e, 95), 3),
+        "mean_exit": whole["mean_exit"],
+        "mean_cost": whole["mean_cost"],
+        "exit_histogram": histogram,
+        "final_model_version": max(versions) if versions else None,
+        "model_versions_seen": len(set(versions)),
+        "wall_s": round(result.wall_s, 2),
+        "frames_per_s": _round(len(outcomes) / result.wall_s, 2) if result.wall_s > 0 else None,
+        "windows": windows,
+        "tail": {"start": len(outcomes) - tail, "end": len(outcomes),
+                 **block_metrics(tail_block, exit_cost)},
+        "node_counters": result.node_counters,
+        "node_exit_codes": result.node_exit_codes,
+    }
+    if with_groups:
+        run["groups"] = group_metrics(outcomes, exit_cost)
+        run["tail"]["groups"] = group_metrics(tail_block, exit_cost)
+    return run
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return _round(a / b) if a is not None and b else None
+
+
+def _points(a: float | None, b: float | None) -> float | None:
+    return _round(100.0 * (a - b), 3) if a is not None and b is not None else None
+
+
+def comparison(runs: Sequence[dict]) -> list[dict]:
+    """Adaptation on vs off at each threshold: tail cost ratio, accuracy difference (points)."""
+    out = []
+    for on in (r for r in runs if r["adapt"]):
+        off = next((r for r in runs if not r["adapt"] and r["threshold"] == on["threshold"]), None)
+        if off is None:
+            continue
+        entry = {
+            "threshold": on["threshold"],
+            "tail_frames": on["tail"]["frames"],
+            "tail_mean_cost_adapt": on["tail"]["mean_cost"],
+            "tail_mean_cost_no_adapt": off["tail"]["mean_cost"],
+            "tail_cost_ratio": _ratio(on["tail"]["mean_cost"], off["tail"]["mean_cost"]),
+            "mean_cost_ratio": _ratio(on["mean_cost"], off["mean_cost"]),
+            "accuracy_adapt": on["accuracy"],
+            "accuracy_no_adapt": off["accuracy"],
+            "accuracy_delta_points": _points(on["accuracy"], off["accuracy"]),
+        }
+        if "groups" in on and "groups" in off:
+            entry["group_accuracy_delta_points"] = {
+                g: _points(on["groups"][g]["accuracy"], off["groups"][g]["accuracy"])
+                for g in GROUPS
+            }
+        out.append(entry)
+    return out
+
+
+def shift_analysis(
+    results: Sequence[RunResult], switch: int, exit_cost: Sequence[float] | None,
+    old_group: str = "footwear", new_group: str = "tops", segment: int | None = None,
+) -> list[dict]:
+    """After a class-mix switch at frame ``switch``: the new group's cost just after the switch
+    vs at the end (it should fall again with adaptation), and the old group's accuracy."""
+    out = []
+    for result in results:
+        outcomes = result.outcomes
+        after = outcomes[switch:]
+        seg = segment or max(1, len(after) // 4)
+        new = GROUPS[new_group]
+        early = block_metrics([o for o in after[:seg] if o.label in new], exit_cost)
+        late = block_metrics([o for o in after[-seg:] if o.label in new], exit_cost)
+        old = block_metrics([o for o in outcomes if o.label in GROUPS[old_group]], exit_cost)
+        out.append({
+            "name": result.settings.name,
+            "adapt": result.settings.adapt,
+            "threshold": result.settings.threshold,
+            "switch_frame": switch,
+            "segment_frames": seg,
+            f"{new_group}_cost_after_switch": early["mean_cost"],
+            f"{new_group}_cost_at_end": late["mean_cost"],
+            f"{new_group}_accuracy_after_switch": early["accuracy"],
+            f"{new_group}_accuracy_at_end": late["accuracy"],
+            f"{old_group}_accuracy": old["accuracy"],
+        })
+    return out
+
+
+def build_report(
+    bag: dict, results: Sequence[RunResult], *, exit_cost: Sequence[float] | None,
+    num_exits: int, class_names: Sequence[str], model: dict, window: int | None = None,
+    tail: int | None = None, settings: dict | None = None,
+) -> dict:
+    """report.json: the issue's keys (bag, frames, predictions, lost, runs[...]) and more."""
+    frames = max((len(r.outcomes) for r in results), default=0)
+    window = window or default_window(frames)
+    tail = tail or default_tail(frames)
+    with_groups = list(class_names) == list(CLASS_NAMES) and bool(bag.get("labels"))
+    runs = [run_metrics(r, exit_cost, num_exits, window=window, tail=tail,
+                        with_groups=with_groups) for r in results]
+    report = {
+        "bag": bag.get("path"),
+        "frames": frames,
+        "predictions": sum(r["predictions"] for r in runs),
+        "lost": sum(r["lost"] for r in runs),
+        "runs": runs,
+        "bag_info": bag,
+        "model": model,
+        "window": window,
+        "tail": tail,
+        "settings": settings or {},
+        "definitions": {
+            "frames": "image frames in the bag, each played once per run",
+            "predictions/lost": "totals over all runs (per run: runs[i].predictions/lost)",
+            "accuracy": "correct / answered labelled frames",
+            "latency_ms": "classifier model time per frame (CascadePrediction.latency_ms)",
+            "e2e_latency_ms": "bag frame published -> prediction received",
+            "mean_cost": "mean model-card exit_cost of the answering exit (full model = 1.0)",
+        },
+    }
+    compared = comparison(runs)
+    if compared:
+        report["comparison"] = compared
+    switch = bag.get("custom_data", {}).get("ttspec.switch_frame")
+    if with_groups and switch not in (None, ""):
+        report["shift"] = shift_analysis(results, int(switch), exit_cost)
+    return report
+
+
+# --- report files --------------------------------------------------------------------------------
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def summary_table(report: dict) -> str:
+    """Markdown table, one row per run: the demo's printed summary."""
+    rows = ["| run | accuracy | mean latency ms | mean exit | mean cost | first window cost "
+            "| last window cost | lost | model version |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        first, last = r["windows"][0], r["windows"][-1]
+        rows.append(
+            f"| {r['name']} | {_pct(r['accuracy'])} | {_fmt(r['mean_latency_ms'], 2)} "
+            f"| {_fmt(r['mean_exit'])} | {_fmt(r['mean_cost'])} | {_fmt(first['mean_cost'])} "
+            f"| {_fmt(last['mean_cost'])} | {r['lost']} | {_fmt(r['final_model_version'])} |"
+        )
+    return "\n".join(rows)
+
+
+def markdown(report: dict, plots: Sequence[str]) -> str:
+    bag, model = report["bag_info"], report["model"]
+    lines = [
+        f"# Replay of `{report['bag']}`",
+        "",
+        f"- image topic `{bag.get('image_topic')}` ({bag.get('image_type')}), "
+        f"{report['frames']} frames, labels: {bag.get('labels') or 'none'}",
+        f"- model `{model.get('model_id')}`, exit_cost {model.get('exit_cost')}",
+        f"- scenario: {bag.get('custom_data', {}).get('ttspec.scenario', 'unknown')}; window "
+        f"{report['window']} frames; tail = last {report['tail']} frames",
+        "",
+        summary_table(report),
+        "",
+        "| run | p95 latency ms | mean e2e ms | p95 e2e ms | exit histogram | tail accuracy "
+        "| tail cost | dropped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['name']} | {_fmt(r['p95_latency_ms'], 2)} | {_fmt(r['mean_e2e_latency_ms'], 2)} "
+            f"| {_fmt(r['p95_e2e_latency_ms'], 2)} | {r['exit_histogram']} "
+            f"| {_pct(r['tail']['accuracy'])} | {_fmt(r['tail']['mean_cost'])} "
+            f"| {r['dropped'] or 'none'} |"
+        )
+    for c in report.get("comparison", []):
+        lines += [
+            "",
+            f"**Adaptation on vs off** (threshold {_fmt(c['threshold'])}): "
+            f"last {c['tail_frames']} frames mean cost {_fmt(c['tail_mean_cost_adapt'])} vs "
+            f"{_fmt(c['tail_mean_cost_no_adapt'])} (ratio {_fmt(c['tail_cost_ratio'])}); "
+            f"accuracy {_pct(c['accuracy_adapt'])} vs {_pct(c['accuracy_no_adapt'])} "
+            f"({_fmt(c['accuracy_delta_points'], 2)} points).",
+        ]
+    for s in report.get("shift", []):
+        lines += ["", f"**Shift at frame {s['switch_frame']}** ({s['name']}): " + ", ".join(
+            f"{k} {_fmt(v)}" for k, v in s.items()
+            if k not in ("name", "adapt", "threshold", "switch_frame"))]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, data: Any) -> Path:
+    from ttspec_ros.model_update import atomic_write_bytes
+
+    return atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def write_report(out_dir: Path, report: dict, results: Sequence[RunResult],
+                 exit_cost: Sequence[float] | None) -> list[Path]:
+    """report.json, report.md, outcomes.json (per frame) and the plots; returns the plot paths."""
+    from ttspec_ros import replay_plots
+    from ttspec_ros.model_update import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    window = report["window"]
+    switch = report["bag_info"].get("custom_data", {}).get("ttspec.switch_frame")
+    plots = replay_plots.stream_plots(
+        out_dir, results, exit_cost, num_exits=len(report["runs"][0]["exit_histogram"]),
+        window=window, switch=int(switch) if switch else None,
+        groups=GROUPS if "groups" in report["runs"][0] else None,
+    )
+    if len({r.settings.threshold for r in results} - {None}) > 1:  # a threshold sweep
+        plots.append(replay_plots.threshold_curve(out_dir, report["runs"]))
+    report["plots"] = [p.name for p in plots]
+    write_json(out_dir / "report.json", report)
+    write_json(out_dir / "outcomes.json", {
+        r.settings.name: [asdict(o) for o in r.outcomes] for r in results
+    })
+    text = markdown(report, [str(p) for p in plots])
+    atomic_write_bytes(out_dir / "report.md", text.encode("utf-8"))
+    return plots
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One-line progress bar with rate and ETA on stderr (plain text; a line per 10 % if the
+    stream is not a terminal)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.label = max(1, total), label
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.start = clock()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_draw = -1.0
+        self._last_decile = -1
+
+    def line(self, done: int, note: str = "") -> str:
+        elapsed = self.clock() - self.start
+        frac = min(1.0, done / self.total)
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        eta_text = "--:--" if math.isnan(eta) else time.strftime("%M:%S", time.gmtime(eta))
+        return (f"{self.label} [{bar}] {done}/{self.total} {100 * frac:3.0f}% "
+                f"{rate:5.1f} fps ETA {eta_text}{'  ' + note if note else ''}")
+
+    def update(self, done: int, note: str = "") -> None:
+        now = self.clock()
+        if self.tty:
+            if now - self._last_draw >= 0.2 or done >= self.total:
+                self.stream.write("\r" + self.line(done, note) + "\033[K")
+                self.stream.flush()
+                self._last_draw = now
+        else:
+            decile = int(10 * done / self.total)
+            if decile > self._last_decile:
+                self.stream.write(self.line(done, note) + "\n")
+                self.stream.flush()
+                self._last_decile = decile
+
+    def finish(self, done: int, note: str = "") -> None:
+        self._last_draw = -1.0
+        self.update(done, note)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --- orchestration -------------------------------------------------------------------------------
+
+
+def replay_bag(
+    bag: str | os.PathLike, out_dir: str | os.PathLike, runs: Sequence[RunSettings], *,
+    image_topic: str | None = None, label_topic: str | None = None, use_labels: bool = True,
+    graph: GraphSpec | None = None, model: str = "", params_file: str | os.PathLike | None = None,
+    domain_id: int | None = None, max_frames: int | None = None, window: int | None = None,
+    tail: int | None = None, stream_out: TextIO | None = None,
+) -> tuple[dict, list[Path]]:
+    """Play ``bag`` once per run setting through fresh node processes; write the report.
+
+    Returns (report dict, plot paths). Raises bags.BagError for an unusable bag."""
+    from ttspec_ros import bags
+
+    stream = bags.open_image_stream(bag, image_topic, label_topic, use_labels=use_labels)
+    graph = graph or find_graph(model=model, params_file=params_file)
+    model_info = model_summary(read_model_card(graph.model))
+    from ttspec_ros.nodes import replay_driver  # rclpy: imported only when a replay runs
+    domain_id = pick_domain_id() if domain_id is None else domain_id
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = min(stream.image_count, max_frames) if max_frames else stream.image_count
+    results = []
+    for k, settings in enumerate(runs, 1):
+        bar = Progress(total, f"[{k}/{len(runs)}] {settings.name}", stream=stream_out)
+        result = replay_driver.play(
+            stream, settings, graph, domain_id=domain_id, log_dir=out_dir / "logs" / settings.name,
+            max_frames=max_frames, progress=bar.update)
+        lost = sum(not o.answered for o in result.outcomes)
+        bar.finish(len(result.outcomes), f"{lost} lost")
+        results.append(result)
+    model = model_info
+    bag_info = {**stream.describe(), "encodings": dict(stream.encodings)}
+    report = build_report(
+        bag_info, results, exit_cost=model.get("exit_cost"), num_exits=model["num_exits"],
+        class_names=model["class_names"], model=model, window=window, tail=tail,
+        settings={"runs": [asdict(r) for r in runs], "domain_id": domain_id,
+                  "params_file": str(graph.params_file), "max_frames": max_frames,
+                  "model": graph.model or "(bundled demo model)"},
+    )
+    plots = write_report(out_dir, report, results, model.get("exit_cost"))
+    return report, plots
