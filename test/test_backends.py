@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from ttspec_ros import cli
 from ttspec_ros.backends import (
     BackendUnavailable,
     create_backbone,
@@ -17,11 +18,12 @@ from ttspec_ros.backends import (
 from ttspec_ros.backends.onnx_export import (
     backbone_hash,
     ensure_exported,
-    export_stages,
     load_manifest,
     relative_difference,
 )
 from ttspec_ros.backends.onnxruntime_backend import OnnxRuntimeBackbone
+from ttspec_ros.cascade import Cascade, TorchBackbone
+from ttspec_ros.models.checkpoint import ModelCard, save_model
 from ttspec_ros.models.revcol import RevCol
 
 SIZE = 32
@@ -53,13 +55,32 @@ def torch_reference(model: RevCol, image: torch.Tensor) -> list[torch.Tensor]:
     return pooled
 
 
+def save_tiny_checkpoint(model: RevCol, stem) -> None:
+    card = ModelCard(
+        model_id="tiny-test", architecture=model.config.to_dict(),
+        class_names=[f"c{i}" for i in range(10)],
+        input={"channels": 1, "size": SIZE, "content_size": 28, "mean": [0.5], "std": [0.5]},
+        thresholds=[0.5, 0.5, 0.5], exit_cost=[0.25, 0.5, 0.75, 1.0],
+    )
+    save_model(model, card, stem)
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     torch.set_num_threads(1)
     model = make_tiny_model()
+    stem = tmp_path_factory.mktemp("model") / "tiny"
+    save_tiny_checkpoint(model, stem)
+    return model, stem
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """Graphs written by `ttspec export-onnx` for the tiny checkpoint."""
+    model, stem = checkpoint
     out = tmp_path_factory.mktemp("graphs")
-    manifest = export_stages(model, SIZE, out)
-    return model, out, manifest
+    assert cli.main(["export-onnx", "--model", str(stem), "--out", str(out)]) == 0
+    return model, out, load_manifest(out)
 
 
 @pytest.fixture()
@@ -144,11 +165,10 @@ def test_create_backbone_onnxruntime_reuses_cached_export(tmp_path, image):
     stamp = (graph_dir / "stage0.onnx").stat().st_mtime_ns
     assert ensure_exported(model, SIZE, tmp_path) == graph_dir
     assert (graph_dir / "stage0.onnx").stat().st_mtime_ns == stamp
+    # The directory is named by the backbone hash: a changed backbone gets its own graphs.
+    assert backbone_hash(model)[:16] in graph_dir.name
     _, pooled = backbone.run_stage(0, image)
     assert relative_difference(pooled, torch_reference(model, image)[0]) < 1e-4
-    with torch.no_grad():  # a changed backbone gets its own graphs, never stale ones
-        model.subnet0.alpha0.mul_(2.0)
-    assert ensure_exported(model, SIZE, tmp_path) != graph_dir
 
 
 def test_selection_errors_name_what_is_missing():
@@ -175,3 +195,55 @@ def test_backbone_changing_strategy_needs_torch():
     require_torch_for_strategy("onnxruntime", "heads", changes_backbone=False)
     with pytest.raises(ValueError, match="changes backbone parameters.*'tensorrt'"):
         require_torch_for_strategy("tensorrt", "ttt", changes_backbone=True)
+
+
+def test_create_backbone_torch():
+    model = make_tiny_model()
+    backbone = create_backbone("torch", model, num_threads=1)
+    assert isinstance(backbone, TorchBackbone) and backbone.model is model
+
+
+def test_cascade_on_onnxruntime_matches_torch_before_and_after_head_update(exported):
+    model, out, _ = exported
+    torch_cascade = Cascade(make_tiny_model(), [0.5] * 3)
+    ort_cascade = Cascade(make_tiny_model(), [0.5] * 3,
+                          backbone=OnnxRuntimeBackbone(out, num_threads=1))
+    images = torch.randn(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    head = "cls_blocks.1.classifier.1.weight"
+    update = {head: torch.randn(10, 32, generator=torch.Generator().manual_seed(4))}
+    for version in (0, 1):
+        if version:
+            torch_cascade.apply_update(update, version)
+            ort_cascade.apply_update(update, version)
+        for img in images:
+            for force in range(4):
+                a = torch_cascade.run(img, force_exit=force)
+                b = ort_cascade.run(img, force_exit=force)
+                assert a.class_id == b.class_id and a.exit_index == b.exit_index
+                assert relative_difference(b.logits, a.logits) < 1e-4
+    with pytest.raises(ValueError, match="fixed graph"):
+        ort_cascade.apply_update({"subnet0.alpha0": torch.zeros(1, 8, 1, 1)}, 2)
+
+
+def test_bench_backends_writes_the_issue_schema(checkpoint, tmp_path):
+    _, stem = checkpoint
+    argv = ["bench-backends", "--out", str(tmp_path), "--models", "demo",
+            "--demo-model", str(stem), "--backends", "torch,onnxruntime,tensorrt",
+            "--threads", "1", "--repeats", "2", "--warmup", "0"]
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "backends.json").read_text())
+    assert set(data) == {"results", "stage_overhead"}
+    assert {(r["backend"], r["exit"]) for r in data["results"]} >= {
+        (b, e) for b in ("torch", "onnxruntime") for e in range(4)
+    }
+    for r in data["results"]:
+        assert set(r) == {"model", "backend", "exit", "latency_ms", "latency_std_ms"}
+        assert r["model"] == "demo" and r["latency_ms"] > 0 and r["latency_std_ms"] >= 0
+    assert {o["backend"] for o in data["stage_overhead"]} == {"torch", "onnxruntime"}
+    for o in data["stage_overhead"]:
+        assert set(o) == {"model", "backend", "staged_ms", "unsplit_ms"}
+    meta = json.loads((tmp_path / "backends_meta.json").read_text())
+    assert meta["seed"] == 0
+    assert meta["models"]["demo"]["accuracy_vs_torch"]["onnxruntime"]["pooled_max_rel_diff"] < 1e-4
+    if importlib.util.find_spec("tensorrt") is None:
+        assert [s["backend"] for s in meta["models"]["demo"]["skipped"]] == ["tensorrt"]
