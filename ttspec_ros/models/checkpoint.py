@@ -143,6 +143,10 @@ class ForeignObject(dict):
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
+    def __call__(self, *args: Any, **kwargs: Any) -> ForeignObject:
+        # Pickles call what they built (e.g. getattr(cls, "method")(...)): stay inert.
+        return _inert_global(self.pickled_global, "<call>")(*args)
+
     def __repr__(self) -> str:
         return f"<ForeignObject {self.pickled_global}>"
 
@@ -213,13 +217,19 @@ def read_pickled_checkpoint(path: str | os.PathLike) -> Any:
 
 
 # -- state dicts ----------------------------------------------------------------------------
+def _describe(obj: Any) -> str:
+    if isinstance(obj, ForeignObject):
+        return f"a pickled {obj.pickled_global} (not loaded)"
+    return f"a {type(obj).__name__}" + (" (empty)" if isinstance(obj, Mapping) else "")
+
+
 def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint"
                        ) -> dict[str, Tensor]:
     """The state dict inside a loaded checkpoint: the object itself if it maps names to
     tensors, else its ``model`` entry (default) or, with ``use_ema``, its ``state_dict_ema``
     entry when present (falling back to ``model`` with a warning when it is not)."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: holds a {type(obj).__name__}, not a state dict")
+    if not isinstance(obj, Mapping) or isinstance(obj, ForeignObject):
+        raise ValueError(f"{source}: holds {_describe(obj)}, not a state dict")
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
         state = obj
     else:
@@ -229,12 +239,14 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
                 key = "state_dict_ema"
             else:
                 warnings.warn(f"{source}: no state_dict_ema entry; using 'model'", stacklevel=2)
-        if key not in obj or not isinstance(obj[key], Mapping):
+        if key not in obj:
             raise ValueError(
                 f"{source}: neither a state dict nor a checkpoint with a {key!r} state dict "
                 f"(top-level keys: {', '.join(map(str, list(obj)[:8]))})"
             )
         state = obj[key]
+        if not isinstance(state, Mapping) or isinstance(state, ForeignObject) or not state:
+            raise ValueError(f"{source}: {key!r} holds {_describe(state)}, not a state dict")
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise ValueError(f"{source}: state dict entry {not_tensors[0]!r} is not a tensor")
@@ -304,12 +316,9 @@ def build_from_state_dict(state: Mapping[str, Tensor], config: RevColConfig | No
     config = config or infer_config(state, source)
     kwargs = config.to_dict()
     kwargs["with_decoders"] = with_decoders
-    with torch.device("meta"):  # skip the random init; load_state_dict(assign=True) fills it
-        model = RevCol(**kwargs)
+    model = RevCol(**kwargs)
     check_state_dict(model, state, source)
-    model.load_state_dict(
-        {k: v.to(torch.float32).contiguous() for k, v in state.items()}, strict=True, assign=True
-    )
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 

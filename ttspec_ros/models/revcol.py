@@ -197,9 +197,10 @@ class Decoder(nn.Module):
     def __init__(self, channels: Sequence[int], out_chans: int) -> None:
         super().__init__()
         dims = list(channels)[::-1]
-        self.proj_layers = nn.ModuleList()
-        self.upsample_layers = nn.ModuleList()
+        # Registration order = the official state-dict order.
         self.normal_layers = nn.ModuleList()
+        self.upsample_layers = nn.ModuleList()
+        self.proj_layers = nn.ModuleList()
         for i in range(1, len(dims)):
             self.proj_layers.append(
                 nn.Sequential(
@@ -280,7 +281,7 @@ class RevCol(nn.Module):
             nn.Conv2d(in_chans, channels[0], STEM_PATCH, stride=STEM_PATCH),
             ChannelsFirstLayerNorm(channels[0]),
         )
-        dp_rates = torch.linspace(0, drop_path, sum(layers)).tolist()
+        dp_rates = torch.linspace(0, drop_path, sum(layers), device="cpu").tolist()
         for k in range(num_columns):
             self.add_module(
                 f"subnet{k}", SubNet(channels, layers, kernel_size, k == 0, dp_rates)

@@ -1,0 +1,266 @@
+"""Checkpoint loading and saving: official checkpoint dicts through the restricted unpickler
+(foreign objects neutralised, their payload never run), our safetensors + model card format,
+clear errors for mismatches and corrupt files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from ttspec_ros.models import checkpoint
+from ttspec_ros.models.checkpoint import (
+    ForeignObject,
+    ModelCard,
+    check_state_dict,
+    file_hash,
+    load_model,
+    save_model,
+)
+from ttspec_ros.models.revcol import RevCol
+
+torch.set_num_threads(1)
+
+TINY = dict(channels=(8, 16, 24, 32), layers=(1, 1, 2, 1), num_columns=4, num_classes=3)
+
+
+class CfgNode(dict):
+    """Stands for yacs' CfgNode: a dict subclass with attributes, pickled by class reference."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.__dict__["frozen"] = True
+
+
+class Payload:
+    """Unpickling it creates the marker file (if anything executes pickled callables)."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def make_model(seed: int = 0, **kwargs) -> RevCol:
+    torch.manual_seed(seed)
+    return RevCol(**{**TINY, **kwargs}).eval()
+
+
+def make_card(model: RevCol, model_id: str = "") -> ModelCard:
+    return ModelCard(
+        model_id=model_id, architecture=model.config.to_dict(),
+        class_names=["a", "b", "c"],
+        input={"channels": 3, "size": 32, "content_size": 28, "mean": [0.5] * 3,
+               "std": [0.25] * 3},
+        thresholds=[0.6, 0.7, 0.8], exit_cost=[0.25, 0.5, 0.75, 1.0],
+        training={"seed": 1, "data": "unit test"}, metrics={},
+    )
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def official_training_checkpoint(path, marker, model, ema):
+    torch.save({
+        "model": model.state_dict(),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+        "max_accuracy": 81.2,
+        "epoch": 299,
+        "state_dict_ema": ema.state_dict(),
+        "config": CfgNode(MODEL=CfgNode(TYPE="revcol_tiny")),
+        "stray": Payload(marker),
+    }, path)
+
+
+def test_training_checkpoint_loads_without_running_pickled_code(tmp_path):
+    model, ema = make_model(0), make_model(1)
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "official.pth"
+    official_training_checkpoint(path, marker, model, ema)
+    with pytest.raises(pickle.UnpicklingError):  # why the restricted path exists
+        torch.load(path, weights_only=True)
+
+    loaded, card = load_model(path)
+    assert_same_weights(loaded, model)
+    assert not marker.exists()
+    assert card.model_id == file_hash(path) and len(card.model_id) == 12
+    assert card.architecture == model.config.to_dict() | {"drop_path": 0.0}
+    assert card.exit_cost[-1] == 1.0 and card.exit_cost == sorted(card.exit_cost)
+
+    loaded_ema, _ = load_model(path, use_ema=True)
+    assert_same_weights(loaded_ema, ema)
+    assert not marker.exists()
+
+    # The objects themselves come back inert: the class is recorded, never imported.
+    raw = checkpoint.read_pickled_checkpoint(path)
+    assert isinstance(raw["config"], ForeignObject)
+    assert raw["config"].pickled_global.endswith("CfgNode")
+    assert raw["config"]["MODEL"]["TYPE"] == "revcol_tiny"
+    assert isinstance(raw["stray"], ForeignObject)
+    assert raw["stray"].pickled_global.endswith("getattr.<call>")  # getattr(Path, "touch")(.)
+    assert not marker.exists()
+
+    # Control: an unrestricted load of the same file does run the payload.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickle_that_is_only_a_payload_is_refused(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Payload(marker)}, path)
+    with pytest.raises(ValueError, match=r"'model' holds a pickled .*getattr.*\(not loaded\)"):
+        load_model(path)
+    plain = tmp_path / "plain.pkl"  # a bare pickle is not a torch checkpoint at all
+    plain.write_bytes(pickle.dumps({"model": Payload(marker)}))
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_model(plain)
+    path2 = tmp_path / "evil2.pth"
+    torch.save(Payload(marker), path2)
+    with pytest.raises(ValueError, match="holds a pickled .*getattr"):
+        load_model(path2)
+    assert not marker.exists()
+
+
+def test_ema_requested_but_absent_falls_back_to_model_with_warning(tmp_path):
+    model = make_model()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3}, path)
+    with pytest.warns(UserWarning, match="state_dict_ema"):
+        loaded, _ = load_model(path, use_ema=True)
+    assert_same_weights(loaded, model)
+
+
+@pytest.mark.parametrize("with_decoders", [True, False])
+def test_raw_state_dict_with_or_without_decoders(tmp_path, with_decoders):
+    model = make_model(with_decoders=with_decoders)
+    path = tmp_path / "raw.pth"
+    torch.save(OrderedDict(model.state_dict()), path)
+    loaded, _ = load_model(path)
+    assert loaded.config.with_decoders == with_decoders
+    assert_same_weights(loaded, model)
+
+
+def test_decoders_can_be_dropped_on_load(tmp_path):
+    model = make_model()
+    path = tmp_path / "raw.pth"
+    torch.save(model.state_dict(), path)
+    loaded, _ = load_model(path, with_decoders=False)
+    assert loaded.decoder_blocks is None
+    image = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded.forward_exits(image)[3], model.forward_exits(image)[3])
+    no_decoders = tmp_path / "nodec.pth"
+    torch.save({k: v for k, v in model.state_dict().items()
+                if not k.startswith("decoder_blocks.")}, no_decoders)
+    with pytest.raises(ValueError, match="no decoder tensors"):
+        load_model(no_decoders, with_decoders=True)
+
+
+def test_mismatch_names_first_missing_unexpected_and_wrong_shape_keys():
+    model = make_model()
+    state = dict(model.state_dict())
+    del state["cls_blocks.2.classifier.1.bias"]
+    state["subnet9.alpha0"] = torch.zeros(1)
+    state["stem.1.weight"] = torch.zeros(7)
+    with pytest.raises(ValueError) as err:
+        check_state_dict(model, state)
+    msg = str(err.value)
+    assert "missing: cls_blocks.2.classifier.1.bias" in msg
+    assert "unexpected: subnet9.alpha0" in msg
+    assert "wrong shape: stem.1.weight [7] (model: [8])" in msg
+
+
+def test_official_checkpoint_with_wrong_head_size_is_refused_naming_keys(tmp_path):
+    state = dict(make_model().state_dict())
+    state["cls_blocks.1.classifier.1.weight"] = torch.zeros(4, 32)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"cls_blocks\.1\.classifier\.1\.weight \[4, 32\]"):
+        load_model(path)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = make_model(in_chans=3)
+    written = save_model(model, make_card(model), tmp_path / "m")
+    assert written.model_id == file_hash(tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+    for path in (tmp_path / "m", tmp_path / "m.safetensors", tmp_path / "m.json"):
+        loaded, card = load_model(path)
+        assert_same_weights(loaded, model)
+        assert card == written
+    kept_id = save_model(model, make_card(model, model_id="my-model"), tmp_path / "n")
+    assert kept_id.model_id == "my-model"
+    assert json.loads((tmp_path / "n.json").read_text())["model_id"] == "my-model"
+
+
+def test_card_whose_architecture_does_not_match_the_tensors_is_refused(tmp_path):
+    model = make_model()
+    save_model(model, make_card(model), tmp_path / "m")
+    card = json.loads((tmp_path / "m.json").read_text())
+    card["architecture"]["channels"] = [8, 16, 24, 48]
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"does not match the tensors \(channels: card"):
+        load_model(tmp_path / "m")
+
+
+def test_inconsistent_card_is_refused(tmp_path):
+    model = make_model()
+    save_model(model, make_card(model), tmp_path / "m")
+    card = json.loads((tmp_path / "m.json").read_text())
+    card["class_names"] = ["only-one"]
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="1 class_names for a model with 3 classes"):
+        load_model(tmp_path / "m")
+    card["class_names"], card["thresholds"] = ["a", "b", "c"], [0.5, 1.5, 0.5]
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"thresholds.*\[0, 1\]"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_files_are_refused_clearly(tmp_path):
+    model = make_model()
+    save_model(model, make_card(model), tmp_path / "m")
+    weights = tmp_path / "m.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_model(tmp_path / "m")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00\x01 definitely not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_model(garbage)
+
+
+def test_missing_files_raise_file_not_found(tmp_path, monkeypatch):
+    model = make_model()
+    save_model(model, make_card(model), tmp_path / "m")
+    (tmp_path / "m.json").unlink()
+    with pytest.raises(FileNotFoundError, match="m.json"):
+        load_model(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="other.pth"):
+        load_model(tmp_path / "other.pth")
+    monkeypatch.setattr(checkpoint, "DEMO_STEM", tmp_path / "nothing" / "demo")
+    with pytest.raises(FileNotFoundError, match="bundled demo model"):
+        load_model(None)
+
+
+def test_none_loads_the_bundled_demo_model(tmp_path, monkeypatch):
+    model = make_model()
+    written = save_model(model, make_card(model), tmp_path / "demo")
+    monkeypatch.setattr(checkpoint, "DEMO_STEM", tmp_path / "demo")
+    loaded, card = load_model()
+    assert_same_weights(loaded, model)
+    assert card == written
