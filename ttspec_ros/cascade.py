@@ -197,30 +197,40 @@ class Cascade:
 
 def exit_costs(model: RevCol, image_size: int | tuple[int, int]) -> list[float]:
     """Each exit's cumulative share of the compute of running the cascade to the last exit
-    (stem, columns and heads evaluated so far), by FLOPs counted with torch's
-    FlopCounterMode (matmuls and convolutions; deterministic, unlike timing). Last = 1.0."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    (stem, columns and heads evaluated so far), counted as multiply-accumulates of every
+    convolution and linear layer (deterministic, unlike timing; elementwise work is left
+    out, as FLOP counters do). Last = 1.0."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     param = next(model.parameters())
     x = torch.zeros(1, model.config.in_chans, h, w, dtype=param.dtype, device=param.device)
+    macs = [0]
+
+    def count(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs[0] += output.numel() * (module.in_channels // module.groups) * kh * kw
+        else:
+            macs[0] += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     backbone = TorchBackbone(model)
-    flops: list[int] = []
+    per_exit: list[int] = []
     carry: Any = x
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for i in range(model.num_exits):
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    carry, pooled = backbone.run_stage(i, carry)
-                    model.head(i, pooled)
-                flops.append(counter.get_total_flops())
+                macs[0] = 0
+                carry, pooled = backbone.run_stage(i, carry)
+                model.head(i, pooled)
+                per_exit.append(macs[0])
     finally:
         model.train(was_training)
-    total = sum(flops)
-    cumulative = np.cumsum(flops) / total
+        for hook in hooks:
+            hook.remove()
+    cumulative = np.cumsum(per_exit) / sum(per_exit)
     return [float(c) for c in cumulative[:-1]] + [1.0]
 
 
