@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import onnx
 import pytest
@@ -157,16 +158,18 @@ def test_tampered_graph_is_refused(exported, tmp_path):
         load_manifest(tmp_path)
 
 
-def test_create_backbone_onnxruntime_reuses_cached_export(tmp_path, image):
-    model = make_tiny_model()
+def test_create_backbone_onnxruntime_uses_cached_graphs(exported, tmp_path, image):
+    model, out, _ = exported
+    # The cache directory is named by backbone hash and size; put the CLI's export there.
+    # (Exporting into an empty cache is covered by the tensorrt selection test.)
+    graph_dir = tmp_path / f"onnx-{backbone_hash(model)[:16]}-{SIZE}x{SIZE}"
+    shutil.copytree(out, graph_dir)
+    stamps = {f.name: f.stat().st_mtime_ns for f in graph_dir.iterdir()}
     backbone = create_backbone("onnxruntime", model, num_threads=1, cache_dir=tmp_path,
                                image_size=SIZE)
-    (graph_dir,) = [d for d in tmp_path.iterdir() if d.name.startswith("onnx-")]
-    stamp = (graph_dir / "stage0.onnx").stat().st_mtime_ns
     assert ensure_exported(model, SIZE, tmp_path) == graph_dir
-    assert (graph_dir / "stage0.onnx").stat().st_mtime_ns == stamp
-    # The directory is named by the backbone hash: a changed backbone gets its own graphs.
-    assert backbone_hash(model)[:16] in graph_dir.name
+    assert {f.name: f.stat().st_mtime_ns for f in graph_dir.iterdir()} == stamps
+    assert [d.name for d in tmp_path.iterdir()] == [graph_dir.name]
     _, pooled = backbone.run_stage(0, image)
     assert relative_difference(pooled, torch_reference(model, image)[0]) < 1e-4
 

@@ -3,11 +3,15 @@ tensorrt import), plus engine tests that need TensorRT and a CUDA device (skippe
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import importlib.util
 import json
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +108,181 @@ def test_entry_names_are_checked():
 def test_cache_logic_does_not_import_tensorrt():
     if importlib.util.find_spec("tensorrt") is None:
         assert "tensorrt" not in sys.modules
+
+
+# -- TensorRTBackbone's control flow on a stand-in `tensorrt` ----------------------------
+# No GPU here, so a minimal stand-in for the tensorrt API runs each "engine" (the ONNX bytes)
+# with ONNX Runtime on CPU memory addressed through the raw pointers the backbone hands over,
+# exactly as TensorRT reads and writes device memory. It checks the backbone's wiring (carry
+# names, buffers, cache use, refusal before deserializing), not TensorRT itself.
+
+
+class _FakeTRT(types.ModuleType):
+    __version__ = "10.99.0"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity=None):
+            pass
+
+    class NetworkDefinitionCreationFlag:
+        EXPLICIT_BATCH = 0
+
+    class MemoryPoolType:
+        WORKSPACE = 0
+
+    class BuilderFlag:
+        FP16 = 0
+
+    class TensorIOMode:
+        INPUT = "input"
+        OUTPUT = "output"
+
+    def __init__(self):
+        super().__init__("tensorrt")
+        fake = self
+        self.deserialized = 0
+
+        class Network:
+            path = None
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                pass
+
+            def set_flag(self, flag):
+                pass
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                self.network = network
+
+            def parse_from_file(self, path):
+                self.network.path = path
+                return True
+
+        class Builder:
+            platform_has_fast_fp16 = True
+
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def build_serialized_network(self, network, config):
+                with open(network.path, "rb") as f:
+                    return f.read()
+
+        class Context:
+            def __init__(self, engine):
+                self.engine, self.addresses = engine, {}
+
+            def set_tensor_address(self, name, address):
+                self.addresses[name] = address
+
+            def execute_async_v3(self, stream):
+                def view(name):
+                    shape = self.engine.shapes[name]
+                    pointer = ctypes.cast(self.addresses[name], ctypes.POINTER(ctypes.c_float))
+                    return np.ctypeslib.as_array(pointer, shape=shape)
+
+                feeds = {name: view(name).copy() for name in self.engine.inputs}
+                names = list(self.engine.outputs)
+                for name, value in zip(names, self.engine.session.run(names, feeds), strict=True):
+                    view(name)[...] = value
+                return True
+
+        class Engine:
+            def __init__(self, data):
+                import onnxruntime as ort
+
+                self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+                self.inputs = [i.name for i in self.session.get_inputs()]
+                self.outputs = [o.name for o in self.session.get_outputs()]
+                self.shapes = {
+                    v.name: tuple(v.shape)
+                    for v in [*self.session.get_inputs(), *self.session.get_outputs()]
+                }
+                self.names = self.inputs + self.outputs
+                self.num_io_tensors = len(self.names)
+
+            def get_tensor_name(self, j):
+                return self.names[j]
+
+            def get_tensor_mode(self, name):
+                return "input" if name in self.inputs else "output"
+
+            def get_tensor_dtype(self, name):
+                return types.SimpleNamespace(name="FLOAT")
+
+            def get_tensor_shape(self, name):
+                return self.shapes[name]
+
+            def create_execution_context(self):
+                return Context(self)
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                fake.deserialized += 1
+                return Engine(data)
+
+        self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, Runtime
+
+
+@pytest.fixture()
+def fake_gpu(monkeypatch):
+    """A stand-in tensorrt module and a 'CUDA device' that is the CPU."""
+    from ttspec_ros.backends import tensorrt_backend
+
+    fake = _FakeTRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(tensorrt_backend, "cuda_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return fake
+
+
+def test_backbone_builds_once_reuses_engines_and_refuses_foreign_ones(
+    fake_gpu, tmp_path, monkeypatch
+):
+    from test_backends import make_tiny_model, torch_reference
+
+    from ttspec_ros.backends import create_backbone
+    from ttspec_ros.backends.onnx_export import relative_difference
+    from ttspec_ros.backends.tensorrt_backend import TensorRTBackbone
+
+    model = make_tiny_model()
+    # Selection exports the stage graphs into the cache, then builds and caches engines.
+    first = create_backbone("tensorrt", model, device="cuda", cache_dir=tmp_path,
+                            image_size=32)
+    assert isinstance(first, TensorRTBackbone)
+    assert first.builds == 4 and fake_gpu.deserialized == 4
+    graphs = first.graph_dir
+    assert graphs.parent == tmp_path and len(list((tmp_path / "engines").glob("*.json"))) == 4
+    image = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    for frame in range(2):  # buffers are reused across frames
+        carry = image
+        for i, expected in enumerate(torch_reference(model, image)):
+            carry, pooled = first.run_stage(i, carry)
+            assert relative_difference(pooled, expected) < 1e-4, (frame, i)
+    again = TensorRTBackbone(graphs, cache_dir=tmp_path / "engines")
+    assert again.builds == 0 and fake_gpu.deserialized == 8
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
+    with pytest.raises(StaleEngineError, match="foreign.*gpu_name: cached 'Fake GPU'"):
+        TensorRTBackbone(graphs, cache_dir=tmp_path / "engines")
+    assert fake_gpu.deserialized == 8
 
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None

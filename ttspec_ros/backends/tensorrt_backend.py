@@ -212,6 +212,13 @@ def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int) -> 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if precision == "fp16":
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            # TensorRT 11 dropped weak typing: FP16 would need an FP16-typed graph, which
+            # this exporter does not write (JetPack 5-7 ship TensorRT 8.5-10.x, which have it).
+            raise BackendUnavailable(
+                f"precision 'fp16' uses BuilderFlag.FP16, which TensorRT {trt.__version__} no "
+                "longer has (strongly typed networks only); use precision 'fp32'"
+            )
         if not getattr(builder, "platform_has_fast_fp16", True):
             raise BackendUnavailable("precision 'fp16' requested but this GPU has no fast FP16")
         config.set_flag(trt.BuilderFlag.FP16)
