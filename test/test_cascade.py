@@ -3,6 +3,7 @@ validated atomic updates (also under concurrent frames), other backbones, comput
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -214,3 +215,19 @@ def test_exit_costs_are_cumulative_shares():
     assert Cascade(model, 0.5).exit_costs(32) == costs
     assert exit_costs(make_model(num_columns=8), 32)[1] == pytest.approx(0.5, abs=0.05)
 
+
+
+def test_bench_exits_writes_well_formed_json(tmp_path):
+    from ttspec_ros.cli import main
+
+    assert main(["bench-exits", "--arch", "revcol_tiny", "--size", "32", "--out",
+                 str(tmp_path), "--repeats", "2", "--warmup", "0", "--threads", "1",
+                 "--num-classes", "10"]) == 0
+    result = json.loads((tmp_path / "bench_exits.json").read_text())
+    assert result["settings"]["size"] == 32 and result["settings"]["seed"] == 0
+    assert [e["exit"] for e in result["forced_exits"]] == [0, 1, 2, 3]
+    assert all(e["latency_ms"] > 0 for e in result["forced_exits"])
+    assert result["plain_forward"]["latency_ms"] > 0
+    assert result["overhead_ratio"] == pytest.approx(
+        result["forced_exits"][3]["latency_ms"] / result["plain_forward"]["latency_ms"])
+    assert result["exit_cost"][-1] == 1.0

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "forgetting-experiment": "ttspec_ros.experiments.forgetting_experiment",
     "export-onnx": "ttspec_ros.experiments.export_onnx",
     "bench-backends": "ttspec_ros.experiments.bench_backends",
+    "bench-exits": "ttspec_ros.experiments.bench_exits",
 }
 
 

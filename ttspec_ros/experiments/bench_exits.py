@@ -1,0 +1,125 @@
+"""Batch-1 CPU latency of a RevCol preset per forced cascade exit vs the plain forward."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ttspec_ros.cascade import Cascade, exit_costs
+from ttspec_ros.models.revcol import PRESETS, build_preset
+
+TARGET_OVERHEAD_RATIO = 1.02  # issue 3: forced last exit through the cascade / plain forward
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="revcol_tiny", choices=sorted(PRESETS))
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--out", required=True, help="directory for bench_exits.json")
+    parser.add_argument("--repeats", type=int, default=40,
+                        help="timed rounds; each round runs every configuration once")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per configuration")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0, help="weights and input")
+
+
+def _stats(samples: list[float]) -> dict:
+    return {
+        "latency_ms": statistics.fmean(samples),
+        "latency_std_ms": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        "median_ms": statistics.median(samples),
+        "min_ms": min(samples),
+    }
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure(arch: str, size: int, repeats: int, warmup: int, threads: int, num_classes: int,
+            seed: int) -> dict:
+    if repeats < 2 or warmup < 0 or threads < 1 or size < 32 or size % 32:
+        raise ValueError("need repeats >= 2, warmup >= 0, threads >= 1 and a size that is a "
+                         "positive multiple of 32 (four stride-2 levels after a stride-4 stem)")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = build_preset(arch, num_classes=num_classes, with_decoders=False).eval()
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    cascade = Cascade(model, 1.0)
+
+    def plain() -> None:
+        with torch.inference_mode():
+            model.forward_last(image)
+
+    configs: list[tuple[str, Callable[[], object]]] = [
+        (f"exit{i}", lambda i=i: cascade.run(image, force_exit=i))
+        for i in range(model.num_exits)
+    ] + [("plain", plain)]
+    for _, fn in configs:
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name, _ in configs}
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    for r in range(repeats):
+        # Rotate the order every round so slow drifts of a shared machine hit all alike.
+        for name, fn in configs[r % len(configs):] + configs[:r % len(configs)]:
+            samples[name].append(_timed(fn))
+    elapsed_s = time.perf_counter() - started
+    last = f"exit{model.num_exits - 1}"
+    paired = [a / b for a, b in zip(samples[last], samples["plain"], strict=True)]
+    plain_stats = _stats(samples["plain"])
+    overhead = _stats(samples[last])["latency_ms"] / plain_stats["latency_ms"]
+    return {
+        "settings": {
+            "arch": arch, "size": size, "batch": 1, "device": "cpu", "threads": threads,
+            "repeats": repeats, "warmup": warmup, "seed": seed, "num_classes": num_classes,
+            "weights": "random (seeded)", "torch": torch.__version__,
+            "python": sys.version.split()[0], "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+            "timed_seconds": elapsed_s,
+        },
+        "exit_cost": exit_costs(model, size),
+        "forced_exits": [
+            {"exit": i, **_stats(samples[f"exit{i}"])} for i in range(model.num_exits)
+        ],
+        "plain_forward": plain_stats,
+        "overhead_ratio": overhead,
+        "overhead_ratio_median_paired": statistics.median(paired),
+        "target_overhead_ratio": TARGET_OVERHEAD_RATIO,
+        "meets_target": overhead <= TARGET_OVERHEAD_RATIO,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    result = measure(args.arch, args.size, args.repeats, args.warmup, args.threads,
+                     args.num_classes, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench_exits.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    for e in result["forced_exits"]:
+        print(f"exit {e['exit']}: {e['latency_ms']:.1f} ± {e['latency_std_ms']:.1f} ms "
+              f"(median {e['median_ms']:.1f})")
+    p = result["plain_forward"]
+    print(f"plain forward: {p['latency_ms']:.1f} ± {p['latency_std_ms']:.1f} ms "
+          f"(median {p['median_ms']:.1f})")
+    print(f"overhead ratio {result['overhead_ratio']:.3f} (median of paired "
+          f"{result['overhead_ratio_median_paired']:.3f}; target <= {TARGET_OVERHEAD_RATIO})")
+    print(f"wrote {path}")
+    return 0
