@@ -36,7 +36,13 @@ class OnnxRuntimeBackbone:
     backend = "onnxruntime"
     device = "cpu"
 
-    def __init__(self, graph_dir: str | os.PathLike, *, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        graph_dir: str | os.PathLike,
+        *,
+        num_threads: int | None = None,
+        allow_spinning: bool = False,
+    ) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -46,6 +52,9 @@ class OnnxRuntimeBackbone:
         self.image_shape = list(self.manifest["image_shape"])
         self.model_hash = self.manifest["model_hash"]
         self.num_threads = num_threads
+        # Each session has its own intra-op pool. Spinning pools of the idle stages would
+        # compete with the running stage (and with the rest of the robot) for the cores.
+        self.allow_spinning = allow_spinning
         self._sessions = [self._session(e["file"]) for e in self.manifest["stages"]]
         self._output_names = [
             [o["name"] for o in e["outputs"]] for e in self.manifest["stages"]
@@ -58,6 +67,9 @@ class OnnxRuntimeBackbone:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
+        )
         if self.num_threads is not None:
             if self.num_threads < 1:
                 raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")

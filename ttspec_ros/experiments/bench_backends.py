@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo-model", default="demo",
                         help="what 'demo' means: 'demo' (bundled) or a checkpoint path")
+    parser.add_argument("--onnxruntime-spinning", action="store_true",
+                        help="let ONNX Runtime's idle intra-op threads spin (off by default)")
     parser.add_argument("--tensorrt-precision", default="fp32", choices=("fp32", "fp16"))
     parser.add_argument("--cache-dir", default=None,
                         help="TensorRT engine cache (default: <out>/cache)")
@@ -74,7 +76,9 @@ def _build_backbones(names, model, graph_dir: Path, args, skipped: list) -> dict
         if name == "torch":
             backbones[name] = TorchBackbone(model)
         elif name == "onnxruntime":
-            backbones[name] = OnnxRuntimeBackbone(graph_dir, num_threads=args.threads)
+            backbones[name] = OnnxRuntimeBackbone(
+                graph_dir, num_threads=args.threads, allow_spinning=args.onnxruntime_spinning
+            )
         elif name == "tensorrt":
             try:
                 from ttspec_ros.backends.tensorrt_backend import TensorRTBackbone
@@ -236,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "seed": args.seed, "threads": args.threads, "repeats": args.repeats,
-        "warmup": args.warmup, "tensorrt_precision": args.tensorrt_precision,
+        "warmup": args.warmup, "onnxruntime_spinning": args.onnxruntime_spinning,
+        "tensorrt_precision": args.tensorrt_precision,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
         "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
