@@ -242,37 +242,31 @@ def test_real_replay_through_the_node_graph(tmp_path):
                                  storage="sqlite3")["bag"]
     graph = replay.GraphSpec(prefix=graph.prefix, params_file=graph.params_file,
                              model=_tiny_model(tmp_path / "tiny"))
-    runs = [RunSettings(adapt=True, rate=None, timeout_s=10.0),
-            RunSettings(adapt=False, threshold=0.8, rate=1.0, timeout_s=5.0)]
+    # One run keeps this under a minute on a busy 2-core machine (three processes import torch).
+    settings = RunSettings(adapt=True, threshold=0.8, rate=None, timeout_s=10.0)
     err = io.StringIO()
     report, plots = replay.replay_bag(
-        bag, tmp_path / "report", runs, graph=graph,
+        bag, tmp_path / "report", [settings], graph=graph,
         domain_id=int(os.environ.get("ROS_DOMAIN_ID", "0")), stream_out=err)
-    assert report["frames"] == frames and len(report["runs"]) == 2
+    (run,) = report["runs"]
+    assert report["frames"] == frames and run["mode"] == "lockstep"
+    # every played frame answered (lockstep waits for each), stamps preserved end to end
+    assert run["predictions"] == frames and run["lost"] == 0, run["dropped"]
     labels = bags.open_image_stream(bag).labels
-    outcomes = json.loads((tmp_path / "report" / "outcomes.json").read_text())
-    for run in report["runs"]:
-        # every played frame is accounted for: answered or dropped with a reason
-        assert run["predictions"] + run["lost"] == frames
-        assert sum(run["dropped"].values()) == run["lost"]
-        assert sum(run["exit_histogram"]) == run["predictions"]
-        assert run["mean_latency_ms"] > 0 and run["mean_e2e_latency_ms"] >= run["mean_latency_ms"]
-        for o in outcomes[run["name"]]:
-            assert o["label"] == labels[o["stamp_ns"]]  # stamps preserved end to end
-            assert (o["class_id"] is None) == (o["dropped"] is not None)
-    lockstep, timed = report["runs"]
-    assert lockstep["mode"] == "lockstep" and lockstep["lost"] == 0, lockstep["dropped"]
-    assert timed["mode"] == "rate x1" and timed["predictions"] >= frames // 2, timed["dropped"]
-    # the run settings reached the nodes
-    assert lockstep["thresholds_used"] == [0.9, 0.9, 0.9]
-    assert timed["thresholds_used"] == [0.8, 0.8, 0.8]
-    samples = lockstep["node_counters"]["classifier"].get("samples_published", "0")
-    assert lockstep["node_counters"]["adapter"].get("samples_used") == samples != "0"
-    assert timed["node_counters"]["adapter"]["enabled"] == "False"
-    assert timed["final_model_version"] == 0
+    outcomes = json.loads((tmp_path / "report" / "outcomes.json").read_text())[run["name"]]
+    assert [o["stamp_ns"] for o in outcomes] == sorted(labels)
+    assert all(o["label"] == labels[o["stamp_ns"]] and o["dropped"] is None for o in outcomes)
+    assert sum(run["exit_histogram"]) == frames
+    assert run["mean_latency_ms"] > 0 and run["mean_e2e_latency_ms"] >= run["mean_latency_ms"]
+    # the run's settings reached the nodes: threshold override, adapter trained on samples
+    assert run["thresholds_used"] == [0.8, 0.8, 0.8]
+    counters = run["node_counters"]
+    assert counters["adapter"]["enabled"] == "True"
+    assert counters["adapter"].get("samples_received") == counters["classifier"].get(
+        "samples_published") == str(frames - run["exit_histogram"][0])
     assert {p.name for p in plots} >= {"accuracy.png", "exit_cost.png", "latency.png"}
-    assert "[1/2] adapt" in err.getvalue() and "30/30" in err.getvalue()
-    assert all(code == 0 for run in report["runs"] for code in run["node_exit_codes"].values())
+    assert "[1/1] adapt" in err.getvalue() and "30/30" in err.getvalue()
+    assert all(code == 0 for code in run["node_exit_codes"].values())
 
 
 if __name__ == "__main__":
