@@ -134,8 +134,8 @@ def export_stages(
     """Write ``stage{i}.onnx`` for every exit, ``unsplit.onnx`` (when ``include_unsplit``;
     only benchmarks use it) and ``manifest.json``.
 
-    Returns the manifest. The model is exported in eval mode on the CPU (a copy is not
-    made: the mode is restored afterwards; the weights are not changed).
+    Returns the manifest. The model is traced in eval mode on its own device, then put back
+    in the mode it was in (tracing runs ordinary forwards, nothing else changes).
     """
     import onnx
     import onnxruntime
