@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ttspec_ros.models import revcol
 from ttspec_ros.models.revcol import PRESETS, RevCol, build_preset
 
 torch.set_num_threads(1)
@@ -69,11 +70,24 @@ def test_presets_match_the_official_table():
         assert (tuple(preset["channels"]), tuple(preset["layers"]), preset["num_columns"],
                 preset["drop_path"], preset.get("kernel_size", 3)) == (channels, layers, columns,
                                                                        dp, 3), name
-    with pytest.MonkeyPatch.context() as mp:  # build_preset applies the preset
-        mp.setattr(RevCol, "_init_weights", staticmethod(lambda m: None))
-        config = build_preset("revcol_small", num_classes=10).config
-    assert (config.channels, config.layers, config.num_columns, config.drop_path,
-            config.num_classes) == ((64, 128, 256, 512), (2, 2, 4, 2), 8, 0.3, 10)
+    with pytest.MonkeyPatch.context() as mp:  # build_preset passes the preset on
+        mp.setattr(revcol, "RevCol", lambda **kwargs: kwargs)
+        kwargs = build_preset("revcol_small", num_classes=10, drop_path=0.0)
+    assert kwargs == dict(channels=(64, 128, 256, 512), layers=(2, 2, 4, 2), num_columns=8,
+                          drop_path=0.0, num_classes=10)
+
+
+def test_more_than_1000_classes_use_the_simple_decoders():
+    model = RevCol(**dict(TINY, num_classes=1001)).eval()
+    decoder = {k: list(v.shape) for k, v in model.state_dict().items()
+               if k.startswith("decoder_blocks.0.")}
+    assert decoder == {
+        "decoder_blocks.0.projback.0.weight": [32], "decoder_blocks.0.projback.0.bias": [32],
+        "decoder_blocks.0.projback.1.weight": [32 * 32 * 3, 32, 1, 1],
+        "decoder_blocks.0.projback.1.bias": [32 * 32 * 3],
+    }
+    _, images = model.forward_with_reconstruction(torch.randn(1, 3, 64, 64))
+    assert [tuple(i.shape) for i in images] == [(1, 3, 64, 64)] * 3
 
 
 def test_drop_path_schedule_is_per_position_within_a_column():

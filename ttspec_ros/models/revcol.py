@@ -7,6 +7,11 @@ same values as the reversible one (only training memory differs).
 
 Besides ``forward`` (official outputs), the model exposes the pieces the early-exit cascade
 runs one at a time: ``stem``, ``run_column``, ``pool`` and ``head``.
+
+Generalisations that leave the official configurations unchanged: ``in_chans`` (the official
+stem and decoders assume 3 channels; here the decoders reconstruct ``in_chans`` channels) and
+any multiple of 4 columns. As officially, models with more than 1000 classes get the simple
+reconstruction decoders (LN, 1x1 conv, PixelShuffle(32)).
 """
 
 from __future__ import annotations
@@ -227,6 +232,24 @@ class Decoder(nn.Module):
         return self.projback(x)
 
 
+class SimDecoder(nn.Module):
+    """The official decoder for > 1000 classes: channels-first LN, 1x1 conv, PixelShuffle."""
+
+    def __init__(self, in_channels: int, out_chans: int, stride: int = 32) -> None:
+        super().__init__()
+        self.projback = nn.Sequential(
+            ChannelsFirstLayerNorm(in_channels),
+            nn.Conv2d(in_channels, stride * stride * out_chans, 1),
+            nn.PixelShuffle(stride),
+        )
+
+    def forward(self, c3: Tensor) -> Tensor:
+        return self.projback(c3)
+
+
+SIMPLE_DECODER_ABOVE = 1000  # official: more classes than this -> SimDecoder
+
+
 @dataclass(frozen=True)
 class RevColConfig:
     """Everything that decides the state-dict layout; stored in model cards."""
@@ -291,7 +314,12 @@ class RevCol(nn.Module):
         )
         self.decoder_blocks = (
             nn.ModuleList(
-                [Decoder(channels, in_chans) for _ in range(NUM_EXITS - 1)]
+                [
+                    SimDecoder(channels[-1], in_chans)
+                    if num_classes > SIMPLE_DECODER_ABOVE
+                    else Decoder(channels, in_chans)
+                    for _ in range(NUM_EXITS - 1)
+                ]
             )
             if with_decoders
             else None
