@@ -233,11 +233,14 @@ def play(
     outcomes: list[replay.Outcome] = []
     matcher = _Matcher(outcomes)
     codes: dict[str, int | None] = {}
-    started = time.perf_counter()
+    launched = time.perf_counter()
     try:
         _wait_for_graph(node, procs, settings.adapt, STARTUP_TIMEOUT_S)
         used_thresholds = _classifier_thresholds(node)
         time.sleep(SETTLE_S)
+        startup = time.perf_counter() - launched
+        if progress:
+            progress(0, "graph ready")
         before = node.counters()
         started = time.perf_counter()
         first_time_ns: int | None = None
@@ -302,7 +305,8 @@ def play(
         rclpy.try_shutdown(context=context)
         codes = procs.stop()
     return replay.RunResult(
-        settings=settings, outcomes=outcomes, wall_s=wall, thresholds=used_thresholds,
+        settings=settings, outcomes=outcomes, wall_s=wall, startup_s=startup,
+        thresholds=used_thresholds,
         unmatched_predictions=matcher.unmatched, node_counters=final_counters,
         node_exit_codes=codes,
     )

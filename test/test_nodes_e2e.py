@@ -1,0 +1,277 @@
+"""End to end on real processes: the three installed executables, started with the installed
+config as the launch file starts them, fed Fashion-MNIST test images (56x56 rgb8) on
+/ttspec/image_raw by this test process. A tiny random model keeps it cheap; its offline
+answers (same Cascade, same preprocessing) are what the pipeline must reproduce.
+
+The tests share one running pipeline and run in file order (module-scoped fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from ttspec_ros import topics
+from ttspec_ros.image_codec import encode_image
+
+pytest.importorskip("rclpy")
+probe_mod = pytest.importorskip("ttspec_ros.nodes.probe")
+NodeProcess, Probe, wait_for = probe_mod.NodeProcess, probe_mod.Probe, probe_mod.wait_for
+
+CAM, CLS, ADA = topics.CAMERA_NODE, topics.CLASSIFIER_NODE, topics.ADAPTER_NODE
+RATE_HZ = 6.0  # keeps CPU modest on a shared 2-core machine
+N_IMAGES = 36
+STARTUP_S = 90.0
+
+
+def _tiny_model(stem):
+    from ttspec_ros.cascade import exit_costs
+    from ttspec_ros.data import CLASS_NAMES
+    from ttspec_ros.models.checkpoint import ModelCard, save_model
+    from ttspec_ros.models.revcol import RevCol
+
+    torch.manual_seed(0)
+    model = RevCol((8, 16, 16, 32), (1, 1, 1, 1), 4, 10, in_chans=1, with_decoders=False).eval()
+    card = ModelCard(model_id="", architecture=model.config.to_dict(),
+                     class_names=list(CLASS_NAMES),
+                     input={"channels": 1, "size": 32, "content_size": 28, "mean": [0.286],
+                            "std": [0.353]},
+                     thresholds=[0.25, 0.25, 0.25], exit_cost=exit_costs(model, 32))
+    return save_model(model, card, stem)
+
+
+def _rgb(image28: np.ndarray) -> np.ndarray:
+    big = cv2.resize(image28, (56, 56), interpolation=cv2.INTER_LINEAR)
+    return np.repeat(big[:, :, None], 3, axis=2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from ttspec_ros.data import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    return [_rgb(im) for im in images[:N_IMAGES]], labels[:N_IMAGES]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    stem = tmp / "tiny"
+    card = _tiny_model(stem)
+    state_dir = tmp / "adapter_state"
+    procs = {
+        CAM: NodeProcess(CAM, {"model": stem}, tmp),
+        CLS: NodeProcess(CLS, {"model": stem}, tmp),
+        # Disabled at first so predictions can be compared with the offline model.
+        ADA: NodeProcess(ADA, {"model": stem, "state_dir": state_dir, "enabled": False,
+                               "publish_period_s": 0.5, "learning_rate": 0.05}, tmp),
+    }
+    for p in procs.values():
+        p.start()
+    probe = Probe()
+    try:
+        up = wait_for(lambda: all(probe.seen(n) for n in procs)
+                      and probe.image_pub.get_subscription_count() > 0, STARTUP_S, 0.2)
+        if not up:
+            logs = "\n".join(f"--- {n}\n{p.log()[-2000:]}" for n, p in procs.items())
+            pytest.fail(f"nodes did not come up in {STARTUP_S} s (diagnostics from "
+                        f"{list(probe.diagnostics)}, spinning: {probe.spinning()})\n{logs}")
+        yield {"procs": procs, "probe": probe, "stem": stem, "card": card,
+               "state_dir": state_dir}
+    finally:
+        probe.close()
+        for p in procs.values():
+            p.stop(signal.SIGINT)
+
+
+def _stream(probe, images, rate_hz=RATE_HZ, settle_s=3.0) -> list:
+    """Publish ``images``; -> stamps in order. Waits until the last frame could be answered."""
+    probe.clear()
+    stamps = []
+    for i, image in enumerate(images):
+        stamp, _ = probe.publish_image(encode_image(image, "rgb8"), frame_id=str(i))
+        stamps.append((stamp.sec, stamp.nanosec))
+        time.sleep(1.0 / rate_hz)
+    key = stamps[-1]
+    wait_for(lambda: any((r.msg.header.stamp.sec, r.msg.header.stamp.nanosec) == key
+                         for r in list(probe.predictions)), settle_s)
+    time.sleep(0.3)
+    return stamps
+
+
+def _predictions(probe):
+    with probe.lock:
+        return [r.msg for r in probe.predictions]
+
+
+def _offline(pipeline, images, threshold=None):
+    from ttspec_ros.cascade import Cascade
+    from ttspec_ros.models.checkpoint import load_model
+    from ttspec_ros.preprocess import preprocess
+
+    torch.set_num_threads(1)
+    model, card = load_model(pipeline["stem"])
+    cascade = Cascade(model, card.thresholds if threshold is None else threshold)
+    return [cascade.run(torch.from_numpy(preprocess(im, card.input))) for im in images]
+
+
+def test_predictions_match_the_offline_cascade(pipeline, data):
+    probe = pipeline["probe"]
+    images, labels = data
+    stamps = _stream(probe, images)
+    preds = _predictions(probe)
+    index = {s: i for i, s in enumerate(stamps)}
+    got = {index[(p.header.stamp.sec, p.header.stamp.nanosec)]: p for p in preds}
+    assert len(got) == len(preds), "a prediction carries an unknown or repeated stamp"
+    assert len(got) >= 0.7 * len(images), f"only {len(got)}/{len(images)} answered"
+    assert all(p.header.frame_id == str(i) for i, p in got.items())
+    offline = _offline(pipeline, images)
+    agree = np.mean([got[i].class_id == offline[i].class_id
+                     and got[i].exit_index == offline[i].exit_index for i in got])
+    online_acc = np.mean([got[i].class_id == labels[i] for i in got])
+    offline_acc = np.mean([offline[i].class_id == labels[i] for i in got])
+    assert agree >= 0.95, f"only {agree:.2f} of the answers match the offline cascade"
+    assert abs(online_acc - offline_acc) <= 0.05
+    p = next(iter(got.values()))
+    assert p.num_exits == 4 and len(p.exit_confidences) == p.exit_index + 1
+    assert p.class_name == pipeline["card"].class_names[p.class_id] and p.latency_ms > 0
+    # The counts on /diagnostics add up: every frame the classifier got was answered or dropped.
+    wait_for(lambda: probe.count(CLS, "classified") >= len(preds), 3.0)
+    d = probe.diag(CLS)
+    assert int(d["classified"]) + int(d.get("dropped", 0)) + int(d.get("pending", 0)) == \
+        int(d["received"])
+    assert int(d["max_pending"]) <= 1
+
+
+def _mean_exit(preds) -> float:
+    return float(np.mean([p.exit_index for p in preds]))
+
+
+def test_threshold_set_live_changes_exit_depth(pipeline, data):
+    probe = pipeline["probe"]
+    images = data[0][:12]
+    assert all(r.successful for r in probe.set_parameters(CLS, threshold=0.0))
+    _stream(probe, images)
+    low = _predictions(probe)
+    assert low and all(p.exit_index == 0 for p in low)
+    assert all(r.successful for r in probe.set_parameters(CLS, threshold=1.0))
+    _stream(probe, images)
+    high = _predictions(probe)
+    assert high and _mean_exit(high) > 2.5
+    assert all(r.successful for r in probe.set_parameters(CLS, threshold=-1.0))
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ({"threshold": 1.5}, ""),  # outside the descriptor's range: rclpy refuses
+    ({"threshold": "high"}, ""),  # wrong type: rclpy refuses (statically typed)
+    ({"threshold": -0.5}, "-1 or in [0, 1]"),
+    ({"thresholds": [0.5, 0.5]}, "needs 3 values"),
+    ({"max_exit": 9}, "at most 3"),
+    ({"num_threads": 0}, ""),
+])
+def test_invalid_parameters_are_refused_with_a_reason(pipeline, values, words):
+    probe = pipeline["probe"]
+    names = list(values)
+    before = probe.get_parameters(CLS, *names)
+    results = probe.set_parameters(CLS, **values)
+    assert not results[0].successful and results[0].reason
+    assert words in results[0].reason
+    assert probe.get_parameters(CLS, *names) == before
+
+
+def test_camera_parameter_and_adapter_parameter_set_live(pipeline):
+    probe = pipeline["probe"]
+    assert not probe.set_parameters(CAM, transport="mjpeg")[0].successful
+    assert probe.set_parameters(CAM, max_rate_hz=2.0)[0].successful
+    assert probe.set_parameters(CAM, max_rate_hz=0.0)[0].successful
+    assert not probe.set_parameters(ADA, learning_rate=0.0)[0].successful
+    assert not probe.set_parameters(ADA, model="/elsewhere")[0].successful  # read-only
+
+
+def _bad_images() -> dict[str, dict]:
+    good = encode_image(np.zeros((40, 40, 3), np.uint8), "rgb8")
+    return {
+        "unsupported_encoding": {**good, "encoding": "yuv422"},
+        "wrong_step": {**good, "step": 100},
+        "truncated": {**good, "data": good["data"][:-7]},
+        "zero_size": {**good, "height": 0, "data": b""},
+        "absurd_size": {**good, "height": 1_000_000},
+    }
+
+
+def test_malformed_images_are_rejected_counted_and_survived(pipeline, data):
+    probe = pipeline["probe"]
+    for fields in _bad_images().values():
+        probe.publish_image(fields)
+        time.sleep(0.1)
+    expected = {f"rejected_{reason}" for reason in _bad_images()}
+    assert wait_for(lambda: all(probe.count(CAM, k) >= 1 for k in expected), 5.0), \
+        probe.diag(CAM)
+    _stream(probe, data[0][:3])
+    assert _predictions(probe), "no prediction after the malformed images"
+    assert pipeline["procs"][CAM].alive()
+
+
+def test_mismatched_model_updates_are_rejected(pipeline):
+    from ttspec_ros.model_update import ModelUpdatePayload, to_msg
+
+    probe = pipeline["probe"]
+    model_id = pipeline["card"].model_id
+    w = "cls_blocks.0.classifier.1.weight"
+    bad = [
+        ModelUpdatePayload("another-model", 99, {w: np.zeros((10, 32), np.float32)}),
+        ModelUpdatePayload(model_id, 99, {"no.such.tensor": np.zeros(3, np.float32)}),
+        ModelUpdatePayload(model_id, 99, {w: np.zeros((10, 31), np.float32)}),
+    ]
+    before = probe.count(CLS, "updates_rejected")
+    probe.publish_updates([to_msg(payload) for payload in bad])
+    assert wait_for(lambda: probe.count(CLS, "updates_rejected") >= before + 3, 5.0)
+    assert probe.diag(CLS)["model_version"] != "99"
+
+
+def test_adaptation_loop_raises_the_model_version(pipeline, data):
+    probe = pipeline["probe"]
+    assert probe.set_parameters(ADA, enabled=True)[0].successful
+    _stream(probe, data[0] + data[0][:12])
+    versions = [p.model_version for p in _predictions(probe)]
+    assert max(versions) > min(versions) >= 0, versions
+    assert wait_for(lambda: probe.count(ADA, "samples_used") > 0, 3.0)
+    assert int(probe.diag(CLS)["updates_applied"]) >= 1
+
+
+def test_adapter_restart_resumes_and_the_classifier_keeps_running(pipeline, data):
+    probe, adapter = pipeline["probe"], pipeline["procs"][ADA]
+    assert adapter.stop(signal.SIGTERM) == 0
+    saved = pipeline["state_dir"] / "specializer.safetensors"
+    assert saved.is_file(), "adapter did not save its state on SIGTERM"
+    with safe_open(str(saved), framework="numpy") as f:
+        saved_version = json.loads(f.metadata()["state"])["version"]
+    assert saved_version > 0
+    # The classifier keeps answering with the adapter gone.
+    _stream(probe, data[0][:8])
+    answered = _predictions(probe)
+    assert len(answered) >= 5
+    assert max(p.model_version for p in answered) <= saved_version
+    adapter.start()
+    probe.watch_updates()  # a late joiner: transient local hands over the latest update
+    first = wait_for(lambda: list(probe.updates), STARTUP_S, 0.2)
+    assert first, adapter.log()[-2000:]
+    assert first[0].msg.model_id == pipeline["card"].model_id
+    assert first[0].msg.version >= saved_version
+    assert wait_for(lambda: "resumed" in adapter.log(), 10.0), adapter.log()[-2000:]
+
+
+def test_sigint_and_sigterm_shut_down_cleanly(pipeline):
+    procs = pipeline["procs"]
+    codes = {CAM: procs[CAM].stop(signal.SIGINT), CLS: procs[CLS].stop(signal.SIGTERM),
+             ADA: procs[ADA].stop(signal.SIGINT)}
+    assert codes == {CAM: 0, CLS: 0, ADA: 0}
+    for name, p in procs.items():
+        assert "Traceback" not in p.log(), f"{name}:\n{p.log()[-3000:]}"

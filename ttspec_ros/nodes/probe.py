@@ -1,0 +1,274 @@
+"""Drive the pipeline from outside, as a user's process would: start the installed node
+executables, publish images, watch predictions/frames/diagnostics, call parameter services.
+
+Used by the end-to-end tests and ``ttspec bench-ros``; not a node users run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import Parameter as ParameterMsg
+from rcl_interfaces.srv import GetParameters, SetParameters
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image
+from std_srvs.srv import Trigger
+
+from ttspec_ros import topics
+from ttspec_ros.msg import CascadePrediction, ModelUpdate
+from ttspec_ros.nodes import qos
+
+
+def installed_prefix() -> Path:
+    """The install prefix holding lib/ttspec_ros (the running interpreter's prefix)."""
+    import sys
+
+    return Path(sys.prefix)
+
+
+def params_file(prefix: Path | None = None) -> Path:
+    return (prefix or installed_prefix()) / "share" / topics.PACKAGE / "config" / "ttspec.yaml"
+
+
+class NodeProcess:
+    """One installed node executable started the way the launch file starts it."""
+
+    def __init__(self, node: str, overrides: dict[str, Any], log_dir: Path,
+                 namespace: str = topics.NAMESPACE, extra_args: Sequence[str] = ()) -> None:
+        self.node = node
+        self.overrides = dict(overrides)
+        self.namespace = namespace
+        self.extra_args = list(extra_args)
+        self.log_path = log_dir / f"{node}.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def command(self) -> list[str]:
+        exe = installed_prefix() / "lib" / topics.PACKAGE / topics.EXECUTABLES[self.node]
+        args = [str(exe), "--ros-args", "--params-file", str(params_file()),
+                "-r", f"__ns:=/{self.namespace}", "-r", f"__node:={self.node}"]
+        for name, value in self.overrides.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            args += ["-p", f"{name}:={text}"]
+        return args + self.extra_args
+
+    def start(self) -> NodeProcess:
+        self.starts += 1
+        log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (kept by Popen)
+        log.write(f"--- start {self.starts}: {' '.join(self.command())}\n")
+        log.flush()
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=os.environ.copy())
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
+        """Send ``sig``, wait; kill if it does not exit in time. -> return code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def rss_mb(self) -> float:
+        """Resident memory of the node process (its interpreter, after the wheels' re-exec)."""
+        return rss_mb(self.pid)
+
+
+def rss_mb(pid: int) -> float:
+    # The executable's interpreter may re-exec once (ros-wheels bootstrapper): same pid.
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+@dataclass
+class Received:
+    msg: Any
+    t: float  # time.perf_counter() at arrival
+
+
+class Probe:
+    """A test/bench node in its own rclpy context, spinning in a background thread."""
+
+    def __init__(self, namespace: str = topics.NAMESPACE, watch_frames: bool = False,
+                 name: str = "ttspec_probe") -> None:
+        self.ns = f"/{namespace}"
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = Node(name, context=self.context)
+        self.lock = threading.Lock()
+        self.predictions: list[Received] = []
+        self.frames: list[Received] = []
+        self.updates: list[Received] = []
+        self.diagnostics: dict[str, dict[str, str]] = {}
+        self.image_pub = self.node.create_publisher(
+            Image, f"{self.ns}/{topics.IMAGE_RAW}", qos(topics.QOS_SENSOR))
+        self.node.create_subscription(
+            CascadePrediction, f"{self.ns}/{topics.PREDICTIONS}",
+            self._keep(self.predictions), qos(topics.QOS_RELIABLE))
+        self.node.create_subscription(DiagnosticArray, topics.DIAGNOSTICS, self._on_diagnostics,
+                                      qos(topics.QOS_RELIABLE))
+        if watch_frames:
+            self.node.create_subscription(Image, f"{self.ns}/{topics.FRAMES}",
+                                          self._keep(self.frames), qos(topics.QOS_SENSOR))
+        self._update_sub = None
+        self.spin_error: Exception | None = None
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except Exception as e:
+            if self.context.ok():  # not shut down by close(): say why spinning stopped
+                self.spin_error = e
+                raise
+
+    def spinning(self) -> bool:
+        return self._thread.is_alive()
+
+    def _keep(self, into: list[Received]) -> Callable[[Any], None]:
+        def callback(msg: Any) -> None:
+            t = time.perf_counter()
+            with self.lock:
+                into.append(Received(msg, t))
+        return callback
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        with self.lock:
+            for s in msg.status:
+                self.diagnostics[s.name] = {kv.key: kv.value for kv in s.values}
+
+    def watch_updates(self) -> None:
+        """(Re)subscribe to model_updates; transient local delivers the latest one at once."""
+        if self._update_sub is not None:
+            self.node.destroy_subscription(self._update_sub)
+        with self.lock:
+            self.updates.clear()
+        self._update_sub = self.node.create_subscription(
+            ModelUpdate, f"{self.ns}/{topics.MODEL_UPDATES}", self._keep(self.updates),
+            qos(topics.QOS_LATCHED))
+
+    # -- queries
+    def diag(self, node: str) -> dict[str, str]:
+        with self.lock:
+            return dict(self.diagnostics.get(f"{self.ns}/{node}", {}))
+
+    def seen(self, node: str) -> bool:
+        """True once ``node`` has published on /diagnostics."""
+        with self.lock:
+            return f"{self.ns}/{node}" in self.diagnostics
+
+    def count(self, node: str, key: str) -> int:
+        return int(self.diag(node).get(key, 0))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.predictions.clear()
+            self.frames.clear()
+
+    def stamp(self) -> Any:
+        return self.node.get_clock().now().to_msg()
+
+    def publish_image(self, fields: dict[str, Any], frame_id: str = "") -> tuple[Any, float]:
+        msg = Image(**fields)
+        msg.header.stamp = self.stamp()
+        msg.header.frame_id = frame_id
+        t = time.perf_counter()
+        self.image_pub.publish(msg)
+        return msg.header.stamp, t
+
+    def publish_updates(self, messages: Sequence[ModelUpdate], timeout: float = 5.0) -> None:
+        """Publish ModelUpdates as an adapter would (transient local), one at a time, from a
+        publisher that is destroyed afterwards so nothing stays latched."""
+        pub = self.node.create_publisher(ModelUpdate, f"{self.ns}/{topics.MODEL_UPDATES}",
+                                         qos(topics.QOS_LATCHED))
+        try:
+            if not wait_for(lambda: pub.get_subscription_count() > 0, timeout):
+                raise TimeoutError("nobody subscribes to model_updates")
+            for msg in messages:
+                pub.publish(msg)
+                time.sleep(0.5)  # the classifier keeps only the latest update
+        finally:
+            self.node.destroy_publisher(pub)
+
+    # -- services
+    def _call(self, srv_type: Any, name: str, request: Any, timeout: float = 15.0) -> Any:
+        client = self.node.create_client(srv_type, name)
+        try:
+            if not client.wait_for_service(timeout_sec=timeout):
+                raise TimeoutError(f"service {name} not available")
+            future = client.call_async(request)
+            end = time.monotonic() + timeout
+            while not future.done():
+                if time.monotonic() > end:
+                    raise TimeoutError(f"service {name} did not answer")
+                time.sleep(0.01)
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def set_parameters(self, node: str, **values: Any) -> list[Any]:
+        """-> SetParametersResult per value (successful, reason)."""
+        request = SetParameters.Request(
+            parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
+        return list(self._call(SetParameters, f"{self.ns}/{node}/set_parameters",
+                               request).results)
+
+    def get_parameters(self, node: str, *names: str) -> dict[str, Any]:
+        response = self._call(GetParameters, f"{self.ns}/{node}/get_parameters",
+                              GetParameters.Request(names=list(names)))
+        return {n: Parameter.from_parameter_msg(ParameterMsg(name=n, value=v)).value
+                for n, v in zip(names, response.values, strict=True)}
+
+    def trigger(self, node: str, service: str) -> Any:
+        return self._call(Trigger, f"{self.ns}/{node}/{service}", Trigger.Request())
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(timeout=5.0)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` s pass."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(interval)
