@@ -97,6 +97,19 @@ def test_report_keys_comparison_and_files(tmp_path):
     assert len(per_frame["adapt"]) == 6 and per_frame["no-adapt"][0]["exit_index"] == 3
 
 
+def test_threshold_sweep_report_plots_the_curve(tmp_path):
+    labels = [0, 2, 4, 6]
+    runs = [_run(True, [0, 0, 1, 1], labels, [0, 2, 1, 1], threshold=0.5),
+            _run(True, [1, 2, 2, 3], labels, [0, 2, 4, 1], threshold=0.9)]
+    report = replay.build_report({"path": "b", "labels": 4}, runs, exit_cost=EXIT_COST,
+                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    assert [(r["threshold"], r["accuracy"]) for r in report["runs"]] == [(0.5, 0.5), (0.9, 0.75)]
+    assert [r["name"] for r in report["runs"]] == ["adapt_t0.5", "adapt_t0.9"]
+    assert "comparison" not in report  # no adaptation-off runs
+    plots = replay.write_report(tmp_path, report, runs, EXIT_COST)
+    assert (tmp_path / "threshold_curve.png") in plots
+
+
 def test_unlabelled_bag_report_has_no_accuracy(tmp_path):
     run = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
     report = replay.build_report({"path": "b", "labels": 0}, [run], exit_cost=EXIT_COST,

@@ -90,7 +90,8 @@ class RunSettings:
 class RunResult:
     settings: RunSettings
     outcomes: list[Outcome]
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # first frame published -> last answer (or timeout)
+    startup_s: float = 0.0  # processes started -> graph ready
     thresholds: list[float] | None = None  # what the classifier actually used
     unmatched_predictions: int = 0  # predictions whose stamp matched no outstanding frame
     node_counters: dict[str, dict[str, str]] = field(default_factory=dict)  # last diagnostics
@@ -368,6 +369,7 @@ def run_metrics(
         "final_model_version": max(versions) if versions else None,
         "model_versions_seen": len(set(versions)),
         "wall_s": round(result.wall_s, 2),
+        "startup_s": round(result.startup_s, 2),
         "frames_per_s": _round(len(outcomes) / result.wall_s, 2) if result.wall_s > 0 else None,
         "windows": windows,
         "tail": {"start": len(outcomes) - tail, "end": len(outcomes),
@@ -619,7 +621,10 @@ class Progress:
                 f"{rate:5.1f} fps ETA {eta_text}{'  ' + note if note else ''}")
 
     def update(self, done: int, note: str = "") -> None:
+        """Show ``done`` frames; ``done == 0`` (re)starts the clock (e.g. once the graph is up)."""
         now = self.clock()
+        if done == 0:
+            self.start = now
         if self.tty:
             if now - self._last_draw >= 0.2 or done >= self.total:
                 self.stream.write("\r" + self.line(done, note) + "\033[K")
