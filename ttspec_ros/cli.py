@@ -11,6 +11,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
+    "bench-ros": "ttspec_ros.experiments.bench_ros",
     "make-bag": "ttspec_ros.experiments.make_bag",
     "replay": "ttspec_ros.experiments.replay_cmd",
     "demo": "ttspec_ros.experiments.demo",

@@ -129,6 +129,24 @@ class Stats:
             return out
 
 
+class Throttle:
+    """Allows one event per key every ``period_s`` (rclpy throttles per call site only, which
+    would hide every rejection reason but the first)."""
+
+    def __init__(self, period_s: float = 5.0) -> None:
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -float("inf")) < self.period_s:
+                return False
+            self._last[key] = now
+            return True
+
+
 class Diagnostics:
     """Publishes one DiagnosticStatus for the node on /diagnostics every ``period_s``."""
 

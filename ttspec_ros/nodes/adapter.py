@@ -29,6 +29,7 @@ from ttspec_ros.nodes import (
     Diagnostics,
     StartupError,
     Stats,
+    Throttle,
     accept,
     declare,
     qos,
@@ -49,6 +50,7 @@ class AdapterNode(Node):
             raise StartupError(f"adapter: {reason}")
         self._values = values
         self.stats = Stats()
+        self._throttle = Throttle()
         self.specializer = self._build_specializer(values)
         self._queue: deque[AdaptationSample] = deque()
         self._cond = threading.Condition()
@@ -153,7 +155,8 @@ class AdapterNode(Node):
             except ValueError as e:
                 self.stats.count("samples_rejected")
                 self.stats.note("last_rejection", str(e))
-                self.get_logger().warning(f"rejected sample: {e}", throttle_duration_sec=5.0)
+                if self._throttle(str(e)[:60]):
+                    self.get_logger().warning(f"rejected sample: {e}")
                 continue
             self.stats.count("samples_used")
 

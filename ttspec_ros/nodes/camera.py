@@ -24,6 +24,7 @@ from ttspec_ros.nodes import (
     Diagnostics,
     StartupError,
     Stats,
+    Throttle,
     accept,
     declare,
     load_input_spec,
@@ -39,6 +40,7 @@ class CameraNode(Node):
         super().__init__(topics.CAMERA_NODE)
         values = declare(self, params.CAMERA)
         self.stats = Stats()
+        self._throttle = Throttle()
         self._input_spec = self._load_input_spec(values["model"])
         self._min_period_s = params.min_period_s(values["max_rate_hz"])
         self._last_pass = -float("inf")
@@ -134,8 +136,8 @@ class CameraNode(Node):
         self.stats.count(f"rejected_{reason}")
         self.stats.count("rejected")
         self.stats.note("last_rejection", message)
-        self.get_logger().warning(f"rejected image ({reason}): {message}",
-                                  throttle_duration_sec=5.0)
+        if self._throttle(reason):
+            self.get_logger().warning(f"rejected image ({reason}): {message}")
 
     def _diagnostic_values(self) -> tuple[int, str, dict]:
         values = self.stats.snapshot()

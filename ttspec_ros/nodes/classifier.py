@@ -32,6 +32,7 @@ from ttspec_ros.nodes import (
     LatestSlot,
     StartupError,
     Stats,
+    Throttle,
     accept,
     declare,
     qos,
@@ -79,6 +80,7 @@ class ClassifierNode(Node):
         self._settings = self._settings_from(values)
         self._threads_wanted = values["num_threads"]
         self.stats = Stats()
+        self._throttle = Throttle()
         self.exit_histogram: Counter[int] = Counter()
         self.max_pending = 0
         self._slot = LatestSlot()
@@ -191,8 +193,8 @@ class ClassifierNode(Node):
         self.stats.count(f"rejected_{reason}")
         self.stats.count("rejected")
         self.stats.note("last_rejection", message)
-        self.get_logger().warning(f"rejected frame ({reason}): {message}",
-                                  throttle_duration_sec=5.0)
+        if self._throttle(reason):
+            self.get_logger().warning(f"rejected frame ({reason}): {message}")
 
     # -- model updates
     def _on_update(self, msg: ModelUpdate) -> None:
@@ -207,8 +209,8 @@ class ClassifierNode(Node):
         except ValueError as e:
             self.stats.count("updates_rejected")
             self.stats.note("last_update_rejection", str(e))
-            self.get_logger().warning(f"rejected model update v{msg.version}: {e}",
-                                      throttle_duration_sec=2.0)
+            if self._throttle(str(e)):
+                self.get_logger().warning(f"rejected model update v{msg.version}: {e}")
             return
         self.stats.count("updates_applied")
         self.get_logger().debug(f"applied model update v{payload.version}")

@@ -1,0 +1,233 @@
+"""ROS overhead of the pipeline: 224x224 rgb8 at 30 Hz and at 2x the classifier's capacity.
+
+Starts the three installed node executables (as the launch file does, in their own namespace),
+publishes Fashion-MNIST test images upscaled to --size px rgb8 on image_raw from this process,
+and times every frame where this process sees it: published -> preprocessed frame (camera hop)
+-> prediction (classifier hop). "ROS overhead" = end-to-end minus the model time the classifier
+reports for that frame. Writes <out>/bench_ros.json: per-hop p50/p95, drops per stage, the
+classifier's pending queue, and each process's RSS over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGET_OVERHEAD_P50_MS = 2.0
+TARGET_MAX_PENDING = 1
+RSS_FLAT_MB = 10.0  # growth over the overload phase still called flat
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="directory for bench_ros.json")
+    parser.add_argument("--model", default="", help="model path stem ('' = bundled demo model)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--rate", type=float, default=30.0, help="camera rate of phase 1 (Hz)")
+    parser.add_argument("--overload", type=float, default=2.0,
+                        help="phase 2 rate = this x the classifier's measured capacity")
+    parser.add_argument("--max-rate", type=float, default=500.0,
+                        help="cap on the phase 2 rate (Hz), for very fast models")
+    parser.add_argument("--size", type=int, default=224, help="published image side (px)")
+    parser.add_argument("--num-threads", type=int, default=1, help="classifier num_threads")
+    parser.add_argument("--seed", type=int, default=0, help="image order")
+    parser.add_argument("--namespace", default="ttspec_bench")
+
+
+def _percentiles(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "mean": None, "max": None}
+    a = np.asarray(values, dtype=np.float64)
+    return {"n": int(a.size), "p50": round(float(np.percentile(a, 50)), 3),
+            "p95": round(float(np.percentile(a, 95)), 3), "mean": round(float(a.mean()), 3),
+            "max": round(float(a.max()), 3)}
+
+
+def _images(size: int, count: int, seed: int) -> list[dict[str, Any]]:
+    import cv2
+
+    from ttspec_ros.data import load_fashion_mnist
+    from ttspec_ros.image_codec import encode_image
+
+    images, _ = load_fashion_mnist("test")
+    order = np.random.default_rng(seed).permutation(len(images))[:count]
+    out = []
+    for i in order:
+        big = cv2.resize(images[i], (size, size), interpolation=cv2.INTER_LINEAR)
+        out.append(encode_image(np.repeat(big[:, :, None], 3, axis=2), "rgb8"))
+    return out
+
+
+def _phase(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float,
+           seconds: float) -> dict[str, Any]:
+    from ttspec_ros import topics
+
+    cam, cls = topics.CAMERA_NODE, topics.CLASSIFIER_NODE
+    time.sleep(1.2)  # fresh diagnostics before counting
+    before = {n: probe.diag(n) for n in (cam, cls)}
+    probe.clear()
+    published: dict[tuple[int, int], float] = {}
+    rss: dict[str, list[tuple[float, float]]] = {n: [] for n in procs}
+    period = 1.0 / rate_hz
+    start = time.perf_counter()
+    next_t, next_rss, i = start, start, 0
+    while (now := time.perf_counter()) - start < seconds:
+        if now >= next_rss:
+            for name, p in procs.items():
+                rss[name].append((round(now - start, 2), round(p.rss_mb(), 1)))
+            next_rss += 1.0
+        stamp, t = probe.publish_image(images[i % len(images)])
+        published[(stamp.sec, stamp.nanosec)] = t
+        i += 1
+        next_t += period
+        delay = next_t - time.perf_counter()
+        if delay > 0:  # behind schedule: publish at once (the achieved rate is recorded)
+            time.sleep(delay)
+    sent_for_s = time.perf_counter() - start
+    # Let the last frames through, then wait for a diagnostics round (1 Hz) after them.
+    time.sleep(2.2)
+    with probe.lock:
+        frames = {(r.msg.header.stamp.sec, r.msg.header.stamp.nanosec): r.t for r in probe.frames}
+        preds = [(r.msg, r.t) for r in probe.predictions]
+    after = {n: probe.diag(n) for n in (cam, cls)}
+
+    def delta(node: str, key: str) -> int:
+        return int(after[node].get(key, 0)) - int(before[node].get(key, 0))
+
+    camera_hop, classifier_hop, end_to_end, model, overhead = [], [], [], [], []
+    for msg, t in preds:
+        key = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+        if key not in published:
+            continue
+        e2e = (t - published[key]) * 1000.0
+        end_to_end.append(e2e)
+        model.append(msg.latency_ms)
+        overhead.append(e2e - msg.latency_ms)
+        if key in frames:
+            camera_hop.append((frames[key] - published[key]) * 1000.0)
+            classifier_hop.append((t - frames[key]) * 1000.0)
+    exits = [msg.exit_index for msg, _ in preds]
+    rss_summary = {
+        name: {"samples_s_mb": samples,
+               "start_mb": samples[0][1] if samples else None,
+               "end_mb": samples[-1][1] if samples else None,
+               "max_mb": max(s[1] for s in samples) if samples else None,
+               "growth_mb": round(samples[-1][1] - samples[0][1], 1) if samples else None}
+        for name, samples in rss.items()}
+    return {
+        "rate_hz_requested": round(rate_hz, 2),
+        "rate_hz_achieved": round(len(published) / sent_for_s, 2),
+        "published": len(published),
+        "camera_received": delta(cam, "received"),
+        "frames_seen_by_bench": len(frames),
+        "classifier_received": delta(cls, "received"),
+        "classifier_dropped": delta(cls, "dropped"),
+        "predictions": len(preds),
+        "lost_before_camera": len(published) - delta(cam, "received"),
+        "lost_camera_to_classifier": delta(cam, "published") - delta(cls, "received"),
+        "drop_rate": round(1.0 - len(preds) / max(1, len(published)), 4),
+        "classifier_max_pending": int(after[cls].get("max_pending", -1)),
+        "classifier_mean_queue_wait_ms": float(after[cls].get("mean_queue_wait_ms", "nan")),
+        "latency_ms": {
+            "camera_hop": _percentiles(camera_hop),
+            "classifier_hop": _percentiles(classifier_hop),
+            "end_to_end": _percentiles(end_to_end),
+            "model": _percentiles(model),
+            "ros_overhead": _percentiles(overhead),
+        },
+        "mean_exit": round(float(np.mean(exits)), 3) if exits else None,
+        "rss": rss_summary,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="ttspec-bench-roslog-"))
+    from ttspec_ros import topics
+    from ttspec_ros.nodes.probe import NodeProcess, Probe, wait_for
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_dir = out / "bench_ros_logs"
+    log_dir.mkdir(exist_ok=True)
+    model = {"model": args.model} if args.model else {}
+    procs = {
+        topics.CAMERA_NODE: NodeProcess(topics.CAMERA_NODE, model, log_dir, args.namespace),
+        topics.CLASSIFIER_NODE: NodeProcess(topics.CLASSIFIER_NODE,
+                                            {**model, "num_threads": args.num_threads},
+                                            log_dir, args.namespace),
+        topics.ADAPTER_NODE: NodeProcess(topics.ADAPTER_NODE, model, log_dir, args.namespace),
+    }
+    images = _images(args.size, 200, args.seed)
+    load_before = os.getloadavg()
+    for p in procs.values():
+        p.start()
+    probe = Probe(args.namespace, watch_frames=True, name="ttspec_bench_probe")
+    try:
+        if not wait_for(lambda: all(probe.seen(n) for n in procs)
+                        and probe.image_pub.get_subscription_count() > 0, 120.0, 0.2):
+            raise RuntimeError(f"nodes did not come up; logs in {log_dir}")
+        # Warm-up (first inferences are slower), not measured.
+        _phase(probe, procs, images, args.rate, min(3.0, args.seconds))
+        nominal = _phase(probe, procs, images, args.rate, args.seconds)
+        model_ms = nominal["latency_ms"]["model"]["mean"] or 1.0
+        capacity_hz = 1000.0 / model_ms
+        overload_rate = min(args.max_rate, args.overload * capacity_hz)
+        overload = _phase(probe, procs, images, overload_rate, args.seconds)
+        alive = {n: p.alive() for n, p in procs.items()}
+    finally:
+        probe.close()
+        codes = {n: p.stop() for n, p in procs.items()}
+    overhead_p50 = nominal["latency_ms"]["ros_overhead"]["p50"]
+    growth = {n: overload["rss"][n]["growth_mb"] for n in procs}
+    result = {
+        "command": "bench-ros",
+        "settings": {"model": args.model or "(bundled demo)", "seconds": args.seconds,
+                     "rate_hz": args.rate, "overload": args.overload, "size": args.size,
+                     "num_threads": args.num_threads, "seed": args.seed,
+                     "encoding": "rgb8", "namespace": args.namespace},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "loadavg_before": load_before,
+                    "loadavg_after": os.getloadavg(),
+                    "rmw": os.environ.get("RMW_IMPLEMENTATION", "default (rmw_fastrtps_cpp)")},
+        "classifier_capacity_hz": round(capacity_hz, 2),
+        "nominal": nominal,
+        "overload": overload,
+        "nodes_alive_at_end": alive,
+        "exit_codes": codes,
+        "targets": {
+            "ros_overhead_p50_ms": {"target": TARGET_OVERHEAD_P50_MS, "measured": overhead_p50,
+                                    "met": overhead_p50 is not None
+                                    and overhead_p50 <= TARGET_OVERHEAD_P50_MS},
+            "overload_max_pending": {"target": TARGET_MAX_PENDING,
+                                     "measured": overload["classifier_max_pending"],
+                                     "met": 0 <= overload["classifier_max_pending"]
+                                     <= TARGET_MAX_PENDING},
+            "overload_rss_growth_mb": {"target": f"<= {RSS_FLAT_MB} per process",
+                                       "measured": growth,
+                                       "met": all(g is not None and g <= RSS_FLAT_MB
+                                                  for g in growth.values())},
+        },
+        "notes": "Times are taken in the bench process: publish -> /frames arrival (camera "
+                 "hop: DDS + decode + preprocess + DDS), /frames arrival -> prediction arrival "
+                 "(classifier hop: waiting + model + DDS). ros_overhead = end-to-end - model "
+                 "latency reported by the classifier. All processes share the machine's CPUs "
+                 "with whatever else runs (loadavg recorded).",
+    }
+    path = out / "bench_ros.json"
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    n, o = nominal["latency_ms"], overload["latency_ms"]
+    print(f"wrote {path}")
+    print(f"30 Hz: overhead p50 {n['ros_overhead']['p50']} ms p95 {n['ros_overhead']['p95']} ms, "
+          f"model {n['model']['p50']} ms, drops {nominal['drop_rate']:.1%}")
+    print(f"{overload['rate_hz_requested']} Hz: max pending "
+          f"{overload['classifier_max_pending']}, drops {overload['drop_rate']:.1%}, "
+          f"RSS growth {growth}, e2e p50 {o['end_to_end']['p50']} ms")
+    return 0
