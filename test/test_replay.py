@@ -127,7 +127,25 @@ def test_shift_analysis():
     run = _run(True, exits, labels, labels)
     (s,) = replay.shift_analysis([run], 4, EXIT_COST, segment=2)
     assert s["tops_cost_after_switch"] == 1.0 and s["tops_cost_at_end"] == 0.25
-    assert s["footwear_accuracy"] == 1.0
+    assert s["footwear_accuracy"] == 1.0 and s["footwear_frames_after_switch"] == 0
+
+
+def test_demo_summary_table():
+    from ttspec_ros.experiments import demo
+
+    labels = [0, 2, 4, 6, 0, 1]
+    on = _run(True, [3, 2, 1, 0, 0, 0], labels, [0, 2, 4, 6, 0, 0])
+    off = _run(False, [3, 3, 2, 3, 2, 3], labels, [0, 2, 4, 6, 0, 1])
+    report = replay.build_report({"path": "b", "labels": 6}, [on, off], exit_cost=EXIT_COST,
+                                 num_exits=4, class_names=replay.CLASS_NAMES, model={}, window=3)
+    text = demo.summary(report)
+    rows = {line[:28].strip(): line[28:].split() for line in text.splitlines()[1:9]}
+    assert rows["accuracy %"] == ["83.33", "100.00"]
+    assert rows["mean exit"] == ["1.000", "2.667"]
+    assert rows["accuracy %, last window"] == ["66.67", "100.00", "frames", "3-6"]
+    assert rows["mean cost, first window"] == ["0.750", "0.917", "frames", "0-3"]
+    assert rows["mean cost, last window"][:2] == ["0.250", "0.917"]
+    assert "last 2 frames: cost with adaptation = 0.286 x without" in text
 
 
 def test_drop_attribution_uses_node_counters():

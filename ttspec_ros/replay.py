@@ -433,6 +433,7 @@ def shift_analysis(
         early = block_metrics([o for o in after[:seg] if o.label in new], exit_cost)
         late = block_metrics([o for o in after[-seg:] if o.label in new], exit_cost)
         old = block_metrics([o for o in outcomes if o.label in GROUPS[old_group]], exit_cost)
+        old_after = block_metrics([o for o in after if o.label in GROUPS[old_group]], exit_cost)
         out.append({
             "name": result.settings.name,
             "adapt": result.settings.adapt,
@@ -444,6 +445,8 @@ def shift_analysis(
             f"{new_group}_accuracy_after_switch": early["accuracy"],
             f"{new_group}_accuracy_at_end": late["accuracy"],
             f"{old_group}_accuracy": old["accuracy"],
+            f"{old_group}_accuracy_after_switch": old_after["accuracy"],
+            f"{old_group}_frames_after_switch": old_after["labelled"],
         })
     return out
 
@@ -663,7 +666,11 @@ def replay_bag(
     stream = bags.open_image_stream(bag, image_topic, label_topic, use_labels=use_labels)
     graph = graph or find_graph(model=model, params_file=params_file)
     model_info = model_summary(read_model_card(graph.model))
-    from ttspec_ros.nodes import replay_driver  # rclpy: imported only when a replay runs
+    try:  # rclpy and the built messages: imported only when a replay runs
+        from ttspec_ros.nodes import replay_driver
+    except ImportError as err:
+        raise RuntimeError(f"replay needs ROS 2 (rclpy) and this package's built messages "
+                           f"({err}); run `make env`") from err
     domain_id = pick_domain_id() if domain_id is None else domain_id
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,22 +34,24 @@ def _fmt(x: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def summary(report: dict) -> str:
-    """Rows: metrics; columns: adaptation on, off; plus first/last window of each."""
+    """Rows: metrics; columns: adaptation on, off (and the frames of first/last window)."""
     runs = {r["adapt"]: r for r in report["runs"]}
     on, off = runs.get(True), runs.get(False)
-    rows = [("accuracy %", "accuracy", 100.0, 2), ("mean latency ms", "mean_latency_ms", 1.0, 2),
-            ("mean exit", "mean_exit", 1.0, 3), ("mean cost", "mean_cost", 1.0, 3)]
-    lines = [f"{'':22}{'adapt on':>12}{'adapt off':>12}"]
-    for label, key, scale, digits in rows:
-        lines.append(f"{label:22}{_fmt(on and on[key], scale, digits):>12}"
-                     f"{_fmt(off and off[key], scale, digits):>12}")
-    for label, key, scale in (("accuracy %", "accuracy", 100.0), ("mean cost", "mean_cost", 1.0)):
+    rows = []
+    for label, key, scale, digits in (("accuracy %", "accuracy", 100.0, 2),
+                                      ("mean latency ms", "mean_latency_ms", 1.0, 2),
+                                      ("mean exit", "mean_exit", 1.0, 3),
+                                      ("mean cost", "mean_cost", 1.0, 3)):
+        rows.append((label, *(_fmt(r and r[key], scale, digits) for r in (on, off)), ""))
+    for label, key, scale, digits in (("accuracy %", "accuracy", 100.0, 2),
+                                      ("mean cost", "mean_cost", 1.0, 3)):
         for name, idx in (("first", 0), ("last", -1)):
             w = (on or off)["windows"][idx]
-            lines.append(f"{label + f' ({name} window)':22}"
-                         f"{_fmt(on and on['windows'][idx][key], scale):>12}"
-                         f"{_fmt(off and off['windows'][idx][key], scale):>12}"
-                         f"   frames {w['start']}-{w['end']}")
+            rows.append((f"{label}, {name} window",
+                         *(_fmt(r and r["windows"][idx][key], scale, digits) for r in (on, off)),
+                         f"frames {w['start']}-{w['end']}"))
+    lines = [f"{'':28}{'adapt on':>10}{'adapt off':>11}"]
+    lines += [f"{a:28}{b:>10}{c:>11}   {d}".rstrip() for a, b, c, d in rows]
     for c in report.get("comparison", []):
         lines.append(f"last {c['tail_frames']} frames: cost with adaptation = "
                      f"{_fmt(c['tail_cost_ratio'])} x without; accuracy "
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         report, plots = replay.replay_bag(
             bag, out, [replay.RunSettings(adapt=True, rate=None),
                        replay.RunSettings(adapt=False, rate=None)])
-    except (bags.BagError, FileNotFoundError, ValueError) as err:
+    except (bags.BagError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"ttspec demo: {err}", file=sys.stderr)
         return 2
     print()

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             use_labels=not args.no_labels, model=args.model, params_file=args.params_file,
             domain_id=args.domain_id,
             max_frames=args.max_frames, window=args.window, tail=args.tail)
-    except (BagError, FileNotFoundError, ValueError) as err:
+    except (BagError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"ttspec replay: {err}", file=sys.stderr)
         return 2
     print(replay.summary_table(report))
