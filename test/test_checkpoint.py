@@ -36,6 +36,10 @@ class CfgNode(dict):
         self.__dict__["frozen"] = True
 
 
+class History(list):
+    """A list subclass (pickled with APPENDS onto an object of a foreign class)."""
+
+
 class Payload:
     """Unpickling it creates the marker file (if anything executes pickled callables)."""
 
@@ -78,6 +82,7 @@ def official_training_checkpoint(path, marker, model, ema):
         "state_dict_ema": ema.state_dict(),
         "config": CfgNode(MODEL=CfgNode(TYPE="revcol_tiny")),
         "stray": Payload(marker),
+        "history": History([1.0, 2.0]),
     }, path)
 
 
@@ -107,6 +112,7 @@ def test_training_checkpoint_loads_without_running_pickled_code(tmp_path):
     assert raw["config"]["MODEL"]["TYPE"] == "revcol_tiny"
     assert isinstance(raw["stray"], ForeignObject)
     assert raw["stray"].pickled_global.endswith("getattr.<call>")  # getattr(Path, "touch")(.)
+    assert raw["history"]["<items>"] == [1.0, 2.0]
     assert not marker.exists()
 
     # Control: an unrestricted load of the same file does run the payload.

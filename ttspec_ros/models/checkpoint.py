@@ -143,6 +143,12 @@ class ForeignObject(dict):
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
+    def append(self, item: Any) -> None:  # pickled list subclasses
+        self.setdefault("<items>", []).append(item)
+
+    def extend(self, items: Any) -> None:
+        self.setdefault("<items>", []).extend(items)
+
     def __call__(self, *args: Any, **kwargs: Any) -> ForeignObject:
         # Pickles call what they built (e.g. getattr(cls, "method")(...)): stay inert.
         return _inert_global(self.pickled_global, "<call>")(*args)
