@@ -17,11 +17,14 @@ Definitions used in the report:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -648,6 +651,23 @@ class Progress:
             self.stream.flush()
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Turn SIGTERM into SystemExit while replaying (Python's default would skip clean-up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # --- orchestration -------------------------------------------------------------------------------
 
 
@@ -672,18 +692,19 @@ def replay_bag(
         raise RuntimeError(f"replay needs ROS 2 (rclpy) and this package's built messages "
                            f"({err}); run `make env`") from err
     domain_id = pick_domain_id() if domain_id is None else domain_id
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # node processes get absolute paths
     out_dir.mkdir(parents=True, exist_ok=True)
     total = min(stream.image_count, max_frames) if max_frames else stream.image_count
     results = []
-    for k, settings in enumerate(runs, 1):
-        bar = Progress(total, f"[{k}/{len(runs)}] {settings.name}", stream=stream_out)
-        result = replay_driver.play(
-            stream, settings, graph, domain_id=domain_id, log_dir=out_dir / "logs" / settings.name,
-            max_frames=max_frames, progress=bar.update)
-        lost = sum(not o.answered for o in result.outcomes)
-        bar.finish(len(result.outcomes), f"{lost} lost")
-        results.append(result)
+    with _sigterm_as_exit():  # so the driver's clean-up stops the node processes
+        for k, settings in enumerate(runs, 1):
+            bar = Progress(total, f"[{k}/{len(runs)}] {settings.name}", stream=stream_out)
+            result = replay_driver.play(
+                stream, settings, graph, domain_id=domain_id, max_frames=max_frames,
+                log_dir=out_dir / "logs" / settings.name, progress=bar.update)
+            lost = sum(not o.answered for o in result.outcomes)
+            bar.finish(len(result.outcomes), f"{lost} lost")
+            results.append(result)
     model = model_info
     bag_info = {**stream.describe(), "encodings": dict(stream.encodings)}
     report = build_report(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -35,10 +36,20 @@ from ttspec_ros.nodes import qos
 STARTUP_TIMEOUT_S = 120.0  # three processes importing torch on a busy 2-core machine
 SETTLE_S = 0.5  # after discovery, before the first frame
 DIAGNOSTICS_WAIT_S = 2.5  # diagnostics come about once a second
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class GraphError(RuntimeError):
     """The node graph did not start or died; the message names the node and its log."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the replay process dies (even by SIGKILL), so
+    no node process outlives its replay."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -66,7 +77,8 @@ class NodeGraph:
                 f.write((" ".join(cmd) + "\n").encode())
                 f.flush()
                 self.procs[node] = subprocess.Popen(
-                    cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                    cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    preexec_fn=_die_with_parent)
 
     def check_alive(self) -> None:
         for node, proc in self.procs.items():
@@ -316,4 +328,4 @@ def main(args: list[str] | None = None) -> int:
     """``ttspec replay`` (this module is its rclpy half)."""
     from ttspec_ros import cli
 
-    return cli.main(["replay", *(args if args is not None else __import__("sys").argv[1:])])
+    return cli.main(["replay", *(args if args is not None else sys.argv[1:])])
