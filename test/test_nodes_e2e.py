@@ -186,11 +186,30 @@ def test_invalid_parameters_are_refused_with_a_reason(pipeline, values, words):
     assert probe.get_parameters(CLS, *names) == before
 
 
-def test_camera_parameter_and_adapter_parameter_set_live(pipeline):
+def test_camera_transport_and_rate_set_live(pipeline, data):
     probe = pipeline["probe"]
     assert not probe.set_parameters(CAM, transport="mjpeg")[0].successful
+    assert probe.set_parameters(CAM, transport="compressed")[0].successful
+    probe.clear()
+    ok, png = cv2.imencode(".png", data[0][0])
+    stamp = probe.publish_compressed(png.tobytes(), "png")
+    assert wait_for(lambda: any(p.header.stamp == stamp for p in _predictions(probe)), 10.0)
+    assert probe.set_parameters(CAM, transport="raw")[0].successful
+    before = probe.count(CAM, "dropped_rate_limit")
     assert probe.set_parameters(CAM, max_rate_hz=2.0)[0].successful
+    _stream(probe, data[0][:8], rate_hz=8.0)  # 1 s at 8 Hz: about 2 pass
+    assert len(_predictions(probe)) <= 4
+    assert wait_for(lambda: probe.count(CAM, "dropped_rate_limit") >= before + 4, 3.0)
     assert probe.set_parameters(CAM, max_rate_hz=0.0)[0].successful
+    # QoS of image_raw is overridable the standard way (read-only parameters).
+    assert "qos_overrides./ttspec/image_raw.subscription.reliability" in \
+        probe.list_parameters(CAM)
+
+
+def test_adapter_parameters_set_live(pipeline):
+    probe = pipeline["probe"]
+    assert probe.set_parameters(ADA, batch_size=2)[0].successful
+    assert probe.set_parameters(ADA, batch_size=1)[0].successful
     assert not probe.set_parameters(ADA, learning_rate=0.0)[0].successful
     assert not probe.set_parameters(ADA, model="/elsewhere")[0].successful  # read-only
 

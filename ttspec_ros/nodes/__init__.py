@@ -75,6 +75,19 @@ def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] 
     return values
 
 
+def changed_values(node: str, changes: Iterable[Any]) -> dict[str, Any]:
+    """name -> value of the changed parameters that ``node`` declares from ttspec_ros.params
+    (arrays as lists). Others (use_sim_time, qos_overrides.*, declared by rclpy while the
+    node subscribes) are not ours to judge."""
+    import array
+
+    from ttspec_ros.params import NODE_PARAMS
+
+    names = {s.name for s in NODE_PARAMS[node]}
+    return {p.name: list(p.value) if isinstance(p.value, array.array) else p.value
+            for p in changes if p.name in names}
+
+
 def refuse(reason: str) -> SetParametersResult:
     return SetParametersResult(successful=False, reason=reason)
 

@@ -31,6 +31,7 @@ from ttspec_ros.nodes import (
     Stats,
     Throttle,
     accept,
+    changed_values,
     declare,
     qos,
     refuse,
@@ -104,7 +105,9 @@ class AdapterNode(Node):
 
     # -- parameters
     def _on_set_parameters(self, changes: list[Parameter]):
-        new = {p.name: p.value for p in changes}
+        new = changed_values(topics.ADAPTER_NODE, changes)
+        if not new:
+            return accept()
         reason = params.check_adapter(new)
         if reason:
             self.get_logger().warning(f"refused parameters {new}: {reason}")

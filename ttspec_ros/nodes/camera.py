@@ -26,6 +26,7 @@ from ttspec_ros.nodes import (
     Stats,
     Throttle,
     accept,
+    changed_values,
     declare,
     load_input_spec,
     qos,
@@ -46,6 +47,7 @@ class CameraNode(Node):
         self._last_pass = -float("inf")
         self._frames_pub = self.create_publisher(Image, topics.FRAMES, qos(topics.QOS_SENSOR))
         self._sub = None
+        self._qos: dict[str, Any] = {}
         self._subscribe(values["transport"])
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values)
@@ -64,21 +66,26 @@ class CameraNode(Node):
     def _subscribe(self, transport: str) -> None:
         if self._sub is not None:
             self.destroy_subscription(self._sub)
-        # Sensor-data QoS by default; users override it with the standard QoS parameters,
-        # e.g. -p qos_overrides./ttspec/image_raw.subscription.reliability:=reliable
-        overrides = QoSOverridingOptions.with_default_policies()
-        if transport == "compressed":
-            self._sub = self.create_subscription(
-                CompressedImage, topics.IMAGE_RAW_COMPRESSED, self._on_compressed,
-                qos(topics.QOS_SENSOR), qos_overriding_options=overrides)
+        msg_type, topic, callback = (
+            (CompressedImage, topics.IMAGE_RAW_COMPRESSED, self._on_compressed)
+            if transport == "compressed" else (Image, topics.IMAGE_RAW, self._on_image))
+        if topic in self._qos:
+            # Re-subscribing after a transport switch: the QoS overrides were read the first
+            # time (their parameters are read-only and already declared).
+            self._sub = self.create_subscription(msg_type, topic, callback, self._qos[topic])
         else:
+            # Sensor-data QoS by default, overridable the standard way, e.g.
+            # -p qos_overrides./ttspec/image_raw.subscription.reliability:=reliable
             self._sub = self.create_subscription(
-                Image, topics.IMAGE_RAW, self._on_image, qos(topics.QOS_SENSOR),
-                qos_overriding_options=overrides)
+                msg_type, topic, callback, qos(topics.QOS_SENSOR),
+                qos_overriding_options=QoSOverridingOptions.with_default_policies())
+            self._qos[topic] = self._sub.qos_profile
 
     # -- parameters
     def _on_set_parameters(self, changes: list[Parameter]):
-        new = {p.name: p.value for p in changes}
+        new = changed_values(topics.CAMERA_NODE, changes)
+        if not new:
+            return accept()
         reason = params.check_params(topics.CAMERA_NODE, new)
         if reason:
             return refuse(reason)
@@ -91,7 +98,10 @@ class CameraNode(Node):
         if "max_rate_hz" in new:
             self._min_period_s = params.min_period_s(new["max_rate_hz"])
         if "transport" in new and new["transport"] != self.get_parameter("transport").value:
-            self._subscribe(new["transport"])
+            try:
+                self._subscribe(new["transport"])
+            except Exception as e:  # keep the node (and its old subscription) alive
+                return refuse(f"cannot subscribe with transport {new['transport']!r}: {e}")
         self.get_logger().info(f"parameters set: {new}")
         return accept()
 

@@ -34,6 +34,7 @@ from ttspec_ros.nodes import (
     Stats,
     Throttle,
     accept,
+    changed_values,
     declare,
     qos,
     refuse,
@@ -112,8 +113,9 @@ class ClassifierNode(Node):
 
     # -- parameters (applied live; refused with the reason, nothing changed)
     def _on_set_parameters(self, changes: list[Parameter]):
-        new = {p.name: list(p.value) if isinstance(p.value, array.array) else p.value
-               for p in changes}
+        new = changed_values(topics.CLASSIFIER_NODE, changes)
+        if not new:
+            return accept()
         merged = {**self._values, **new}
         reason = params.check_params(topics.CLASSIFIER_NODE, new)
         loaded = self.loaded

@@ -19,11 +19,11 @@ from typing import Any
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import Parameter as ParameterMsg
-from rcl_interfaces.srv import GetParameters, SetParameters
+from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from ttspec_ros import topics
@@ -143,6 +143,7 @@ class Probe:
             self.node.create_subscription(Image, f"{self.ns}/{topics.FRAMES}",
                                           self._keep(self.frames), qos(topics.QOS_SENSOR))
         self._update_sub = None
+        self._compressed_pub = None
         self.spin_error: Exception | None = None
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -225,6 +226,18 @@ class Probe:
         finally:
             self.node.destroy_publisher(pub)
 
+    def publish_compressed(self, data: bytes, format_: str) -> Any:
+        """One CompressedImage on image_raw/compressed (publisher made on first use)."""
+        if self._compressed_pub is None:
+            self._compressed_pub = self.node.create_publisher(
+                CompressedImage, f"{self.ns}/{topics.IMAGE_RAW_COMPRESSED}",
+                qos(topics.QOS_SENSOR))
+            wait_for(lambda: self._compressed_pub.get_subscription_count() > 0, 5.0)
+        msg = CompressedImage(format=format_, data=data)
+        msg.header.stamp = self.stamp()
+        self._compressed_pub.publish(msg)
+        return msg.header.stamp
+
     # -- services
     def _call(self, srv_type: Any, name: str, request: Any, timeout: float = 15.0) -> Any:
         client = self.node.create_client(srv_type, name)
@@ -247,6 +260,11 @@ class Probe:
             parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
         return list(self._call(SetParameters, f"{self.ns}/{node}/set_parameters",
                                request).results)
+
+    def list_parameters(self, node: str) -> list[str]:
+        response = self._call(ListParameters, f"{self.ns}/{node}/list_parameters",
+                              ListParameters.Request())
+        return list(response.result.names)
 
     def get_parameters(self, node: str, *names: str) -> dict[str, Any]:
         response = self._call(GetParameters, f"{self.ns}/{node}/get_parameters",

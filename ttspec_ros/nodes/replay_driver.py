@@ -36,6 +36,7 @@ from ttspec_ros.nodes import qos
 STARTUP_TIMEOUT_S = 120.0  # three processes importing torch on a busy 2-core machine
 SETTLE_S = 0.5  # after discovery, before the first frame
 DIAGNOSTICS_WAIT_S = 2.5  # diagnostics come about once a second
+QUIET_S = 3.0  # rate mode: no prediction for this long after the last frame = the end
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -297,12 +298,17 @@ def play(
                     drain()
             if progress:
                 progress(len(outcomes), f"v{outcomes[-1].model_version or 0}")
-        # Late answers (rate mode): wait until every frame is answered or nothing comes any more.
+        # Late answers (rate mode): the classifier holds at most one pending frame, so once no
+        # prediction has come for QUIET_S the rest are not coming (the counters say why).
         deadline = time.perf_counter() + settings.timeout_s
+        last_answer = time.perf_counter()
         with node.cond:
             drain()
-            while any(o.class_id is None for o in outcomes) and time.perf_counter() < deadline:
-                node.cond.wait(min(0.5, deadline - time.perf_counter()))
+            while any(o.class_id is None for o in outcomes) and time.perf_counter() < min(
+                    deadline, last_answer + QUIET_S):
+                node.cond.wait(0.1)
+                if node.predictions:
+                    last_answer = time.perf_counter()
                 drain()
         wall = time.perf_counter() - started
         node.wait_fresh_diagnostics(list(topics.EXECUTABLES), time.monotonic(),
