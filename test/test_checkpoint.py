@@ -210,6 +210,17 @@ def test_save_and_load_round_trip(tmp_path):
     assert json.loads((tmp_path / "n.json").read_text())["model_id"] == "my-model"
 
 
+def test_refused_card_leaves_the_saved_pair_untouched(tmp_path):
+    model = make_model()
+    save_model(model, make_card(model), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bad = make_card(model)
+    bad.class_names = ["too", "few"]
+    with pytest.raises(ValueError, match="2 class_names"):
+        save_model(make_model(seed=5), bad, tmp_path / "m")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_card_whose_architecture_does_not_match_the_tensors_is_refused(tmp_path):
     model = make_model()
     save_model(model, make_card(model), tmp_path / "m")

@@ -338,38 +338,42 @@ def file_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:MODEL_ID_HEX]
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _stem(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_suffix("") if path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) else path
 
 
 def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> ModelCard:
-    """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns the card as
-    written (architecture from the model; model_id = file hash if the card had none)."""
+    """Write ``<stem>.safetensors`` and ``<stem>.json``; returns the card as written
+    (architecture from the model; model_id = hash of the weights file if the card had none).
+
+    Both files are written to temporary names and validated first, then renamed into place
+    (weights, then card), so readers never see a partial file and a refused card leaves the
+    old pair untouched."""
     from safetensors.torch import save_file
 
     stem = _stem(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    weights = stem.with_suffix(SAFETENSORS_SUFFIX)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda tmp: save_file(state, tmp))
-    card = dataclasses.replace(card, architecture=model.config.to_dict(),
-                               model_id=card.model_id or file_hash(weights))
+    weights, card_path = stem.with_suffix(SAFETENSORS_SUFFIX), stem.with_suffix(CARD_SUFFIX)
+    card = dataclasses.replace(card, architecture=model.config.to_dict())
     card.validate(f"model card for {weights}")
-    text = json.dumps(card.to_dict(), indent=2) + "\n"
-    _atomic_write(stem.with_suffix(CARD_SUFFIX),
-                  lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    temps: list[str] = []
+    try:
+        for target in (weights, card_path):
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=stem.parent)
+            os.close(fd)
+            temps.append(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are read by other processes
+        save_file(state, temps[0])
+        card = dataclasses.replace(card, model_id=card.model_id or file_hash(temps[0]))
+        Path(temps[1]).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(temps[0], weights)
+        os.replace(temps[1], card_path)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return card
 
 
