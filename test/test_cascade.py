@@ -227,7 +227,7 @@ def test_bench_exits_writes_well_formed_json(tmp_path):
     assert result["settings"]["size"] == 32 and result["settings"]["seed"] == 0
     assert [e["exit"] for e in result["forced_exits"]] == [0, 1, 2, 3]
     assert all(e["latency_ms"] > 0 for e in result["forced_exits"])
-    assert result["plain_forward"]["latency_ms"] > 0
+    assert result["plain_forward"]["latency_ms"] > 0 and result["official_forward"]["min_ms"] > 0
     assert result["overhead_ratio"] == pytest.approx(
         result["forced_exits"][3]["latency_ms"] / result["plain_forward"]["latency_ms"])
     assert result["exit_cost"][-1] == 1.0
