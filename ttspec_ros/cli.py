@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "export-onnx": "ttspec_ros.experiments.export_onnx",
     "bench-backends": "ttspec_ros.experiments.bench_backends",
     "bench-exits": "ttspec_ros.experiments.bench_exits",
+    "train": "ttspec_ros.train",
 }
 
 

@@ -154,5 +154,8 @@ def splits_card(seed: int, pool_size: int = DEFAULT_POOL_SIZE) -> dict:
 
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:
     """Mean and std of uint8 images in [0, 1] units (the normalisation of the model input)."""
-    x = images.astype(np.float64) / 255.0
-    return float(x.mean()), float(x.std())
+    counts = np.bincount(np.asarray(images, dtype=np.uint8).reshape(-1), minlength=256)
+    values = np.arange(256, dtype=np.float64) / 255.0  # a histogram: exact and no float copy
+    total = counts.sum()
+    mean = float((counts * values).sum() / total)
+    return mean, float(np.sqrt((counts * (values - mean) ** 2).sum() / total))
