@@ -46,7 +46,7 @@ class TorchBackbone:
 
     def run_stage(self, i: int, carry: Any) -> tuple[Any, Tensor]:
         if i == 0:
-            x = self.model.stem(carry)
+            x = self.model.stem(carry.to(self.model.stem[0].weight.device))
             state = (0.0, 0.0, 0.0, 0.0)
         else:
             x, state = carry
@@ -142,6 +142,8 @@ class Cascade:
             carry: Any = x
             for i in range(last + 1):
                 carry, pooled = self.backbone.run_stage(i, carry)
+                # Heads run where the model's parameters are, whatever the backbone's device.
+                pooled = pooled.to(self.model.cls_blocks[i].classifier[1].weight.device)
                 logits = self.model.head(i, pooled)[0]
                 confidence, class_id = torch.softmax(logits, dim=0).max(dim=0)
                 confidences.append(float(confidence))
