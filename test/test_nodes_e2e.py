@@ -61,10 +61,15 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def tiny(tmp_path_factory):
+    stem = tmp_path_factory.mktemp("model") / "tiny"
+    return stem, _tiny_model(stem)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny):
     tmp = tmp_path_factory.mktemp("e2e")
-    stem = tmp / "tiny"
-    card = _tiny_model(stem)
+    stem, card = tiny
     state_dir = tmp / "adapter_state"
     procs = {
         CAM: NodeProcess(CAM, {"model": stem}, tmp),
@@ -175,6 +180,7 @@ def test_threshold_set_live_changes_exit_depth(pipeline, data):
     ({"thresholds": [0.5, 0.5]}, "needs 3 values"),
     ({"max_exit": 9}, "at most 3"),
     ({"num_threads": 0}, ""),
+    ({"model": "/nonexistent/model"}, "cannot load model"),
 ])
 def test_invalid_parameters_are_refused_with_a_reason(pipeline, values, words):
     probe = pipeline["probe"]
@@ -265,6 +271,18 @@ def test_adaptation_loop_raises_the_model_version(pipeline, data):
     assert int(probe.diag(CLS)["updates_applied"]) >= 1
 
 
+def test_adapter_save_and_reset_services(pipeline):
+    probe = pipeline["probe"]
+    saved = probe.trigger(ADA, "save")
+    assert saved.success and "saved version" in saved.message
+    version = int(probe.diag(ADA)["model_version"])
+    probe.watch_updates()
+    reset = probe.trigger(ADA, "reset")
+    assert reset.success and "reset" in reset.message
+    # The reset heads go out as a newer version, so classifiers take them.
+    assert wait_for(lambda: any(u.msg.version > version for u in list(probe.updates)), 5.0)
+
+
 def test_adapter_restart_resumes_and_the_classifier_keeps_running(pipeline, data):
     probe, adapter = pipeline["probe"], pipeline["procs"][ADA]
     assert adapter.stop(signal.SIGTERM) == 0
@@ -294,3 +312,28 @@ def test_sigint_and_sigterm_shut_down_cleanly(pipeline):
     assert codes == {CAM: 0, CLS: 0, ADA: 0}
     for name, p in procs.items():
         assert "Traceback" not in p.log(), f"{name}:\n{p.log()[-3000:]}"
+
+
+def test_bench_ros_writes_its_json(tmp_path, tiny):
+    """bench-ros on tiny settings (its figures come from real runs, not from this test)."""
+    import argparse
+
+    from ttspec_ros.experiments import bench_ros
+
+    parser = argparse.ArgumentParser()
+    bench_ros.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--model", str(tiny[0]), "--seconds", "1.5",
+                              "--rate", "10", "--size", "64", "--max-rate", "30"])
+    assert bench_ros.run(args) == 0
+    result = json.loads((tmp_path / "bench_ros.json").read_text())
+    assert result["settings"]["seed"] == 0 and result["classifier_capacity_hz"] > 0
+    for phase in ("nominal", "overload"):
+        p = result[phase]
+        assert p["published"] > 0 and 0 < p["predictions"] <= p["published"]
+        assert p["latency_ms"]["ros_overhead"]["n"] == p["predictions"]
+        assert set(p["rss"]) == {CAM, CLS, ADA}
+        assert all(r["max_mb"] > 10 for r in p["rss"].values())
+    assert result["overload"]["classifier_max_pending"] in (0, 1)
+    assert result["exit_codes"] == {CAM: 0, CLS: 0, ADA: 0}
+    assert set(result["targets"]) == {"ros_overhead_p50_ms", "overload_max_pending",
+                                      "overload_rss_growth_mb"}
