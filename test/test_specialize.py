@@ -260,6 +260,20 @@ def test_anchor_guard_limits_forgetting(tmp_path) -> None:
     guarded = run(guard())
     assert probe.passes(guarded.heads())
     assert guarded.stats()["rollbacks"] > 0
+    # only checked states are published
+    spec = Specializer(early_head_tensors(model), 4, lr=1e-3,
+                       guard=AnchorGuard(anchors, threshold=0.3, rehearsal=2, check_every=5,
+                                         tolerance=1.0, class_tolerance=1.0))
+    original = spec.export()
+    for f in stream[:4]:
+        spec.add_sample(3, 0, 0.99, f)
+    assert spec.export().version == 0
+    for name, t in spec.export().tensors.items():
+        np.testing.assert_array_equal(t, original.tensors[name])
+    spec.add_sample(3, 0, 0.99, stream[4])
+    assert spec.export().version == 5 and spec.stats()["rollbacks"] == 0
+    assert any(not np.array_equal(t, original.tensors[n])
+               for n, t in spec.export().tensors.items())
     with pytest.raises(ValueError, match="anchors are for"):
         Specializer(early_head_tensors(model, 3), 3, guard=guard())
 

@@ -30,6 +30,7 @@ The guard does two things:
    mean cost) with the original heads. If any class lost more than ``class_tolerance``, or the
    class mean lost more than ``tolerance``, the heads roll back to the last state that passed
    (and the optimizer's momentum is cleared); otherwise that state becomes the new snapshot.
+   Only snapshots are published (``export``), so a classifier never runs unchecked heads.
    Rollback bounds the damage even if rehearsal is not enough (e.g. a far too large lr).
 
 A replay buffer of the stream's own samples (``replay_size``) is a separate option: it
@@ -306,7 +307,7 @@ class AnchorGuard:
     also triggers a rollback."""
 
     def __init__(self, anchors: AnchorSet, *, threshold: float | Sequence[float] = 0.9,
-                 rehearsal: int = 8, check_every: int = 1, tolerance: float = 0.005,
+                 rehearsal: int = 8, check_every: int = 10, tolerance: float = 0.005,
                  class_tolerance: float = 0.03, exit_cost: Sequence[float] | None = None,
                  cost_tolerance: float | None = None, seed: int = 0) -> None:
         if rehearsal < 0 or check_every < 0:
@@ -405,7 +406,9 @@ class Specializer:
         self.guard = guard
         if guard is not None:
             guard.bind(self._initial)
-        self._snapshot = self._initial.clone()
+        # With a guard, what export() gives is the last state that passed its check.
+        self._published = self._initial.clone()
+        self._changes = 0
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(seed)
         self._pending: list[tuple[list[Tensor], int]] = []
@@ -413,7 +416,7 @@ class Specializer:
         self._replay: dict[int, deque] = {}
         self._replay_per_class = per_class
         self._new_optimizer()
-        self.version = 0
+        self.version = 0  # of the published heads
         self.counters = {"samples": 0, "skipped_low_confidence": 0, "skipped_first_exit": 0,
                          "steps": 0, "rollbacks": 0, "resets": 0}
 
@@ -538,7 +541,9 @@ class Specializer:
             labels[b:] = rehearsal[1]
         self._sgd(self._gradients(x, mask, labels), h)
         self.counters["steps"] += 1
-        self.version += 1
+        self._changes += 1
+        if self.guard is None:
+            self.version = self._changes  # published = trained heads
         if self.replay_size:
             for feats, label in batch:
                 self._replay.setdefault(label, deque(maxlen=self._replay_per_class)).append(
@@ -546,22 +551,30 @@ class Specializer:
         if self.guard is not None and self.guard.check_every and \
                 self.counters["steps"] % self.guard.check_every == 0:
             if self.guard.passes(self._heads):
-                self._snapshot = self._heads.clone()
+                self._published = self._heads.clone()
+                self.version = self._changes
             else:
-                self._heads.copy_(self._snapshot)
+                self._heads.copy_(self._published)
                 self._new_optimizer()
                 self.counters["rollbacks"] += 1
 
     # -- outputs
+    def _published_heads(self) -> StackedHeads:
+        return self._heads if self.guard is None else self._published
+
     def export(self) -> ModelUpdatePayload:
-        """The current early heads (every tensor specialization may change) and version."""
+        """The published early heads (every tensor specialization may change) and version.
+
+        Without a guard these are the trained heads; with one, the last state that passed
+        its check (steps since then are not published yet)."""
         with self._lock:
-            return ModelUpdatePayload(self.model_id, self.version, self._heads.to_tensors())
+            return ModelUpdatePayload(self.model_id, self.version,
+                                      self._published_heads().to_tensors())
 
     def heads(self) -> StackedHeads:
-        """A detached copy of the current early heads (for evaluation)."""
+        """A detached copy of the published early heads (what a classifier would run)."""
         with self._lock:
-            return self._heads.clone()
+            return self._published_heads().clone()
 
     def stats(self) -> dict:
         with self._lock:
@@ -571,18 +584,20 @@ class Specializer:
         """Back to the original heads (a new version); pending samples and replay are dropped."""
         with self._lock:
             self._heads.copy_(self._initial)
-            self._snapshot = self._initial.clone()
+            self._published = self._initial.clone()
             self._pending.clear()
             self._replay.clear()
             self._new_optimizer()
             self.counters["resets"] += 1
-            self.version += 1
+            self._changes += 1
+            self.version = self._changes
 
     # -- persistence
     def state_dict(self) -> dict[str, Any]:
-        """{"tensors": name -> float32 array, "meta": JSON-able dict}; replay/pending excluded."""
+        """{"tensors": name -> float32 array, "meta": JSON-able dict} of the published heads;
+        replay buffer and pending samples are not kept."""
         with self._lock:
-            tensors = {f"heads.{k}": v for k, v in self._heads.to_tensors().items()}
+            tensors = {f"heads.{k}": v for k, v in self._published_heads().to_tensors().items()}
             tensors.update({f"initial.{k}": v for k, v in self._initial.to_tensors().items()})
             for name, buf in zip(("ln_weight", "ln_bias", "weight", "bias"), self._momentum,
                                  strict=True):
@@ -615,7 +630,7 @@ class Specializer:
         version = int(meta["version"])
         with self._lock:
             self._heads.copy_(heads)
-            self._snapshot = heads.clone()
+            self._published = heads.clone()
             self._pending.clear()
             self._new_optimizer()
             for name, buf in zip(("ln_weight", "ln_bias", "weight", "bias"), self._momentum,
@@ -630,7 +645,8 @@ class Specializer:
             self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()
                                   if k in self.counters})
             # Never go back in version: a classifier may already hold a newer one.
-            self.version = max(self.version + 1, version)
+            self._changes = max(self._changes + 1, version)
+            self.version = self._changes
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the state to ``directory/specializer.safetensors`` atomically (metadata = JSON)."""

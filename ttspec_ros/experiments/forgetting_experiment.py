@@ -45,8 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=tuned["batch_size"])
     parser.add_argument("--min-confidence", type=float, default=tuned["min_confidence"])
     parser.add_argument("--anchors-per-class", type=int, default=50)
+    parser.add_argument("--guard-rehearsal", type=int, default=tuned["guard_rehearsal"],
+                        help="anchors rehearsed per update step in the guarded run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=250, help="feature-extraction batch size")
     parser.add_argument("--test-limit", type=int, default=None,
                         help="use only the first N test images (quick checks only)")
@@ -113,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     before = evaluate(StackedHeads.from_tensors(initial, h))
     runs = {}
     for name, use_guard in (("no_guard", False), ("guard", True)):
-        guard = AnchorGuard(anchors, threshold=args.threshold, exit_cost=card.exit_cost,
-                            seed=args.seed) if use_guard else None
+        guard = AnchorGuard(anchors, threshold=args.threshold, rehearsal=args.guard_rehearsal,
+                            exit_cost=card.exit_cost, seed=args.seed) if use_guard else None
         spec = Specializer(initial, model.num_exits, model_id=card.model_id, lr=args.lr,
                            momentum=args.momentum, batch_size=args.batch_size,
                            min_confidence=args.min_confidence, guard=guard, seed=args.seed)

@@ -38,9 +38,9 @@ from ttspec_ros.specialize import (
 # "paper": the paper's update rule. "tuned": our setting (see the report in the JSON).
 PRESETS: dict[str, dict] = {
     "paper": dict(lr=1e-4, momentum=0.0, batch_size=1, passes=1, min_confidence=0.0,
-                  replay_size=0, guard=False),
+                  replay_size=0, guard=False, guard_rehearsal=0),
     "tuned": dict(lr=1e-2, momentum=0.0, batch_size=1, passes=3, min_confidence=0.0,
-                  replay_size=0, guard=True),
+                  replay_size=0, guard=True, guard_rehearsal=8),
 }
 ISO_TOLERANCE = 0.001  # 0.1 accuracy point
 
@@ -62,13 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     guard = parser.add_mutually_exclusive_group()
     guard.add_argument("--guard", dest="guard", action="store_true", default=None)
     guard.add_argument("--no-guard", dest="guard", action="store_false")
+    parser.add_argument("--guard-rehearsal", type=int, default=None,
+                        help="anchors rehearsed per update step when the guard is on")
     parser.add_argument("--anchors-per-class", type=int, default=50,
                         help="guard anchors per last-exit class, from pool images not streamed")
     parser.add_argument("--per-class", type=int, default=100, help="stream images per class")
     parser.add_argument("--seed", type=int, default=0, help="stream order and sampling seed")
     parser.add_argument("--latency-frames", type=int, default=200,
                         help="frames per forced exit for the per-exit latency")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: steadier timing on a shared machine)")
     parser.add_argument("--batch", type=int, default=250, help="feature-extraction batch size")
     parser.add_argument("--test-limit", type=int, default=None,
                         help="use only the first N test images (quick checks only)")
@@ -103,7 +106,8 @@ def pool_images(card) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def make_guard(model, card, pool_imgs: np.ndarray, exclude: np.ndarray, per_class: int,
-               threshold: float, seed: int, batch: int) -> tuple[AnchorGuard, dict]:
+               threshold: float, rehearsal: int, seed: int, batch: int
+               ) -> tuple[AnchorGuard, dict]:
     """Anchors from pool images not in the stream, labelled by the last exit (no ground truth)."""
     from ttspec_ros.preprocess import preprocess_batch
 
@@ -112,7 +116,8 @@ def make_guard(model, card, pool_imgs: np.ndarray, exclude: np.ndarray, per_clas
     take = rng.permutation(candidates)[: per_class * data.NUM_CLASSES * 2]
     x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(pool_imgs[take]), card.input))
     anchors = build_anchor_set(model, x, per_class=per_class, seed=seed, batch_size=batch)
-    guard = AnchorGuard(anchors, threshold=threshold, exit_cost=card.exit_cost, seed=seed)
+    guard = AnchorGuard(anchors, threshold=threshold, rehearsal=rehearsal,
+                        exit_cost=card.exit_cost, seed=seed)
     info = {"anchors": int(anchors.labels.size), "anchors_per_class": per_class,
             "rehearsal": guard.rehearsal, "check_every": guard.check_every,
             "tolerance": guard.tolerance, "class_tolerance": guard.class_tolerance,
@@ -159,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     guard, guard_info = (None, None)
     if settings["guard"]:
         guard, guard_info = make_guard(model, card, pool_imgs, chosen, args.anchors_per_class,
-                                       args.threshold, args.seed, args.batch)
+                                       args.threshold, settings["guard_rehearsal"], args.seed,
+                                       args.batch)
     spec = Specializer(initial, num_exits, model_id=card.model_id, lr=settings["lr"],
                        momentum=settings["momentum"], batch_size=settings["batch_size"],
                        min_confidence=settings["min_confidence"],
