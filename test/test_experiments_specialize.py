@@ -187,3 +187,18 @@ def test_bench_update_writes_json(tiny_checkpoint, tmp_path) -> None:
     assert set(demo["median_ms"]) == {"inference", "update_step", "update_step_guarded",
                                       "export", "apply_update"}
     assert demo["update_over_inference"] > 0 and demo["early_heads"] == 3
+
+
+def test_make_anchors_writes_a_loadable_set(tiny_checkpoint, tmp_path) -> None:
+    from ttspec_ros.experiments import make_anchors as mod
+    from ttspec_ros.specialize import AnchorSet
+
+    images = np.random.default_rng(0).integers(0, 255, (40, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "frames.npy", images)
+    out = tmp_path / "anchors.safetensors"
+    args = _args(mod, ["--out", str(out), "--model", tiny_checkpoint, "--images",
+                       str(tmp_path / "frames.npy"), "--per-class", "2"])
+    assert mod.run(args) == 0
+    anchors = AnchorSet.load(out)
+    assert len(anchors.features) == 3 and anchors.features[0].shape[1] == 32
+    assert np.bincount(anchors.labels).max() <= 2

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "bench-update": "ttspec_ros.experiments.bench_update",
     "specialize-experiment": "ttspec_ros.experiments.specialize_experiment",
     "forgetting-experiment": "ttspec_ros.experiments.forgetting_experiment",
+    "make-anchors": "ttspec_ros.experiments.make_anchors",
     "export-onnx": "ttspec_ros.experiments.export_onnx",
     "bench-backends": "ttspec_ros.experiments.bench_backends",
     "bench-exits": "ttspec_ros.experiments.bench_exits",
