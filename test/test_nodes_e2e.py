@@ -323,7 +323,8 @@ def test_bench_ros_writes_its_json(tmp_path, tiny):
     parser = argparse.ArgumentParser()
     bench_ros.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--model", str(tiny[0]), "--seconds", "1.5",
-                              "--rate", "10", "--size", "64", "--max-rate", "30"])
+                              "--rate", "10", "--size", "64", "--max-rate", "30",
+                              "--adapt-seconds", "2", "--adapt-windows", "2"])
     assert bench_ros.run(args) == 0
     result = json.loads((tmp_path / "bench_ros.json").read_text())
     assert result["settings"]["seed"] == 0 and result["classifier_capacity_hz"] > 0
@@ -334,6 +335,9 @@ def test_bench_ros_writes_its_json(tmp_path, tiny):
         assert set(p["rss"]) == {CAM, CLS, ADA}
         assert all(r["max_mb"] > 10 for r in p["rss"].values())
     assert result["overload"]["classifier_max_pending"] in (0, 1)
+    adaptation = result["adaptation"]
+    assert adaptation["reset"]["success"] and adaptation["predictions"] > 0
+    assert 1 <= len(adaptation["windows"]) <= 2
     assert result["exit_codes"] == {CAM: 0, CLS: 0, ADA: 0}
     assert set(result["targets"]) == {"ros_overhead_p50_ms", "overload_max_pending",
                                       "overload_rss_growth_mb"}

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int, default=1, help="classifier num_threads")
     parser.add_argument("--seed", type=int, default=0, help="image order")
     parser.add_argument("--namespace", default="ttspec_bench")
+    parser.add_argument("--adapt-seconds", type=float, default=60.0,
+                        help="length of the adaptation phase (0 = skip it)")
+    parser.add_argument("--adapt-classes", default="footwear",
+                        help="class group (ttspec_ros.data.SUBSETS) streamed while adapting")
+    parser.add_argument("--adapt-windows", type=int, default=6,
+                        help="time windows the adaptation phase is summarised in")
 
 
 def _percentiles(values: list[float]) -> dict[str, float | int | None]:
@@ -50,19 +56,47 @@ def _percentiles(values: list[float]) -> dict[str, float | int | None]:
             "max": round(float(a.max()), 3)}
 
 
-def _images(size: int, count: int, seed: int) -> list[dict[str, Any]]:
+def _images(size: int, count: int, seed: int, classes: list[int] | None = None
+            ) -> tuple[list[dict[str, Any]], list[int]]:
+    """Fashion-MNIST test images upscaled to size x size rgb8 (fields), and their labels."""
     import cv2
 
     from ttspec_ros.data import load_fashion_mnist
     from ttspec_ros.image_codec import encode_image
 
-    images, _ = load_fashion_mnist("test")
-    order = np.random.default_rng(seed).permutation(len(images))[:count]
+    images, labels = load_fashion_mnist("test")
+    pool = np.flatnonzero(np.isin(labels, classes)) if classes else np.arange(len(images))
+    order = np.random.default_rng(seed).permutation(pool)[:count]
     out = []
     for i in order:
         big = cv2.resize(images[i], (size, size), interpolation=cv2.INTER_LINEAR)
         out.append(encode_image(np.repeat(big[:, :, None], 3, axis=2), "rgb8"))
-    return out
+    return out, [int(labels[i]) for i in order]
+
+
+def _publish_for(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float,
+                 seconds: float) -> tuple[dict[tuple[int, int], tuple[float, int]], float, dict]:
+    """Publish at ``rate_hz`` for ``seconds`` -> ({stamp: (publish time, image index)},
+    seconds taken, RSS samples per process (1 Hz))."""
+    published: dict[tuple[int, int], tuple[float, int]] = {}
+    rss: dict[str, list[tuple[float, float]]] = {n: [] for n in procs}
+    period = 1.0 / rate_hz
+    start = time.perf_counter()
+    next_t, next_rss, i = start, start, 0
+    while (now := time.perf_counter()) - start < seconds:
+        if now >= next_rss:
+            for name, p in procs.items():
+                rss[name].append((round(now - start, 2), round(p.rss_mb(), 1)))
+            next_rss += 1.0
+        index = i % len(images)
+        stamp, t = probe.publish_image(images[index])
+        published[(stamp.sec, stamp.nanosec)] = (t, index)
+        i += 1
+        next_t += period
+        delay = next_t - time.perf_counter()
+        if delay > 0:  # behind schedule: publish at once (the achieved rate is recorded)
+            time.sleep(delay)
+    return published, time.perf_counter() - start, rss
 
 
 def _phase(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float,
@@ -73,24 +107,8 @@ def _phase(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float
     time.sleep(1.2)  # fresh diagnostics before counting
     before = {n: probe.diag(n) for n in (cam, cls)}
     probe.clear()
-    published: dict[tuple[int, int], float] = {}
-    rss: dict[str, list[tuple[float, float]]] = {n: [] for n in procs}
-    period = 1.0 / rate_hz
-    start = time.perf_counter()
-    next_t, next_rss, i = start, start, 0
-    while (now := time.perf_counter()) - start < seconds:
-        if now >= next_rss:
-            for name, p in procs.items():
-                rss[name].append((round(now - start, 2), round(p.rss_mb(), 1)))
-            next_rss += 1.0
-        stamp, t = probe.publish_image(images[i % len(images)])
-        published[(stamp.sec, stamp.nanosec)] = t
-        i += 1
-        next_t += period
-        delay = next_t - time.perf_counter()
-        if delay > 0:  # behind schedule: publish at once (the achieved rate is recorded)
-            time.sleep(delay)
-    sent_for_s = time.perf_counter() - start
+    sent, sent_for_s, rss = _publish_for(probe, procs, images, rate_hz, seconds)
+    published = {k: t for k, (t, _) in sent.items()}
     # Let the last frames through, then wait for a diagnostics round (1 Hz) after them.
     time.sleep(2.2)
     with probe.lock:
@@ -147,6 +165,50 @@ def _phase(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float
     }
 
 
+def _adaptation(probe: Any, procs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Stream one class group at the nominal rate with the adapter on (from the original heads,
+    after ~/reset): mean exit depth, accuracy and model version per time window."""
+    from ttspec_ros import topics
+    from ttspec_ros.data import SUBSETS
+
+    classes = SUBSETS[args.adapt_classes]
+    images, labels = _images(args.size, 1000, args.seed, classes)
+    reset = probe.trigger(topics.ADAPTER_NODE, "reset")
+    time.sleep(1.5)  # the reset heads reach the classifier (reliable, transient local)
+    probe.clear()
+    sent, _, _ = _publish_for(probe, procs, images, args.rate, args.adapt_seconds)
+    time.sleep(1.0)
+    with probe.lock:
+        preds = [(r.msg, r.t) for r in probe.predictions]
+    rows = []
+    for msg, _ in preds:
+        key = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+        if key in sent:
+            t, index = sent[key]
+            rows.append((t, msg.exit_index, int(msg.class_id == labels[index]),
+                         int(msg.model_version)))
+    rows.sort()
+    windows = []
+    for chunk in np.array_split(np.asarray(rows, dtype=np.float64), args.adapt_windows):
+        if len(chunk):
+            windows.append({"frames": int(len(chunk)),
+                            "mean_exit": round(float(chunk[:, 1].mean()), 3),
+                            "accuracy": round(float(chunk[:, 2].mean()), 4),
+                            "model_version_min": int(chunk[:, 3].min()),
+                            "model_version_max": int(chunk[:, 3].max())})
+    first, last = (windows[0], windows[-1]) if windows else ({}, {})
+    return {
+        "classes": args.adapt_classes, "class_ids": classes, "seconds": args.adapt_seconds,
+        "rate_hz": args.rate, "reset": {"success": reset.success, "message": reset.message},
+        "predictions": len(rows), "windows": windows,
+        "mean_exit_first_window": first.get("mean_exit"),
+        "mean_exit_last_window": last.get("mean_exit"),
+        "mean_exit_fell": bool(windows) and last["mean_exit"] < first["mean_exit"],
+        "model_version_rose": bool(windows)
+        and last["model_version_max"] > first["model_version_min"],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="ttspec-bench-roslog-"))
@@ -165,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                                             log_dir, args.namespace),
         topics.ADAPTER_NODE: NodeProcess(topics.ADAPTER_NODE, model, log_dir, args.namespace),
     }
-    images = _images(args.size, 200, args.seed)
+    images, _ = _images(args.size, 200, args.seed)
     load_before = os.getloadavg()
     for p in procs.values():
         p.start()
@@ -181,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         capacity_hz = 1000.0 / model_ms
         overload_rate = min(args.max_rate, args.overload * capacity_hz)
         overload = _phase(probe, procs, images, overload_rate, args.seconds)
+        adaptation = _adaptation(probe, procs, args) if args.adapt_seconds > 0 else None
         alive = {n: p.alive() for n, p in procs.items()}
     finally:
         probe.close()
@@ -200,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
         "classifier_capacity_hz": round(capacity_hz, 2),
         "nominal": nominal,
         "overload": overload,
+        "adaptation": adaptation,
         "nodes_alive_at_end": alive,
         "exit_codes": codes,
         "targets": {
@@ -230,4 +294,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{overload['rate_hz_requested']} Hz: max pending "
           f"{overload['classifier_max_pending']}, drops {overload['drop_rate']:.1%}, "
           f"RSS growth {growth}, e2e p50 {o['end_to_end']['p50']} ms")
+    if adaptation and adaptation["windows"]:
+        w = adaptation["windows"]
+        print(f"adapting on {args.adapt_classes}: mean exit per window "
+              f"{[x['mean_exit'] for x in w]}, model version {w[0]['model_version_min']} -> "
+              f"{w[-1]['model_version_max']}")
     return 0
