@@ -341,3 +341,11 @@ def test_bench_ros_writes_its_json(tmp_path, tiny):
     assert result["exit_codes"] == {CAM: 0, CLS: 0, ADA: 0}
     assert set(result["targets"]) == {"ros_overhead_p50_ms", "overload_max_pending",
                                       "overload_rss_growth_mb"}
+
+
+def test_bad_configuration_exits_with_one_clear_line(tmp_path):
+    camera = NodeProcess(CAM, {"model": tmp_path / "missing"}, tmp_path).start()
+    camera.proc.wait(60)
+    assert camera.proc.returncode == 1
+    log = camera.log()
+    assert "Traceback" not in log and "missing.json" in log, log

@@ -46,7 +46,7 @@ from ttspec_ros.specialize import pack_features
 class LoadedModel:
     """A cascade with the card facts the node needs, swapped as one object on `model` change."""
 
-    def __init__(self, model_path: str, num_threads: int) -> None:
+    def __init__(self, model_path: str, num_threads: int | None) -> None:
         from ttspec_ros.cascade import Cascade
         from ttspec_ros.models.checkpoint import load_model
 
@@ -121,7 +121,8 @@ class ClassifierNode(Node):
         loaded = self.loaded
         if not reason and "model" in new and new["model"] != loaded.path:
             try:
-                loaded = LoadedModel(new["model"], merged["num_threads"])
+                # The worker sets torch's (process-wide) thread count between frames.
+                loaded = LoadedModel(new["model"], None)
             except StartupError as e:
                 reason = str(e)
         if not reason:
