@@ -152,7 +152,12 @@ def _phase(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float
         "lost_camera_to_classifier": delta(cam, "published") - delta(cls, "received"),
         "drop_rate": round(1.0 - len(preds) / max(1, len(published)), 4),
         "classifier_max_pending": int(after[cls].get("max_pending", -1)),
-        "classifier_mean_queue_wait_ms": float(after[cls].get("mean_queue_wait_ms", "nan")),
+        # Node-side means since the node started (diagnostics keep running means).
+        "classifier_mean_queue_wait_ms_since_start": float(
+            after[cls].get("mean_queue_wait_ms", "nan")),
+        "classifier_mean_handling_ms_since_start": float(
+            after[cls].get("mean_handling_ms", "nan")),
+        "camera_mean_convert_ms_since_start": float(after[cam].get("mean_convert_ms", "nan")),
         "latency_ms": {
             "camera_hop": _percentiles(camera_hop),
             "classifier_hop": _percentiles(classifier_hop),
