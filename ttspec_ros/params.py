@@ -61,7 +61,8 @@ CLASSIFIER: tuple[ParamSpec, ...] = (
               "[0, 1]; default: the model card's; used while threshold is -1",
               min=0.0, max=1.0, constraints="length = number of exits - 1"),
     ParamSpec("max_exit", "int", -1,
-              "deepest exit to run (answers with the best exit so far); -1 = no limit",
+              "deepest exit to run: frames no earlier exit answered are answered there; "
+              "-1 = no limit (the last exit)",
               min=-1, max=255, constraints="-1 or at most number of exits - 1"),
     ParamSpec("publish_samples", "bool", True,
               "publish adaptation_samples for frames answered after exit 0"),
