@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "bench-backends": "ttspec_ros.experiments.bench_backends",
     "bench-exits": "ttspec_ros.experiments.bench_exits",
     "train": "ttspec_ros.train",
+    "eval-exits": "ttspec_ros.experiments.table1",
 }
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from ttspec_ros import data  # noqa: E402
+from ttspec_ros.cascade import exit_costs  # noqa: E402
 from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask  # noqa: E402
 from ttspec_ros.models.revcol import NUM_EXITS, RevCol  # noqa: E402
 from ttspec_ros.preprocess import preprocess_batch  # noqa: E402
@@ -127,32 +128,6 @@ def reconstruction_losses(model: RevCol, x: Tensor, mask_ratio: float, seed: int
         for k, r in enumerate(recons):
             totals[k] += float(masked_reconstruction_loss(r, xb, mask)) * len(xb)
     return (totals / len(x)).round(5).tolist()
-
-
-def exit_cost(model: RevCol) -> list[float]:
-    """Cumulative share of the cascade's full compute at each exit (stem, columns and heads
-    counted in FLOPs by torch's FlopCounterMode on one image; last = 1.0)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def flops(fn) -> int:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
-
-    cfg = model.config
-    x = torch.zeros(1, cfg.in_chans, INPUT_SIZE, INPUT_SIZE)
-    with torch.inference_mode():
-        stem = model.stem(x)
-        total = flops(lambda: model.stem(x))
-        state = (0.0, 0.0, 0.0, 0.0)
-        cumulative = []
-        for i in range(NUM_EXITS):
-            prev = state
-            total += flops(lambda prev=prev, i=i: model.run_exit(i, stem, prev))
-            state = model.run_exit(i, stem, prev)
-            total += flops(lambda i=i, c3=state[3]: model.head(i, model.pool(c3)))
-            cumulative.append(total)
-    return [round(c / cumulative[-1], 4) for c in cumulative]
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -264,7 +239,7 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
         "class_names": list(data.CLASS_NAMES),
         "input": spec,
         "thresholds": list(DEFAULT_THRESHOLDS),
-        "exit_cost": exit_cost(model),
+        "exit_cost": [round(c, 4) for c in exit_costs(model, INPUT_SIZE)],
         "training": {
             "seed": cfg.seed,
             "epochs": cfg.epochs,

@@ -1,0 +1,83 @@
+"""Fashion-MNIST loader (idx validation, clear errors) and the seeded splits."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from ttspec_ros import data
+
+
+def _write_idx(path, magic: int, dims: tuple[int, ...], body: bytes) -> None:
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims)
+    with gzip.open(path, "wb") as f:
+        f.write(header + body)
+
+
+def test_read_idx_accepts_a_valid_file(tmp_path):
+    path = tmp_path / "imgs.gz"
+    body = np.arange(2 * 28 * 28, dtype=np.uint8).tobytes()  # wraps at 256
+    _write_idx(path, data.IDX_IMAGES_MAGIC, (2, 28, 28), body)
+    images = data.read_idx(path, data.IDX_IMAGES_MAGIC, (28, 28), 2)
+    assert images.shape == (2, 28, 28) and images.dtype == np.uint8
+    assert images[1, 0, 0] == (28 * 28) % 256
+
+
+@pytest.mark.parametrize(
+    "magic, dims, body_len, message",
+    [
+        (data.IDX_LABELS_MAGIC, (2, 28, 28), 2 * 784, "magic"),
+        (data.IDX_IMAGES_MAGIC, (3, 28, 28), 3 * 784, "dimensions"),
+        (data.IDX_IMAGES_MAGIC, (2, 28, 28), 2 * 784 - 5, "data bytes"),
+    ],
+)
+def test_read_idx_refuses_bad_headers_and_sizes(tmp_path, magic, dims, body_len, message):
+    path = tmp_path / "bad.gz"
+    _write_idx(path, magic, dims, bytes(body_len))
+    with pytest.raises(ValueError, match=message):
+        data.read_idx(path, data.IDX_IMAGES_MAGIC, (28, 28), 2)
+
+
+def test_missing_files_name_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    data._load_cached.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match=data.DEBIAN_PACKAGE):
+            data.load_fashion_mnist("test")
+    finally:
+        data._load_cached.cache_clear()
+    with pytest.raises(ValueError, match="split"):
+        data.load_fashion_mnist("validation")
+
+
+def test_real_test_split_loads_read_only_and_balanced():
+    images, labels = data.load_fashion_mnist("test")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [1000] * 10
+    assert not images.flags.writeable
+    assert len(data.CLASS_NAMES) == data.NUM_CLASSES
+    assert all(0 <= c < 10 for subset in data.SUBSETS.values() for c in subset)
+
+
+def test_splits_are_disjoint_stratified_and_seeded():
+    s = data.splits(0)
+    _, labels = data.load_fashion_mnist("train")
+    assert s.pool.size >= 5000 and s.train.size + s.pool.size == 60000
+    assert np.intersect1d(s.train, s.pool).size == 0
+    assert np.bincount(labels[s.pool]).tolist() == [s.pool.size // 10] * 10
+    again, other = data.splits(0), data.splits(1)
+    assert np.array_equal(again.pool, s.pool) and not np.array_equal(other.pool, s.pool)
+    card = data.splits_card(0)
+    assert card["pool"]["sha256"] == data.index_hash(s.pool)
+    assert card["train"]["size"] == s.train.size
+
+
+def test_pixel_stats_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    mean, std = data.pixel_stats(images)
+    x = images / 255.0
+    assert mean == pytest.approx(x.mean(), abs=1e-12) and std == pytest.approx(x.std(), abs=1e-12)

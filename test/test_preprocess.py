@@ -1,0 +1,65 @@
+"""preprocess: the one image -> model-input path (training, camera node, replay)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from ttspec_ros.preprocess import preprocess, preprocess_batch
+
+SPEC = {"channels": 1, "size": 32, "content_size": 28, "mean": [0.25], "std": [0.5]}
+
+
+def test_fashion_mnist_image_is_padded_and_normalised():
+    img = np.zeros((28, 28), np.uint8)
+    img[0, 0], img[27, 27] = 255, 51
+    out = preprocess(img, SPEC)
+    assert out.shape == (1, 32, 32) and out.dtype == np.float32
+    background = (0.0 - 0.25) / 0.5
+    assert out[0, 0, 0] == pytest.approx(background)  # padding = black, normalised
+    assert out[0, 2, 2] == pytest.approx((1.0 - 0.25) / 0.5)  # content starts at offset 2
+    assert out[0, 29, 29] == pytest.approx((0.2 - 0.25) / 0.5)
+    assert out[0, 30, 30] == pytest.approx(background)
+
+
+def test_batch_path_equals_the_frame_path():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    batch = preprocess_batch(images, SPEC)
+    assert np.array_equal(batch, np.stack([preprocess(im, SPEC) for im in images]))
+
+
+def test_camera_frame_rgb_any_size_uses_luma_crop_and_area_resize():
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out = preprocess(frame, SPEC)
+    gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)[:, 8:56].astype(np.float32) / 255
+    expected = cv2.resize(gray, (28, 28), interpolation=cv2.INTER_AREA)
+    assert np.allclose(out[0, 2:30, 2:30], (expected - 0.25) / 0.5, atol=1e-5)
+    # uint16 mono and (H, W, 1) give the same as their uint8 equivalent
+    mono = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    assert np.allclose(preprocess(mono.astype(np.uint16) * 257, SPEC), preprocess(mono, SPEC))
+    assert np.array_equal(preprocess(mono[:, :, None], SPEC), preprocess(mono, SPEC))
+
+
+def test_three_channel_spec_repeats_gray():
+    spec = {**SPEC, "channels": 3, "mean": [0.1, 0.2, 0.3], "std": [1.0, 1.0, 1.0]}
+    out = preprocess(np.full((28, 28), 255, np.uint8), spec)
+    assert out.shape == (3, 32, 32)
+    assert out[:, 10, 10].tolist() == pytest.approx([0.9, 0.8, 0.7])
+
+
+@pytest.mark.parametrize(
+    "image, spec, message",
+    [
+        (np.zeros((28, 28), np.float32), SPEC, "dtype"),
+        (np.zeros((28, 28, 2), np.uint8), SPEC, "shape"),
+        (np.zeros((28, 28), np.uint8), {**SPEC, "std": [0.0]}, "std"),
+        (np.zeros((28, 28), np.uint8), {"channels": 1, "size": 32}, "lacks"),
+        (np.zeros((28, 28), np.uint8), {**SPEC, "content_size": 40}, "content_size"),
+    ],
+)
+def test_bad_input_is_refused_with_a_reason(image, spec, message):
+    with pytest.raises(ValueError, match=message):
+        preprocess(image, spec)

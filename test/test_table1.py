@@ -1,0 +1,87 @@
+"""eval-exits (Table 1) on a tiny random model: well-formed JSON and consistent figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from ttspec_ros import data
+from ttspec_ros.cascade import exit_costs
+from ttspec_ros.experiments import table1
+from ttspec_ros.models.checkpoint import ModelCard, save_model
+from ttspec_ros.models.revcol import RevCol
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = RevCol((8, 8, 8, 8), (1, 1, 1, 1), 4, 10, in_chans=1)
+    card = ModelCard(
+        model_id="", architecture=model.config.to_dict(), class_names=list(data.CLASS_NAMES),
+        input={"channels": 1, "size": 32, "content_size": 28, "mean": [0.286], "std": [0.353]},
+        thresholds=[0.9, 0.9, 0.9], exit_cost=exit_costs(model, 32),
+    )
+    stem = tmp_path / "tiny"
+    save_model(model, card, stem)
+    return stem
+
+
+def test_eval_exits_writes_table1(tiny_model, tmp_path):
+    parser = argparse.ArgumentParser()
+    table1.add_arguments(parser)
+    out = tmp_path / "t1"
+    args = parser.parse_args(["--out", str(out), "--model", str(tiny_model), "--test-limit", "200",
+                              "--latency-images", "3", "--warmup", "1"])
+    assert table1.run(args) == 0
+    result = json.loads((out / "table1.json").read_text())
+    assert "| threshold 0.9 |" in (out / "table1.md").read_text()
+    assert [r["exit"] for r in result["fixed_exits"]] == [0, 1, 2, 3]
+    assert [r["threshold"] for r in result["thresholds"]] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    for row in result["fixed_exits"] + result["thresholds"]:
+        assert {"latency_ms", "latency_std_ms", "accuracy"} <= set(row)
+        assert row["latency_ms"] > 0 and 0 <= row["accuracy"] <= 1
+    for row in result["thresholds"]:
+        assert 0 <= row["mean_exit"] <= 3 and sum(row["exit_histogram"]) == 200
+    # the baseline is the last exit's answer; the oracle is at least as right as any exit
+    assert result["baseline"]["accuracy"] == result["fixed_exits"][-1]["accuracy"]
+    assert result["oracle"]["accuracy"] >= max(r["accuracy"] for r in result["fixed_exits"])
+    assert {"latency_ms", "accuracy"} <= set(result["baseline"])
+    assert result["test_images"] == 200 and result["latency_images"] == 3
+
+
+def test_threshold_rule_matches_the_cascade_frame_by_frame(tiny_model):
+    from ttspec_ros.cascade import Cascade
+    from ttspec_ros.models.checkpoint import load_model
+    from ttspec_ros.preprocess import preprocess_batch
+
+    model, card = load_model(str(tiny_model))
+    images, labels = data.load_fashion_mnist("test")
+    x = torch.from_numpy(preprocess_batch(images[:30], card.input))
+    y = torch.from_numpy(labels[:30].copy())
+    # Thresholds around this random model's confidences, so every exit answers sometimes.
+    with torch.inference_mode():
+        conf = torch.stack(model.forward_exits(x)).softmax(-1).amax(-1)
+    quantiles = conf[:3].flatten().quantile(torch.tensor([0.3, 0.5, 0.7])).tolist()
+    table1_thresholds = table1.THRESHOLDS
+    try:
+        table1.THRESHOLDS = tuple(quantiles)
+        acc = table1.accuracy_table(model, x, y, card.exit_cost)
+    finally:
+        table1.THRESHOLDS = table1_thresholds
+    assert any(0 < sum(r["exit_histogram"][:3]) < 30 for r in acc["thresholds"])
+    cascade = Cascade(model, 0.9)
+    for row in acc["thresholds"]:
+        frames = [cascade.run(img, thresholds=row["threshold"]) for img in x]
+        mean_exit = sum(f.exit_index for f in frames) / len(frames)
+        accuracy = sum(int(f.class_id == int(t)) for f, t in zip(frames, y, strict=True)) / 30
+        assert row["mean_exit"] == pytest.approx(mean_exit)
+        assert row["accuracy"] == pytest.approx(accuracy)
+
+
+def test_bad_arguments_are_refused(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="latency-images"):
+        table1.evaluate(str(tiny_model), 1, 0, 1, 10, 0)
