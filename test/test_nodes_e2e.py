@@ -271,6 +271,26 @@ def test_adaptation_loop_raises_the_model_version(pipeline, data):
     assert int(probe.diag(CLS)["updates_applied"]) >= 1
 
 
+def test_a_late_classifier_gets_the_latest_update(pipeline, tmp_path):
+    """A classifier started (or restarted) later, elsewhere, fed by the same adapter: the
+    transient-local update is waiting for it. One adapter, several classifiers."""
+    probe = pipeline["probe"]
+    published = int(probe.diag(ADA)["published_version"])
+    assert published > 0
+    late = NodeProcess(CLS, {"model": pipeline["stem"]}, tmp_path, namespace="ttspec_late",
+                       extra_args=["-r", f"model_updates:=/ttspec/{topics.MODEL_UPDATES}",
+                                   "-r", f"adaptation_samples:=/ttspec/"
+                                         f"{topics.ADAPTATION_SAMPLES}"]).start()
+    try:
+        def late_version():
+            with probe.lock:
+                d = probe.diagnostics.get(f"/ttspec_late/{CLS}", {})
+            return int(d.get("model_version", -1)) >= published
+        assert wait_for(late_version, STARTUP_S, 0.2), late.log()[-2000:]
+    finally:
+        assert late.stop(signal.SIGINT) == 0
+
+
 def test_adapter_save_and_reset_services(pipeline):
     probe = pipeline["probe"]
     saved = probe.trigger(ADA, "save")
