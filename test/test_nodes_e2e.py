@@ -239,6 +239,7 @@ def test_malformed_images_are_rejected_counted_and_survived(pipeline, data):
     expected = {f"rejected_{reason}" for reason in _bad_images()}
     assert wait_for(lambda: all(probe.count(CAM, k) >= 1 for k in expected), 5.0), \
         probe.diag(CAM)
+    assert wait_for(lambda: f"/ttspec/{CAM}" in probe.warned, 3.0)  # level WARN on /diagnostics
     _stream(probe, data[0][:3])
     assert _predictions(probe), "no prediction after the malformed images"
     assert pipeline["procs"][CAM].alive()

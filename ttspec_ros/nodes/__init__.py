@@ -161,20 +161,28 @@ class Throttle:
 
 
 class Diagnostics:
-    """Publishes one DiagnosticStatus for the node on /diagnostics every ``period_s``."""
+    """Publishes one DiagnosticStatus for the node on /diagnostics every ``period_s``: WARN
+    while any ``warn_on`` counter grew since the previous report, else OK."""
 
-    def __init__(self, node: Node, values: Callable[[], tuple[int, str, Mapping[str, Any]]],
-                 period_s: float = 1.0) -> None:
+    def __init__(self, node: Node, values: Callable[[], tuple[str, Mapping[str, Any]]],
+                 warn_on: Iterable[str] = (), period_s: float = 1.0) -> None:
         self._node = node
         self._values = values
+        self._warn_on = tuple(warn_on)
+        self._previous: dict[str, str] = {}
         self._pub = node.create_publisher(DiagnosticArray, topics.DIAGNOSTICS,
                                           qos(topics.QOS_RELIABLE))
         self._timer = node.create_timer(period_s, self.publish)
 
     def publish(self) -> None:
-        level, message, values = self._values()
+        message, values = self._values()
+        grew = [k for k in self._warn_on
+                if int(values.get(k, 0)) > int(self._previous.get(k, 0))]
+        self._previous = {k: str(values.get(k, 0)) for k in self._warn_on}
+        if grew:
+            message += f" (new: {', '.join(grew)})"
         status = DiagnosticStatus(
-            level=bytes([level]), name=self._node.get_fully_qualified_name(),
+            level=bytes([WARN if grew else OK]), name=self._node.get_fully_qualified_name(),
             message=message, hardware_id=topics.PACKAGE,
             values=[KeyValue(key=str(k), value=str(v)) for k, v in values.items()])
         array = DiagnosticArray(status=[status])

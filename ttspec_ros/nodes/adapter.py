@@ -24,8 +24,6 @@ from ttspec_ros import params, topics
 from ttspec_ros.model_update import to_msg
 from ttspec_ros.msg import AdaptationSample, ModelUpdate
 from ttspec_ros.nodes import (
-    OK,
-    WARN,
     Diagnostics,
     StartupError,
     Stats,
@@ -70,7 +68,8 @@ class AdapterNode(Node):
         self._publish_timer = self.create_timer(values["publish_period_s"], self._publish)
         self._save_timer = self.create_timer(values["save_period_s"], self._periodic_save)
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._diagnostics = Diagnostics(self, self._diagnostic_values)
+        self._diagnostics = Diagnostics(self, self._diagnostic_values,
+                                        warn_on=("samples_rejected", "samples_dropped"))
         self._worker = threading.Thread(target=self._train, name="specializer", daemon=True)
         self._worker.start()
         if resumed:
@@ -214,7 +213,7 @@ class AdapterNode(Node):
         return response
 
     # -- diagnostics and shutdown
-    def _diagnostic_values(self) -> tuple[int, str, dict]:
+    def _diagnostic_values(self) -> tuple[str, dict]:
         values = self.stats.snapshot()
         values.update({f"specializer_{k}": v for k, v in self.specializer.stats().items()})
         values.update({"model_id": self.specializer.model_id,
@@ -222,8 +221,7 @@ class AdapterNode(Node):
                        "published_version": self._published_version,
                        "saved_version": self._saved_version,
                        "queued": len(self._queue), "enabled": self._values["enabled"]})
-        level = WARN if int(values.get("samples_rejected", 0)) else OK
-        return level, f"version {self.specializer.version}, " \
+        return f"version {self.specializer.version}, " \
                       f"{values.get('samples_used', 0)} samples used", values
 
     def close(self) -> None:

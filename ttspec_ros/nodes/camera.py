@@ -19,8 +19,6 @@ from sensor_msgs.msg import CompressedImage, Image
 from ttspec_ros import params, topics
 from ttspec_ros.image_codec import ImageDecodeError, decode_compressed, decode_image, encode_frame
 from ttspec_ros.nodes import (
-    OK,
-    WARN,
     Diagnostics,
     StartupError,
     Stats,
@@ -50,7 +48,7 @@ class CameraNode(Node):
         self._qos: dict[str, Any] = {}
         self._subscribe(values["transport"])
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._diagnostics = Diagnostics(self, self._diagnostic_values)
+        self._diagnostics = Diagnostics(self, self._diagnostic_values, warn_on=("rejected",))
         self.get_logger().info(
             f"camera: {self._sub.topic_name} ({values['transport']}) -> "
             f"{self._frames_pub.topic_name}, input {dict(self._input_spec)}")
@@ -149,11 +147,10 @@ class CameraNode(Node):
         if self._throttle(reason):
             self.get_logger().warning(f"rejected image ({reason}): {message}")
 
-    def _diagnostic_values(self) -> tuple[int, str, dict]:
+    def _diagnostic_values(self) -> tuple[str, dict]:
         values = self.stats.snapshot()
-        rejected = int(values.get("rejected", 0))
-        level = WARN if rejected else OK
-        return level, f"{values.get('published', 0)} frames, {rejected} rejected", values
+        return (f"{values.get('published', 0)} frames, {values.get('rejected', 0)} rejected",
+                values)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -26,8 +26,6 @@ from ttspec_ros.image_codec import ImageDecodeError, decode_frame
 from ttspec_ros.model_update import from_msg
 from ttspec_ros.msg import AdaptationSample, CascadePrediction, ModelUpdate
 from ttspec_ros.nodes import (
-    OK,
-    WARN,
     Diagnostics,
     LatestSlot,
     StartupError,
@@ -96,7 +94,8 @@ class ClassifierNode(Node):
         self.create_subscription(ModelUpdate, topics.MODEL_UPDATES, self._on_update,
                                  qos(topics.QOS_LATCHED))
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._diagnostics = Diagnostics(self, self._diagnostic_values)
+        self._diagnostics = Diagnostics(self, self._diagnostic_values,
+                                        warn_on=("rejected", "errors", "updates_rejected"))
         self._worker = threading.Thread(target=self._work, name="cascade", daemon=True)
         self._worker.start()
         self.get_logger().info(
@@ -222,7 +221,7 @@ class ClassifierNode(Node):
         self.get_logger().debug(f"applied model update v{payload.version}")
 
     # -- diagnostics
-    def _diagnostic_values(self) -> tuple[int, str, dict]:
+    def _diagnostic_values(self) -> tuple[str, dict]:
         pending = self._slot.pending()
         values = self.stats.snapshot()
         values.update({
@@ -234,10 +233,9 @@ class ClassifierNode(Node):
         })
         for i in range(self.loaded.num_exits):
             values[f"exit_{i}"] = self.exit_histogram[i]
-        level = WARN if int(values.get("rejected", 0)) or int(values.get("errors", 0)) else OK
         msg = (f"{values.get('classified', 0)} classified, {values.get('dropped', 0)} dropped, "
                f"model v{values['model_version']}")
-        return level, msg, values
+        return msg, values
 
     def close(self) -> None:
         self._stop.set()

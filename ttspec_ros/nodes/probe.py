@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters
 from rclpy.executors import SingleThreadedExecutor
@@ -132,6 +132,7 @@ class Probe:
         self.frames: list[Received] = []
         self.updates: list[Received] = []
         self.diagnostics: dict[str, dict[str, str]] = {}
+        self.warned: set[str] = set()  # nodes that reported a level above OK
         self.image_pub = self.node.create_publisher(
             Image, f"{self.ns}/{topics.IMAGE_RAW}", qos(topics.QOS_SENSOR))
         self.node.create_subscription(
@@ -172,6 +173,8 @@ class Probe:
         with self.lock:
             for s in msg.status:
                 self.diagnostics[s.name] = {kv.key: kv.value for kv in s.values}
+                if s.level != DiagnosticStatus.OK:
+                    self.warned.add(s.name)
 
     def watch_updates(self) -> None:
         """(Re)subscribe to model_updates; transient local delivers the latest one at once."""
