@@ -62,8 +62,8 @@ class CameraNode(Node):
                                ) from e
 
     def _subscribe(self, transport: str) -> None:
-        if self._sub is not None:
-            self.destroy_subscription(self._sub)
+        """Subscribe for ``transport``; the old subscription goes once the new one exists."""
+        old = self._sub
         msg_type, topic, callback = (
             (CompressedImage, topics.IMAGE_RAW_COMPRESSED, self._on_compressed)
             if transport == "compressed" else (Image, topics.IMAGE_RAW, self._on_image))
@@ -78,6 +78,8 @@ class CameraNode(Node):
                 msg_type, topic, callback, qos(topics.QOS_SENSOR),
                 qos_overriding_options=QoSOverridingOptions.with_default_policies())
             self._qos[topic] = self._sub.qos_profile
+        if old is not None:
+            self.destroy_subscription(old)
 
     # -- parameters
     def _on_set_parameters(self, changes: list[Parameter]):
@@ -87,19 +89,21 @@ class CameraNode(Node):
         reason = params.check_params(topics.CAMERA_NODE, new)
         if reason:
             return refuse(reason)
+        # What can fail comes first, so a refused change leaves everything as it was.
+        spec = self._input_spec
         if "model" in new:
             try:
                 spec = self._load_input_spec(new["model"])
             except StartupError as e:
                 return refuse(str(e))
-            self._input_spec = spec
-        if "max_rate_hz" in new:
-            self._min_period_s = params.min_period_s(new["max_rate_hz"])
         if "transport" in new and new["transport"] != self.get_parameter("transport").value:
             try:
                 self._subscribe(new["transport"])
-            except Exception as e:  # keep the node (and its old subscription) alive
+            except Exception as e:  # rclpy refused the subscription; the node keeps running
                 return refuse(f"cannot subscribe with transport {new['transport']!r}: {e}")
+        self._input_spec = spec
+        if "max_rate_hz" in new:
+            self._min_period_s = params.min_period_s(new["max_rate_hz"])
         self.get_logger().info(f"parameters set: {new}")
         return accept()
 
