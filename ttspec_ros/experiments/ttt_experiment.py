@@ -200,8 +200,7 @@ def online_run(model: RevCol, cfg: TTTConfig, stream: torch.Tensor, stream_label
         adapt_seconds += time.perf_counter() - start
         correct[i] = int(trainer.predict(x)[-1].argmax(1)) == stream_labels[i]
         if (i + 1) % eval_every == 0 or i + 1 == len(stream):
-            if curves[next(iter(curves))][-1]["images"] != i + 1:
-                evaluate(i + 1)
+            evaluate(i + 1)
     blocks = [float(b.mean()) for b in np.array_split(correct, max(1, len(stream) // eval_every))]
     return {
         "curves": curves,
@@ -213,6 +212,104 @@ def online_run(model: RevCol, cfg: TTTConfig, stream: torch.Tensor, stream_label
     }
 
 
+STREAMS = ("single", "blur_shuffled", "blur_consecutive", "severity_gradual",
+           "severity_shuffled")
+
+
+def stream_plan(stream: str, corruption: str, opts: Options) -> tuple[list[str], list[int]]:
+    """(corruption, severity) of every stream image; "clean" means uncorrupted."""
+    n, sev, blur = opts.stream, opts.severity, corruptions.BLUR_CORRUPTIONS
+    if stream == "single":
+        return [corruption] * n, [0 if corruption == "clean" else sev] * n
+    if stream == "blur_shuffled":
+        picks = np.random.default_rng(opts.seed + 1).integers(0, len(blur), n)
+        return [blur[i] for i in picks], [sev] * n
+    if stream == "blur_consecutive":
+        return [blur[i * len(blur) // n] for i in range(n)], [sev] * n
+    gradual = [corruptions.SEVERITIES[i * len(corruptions.SEVERITIES) // n] for i in range(n)]
+    if stream == "severity_gradual":
+        return [corruption] * n, gradual
+    if stream == "severity_shuffled":
+        return [corruption] * n, [int(s) for s in
+                                  np.random.default_rng(opts.seed + 2).permutation(gradual)]
+    raise ValueError(f"unknown stream {stream!r}; known: {STREAMS}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One independent run; tasks share nothing, so any worker may run any of them."""
+
+    key: str
+    kind: str  # "episodic" (on the held-out images of ``corruption``) or "online"
+    config: TTTConfig
+    corruption: str = "clean"
+    stream: str = "single"
+    heldout: tuple[str, ...] = ()  # online: held-out sets to evaluate ("clean" or a corruption)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(config: dict, state: dict, input_spec: dict, opts: Options,
+                 threads: int) -> None:
+    from ttspec_ros.models.checkpoint import build_from_state_dict
+    from ttspec_ros.models.revcol import RevColConfig
+
+    torch.set_num_threads(threads)
+    model = build_from_state_dict(state, RevColConfig.from_dict(config))
+    _WORKER.update(model=model, src=DataSource(input_spec, opts), opts=opts)
+
+
+def _heldout(src: DataSource, name: str, opts: Options) -> tuple[torch.Tensor, np.ndarray]:
+    if name == "clean":
+        return src.test("clean", 0, opts.clean_images)
+    return src.test(name, opts.severity, opts.images)
+
+
+def run_task(task: Task) -> dict:
+    model, src, opts = _WORKER["model"], _WORKER["src"], _WORKER["opts"]
+    if task.kind == "episodic":
+        x, y = _heldout(src, task.corruption, opts)
+        return episodic_run(model, task.config, x, y, opts.threshold)
+    names, severities = stream_plan(task.stream, task.corruption, opts)
+    held = {h: _heldout(src, h, opts) for h in task.heldout}
+    return online_run(model, task.config, src.stream(names, severities), src.pool_labels, held,
+                      opts.eval_every if task.config.objective == "mae" else opts.stream,
+                      opts.threshold)
+
+
+def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options, workers: int,
+              threads: int) -> dict[str, dict]:
+    """Run every task, in ``workers`` processes (1 = here); returns results by task key."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    init = (model.config.to_dict(), state, input_spec, opts, threads)
+    results: dict[str, dict] = {}
+    if workers <= 1:
+        _init_worker(*init)
+        for t in tasks:
+            results[t.key] = run_task(t)
+            _log(f"{t.key}: {_brief(results[t.key])}")
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=init) as pool:
+        futures = {pool.submit(run_task, t): t for t in tasks}
+        for f in as_completed(futures):
+            t = futures[f]
+            results[t.key] = f.result()
+            _log(f"{t.key}: {_brief(results[t.key])}")
+    return results
+
+
+def _brief(result: dict) -> str:
+    if "final" in result:
+        return ", ".join(f"{k} {v['last_exit']:.3f}" for k, v in result["final"].items())
+    return f"{result['last_exit']:.3f} ({result['seconds_per_image']:.3f} s/img)"
+
+
 def _write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
@@ -221,83 +318,79 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def plan_tasks(opts: Options) -> list[Task]:
+    """The runs the selected parts need, the longest first (for the worker pool)."""
+    tasks: list[Task] = []
+    parts = set(opts.parts)
+    if parts & {"a", "b"}:
+        tasks += [Task(f"online/{c}", "online", opts.online, c, "single", (c,))
+                  for c in opts.corruptions]
+    if "b" in parts:
+        blur = corruptions.BLUR_CORRUPTIONS
+        tasks += [Task(f"online/{s}", "online", opts.online, "", s, blur)
+                  for s in ("blur_shuffled", "blur_consecutive")]
+        tasks += [Task(f"online/{s}/{c}", "online", opts.online, c, s, (c,))
+                  for c in opts.severity_corruptions
+                  for s in ("severity_gradual", "severity_shuffled")]
+    if parts & {"a", "c"}:
+        tasks.append(Task("online/clean", "online", opts.online, "clean", "single", ("clean",)))
+    if "a" in parts:
+        tasks += [Task(f"episodic_b{b}/{c}", "episodic", replace(opts.episodic, batch=b), c)
+                  for b in sorted(opts.batches, reverse=True) for c in opts.corruptions]
+        tasks += [Task(f"tent_online/{c}", "online", opts.tent_online, c, "single", (c,))
+                  for c in opts.corruptions]
+        tasks += [Task(f"tent_episodic/{c}", "episodic", opts.tent_episodic, c)
+                  for c in opts.corruptions]
+    return tasks
+
+
 def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
-                   model_info: dict | None = None) -> dict:
-    """Run the selected parts, write their JSON and plots under ``out``; returns the table."""
+                   model_info: dict | None = None, workers: int = 1,
+                   threads: int = 1) -> dict:
+    """Run the selected parts, write their JSON and plots under ``out``; returns them."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     model.eval()
+    started = time.time()
     src = DataSource(input_spec, opts)
     sev, thr, n = opts.severity, opts.threshold, opts.images
     header = {
         "seed": opts.seed, "options": opts.to_dict(), "model": model_info or {},
         "corruption_parameters": corruptions.parameter_mapping(),
-        "heldout_images": {"split": "test", "first": n},
+        "heldout_images": {"split": "test", "first": n, "clean_first": opts.clean_images},
         "stream_images": {"split": "train (deployment pool)", "count": opts.stream,
+                          "order": f"numpy default_rng({opts.seed}).permutation(pool)",
                           "pool_indices_sha256": data.index_hash(src.pool_indices)},
-        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "workers": workers, "threads_per_worker": threads, "machine": platform.machine(),
+        "torch": torch.__version__,
     }
     results: dict = {"header": header}
-    labels_stream = src.pool_labels
-    L = opts.stream
-    wants_online = "a" in opts.parts or "b" in opts.parts
-
-    # Baselines on the held-out sets.
     baseline = {}
     for name in ("clean", *opts.corruptions):
-        x, y = src.test(name, sev, n)
+        x, y = _heldout(src, name, opts)
         baseline[name] = metrics(predict_all(model, x), y, thr)
     _log(f"baseline {json.dumps({k: round(v['last_exit'], 3) for k, v in baseline.items()})}")
+    runs = run_tasks(plan_tasks(opts), model, input_spec, opts, workers, threads)
 
-    # Online per corruption (part b, and the table's online column).
-    online_single: dict[str, dict] = {}
-    tent_online: dict[str, dict] = {}
-    if wants_online:
-        for name in opts.corruptions:
-            stream = src.stream([name] * L, [sev] * L)
-            held = {name: src.test(name, sev, n)}
-            online_single[name] = online_run(model, opts.online, stream, labels_stream, held,
-                                             opts.eval_every, thr)
-            _log(f"online {name}: {online_single[name]['final'][name]['last_exit']:.3f}")
-            if "a" in opts.parts:
-                tent_online[name] = online_run(model, opts.tent_online, stream, labels_stream,
-                                               held, L, thr)
-                _log(f"tent online {name}: {tent_online[name]['final'][name]['last_exit']:.3f}")
-
-    # Clean stream (harm check; also the table's clean.online).
-    clean_run = None
-    if "c" in opts.parts or "a" in opts.parts:
-        stream = src.stream(["clean"] * L, [0] * L)
-        held = {"clean": src.test("clean", 0, opts.clean_images)}
-        clean_run = online_run(model, opts.online, stream, labels_stream, held,
-                               opts.eval_every, thr)
-        _log(f"online clean: {clean_run['start']['clean']['last_exit']:.4f} -> "
-             f"{clean_run['final']['clean']['last_exit']:.4f}")
-
-    # Part a: episodic TTT and the table.
     if "a" in opts.parts:
         rows = []
         for name in opts.corruptions:
-            x, y = src.test(name, sev, n)
-            row = {"corruption": name, "baseline": baseline[name]["last_exit"]}
-            detail = {"baseline": baseline[name]}
+            row: dict = {"corruption": name, "baseline": baseline[name]["last_exit"]}
+            detail: dict = {"baseline": baseline[name]}
             for b in opts.batches:
-                r = episodic_run(model, replace(opts.episodic, batch=b), x, y, thr)
-                row[f"standard_b{b}"] = r["last_exit"]
-                detail[f"standard_b{b}"] = r
-                _log(f"episodic b{b} {name}: {r['last_exit']:.3f} ({r['seconds_per_image']:.3f}"
-                     " s/img)")
-            r = episodic_run(model, opts.tent_episodic, x, y, thr)
+                r = runs[f"episodic_b{b}/{name}"]
+                row[f"standard_b{b}"], detail[f"standard_b{b}"] = r["last_exit"], r
+            final = runs[f"online/{name}"]["final"][name]
+            row["online"], detail["online"] = final["last_exit"], final
+            final = runs[f"tent_online/{name}"]["final"][name]
+            row["tent_online"], detail["tent_online"] = final["last_exit"], final
+            r = runs[f"tent_episodic/{name}"]
             row["tent_episodic"], detail["tent_episodic"] = r["last_exit"], r
-            row["online"] = online_single[name]["final"][name]["last_exit"]
-            detail["online"] = online_single[name]["final"][name]
-            row["tent_online"] = tent_online[name]["final"][name]["last_exit"]
-            detail["tent_online"] = tent_online[name]["final"][name]
             row["cascade"] = detail
             rows.append(row)
         methods = [k for k in rows[0] if k not in ("corruption", "cascade")]
         mean = {m: float(np.mean([r[m] for r in rows])) for m in methods}
-        gains = {m: mean[m] - mean["baseline"] for m in methods if m != "baseline"}
+        clean_run = runs["online/clean"]
         table = {
             "severity": sev, "images_per_corruption": n, "seed": opts.seed, "rows": rows,
             "clean": {
@@ -307,58 +400,54 @@ def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
                 "cascade": {"baseline": clean_run["start"]["clean"],
                             "online": clean_run["final"]["clean"]},
             },
-            "mean": mean, "mean_gain": gains, "threshold": thr,
-            "stream_images": L, **header,
+            "mean": mean,
+            "mean_gain_points": {m: 100 * (mean[m] - mean["baseline"])
+                                 for m in methods if m != "baseline"},
+            "threshold": thr, "stream_images": opts.stream,
+            "note": "rows: last-exit accuracy on the held-out images; row['cascade'][method] "
+                    "adds cascade accuracy and mean exit at the threshold; online = held-out "
+                    "accuracy after the stream; tent_* = entropy minimisation (comparison)",
+            **header,
         }
         _write_json(out / "table.json", table)
         results["table"] = table
         _plot_table(table, out / "table.png")
 
-    # Part b: stream orders.
     if "b" in opts.parts:
-        online = {"single": {k: _strip(v) for k, v in online_single.items()}}
-        rng = np.random.default_rng(opts.seed + 1)
-        blur = corruptions.BLUR_CORRUPTIONS
-        held_blur = {b: src.test(b, sev, n) for b in blur}
-        shuffled = [blur[i] for i in rng.integers(0, len(blur), L)]
-        consecutive = [blur[min(len(blur) - 1, i * len(blur) // L)] for i in range(L)]
-        for key, names in (("blur_shuffled", shuffled), ("blur_consecutive", consecutive)):
-            online[key] = _strip(online_run(model, opts.online, src.stream(names, [sev] * L),
-                                            labels_stream, held_blur, opts.eval_every, thr))
-            finals = {k: round(v["last_exit"], 3) for k, v in online[key]["final"].items()}
-            _log(f"online {key}: {finals}")
-        gradual = [1 + i * len(corruptions.SEVERITIES) // L for i in range(L)]
-        shuffled_sev = list(rng.permutation(gradual))
-        online["severity"] = {}
-        for name in opts.severity_corruptions:
-            held = {name: src.test(name, sev, n)}
-            entry = {}
-            for key, sevs in (("gradual", gradual), ("shuffled", shuffled_sev)):
-                entry[key] = _strip(online_run(model, opts.online, src.stream([name] * L, sevs),
-                                               labels_stream, held, opts.eval_every, thr))
-                _log(f"online {name} severities {key}: "
-                     f"{entry[key]['final'][name]['last_exit']:.3f}")
-            online["severity"][name] = entry
+        online: dict = {"single": {c: _strip(runs[f"online/{c}"]) for c in opts.corruptions}}
+        for s in ("blur_shuffled", "blur_consecutive"):
+            online[s] = _strip(runs[f"online/{s}"])
+        online["severity"] = {
+            c: {k.split("_")[1]: _strip(runs[f"online/{k}/{c}"])
+                for k in ("severity_gradual", "severity_shuffled")}
+            for c in opts.severity_corruptions
+        }
         online.update({"baseline": baseline, **header})
         _write_json(out / "online.json", online)
         results["online"] = online
-        _plot_online(online, baseline, out)
+        _plot_online(online, out)
 
     if "c" in opts.parts:
+        clean_run = runs["online/clean"]
         before = clean_run["start"]["clean"]["last_exit"]
         after = clean_run["final"]["clean"]["last_exit"]
         change = 100 * (after - before)
         harm = {"clean_before": before, "clean_after": after, "change_points": change,
                 "limit_points": -1.0, "target_points": -0.3, "passes": change >= -1.0,
-                "images": opts.clean_images, "run": _strip(clean_run), **header}
+                "meets_target": change >= -0.3, "images": opts.clean_images,
+                "run": _strip(clean_run), **header}
         _write_json(out / "harm.json", harm)
         results["harm"] = harm
         _plot_curve({"clean": clean_run["curves"]["clean"]}, "online TTT on a clean stream",
                     out / "harm.png")
 
     if "d" in opts.parts:
-        results["cost"] = cost = _cost(model, opts, src)
+        cost = _cost(model, opts, src)
+        cost["during_run_seconds_per_image"] = {k: v["seconds_per_image"]
+                                                for k, v in runs.items()}
+        results["cost"] = cost
         _write_json(out / "cost.json", {**cost, **header})
+    _log(f"experiment done in {time.time() - started:.0f} s")
     return results
 
 
@@ -448,7 +537,7 @@ def _plot_curve(curves: dict[str, list[dict]], title: str, path: Path | None = N
         plt.close(fig)
 
 
-def _plot_online(online: dict, baseline: dict, out: Path) -> None:
+def _plot_online(online: dict, out: Path) -> None:
     plt = _pyplot()
     single = online["single"]
     fig, axes = plt.subplots(1, len(single), figsize=(3.2 * len(single), 3), squeeze=False)
@@ -497,7 +586,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--severity-corruptions", nargs="*", default=list(d.severity_corruptions),
                         choices=list(corruptions.CORRUPTIONS))
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes running independent runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     for prefix, cfg in (("episodic", d.episodic), ("online", d.online)):
         parser.add_argument(f"--{prefix}-lr", type=float, default=cfg.lr)
         parser.add_argument(f"--{prefix}-update", default=cfg.update,
@@ -507,7 +598,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             choices=["sgd", "adamw"])
     parser.add_argument("--episodic-steps", type=int, default=d.episodic.steps)
     parser.add_argument("--online-batch", type=int, default=d.online.batch)
-    parser.add_argument("--tent-lr", type=float, default=d.tent_online.lr)
+    parser.add_argument("--tent-online-lr", type=float, default=d.tent_online.lr)
+    parser.add_argument("--tent-episodic-lr", type=float, default=d.tent_episodic.lr)
 
 
 def options_from_args(args: argparse.Namespace, split_seed: int) -> Options:
@@ -518,7 +610,7 @@ def options_from_args(args: argparse.Namespace, split_seed: int) -> Options:
     on = replace(d.online, lr=args.online_lr, update=args.online_update,
                  columns=args.online_columns, optimizer=args.online_optimizer,
                  batch=args.online_batch, seed=args.seed)
-    for key in ("images", "clean_images", "stream", "eval_every"):
+    for key in ("images", "clean_images", "stream", "eval_every", "workers", "threads"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
     return Options(
@@ -527,8 +619,8 @@ def options_from_args(args: argparse.Namespace, split_seed: int) -> Options:
         stream=args.stream, eval_every=args.eval_every, threshold=args.threshold,
         batches=tuple(args.batches), corruptions=tuple(args.corruptions),
         severity_corruptions=tuple(args.severity_corruptions), episodic=ep, online=on,
-        tent_online=replace(d.tent_online, lr=args.tent_lr, seed=args.seed),
-        tent_episodic=replace(d.tent_episodic, lr=args.tent_lr * 10, seed=args.seed),
+        tent_online=replace(d.tent_online, lr=args.tent_online_lr, seed=args.seed),
+        tent_episodic=replace(d.tent_episodic, lr=args.tent_episodic_lr, seed=args.seed),
         parts=tuple(args.parts),
     )
 
@@ -538,17 +630,20 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, card = load_model(args.model)
+    if model.decoder_blocks is None:
+        raise ValueError(f"{args.model or 'the demo model'} has no reconstruction decoders")
     split_seed = split_seed_of(card) if args.split_seed is None else args.split_seed
     opts = options_from_args(args, split_seed)
     info = {"model_id": card.model_id, "path": args.model or "bundled demo",
             "input": dict(card.input)}
     started = time.time()
-    results = run_experiment(model, dict(card.input), opts, args.out, info)
+    results = run_experiment(model, dict(card.input), opts, args.out, info, args.workers,
+                             args.threads)
     _log(f"done in {time.time() - started:.0f} s; results in {args.out}")
     if "table" in results:
         t = results["table"]
-        print(json.dumps({"mean": t["mean"], "mean_gain": t["mean_gain"], "clean": {
-            k: t["clean"][k] for k in ("baseline", "online")}}, indent=2))
+        print(json.dumps({"mean": t["mean"], "mean_gain_points": t["mean_gain_points"],
+                          "clean": {k: t["clean"][k] for k in ("baseline", "online")}}, indent=2))
     return 0
 
 
