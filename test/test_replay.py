@@ -173,11 +173,17 @@ def test_drop_attribution_uses_node_counters():
 
 
 def test_graph_arguments(tmp_path):
-    graph = replay.GraphSpec(prefix=tmp_path, params_file=tmp_path / "p.yaml", model="/m/x")
+    graph = replay.GraphSpec(prefix=tmp_path, params_file=tmp_path / "p.yaml", model="/m/x",
+                             params=(replay.parse_param("adapter.learning_rate=0.01"),))
     o = graph.overrides(RunSettings(adapt=False, threshold=0.7), compressed=True)
     assert o["camera"] == {"transport": "compressed", "model": "/m/x"}
     assert o["classifier"] == {"threshold": 0.7, "model": "/m/x"}
-    assert o["adapter"] == {"enabled": False, "model": "/m/x"}
+    assert o["adapter"] == {"enabled": False, "model": "/m/x", "learning_rate": 0.01}
+    assert replay.parse_param("classifier.publish_samples=false") == (
+        "classifier", "publish_samples", False)
+    for bad in ("adapter.learning_rate", "learning_rate=1.0", "planner.x=1"):
+        with pytest.raises(ValueError, match="NODE.NAME=VALUE|unknown node"):
+            replay.parse_param(bad)
     args = graph.ros_args(tmp_path / "o.yaml")
     assert args == ["--ros-args", "--params-file", str(tmp_path / "p.yaml"), "--params-file",
                     str(tmp_path / "o.yaml"), "-r", "__ns:=/ttspec"]

@@ -133,6 +133,7 @@ class GraphSpec:
     prefix: Path  # install prefix holding lib/ttspec_ros and share/ttspec_ros
     params_file: Path
     model: str = ""  # '' = the bundled demo model (the params file's default)
+    params: tuple[tuple[str, str, object], ...] = ()  # (node, name, value) set on every run
 
     def executable(self, name: str) -> Path:
         return self.prefix / "lib" / topics.PACKAGE / name
@@ -160,7 +161,7 @@ class GraphSpec:
         }, sort_keys=True)
 
     def overrides(self, settings: RunSettings, compressed: bool) -> dict[str, dict[str, object]]:
-        """-p overrides per node for one run."""
+        """Parameter values per node for one run (the overlay params file)."""
         out: dict[str, dict[str, object]] = {
             topics.CAMERA_NODE: {"transport": "compressed" if compressed else "raw"},
             topics.CLASSIFIER_NODE: {},
@@ -171,6 +172,8 @@ class GraphSpec:
         if self.model:
             for node in out:
                 out[node]["model"] = self.model
+        for node, name, value in self.params:
+            out[node][name] = value
         return out
 
     def environment(self, domain_id: int, log_dir: Path) -> dict[str, str]:
@@ -185,7 +188,23 @@ class GraphSpec:
         return env
 
 
-def find_graph(model: str = "", params_file: str | os.PathLike | None = None) -> GraphSpec:
+def parse_param(text: str) -> tuple[str, str, object]:
+    """``NODE.NAME=VALUE`` (value in YAML: 0.01, true, 3, text) -> (node, name, value)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    node, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ValueError(f"parameter {text!r} is not NODE.NAME=VALUE (e.g. "
+                         "adapter.learning_rate=0.01)")
+    if node not in topics.EXECUTABLES:
+        raise ValueError(f"parameter {text!r}: unknown node {node!r}; nodes are "
+                         f"{', '.join(topics.EXECUTABLES)}")
+    return node, name, yaml.safe_load(value)
+
+
+def find_graph(model: str = "", params_file: str | os.PathLike | None = None,
+               params: Sequence[tuple[str, str, object]] = ()) -> GraphSpec:
     """The install prefix of this package's executables (AMENT_PREFIX_PATH, then the running
     interpreter's prefix) and its installed params file."""
     prefixes = [Path(p) for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
@@ -198,11 +217,11 @@ def find_graph(model: str = "", params_file: str | os.PathLike | None = None) ->
         raise FileNotFoundError(
             f"the node executables (lib/{topics.PACKAGE}/{exe}) are not installed under "
             f"{', '.join(map(str, prefixes))}; run `make env` (tools/setup_env.sh) first")
-    params = Path(params_file) if params_file else (
+    params_path = Path(params_file) if params_file else (
         prefix / "share" / topics.PACKAGE / "config" / PARAMS_FILE_NAME)
-    if not params.is_file():
-        raise FileNotFoundError(f"params file {params} not found")
-    return GraphSpec(prefix=prefix, params_file=params, model=model)
+    if not params_path.is_file():
+        raise FileNotFoundError(f"params file {params_path} not found")
+    return GraphSpec(prefix=prefix, params_file=params_path, model=model, params=tuple(params))
 
 
 def pick_domain_id() -> int:
@@ -675,6 +694,7 @@ def replay_bag(
     bag: str | os.PathLike, out_dir: str | os.PathLike, runs: Sequence[RunSettings], *,
     image_topic: str | None = None, label_topic: str | None = None, use_labels: bool = True,
     graph: GraphSpec | None = None, model: str = "", params_file: str | os.PathLike | None = None,
+    params: Sequence[tuple[str, str, object]] = (),
     domain_id: int | None = None, max_frames: int | None = None, window: int | None = None,
     tail: int | None = None, stream_out: TextIO | None = None,
 ) -> tuple[dict, list[Path]]:
@@ -684,7 +704,7 @@ def replay_bag(
     from ttspec_ros import bags
 
     stream = bags.open_image_stream(bag, image_topic, label_topic, use_labels=use_labels)
-    graph = graph or find_graph(model=model, params_file=params_file)
+    graph = graph or find_graph(model=model, params_file=params_file, params=params)
     model_info = model_summary(read_model_card(graph.model))
     try:  # rclpy and the built messages: imported only when a replay runs
         from ttspec_ros.nodes import replay_driver
@@ -712,6 +732,7 @@ def replay_bag(
         class_names=model["class_names"], model=model, window=window, tail=tail,
         settings={"runs": [asdict(r) for r in runs], "domain_id": domain_id,
                   "params_file": str(graph.params_file), "max_frames": max_frames,
+                  "params": [f"{n}.{k}={v}" for n, k, v in graph.params],
                   "model": graph.model or "(bundled demo model)"},
     )
     plots = write_report(out_dir, report, results, model.get("exit_cost"))

@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="model path stem ('' = bundled demo model)")
     parser.add_argument("--params-file", default=None,
                         help="params file (default: the installed config/ttspec.yaml)")
+    parser.add_argument("--param", action="append", default=[], metavar="NODE.NAME=VALUE",
+                        help="set a node parameter on every run, e.g. "
+                             "adapter.learning_rate=0.01 (repeatable)")
     parser.add_argument("--domain-id", type=int, default=None,
                         help="DDS domain of the replay graph (default: a private one, 150..229)")
 
@@ -76,9 +79,11 @@ def run_settings(args: argparse.Namespace) -> list[replay.RunSettings]:
 def run(args: argparse.Namespace) -> int:
     try:
         runs = run_settings(args)
+        params = [replay.parse_param(p) for p in args.param]
         report, plots = replay.replay_bag(
             args.bag, args.out, runs, image_topic=args.image_topic, label_topic=args.label_topic,
             use_labels=not args.no_labels, model=args.model, params_file=args.params_file,
+            params=params,
             domain_id=args.domain_id,
             max_frames=args.max_frames, window=args.window, tail=args.tail)
     except (BagError, FileNotFoundError, ValueError, RuntimeError) as err:
