@@ -8,7 +8,6 @@ import sys
 
 from builtin_interfaces.msg import Time
 from std_msgs.msg import Header
-
 from ttspec_ros.msg import (
     AdaptationSample,
     CascadePrediction,

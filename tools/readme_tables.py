@@ -2,7 +2,7 @@
 ttspec_ros.params, ttspec_ros.cli, msg/), so the README cannot drift from the code.
 
     .venv/bin/python tools/readme_tables.py          # rewrite README.md between the markers
-    .venv/bin/python tools/readme_tables.py --check  # exit 1 if README.md is stale (a test runs this)
+    .venv/bin/python tools/readme_tables.py --check  # exit 1 if README.md is stale (tested)
 """
 
 from __future__ import annotations
