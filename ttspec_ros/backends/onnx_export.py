@@ -215,6 +215,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the graphs beside it are readable
     os.replace(tmp, path)
 
 
