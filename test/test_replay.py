@@ -97,6 +97,16 @@ def test_report_keys_comparison_and_files(tmp_path):
     assert len(per_frame["adapt"]) == 6 and per_frame["no-adapt"][0]["exit_index"] == 3
 
 
+def test_rolling_mean_over_frames():
+    from ttspec_ros.replay_plots import rolling_mean
+
+    x, y = rolling_mean([0, 1, 2, 3], [1.0, 0.0, 1.0, 1.0], 2)
+    assert y.tolist() == [1.0, 0.5, 0.5, 1.0]
+    # sparse points: the window is in frames, not in points
+    x, y = rolling_mean([0, 10, 11, 30], [1.0, 0.0, 1.0, 0.0], 5)
+    assert x.tolist() == [0, 10, 11, 30] and y.tolist() == [1.0, 0.0, 0.5, 0.0]
+
+
 def test_threshold_sweep_report_plots_the_curve(tmp_path):
     labels = [0, 2, 4, 6]
     runs = [_run(True, [0, 0, 1, 1], labels, [0, 2, 1, 1], threshold=0.5),

@@ -25,16 +25,19 @@ def _pyplot():
     return plt
 
 
-def rolling_mean(x: np.ndarray, values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of the last ``window`` values at each point (x of each point, means); first points
-    average what there is so far."""
+def rolling_mean(x: Sequence[int], values: Sequence[float], window: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """At each point (frame index x), the mean of the values whose frame lies in the last
+    ``window`` frames, so sparse series (a rare class group) are averaged over the same span
+    of the stream as dense ones."""
+    x = np.asarray(x, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
-        return np.asarray(x), values
+        return x, values
     csum = np.concatenate([[0.0], np.cumsum(values)])
-    n = np.arange(1, values.size + 1)
-    lo = np.maximum(0, n - window)
-    return np.asarray(x), (csum[n] - csum[lo]) / (n - lo)
+    hi = np.arange(1, values.size + 1)
+    lo = np.searchsorted(x, x - window + 1, side="left")
+    return x, (csum[hi] - csum[lo]) / (hi - lo)
 
 
 def _save(fig, path: Path) -> Path:
