@@ -82,7 +82,7 @@ class AdapterNode(Node):
         from ttspec_ros.models.checkpoint import load_model
 
         try:
-            model, card = load_model(values["model"] or None)
+            model, card = load_model(values["model"] or None, with_decoders=False)
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"adapter: cannot load model {values['model']!r}: {e}") from e
         # Only the early heads are needed; the network itself is dropped after this.

@@ -49,7 +49,8 @@ class LoadedModel:
         from ttspec_ros.models.checkpoint import load_model
 
         try:
-            model, card = load_model(model_path or None)
+            # Decoders serve test-time training only; inference and head updates need none.
+            model, card = load_model(model_path or None, with_decoders=False)
             self.cascade = Cascade(model, card.thresholds, num_threads, model_id=card.model_id)
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"cannot load model {model_path or '(bundled demo)'!r}: {e}"
