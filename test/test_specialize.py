@@ -339,3 +339,22 @@ def test_export_applies_in_another_process(tmp_path) -> None:
     with torch.inference_mode():
         torch.testing.assert_close(torch.tensor(other["logits"][3]), model.forward_exits(x)[3],
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_rehearsal_targets_are_original_softmax_or_last_exit_labels() -> None:
+    model = tiny_model()
+    torch.manual_seed(2)
+    anchors = build_anchor_set(model, torch.randn(60, 1, 32, 32))
+    heads = StackedHeads.from_tensors(early_head_tensors(model), 3)
+    for target in ("original", "labels"):
+        guard = AnchorGuard(anchors, rehearsal=5, rehearsal_target=target)
+        guard.bind(heads)
+        x, t = guard.rehearsal_batch(5)
+        assert x.shape == (3, 5, 32) and t.shape == (3, 5, 5)
+        torch.testing.assert_close(t.sum(-1), torch.ones(3, 5))
+        if target == "original":
+            torch.testing.assert_close(t, heads.logits(x).softmax(-1))
+        else:
+            assert set(t.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="rehearsal_target"):
+        AnchorGuard(anchors, rehearsal_target="soft")

@@ -23,7 +23,11 @@ The guard does two things:
 
 1. Rehearsal: every update step also fits ``rehearsal`` anchors drawn evenly over classes, so
    the heads keep seeing every class, not only the ones the robot currently sees. This slows
-   drift instead of merely detecting it.
+   drift instead of merely detecting it. The default target is each original head's own
+   softmax on the anchor (distillation, ``rehearsal_target="original"``): it holds the heads'
+   behaviour on classes the stream does not show where it was, neither eroding it nor
+   self-training it further; ``"labels"`` fits the last exit's class instead, which also makes
+   other classes exit earlier (it is self-training on the anchors).
 2. Check and roll back: every ``check_every`` steps it runs the cascade's decision rule on the
    anchors (first early head whose confidence reaches ``threshold``, else the last exit) and
    compares, per class, the agreement with the last exit (and, if ``exit_cost`` is given, the
@@ -309,7 +313,12 @@ class AnchorGuard:
     def __init__(self, anchors: AnchorSet, *, threshold: float | Sequence[float] = 0.9,
                  rehearsal: int = 8, check_every: int = 10, tolerance: float = 0.005,
                  class_tolerance: float = 0.03, exit_cost: Sequence[float] | None = None,
-                 cost_tolerance: float | None = None, seed: int = 0) -> None:
+                 cost_tolerance: float | None = None, rehearsal_target: str = "original",
+                 seed: int = 0) -> None:
+        if rehearsal_target not in ("original", "labels"):
+            raise ValueError(f"rehearsal_target must be 'original' or 'labels', got "
+                             f"{rehearsal_target!r}")
+        self.rehearsal_target = rehearsal_target
         if rehearsal < 0 or check_every < 0:
             raise ValueError("rehearsal and check_every must be >= 0")
         if cost_tolerance is not None and exit_cost is None:
@@ -333,6 +342,7 @@ class AnchorGuard:
         self._by_class = [torch.nonzero(self._labels == c).flatten() for c in self._classes]
         self._rng = np.random.default_rng(seed)
         self.reference: dict[str, Tensor] | None = None
+        self._targets: Tensor | None = None
 
     def bind(self, heads: StackedHeads) -> None:
         """Record the original heads' per-class agreement/cost (the reference)."""
@@ -342,6 +352,8 @@ class AnchorGuard:
                 f"specializer has {heads.num_heads} of width {heads.feature_dim}"
             )
         self.reference = self.measure(heads)
+        with torch.no_grad():
+            self._targets = heads.logits(self._x).softmax(-1)  # (H, M, K) distillation targets
 
     @torch.no_grad()
     def measure(self, heads: StackedHeads) -> dict[str, Tensor]:
@@ -367,14 +379,20 @@ class AnchorGuard:
                 return False
         return True
 
-    def rehearsal_batch(self) -> tuple[Tensor, Tensor] | None:
-        """``rehearsal`` anchors drawn evenly over classes -> (features (H, R, C), labels (R,))."""
+    def rehearsal_batch(self, num_classes: int) -> tuple[Tensor, Tensor] | None:
+        """``rehearsal`` anchors drawn evenly over classes -> (features (H, R, C), target
+        distributions (H, R, K))."""
         if self.rehearsal == 0:
             return None
+        if self._targets is None:
+            raise RuntimeError("AnchorGuard.bind(heads) must be called first")
         picks = self._rng.integers(len(self._by_class), size=self.rehearsal)
         idx = torch.tensor([int(self._by_class[c][self._rng.integers(len(self._by_class[c]))])
                             for c in picks])
-        return self._x[:, idx], self._labels[idx]
+        if self.rehearsal_target == "original":
+            return self._x[:, idx], self._targets[:, idx]
+        onehot = F.one_hot(self._labels[idx], num_classes).float()
+        return self._x[:, idx], onehot.expand(self._x.shape[0], -1, -1)
 
 
 # -- the specializer -------------------------------------------------------------------------
@@ -499,8 +517,9 @@ class Specializer:
             out.append(q[int(self._rng.integers(len(q)))])
         return out
 
-    def _gradients(self, x: Tensor, mask: Tensor, labels: Tensor) -> list[Tensor]:
-        """Gradients of sum_heads mean_samples CE for heads 0..h-1, in closed form.
+    def _gradients(self, x: Tensor, mask: Tensor, targets: Tensor) -> list[Tensor]:
+        """Gradients of sum_heads mean_samples CE(target distribution) for heads 0..h-1, in
+        closed form (x (h, B, C), mask (h, B), targets (h, B, K)).
 
         The features are inputs (nothing upstream trains), so LayerNorm needs no backward
         through its normalisation; this avoids autograd's overhead on a step this small."""
@@ -508,7 +527,7 @@ class Specializer:
         normed = F.layer_norm(x, (c,), eps=LAYER_NORM_EPS)
         z = normed * hd.ln_weight[:h, None, :] + hd.ln_bias[:h, None, :]
         d = torch.baddbmm(hd.bias[:h, None, :], z, hd.weight[:h].transpose(1, 2)).softmax(-1)
-        d[:, torch.arange(labels.numel()), labels] -= 1.0  # dCE/dlogits = softmax - onehot
+        d -= targets  # dCE/dlogits = softmax - target
         d *= (mask / mask.sum(1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
         dz = torch.bmm(d, hd.weight[:h])
         return [(dz * normed).sum(1), dz.sum(1), torch.bmm(d.transpose(1, 2), z), d.sum(1)]
@@ -525,21 +544,21 @@ class Specializer:
     def _step(self, batch: list[tuple[list[Tensor], int]]) -> None:
         samples = batch + (self._replay_batch() if self.replay_size else [])
         h = max(len(f) for f, _ in samples)
-        rehearsal = self.guard.rehearsal_batch() if self.guard is not None else None
-        r = 0 if rehearsal is None else rehearsal[1].numel()
+        rehearsal = None if self.guard is None else self.guard.rehearsal_batch(self.num_classes)
+        r = 0 if rehearsal is None else rehearsal[0].shape[1]
         b = len(samples)
         x = torch.zeros(h, b + r, self.feature_dim)
         mask = torch.zeros(h, b + r)
-        labels = torch.empty(b + r, dtype=torch.long)
+        targets = torch.zeros(h, b + r, self.num_classes)
         for j, (feats, label) in enumerate(samples):
             x[: len(feats), j] = torch.stack(feats)
             mask[: len(feats), j] = 1.0
-            labels[j] = label
+            targets[:, j, label] = 1.0
         if rehearsal is not None:
             x[:, b:] = rehearsal[0][:h]
             mask[:, b:] = 1.0
-            labels[b:] = rehearsal[1]
-        self._sgd(self._gradients(x, mask, labels), h)
+            targets[:, b:] = rehearsal[1][:h]
+        self._sgd(self._gradients(x, mask, targets), h)
         self.counters["steps"] += 1
         self._changes += 1
         if self.guard is None:

@@ -39,8 +39,11 @@ from ttspec_ros.specialize import (
 PRESETS: dict[str, dict] = {
     "paper": dict(lr=1e-4, momentum=0.0, batch_size=1, passes=1, min_confidence=0.0,
                   replay_size=0, guard=False, guard_rehearsal=0),
-    "tuned": dict(lr=1e-2, momentum=0.0, batch_size=1, passes=3, min_confidence=0.0,
-                  replay_size=0, guard=True, guard_rehearsal=8),
+    # Larger steps and 3 passes specialize; the guard's distillation rehearsal (2 anchors per
+    # step) keeps the other classes' behaviour where it was. Chosen by a small grid (lr, passes,
+    # rehearsal) on the demo model, judged on deployment-pool images outside stream and anchors.
+    "tuned": dict(lr=2e-2, momentum=0.0, batch_size=1, passes=3, min_confidence=0.0,
+                  replay_size=0, guard=True, guard_rehearsal=2),
 }
 ISO_TOLERANCE = 0.001  # 0.1 accuracy point
 
