@@ -34,7 +34,8 @@ from ttspec_ros.specialize import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for forgetting.json/.png")
     parser.add_argument("--model", default=None, help="checkpoint stem (default: demo model)")
-    parser.add_argument("--subset", default="footwear", choices=sorted(data.SUBSETS))
+    parser.add_argument("--subset", default="bags", choices=sorted(data.SUBSETS),
+                        help="the long one-subset phase (bags: one class, the harshest case)")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--subset-frames", type=int, default=5000)
     parser.add_argument("--mixed-frames", type=int, default=2000)
