@@ -159,7 +159,7 @@ def test_experiment_tiny_run(tmp_path):
     from ttspec_ros.experiments.ttt_experiment import Options, run_experiment
 
     spec = {"channels": 1, "size": 32, "content_size": 28, "mean": [0.29], "std": [0.35]}
-    opts = Options(images=4, clean_images=5, stream=4, eval_every=2, batches=(2,),
+    opts = Options(images=4, episodic_images=3, clean_images=5, stream=4, eval_every=2, batches=(2,),
                    corruptions=("gaussian_noise", "zoom_blur"), severity_corruptions=("contrast",),
                    episodic=TTTConfig(mode="episodic", lr=0.1, steps=1, batch=2),
                    online=TTTConfig(mode="online", lr=0.01, batch=2),
@@ -170,8 +170,11 @@ def test_experiment_tiny_run(tmp_path):
     assert table["severity"] == 5 and table["images_per_corruption"] == 4 and table["seed"] == 0
     assert [r["corruption"] for r in table["rows"]] == list(opts.corruptions)
     for row in table["rows"]:
-        for key in ("baseline", "standard_b2", "online", "tent_online", "tent_episodic"):
+        for key in ("baseline", "baseline_episodic", "standard_b2", "online", "tent_online",
+                    "tent_episodic"):
             assert 0.0 <= row[key] <= 1.0
+    assert table["episodic_images"] == 3
+    assert table["rows"][0]["cascade"]["standard_b2"]["mean_exit"] <= 3
     assert 0.0 <= table["clean"]["baseline"] <= 1.0 and 0.0 <= table["clean"]["online"] <= 1.0
     online = json.loads((tmp_path / "online.json").read_text())
     curve = online["single"]["gaussian_noise"]["curves"]["gaussian_noise"]
