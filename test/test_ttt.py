@@ -159,7 +159,8 @@ def test_experiment_tiny_run(tmp_path):
     from ttspec_ros.experiments.ttt_experiment import Options, run_experiment
 
     spec = {"channels": 1, "size": 32, "content_size": 28, "mean": [0.29], "std": [0.35]}
-    opts = Options(images=4, episodic_images=3, clean_images=5, stream=4, eval_every=2, batches=(2,),
+    opts = Options(images=4, episodic_images=3, clean_images=5, stream=4, eval_every=2,
+                   batches=(2,),
                    corruptions=("gaussian_noise", "zoom_blur"), severity_corruptions=("contrast",),
                    episodic=TTTConfig(mode="episodic", lr=0.1, steps=1, batch=2),
                    online=TTTConfig(mode="online", lr=0.01, batch=2),
