@@ -421,6 +421,8 @@ class Specializer:
         self.seed = int(seed)
         self._initial = StackedHeads.from_tensors(initial_heads, self.num_exits - 1)
         self._heads = self._initial.clone()
+        # numpy views sharing memory with the trained head tensors (updated in place only)
+        self._views = [p.numpy() for p in self._heads.parameters()]
         self.guard = guard
         if guard is not None:
             guard.bind(self._initial)
@@ -429,7 +431,7 @@ class Specializer:
         self._changes = 0
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(seed)
-        self._pending: list[tuple[list[Tensor], int]] = []
+        self._pending: list[tuple[np.ndarray, int]] = []
         per_class = math.ceil(replay_size / self.num_classes) if replay_size else 0
         self._replay: dict[int, deque] = {}
         self._replay_per_class = per_class
@@ -459,10 +461,12 @@ class Specializer:
     def _new_optimizer(self) -> None:
         """Fresh (zero) momentum buffers."""
         self._momentum = [torch.zeros_like(p) for p in self._heads.parameters()]
+        self._momentum_views = [m.numpy() for m in self._momentum]
 
     # -- training
     def _check_sample(self, exit_index: int, class_id: int, confidence: float,
-                      features: Sequence[Any]) -> list[Tensor]:
+                      features: Sequence[Any]) -> np.ndarray:
+        """Validated features as one (exit_index, C) float32 array."""
         if not 0 <= int(exit_index) < self.num_exits:
             raise ValueError(f"exit_index {exit_index} out of range 0..{self.num_exits - 1}")
         if not 0 <= int(class_id) < self.num_classes:
@@ -473,15 +477,15 @@ class Specializer:
             raise ValueError(f"exit {exit_index} answered, so the features of exits "
                              f"0..{exit_index - 1} ({exit_index} vectors) are needed; got "
                              f"{len(features)}")
-        out = []
-        for i, f in enumerate(features):
-            t = torch.as_tensor(np.asarray(_np(f), dtype=np.float32)).reshape(-1)
-            if t.numel() != self.feature_dim:
-                raise ValueError(f"feature of exit {i} has {t.numel()} values, heads take "
+        rows = [np.asarray(_np(f), dtype=np.float32).reshape(-1) for f in features]
+        for i, row in enumerate(rows):
+            if row.size != self.feature_dim:
+                raise ValueError(f"feature of exit {i} has {row.size} values, heads take "
                                  f"{self.feature_dim}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"feature of exit {i} holds NaN or infinite values")
-            out.append(t)
+        out = np.stack(rows) if rows else np.zeros((0, self.feature_dim), np.float32)
+        if not np.isfinite(out).all():
+            bad = int(np.flatnonzero(~np.isfinite(out).all(1))[0])
+            raise ValueError(f"feature of exit {bad} holds NaN or infinite values")
         return out
 
     def add_sample(self, exit_index: int, class_id: int, confidence: float,
@@ -507,7 +511,7 @@ class Specializer:
             self._step(batch)
             return True
 
-    def _replay_batch(self) -> list[tuple[list[Tensor], int]]:
+    def _replay_batch(self) -> list[tuple[np.ndarray, int]]:
         classes = [c for c, q in self._replay.items() if q]
         if not classes:
             return []
@@ -517,48 +521,61 @@ class Specializer:
             out.append(q[int(self._rng.integers(len(q)))])
         return out
 
-    def _gradients(self, x: Tensor, mask: Tensor, targets: Tensor) -> list[Tensor]:
-        """Gradients of sum_heads mean_samples CE(target distribution) for heads 0..h-1, in
-        closed form (x (h, B, C), mask (h, B), targets (h, B, K)).
+    def _gradients(self, x: np.ndarray, weights: np.ndarray, targets: np.ndarray
+                   ) -> list[np.ndarray]:
+        """Gradients of sum_heads sum_samples weight * CE(target distribution) for heads
+        0..h-1, in closed form (x (h, B, C), weights (h, B), targets (h, B, K)).
 
         The features are inputs (nothing upstream trains), so LayerNorm needs no backward
-        through its normalisation; this avoids autograd's overhead on a step this small."""
-        hd, h, c = self._heads, x.shape[0], x.shape[2]
-        normed = F.layer_norm(x, (c,), eps=LAYER_NORM_EPS)
-        z = normed * hd.ln_weight[:h, None, :] + hd.ln_bias[:h, None, :]
-        d = torch.baddbmm(hd.bias[:h, None, :], z, hd.weight[:h].transpose(1, 2)).softmax(-1)
+        through its normalisation. numpy on views of the head tensors: for a step this small,
+        autograd's and torch's per-op overheads would cost more than the arithmetic."""
+        ln_w, ln_b, w, b = self._views
+        h, inv_c = x.shape[0], 1.0 / x.shape[2]
+        centred = x - x.sum(-1, keepdims=True) * inv_c
+        normed = centred / np.sqrt((centred * centred).sum(-1, keepdims=True) * inv_c
+                                   + LAYER_NORM_EPS)
+        z = normed * ln_w[:h, None, :] + ln_b[:h, None, :]
+        logits = z @ w[:h].transpose(0, 2, 1) + b[:h, None, :]
+        logits -= logits.max(-1, keepdims=True)
+        d = np.exp(logits)
+        d /= d.sum(-1, keepdims=True)
         d -= targets  # dCE/dlogits = softmax - target
-        d *= (mask / mask.sum(1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
-        dz = torch.bmm(d, hd.weight[:h])
-        return [(dz * normed).sum(1), dz.sum(1), torch.bmm(d.transpose(1, 2), z), d.sum(1)]
+        d *= weights[..., None]
+        dz = d @ w[:h]
+        return [(dz * normed).sum(1), dz.sum(1), d.transpose(0, 2, 1) @ z, d.sum(1)]
 
-    def _sgd(self, grads: list[Tensor], h: int) -> None:
+    def _sgd(self, grads: list[np.ndarray], h: int) -> None:
         """torch.optim.SGD's rule (no dampening/nesterov) on heads 0..h-1 only; heads the batch
         did not reach are left alone, as separate per-head optimizers would."""
-        for p, g, buf in zip(self._heads.parameters(), grads, self._momentum, strict=True):
+        for p, g, buf in zip(self._views, grads, self._momentum_views, strict=True):
             if self.momentum:
-                buf[:h].mul_(self.momentum).add_(g)
-                g = buf[:h]
-            p[:h].sub_(g, alpha=self.lr)
+                m = buf[:h]
+                m *= self.momentum
+                m += g
+                g = m
+            p[:h] -= self.lr * g
 
-    def _step(self, batch: list[tuple[list[Tensor], int]]) -> None:
+    def _step(self, batch: list[tuple[np.ndarray, int]]) -> None:
         samples = batch + (self._replay_batch() if self.replay_size else [])
         h = max(len(f) for f, _ in samples)
         rehearsal = None if self.guard is None else self.guard.rehearsal_batch(self.num_classes)
         r = 0 if rehearsal is None else rehearsal[0].shape[1]
         b = len(samples)
-        x = torch.zeros(h, b + r, self.feature_dim)
-        mask = torch.zeros(h, b + r)
-        targets = torch.zeros(h, b + r, self.num_classes)
+        x = np.zeros((h, b + r, self.feature_dim), np.float32)
+        mask = np.zeros((h, b + r), np.float32)
+        targets = np.zeros((h, b + r, self.num_classes), np.float32)
         for j, (feats, label) in enumerate(samples):
-            x[: len(feats), j] = torch.stack(feats)
+            x[: len(feats), j] = feats
             mask[: len(feats), j] = 1.0
             targets[:, j, label] = 1.0
         if rehearsal is not None:
-            x[:, b:] = rehearsal[0][:h]
+            x[:, b:] = rehearsal[0][:h].numpy()
             mask[:, b:] = 1.0
-            targets[:, b:] = rehearsal[1][:h]
-        self._sgd(self._gradients(x, mask, targets), h)
+            targets[:, b:] = rehearsal[1][:h].numpy()
+        # per-head mean over the samples that reached it, summed over heads (heads are
+        # independent, so this equals one step per head)
+        weights = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
+        self._sgd(self._gradients(x, weights, targets), h)
         self.counters["steps"] += 1
         self._changes += 1
         if self.guard is None:
