@@ -311,7 +311,7 @@ class AnchorGuard:
     also triggers a rollback."""
 
     def __init__(self, anchors: AnchorSet, *, threshold: float | Sequence[float] = 0.9,
-                 rehearsal: int = 8, check_every: int = 10, tolerance: float = 0.005,
+                 rehearsal: int = 2, check_every: int = 10, tolerance: float = 0.005,
                  class_tolerance: float = 0.03, exit_cost: Sequence[float] | None = None,
                  cost_tolerance: float | None = None, rehearsal_target: str = "original",
                  seed: int = 0) -> None:
