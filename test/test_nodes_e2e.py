@@ -370,3 +370,25 @@ def test_bad_configuration_exits_with_one_clear_line(tmp_path):
     assert camera.proc.returncode == 1
     log = camera.log()
     assert "Traceback" not in log and "missing.json" in log, log
+
+
+# -- the nodes' small helpers, without processes ----------------------------------------------
+def test_latest_slot_keeps_one_frame_and_counts_replacements():
+    from ttspec_ros.nodes import LatestSlot
+
+    slot = LatestSlot()
+    assert slot.take(timeout=0.01) is None
+    assert slot.put("a") is False and slot.pending() == 1
+    assert slot.put("b") is True and slot.pending() == 1  # "a" was dropped, never queued
+    assert slot.take(timeout=0.01) == "b" and slot.pending() == 0
+    slot.close()
+    start = time.monotonic()
+    assert slot.take(timeout=5.0) is None and time.monotonic() - start < 1.0
+
+
+def test_throttle_is_per_key():
+    from ttspec_ros.nodes import Throttle
+
+    throttle = Throttle(period_s=60.0)
+    assert throttle("truncated") and throttle("wrong_step")
+    assert not throttle("truncated")
