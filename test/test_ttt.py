@@ -104,6 +104,19 @@ def test_adaptation_lowers_the_reconstruction_loss():
     assert fixed_mask_loss() < 0.9 * start
 
 
+def test_anchor_limits_drift():
+    drift = []
+    for anchor in (0.0, 2.0):
+        m = tiny_model()
+        t = TestTimeTrainer(m, TTTConfig(update="norm", lr=0.05, batch=2, anchor=anchor))
+        start = {k: v.clone() for k, v in t.export_tensors().items()}
+        for i in range(5):
+            t.adapt(image(i))
+        now = t.export_tensors()
+        drift.append(sum(float((now[k] - start[k]).pow(2).sum()) for k in now))
+    assert 0 < drift[1] < 0.5 * drift[0]
+
+
 def test_tent_lowers_entropy():
     m = tiny_model()
     x = image()

@@ -52,6 +52,7 @@ class TTTConfig:
     mask_ratio: float = DEFAULT_MASK_RATIO
     momentum: float = 0.9  # SGD
     weight_decay: float = 0.0
+    anchor: float = 0.0  # adds anchor * sum((p - p_start)^2): keeps online drift bounded
     objective: str = "mae"
     seed: int = 0  # masks
 
@@ -69,8 +70,8 @@ class TTTConfig:
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"TTT mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError("TTT weight_decay must be >= 0 and momentum in [0, 1)")
+        if self.weight_decay < 0 or self.anchor < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("TTT weight_decay and anchor must be >= 0, momentum in [0, 1)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,8 +176,14 @@ class TestTimeTrainer:
         """The self-supervised loss of one image (a fresh random mask batch each call)."""
         image = self._as_batch(image)
         if self.config.objective == "entropy":
-            return entropy_loss(self.model.forward_exits(image))
-        return self._mae_loss(image)
+            loss = entropy_loss(self.model.forward_exits(image))
+        else:
+            loss = self._mae_loss(image)
+        if self.config.anchor > 0:
+            drift = sum((p - p0).pow(2).sum() for p, p0 in zip(self._params, self._initial,
+                                                                strict=True))
+            loss = loss + self.config.anchor * drift
+        return loss
 
     # -- public API ------------------------------------------------------------------------
     @property

@@ -618,6 +618,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{prefix}-columns", type=int, default=cfg.columns)
         parser.add_argument(f"--{prefix}-optimizer", default=cfg.optimizer,
                             choices=["sgd", "adamw"])
+        parser.add_argument(f"--{prefix}-anchor", type=float, default=cfg.anchor,
+                            help="L2 pull towards the starting parameters")
     parser.add_argument("--episodic-steps", type=int, default=d.episodic.steps)
     parser.add_argument("--online-batch", type=int, default=d.online.batch)
     parser.add_argument("--tent-online-lr", type=float, default=d.tent_online.lr)
@@ -628,10 +630,10 @@ def options_from_args(args: argparse.Namespace, split_seed: int) -> Options:
     d = Options()
     ep = replace(d.episodic, lr=args.episodic_lr, update=args.episodic_update,
                  columns=args.episodic_columns, optimizer=args.episodic_optimizer,
-                 steps=args.episodic_steps, seed=args.seed)
+                 steps=args.episodic_steps, anchor=args.episodic_anchor, seed=args.seed)
     on = replace(d.online, lr=args.online_lr, update=args.online_update,
                  columns=args.online_columns, optimizer=args.online_optimizer,
-                 batch=args.online_batch, seed=args.seed)
+                 batch=args.online_batch, anchor=args.online_anchor, seed=args.seed)
     for key in ("images", "episodic_images", "clean_images", "stream", "eval_every", "workers",
                 "threads"):
         if getattr(args, key) < 1:
