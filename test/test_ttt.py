@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -202,3 +203,15 @@ def test_experiment_tiny_run(tmp_path):
     for png in ("table.png", "online_curves.png", "blur_order.png", "severity_order.png",
                 "harm.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    # every run was saved as it finished; a rerun with the same options loads the saved runs
+    saved_path = tmp_path / "runs" / "episodic_b2__zoom_blur.json"
+    saved = json.loads(saved_path.read_text())
+    saved["result"]["last_exit"] = 0.125  # marker: only a loaded result carries it
+    saved_path.write_text(json.dumps(saved))
+    again = run_experiment(tiny_model(), spec, replace(opts, parts=("a",)), tmp_path)
+    zoom = again["table"]["rows"][1]
+    assert zoom["standard_b2"] == 0.125
+    assert again["table"]["rows"][0] == table["rows"][0]
+    changed = replace(opts, parts=("a",), episodic=replace(opts.episodic, lr=0.2))
+    rerun = run_experiment(tiny_model(), spec, changed, tmp_path)
+    assert rerun["table"]["rows"][1]["standard_b2"] != 0.125

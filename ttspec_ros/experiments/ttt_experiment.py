@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -283,29 +284,70 @@ def run_task(task: Task) -> dict:
                       opts.threshold)
 
 
+def _task_file(cache: Path, task: Task) -> Path:
+    return cache / (task.key.replace("/", "__") + ".json")
+
+
+DATA_OPTIONS = ("seed", "corruption_seed", "split_seed", "severity", "images", "episodic_images",
+                "clean_images", "stream", "eval_every", "threshold")
+
+
+def _task_fingerprint(task: Task, opts: Options, model_state: dict) -> str:
+    """Everything a run's result depends on: the task (with its TTT config), the options that
+    decide its data and evaluation, and the weights."""
+    fields = {k: v for k, v in opts.to_dict().items() if k in DATA_OPTIONS}
+    blob = json.dumps({"task": asdict(task), "options": fields}, sort_keys=True).encode()
+    h = hashlib.sha256(blob)
+    for name in sorted(model_state):
+        h.update(name.encode())
+        h.update(model_state[name].numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options, workers: int,
-              threads: int) -> dict[str, dict]:
-    """Run every task, in ``workers`` processes (1 = here); returns results by task key."""
+              threads: int, cache: Path | None = None) -> dict[str, dict]:
+    """Run every task, in ``workers`` processes (1 = here); returns results by task key.
+
+    With ``cache``, each finished run is saved there at once and a rerun with the same task,
+    options and weights loads it instead of running again (long runs survive interruption)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     init = (model.config.to_dict(), state, input_spec, opts, threads)
     results: dict[str, dict] = {}
+    prints = {t.key: _task_fingerprint(t, opts, state) for t in tasks} if cache else {}
+    todo = []
+    for t in tasks:
+        path = _task_file(cache, t) if cache else None
+        if path is not None and path.exists():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("fingerprint") == prints[t.key]:
+                results[t.key] = saved["result"]
+                continue
+        todo.append(t)
+    if cache and len(todo) < len(tasks):
+        _log(f"{len(tasks) - len(todo)} runs loaded from {cache}")
+
+    def done(t: Task, result: dict) -> None:
+        results[t.key] = result
+        if cache:
+            _write_json(_task_file(cache, t), {"fingerprint": prints[t.key], "result": result})
+        _log(f"{t.key}: {_brief(result)}")
+
+    if not todo:
+        return results
     if workers <= 1:
         _init_worker(*init)
-        for t in tasks:
-            results[t.key] = run_task(t)
-            _log(f"{t.key}: {_brief(results[t.key])}")
+        for t in todo:
+            done(t, run_task(t))
         return results
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=init) as pool:
-        futures = {pool.submit(run_task, t): t for t in tasks}
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
+                             initializer=_init_worker, initargs=init) as pool:
+        futures = {pool.submit(run_task, t): t for t in todo}
         for f in as_completed(futures):
-            t = futures[f]
-            results[t.key] = f.result()
-            _log(f"{t.key}: {_brief(results[t.key])}")
+            done(futures[f], f.result())
     return results
 
 
@@ -379,7 +421,8 @@ def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
         m = opts.episodic_images
         baseline_episodic[name] = metrics(predict_all(model, x[:m]), y[:m], thr)
     _log(f"baseline {json.dumps({k: round(v['last_exit'], 3) for k, v in baseline.items()})}")
-    runs = run_tasks(plan_tasks(opts), model, input_spec, opts, workers, threads)
+    runs = run_tasks(plan_tasks(opts), model, input_spec, opts, workers, threads,
+                     cache=out / "runs")
 
     if "a" in opts.parts:
         rows = []
@@ -608,6 +651,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--severity-corruptions", nargs="*", default=list(d.severity_corruptions),
                         choices=list(corruptions.CORRUPTIONS))
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--cost-images", type=int, default=d.cost_images,
+                        help="images timed per mode in part d")
     parser.add_argument("--workers", type=int, default=2,
                         help="processes running independent runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -635,7 +680,7 @@ def options_from_args(args: argparse.Namespace, split_seed: int) -> Options:
                  columns=args.online_columns, optimizer=args.online_optimizer,
                  batch=args.online_batch, anchor=args.online_anchor, seed=args.seed)
     for key in ("images", "episodic_images", "clean_images", "stream", "eval_every", "workers",
-                "threads"):
+                "threads", "cost_images"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
     return Options(
@@ -647,7 +692,7 @@ def options_from_args(args: argparse.Namespace, split_seed: int) -> Options:
         severity_corruptions=tuple(args.severity_corruptions), episodic=ep, online=on,
         tent_online=replace(d.tent_online, lr=args.tent_online_lr, seed=args.seed),
         tent_episodic=replace(d.tent_episodic, lr=args.tent_episodic_lr, seed=args.seed),
-        parts=tuple(args.parts),
+        parts=tuple(args.parts), cost_images=args.cost_images,
     )
 
 
