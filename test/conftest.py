@@ -3,7 +3,9 @@ localhost, logs into a temp dir, and finds this package's installed executables.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -14,7 +16,10 @@ VENV_PREFIX = Path(sys.prefix)
 # Set before any test imports rclpy, and inherited by every node process a test starts.
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))  # unique per run
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="ttspec-roslog-"))
+if "ROS_LOG_DIR" not in os.environ:
+    _log_dir = tempfile.mkdtemp(prefix="ttspec-roslog-")
+    atexit.register(shutil.rmtree, _log_dir, ignore_errors=True)
+    os.environ["ROS_LOG_DIR"] = _log_dir
 os.environ.setdefault("AMENT_PREFIX_PATH", str(VENV_PREFIX))
 os.environ.setdefault("HOME", tempfile.gettempdir())
 # Node processes import the installed package; make them see the same sources as the tests.
