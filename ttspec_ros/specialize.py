@@ -527,22 +527,28 @@ class Specializer:
         0..h-1, in closed form (x (h, B, C), weights (h, B), targets (h, B, K)).
 
         The features are inputs (nothing upstream trains), so LayerNorm needs no backward
-        through its normalisation. numpy on views of the head tensors: for a step this small,
-        autograd's and torch's per-op overheads would cost more than the arithmetic."""
+        through its normalisation. Elementwise work in numpy on views of the head tensors: for
+        a step this small, autograd's and torch's per-op overheads cost more than the math."""
         ln_w, ln_b, w, b = self._views
         h, inv_c = x.shape[0], 1.0 / x.shape[2]
         centred = x - x.sum(-1, keepdims=True) * inv_c
         normed = centred / np.sqrt((centred * centred).sum(-1, keepdims=True) * inv_c
                                    + LAYER_NORM_EPS)
         z = normed * ln_w[:h, None, :] + ln_b[:h, None, :]
-        logits = z @ w[:h].transpose(0, 2, 1) + b[:h, None, :]
+        # The products go through torch (zero-copy views): numpy's OpenBLAS threads spin
+        # badly on a loaded machine (a 1000-class matvec took ms) and its stacked matmul
+        # skips BLAS for transposed operands.
+        wt, zt = self._heads.weight[:h], torch.from_numpy(z)
+        logits = torch.bmm(zt, wt.transpose(1, 2)).numpy() + b[:h, None, :]
         logits -= logits.max(-1, keepdims=True)
         d = np.exp(logits)
         d /= d.sum(-1, keepdims=True)
         d -= targets  # dCE/dlogits = softmax - target
         d *= weights[..., None]
-        dz = d @ w[:h]
-        return [(dz * normed).sum(1), dz.sum(1), d.transpose(0, 2, 1) @ z, d.sum(1)]
+        dt = torch.from_numpy(d)
+        dz = torch.bmm(dt, wt).numpy()
+        grad_w = torch.bmm(dt.transpose(1, 2), zt).numpy()
+        return [(dz * normed).sum(1), dz.sum(1), grad_w, d.sum(1)]
 
     def _sgd(self, grads: list[np.ndarray], h: int) -> None:
         """torch.optim.SGD's rule (no dampening/nesterov) on heads 0..h-1 only; heads the batch
