@@ -550,7 +550,7 @@ class Specializer:
         grad_w = torch.bmm(dt.transpose(1, 2), zt).numpy()
         return [(dz * normed).sum(1), dz.sum(1), grad_w, d.sum(1)]
 
-    def _sgd(self, grads: list[np.ndarray], h: int) -> None:
+    def _sgd(self, grads: list[np.ndarray], h: int) -> None:  # grads: owned, overwritten
         """torch.optim.SGD's rule (no dampening/nesterov) on heads 0..h-1 only; heads the batch
         did not reach are left alone, as separate per-head optimizers would."""
         for p, g, buf in zip(self._views, grads, self._momentum_views, strict=True):
@@ -558,8 +558,10 @@ class Specializer:
                 m = buf[:h]
                 m *= self.momentum
                 m += g
-                g = m
-            p[:h] -= self.lr * g
+                np.multiply(m, self.lr, out=g)
+            else:
+                g *= self.lr  # in place: no temporary the size of a 1000-class weight
+            p[:h] -= g
 
     def _step(self, batch: list[tuple[np.ndarray, int]]) -> None:
         samples = batch + (self._replay_batch() if self.replay_size else [])
