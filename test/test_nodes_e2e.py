@@ -292,6 +292,71 @@ def test_a_late_classifier_gets_the_latest_update(pipeline, tmp_path):
         assert late.stop(signal.SIGINT) == 0
 
 
+def test_onnxruntime_classifier_classifies_and_applies_head_updates(pipeline, data, tmp_path):
+    """backend onnxruntime, fed by the pipeline's camera: answers as the torch cascade does,
+    takes a head update (heads stay in torch) and refuses a backbone tensor (fixed graphs)."""
+    from ttspec_ros.model_update import ModelUpdatePayload, to_msg
+
+    probe = pipeline["probe"]
+    ort = NodeProcess(CLS, {"model": pipeline["stem"], "backend": "onnxruntime"}, tmp_path,
+                      namespace="ttspec_ort",
+                      extra_args=["-r", f"frames:=/ttspec/{topics.FRAMES}"]).start()
+    ort_probe = probe_mod.Probe(namespace="ttspec_ort", name="ttspec_probe_ort")
+    try:
+        assert wait_for(lambda: ort_probe.seen(CLS), STARTUP_S, 0.2), ort.log()[-2000:]
+        assert ort_probe.diag(CLS)["backend"] == "onnxruntime"
+        images = data[0][:12]
+        stamps = _stream(probe, images)
+        time.sleep(0.5)
+        index = {s: i for i, s in enumerate(stamps)}
+        got = {index[(p.header.stamp.sec, p.header.stamp.nanosec)]: p
+               for p in _predictions(ort_probe)}
+        assert len(got) >= 8, f"only {len(got)}/{len(images)} answered"
+        offline = _offline(pipeline, images)
+        agree = np.mean([got[i].class_id == offline[i].class_id
+                         and got[i].exit_index == offline[i].exit_index for i in got])
+        assert agree >= 0.9, agree
+        # Heads that answer class 3 at exit 0 whatever the image.
+        heads = {}
+        for i in range(4):
+            name = f"cls_blocks.{i}.classifier.1"
+            bias = np.zeros(10, np.float32)
+            bias[3] = 50.0
+            heads[f"{name}.weight"] = np.zeros((10, 32), np.float32)
+            heads[f"{name}.bias"] = bias
+        model_id = pipeline["card"].model_id
+        backbone = {"stem.0.weight": np.zeros((8, 1, 4, 4), np.float32)}
+        ort_probe.publish_updates([to_msg(ModelUpdatePayload(model_id, 7, heads)),
+                                   to_msg(ModelUpdatePayload(model_id, 8, backbone))])
+        assert wait_for(lambda: ort_probe.count(CLS, "updates_rejected") >= 1, 5.0)
+        d = ort_probe.diag(CLS)
+        assert d["updates_applied"] == "1" and d["model_version"] == "7", d
+        assert "fixed graph" in d["last_update_rejection"]
+        ort_probe.clear()
+        _stream(probe, images[:6])
+        time.sleep(0.5)
+        after = _predictions(ort_probe)
+        assert len(after) >= 3
+        assert all(p.class_id == 3 and p.exit_index == 0 and p.model_version == 7
+                   for p in after)
+        assert ort.stop(signal.SIGINT) == 0
+        assert "Traceback" not in ort.log()
+    finally:
+        ort_probe.close()
+        ort.stop(signal.SIGKILL)
+
+
+def test_unavailable_backend_exits_with_one_clear_line(tmp_path, tiny):
+    """No tensorrt package and no GPU here: the classifier says so and exits 1."""
+    trt = NodeProcess(CLS, {"model": tiny[0], "backend": "tensorrt", "device": "cuda:0"},
+                      tmp_path, namespace="ttspec_trt").start()
+    trt.proc.wait(60)
+    log = trt.log()
+    assert trt.proc.returncode == 1, log
+    assert "Traceback" not in log and "backend 'tensorrt' is unavailable" in log, log
+    assert "tensorrt" in log.splitlines()[-1] or "CUDA" in log, log
+
+
 def test_adapter_save_and_reset_services(pipeline):
     probe = pipeline["probe"]
     saved = probe.trigger(ADA, "save")

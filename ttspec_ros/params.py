@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ttspec_ros import topics
+from ttspec_ros.backends import BACKENDS  # light: no backend is imported by this
 
 FROM_MODEL_CARD = None  # default of parameters whose value comes from the model card
 
@@ -68,6 +69,14 @@ CLASSIFIER: tuple[ParamSpec, ...] = (
               "publish adaptation_samples for frames answered after exit 0"),
     ParamSpec("num_threads", "int", 1, "CPU threads for the model (torch intra-op)",
               min=1, max=64),
+    ParamSpec("backend", "string", "torch",
+              "inference backend of the backbone, chosen at start: torch | onnxruntime (CPU) | "
+              "tensorrt (CUDA); heads stay in torch on every backend. Adapter strategies that "
+              "change backbone parameters (ttt_online, both) need torch",
+              read_only=True, choices=BACKENDS),
+    ParamSpec("device", "string", "cpu",
+              "device of the backbone: cpu, cuda or cuda:N (onnxruntime: cpu only; "
+              "tensorrt: cuda only)", read_only=True),
 )
 
 ADAPTER: tuple[ParamSpec, ...] = (

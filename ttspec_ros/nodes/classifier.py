@@ -42,24 +42,37 @@ from ttspec_ros.specialize import pack_features
 
 
 class LoadedModel:
-    """A cascade with the card facts the node needs, swapped as one object on `model` change."""
+    """A cascade with the card facts the node needs, swapped as one object on `model` change.
+    The backbone runs on ``backend``/``device``; the heads stay in torch (updatable on every
+    backend; backbone tensors only on torch)."""
 
-    def __init__(self, model_path: str, num_threads: int | None) -> None:
+    def __init__(self, model_path: str, num_threads: int | None, backend: str = "torch",
+                 device: str = "cpu") -> None:
+        from ttspec_ros.backends import BackendUnavailable, create_backbone
         from ttspec_ros.cascade import Cascade
         from ttspec_ros.models.checkpoint import load_model
 
         try:
             # Decoders serve test-time training only; inference and head updates need none.
             model, card = load_model(model_path or None, with_decoders=False)
-            self.cascade = Cascade(model, card.thresholds, num_threads, model_id=card.model_id)
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"cannot load model {model_path or '(bundled demo)'!r}: {e}"
                                ) from e
-        self.card = card
-        self.path = model_path
-        self.num_exits = self.cascade.num_exits
         spec = card.input
         self.input_shape = (int(spec["channels"]), int(spec["size"]), int(spec["size"]))
+        try:
+            backbone = create_backbone(backend, model, device=device, num_threads=num_threads,
+                                       image_size=self.input_shape[1])
+            self.cascade = Cascade(model, card.thresholds, num_threads, backbone=backbone,
+                                   model_id=card.model_id)
+        except BackendUnavailable as e:
+            raise StartupError(f"backend {backend!r} is unavailable: {e}") from e
+        except (RuntimeError, ValueError) as e:  # e.g. a malformed device string
+            raise StartupError(f"backend {backend!r} on device {device!r}: {e}") from e
+        self.card = card
+        self.path = model_path
+        self.backend = backend
+        self.num_exits = self.cascade.num_exits
 
 
 class ClassifierNode(Node):
@@ -67,9 +80,14 @@ class ClassifierNode(Node):
         super().__init__(topics.CLASSIFIER_NODE)
         # model and num_threads first: the cascade needs them, and `thresholds` defaults to
         # the loaded card's values.
-        first = [params.spec(topics.CLASSIFIER_NODE, n) for n in ("model", "num_threads")]
+        first = [params.spec(topics.CLASSIFIER_NODE, n)
+                 for n in ("model", "num_threads", "backend", "device")]
         values = declare(self, first)
-        self.loaded = LoadedModel(values["model"], values["num_threads"])
+        reason = params.check_params(topics.CLASSIFIER_NODE, values)
+        if reason:
+            raise StartupError(f"classifier: {reason}")
+        self.loaded = LoadedModel(values["model"], values["num_threads"], values["backend"],
+                                  values["device"])
         rest = [s for s in params.CLASSIFIER if s not in first]
         values.update(declare(self, rest, {
             "thresholds": [float(t) for t in self.loaded.card.thresholds]}))
@@ -101,7 +119,8 @@ class ClassifierNode(Node):
         self._worker.start()
         self.get_logger().info(
             f"classifier: model {self.loaded.cascade.model_id} ({self.loaded.num_exits} exits, "
-            f"input {self.loaded.input_shape}), thresholds {self._settings['thresholds']}")
+            f"input {self.loaded.input_shape}), backend {values['backend']} on "
+            f"{values['device']}, thresholds {self._settings['thresholds']}")
 
     @staticmethod
     def _settings_from(values: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +141,7 @@ class ClassifierNode(Node):
         if not reason and "model" in new and new["model"] != loaded.path:
             try:
                 # The worker sets torch's (process-wide) thread count between frames.
-                loaded = LoadedModel(new["model"], None)
+                loaded = LoadedModel(new["model"], None, merged["backend"], merged["device"])
             except StartupError as e:
                 reason = str(e)
         if not reason:
@@ -228,6 +247,7 @@ class ClassifierNode(Node):
         values.update({
             "model_id": self.loaded.cascade.model_id,
             "model_version": self.loaded.cascade.version,
+            "backend": self.loaded.backend,
             "pending": pending,
             "max_pending": self.max_pending,
             "thresholds": " ".join(f"{t:.3f}" for t in self._settings["thresholds"]),
