@@ -48,7 +48,8 @@ def test_config_yaml_equals_the_defaults():
 def test_issue_defaults_of_the_adapter():
     assert params.defaults(topics.ADAPTER_NODE) == {
         "model": "", "enabled": True, "learning_rate": 1e-4, "momentum": 0.0, "batch_size": 1,
-        "min_confidence": 0.0, "publish_period_s": 1.0, "state_dir": "", "save_period_s": 10.0}
+        "min_confidence": 0.0, "publish_period_s": 1.0, "state_dir": "", "save_period_s": 10.0,
+        "strategy": "specialize", "ttt_update": "norm", "ttt_learning_rate": 1e-2}
 
 
 @pytest.mark.parametrize(("node", "name", "value", "words"), [
@@ -126,3 +127,13 @@ def test_names_agree_with_cmake_and_checkpoint():
     assert NODES_DEMO_STEM == DEMO_STEM
     names = [t.name for t in topics.TOPICS]
     assert len(names) == len(set(names))
+
+
+def test_adapter_ttt_defaults_are_the_engines():
+    """The adapter's TTT parameters default to the TTT engine's tuned online settings."""
+    from ttspec_ros.ttt import UPDATES, TTTConfig
+
+    assert params.spec("adapter", "ttt_learning_rate").default == TTTConfig().lr
+    assert params.spec("adapter", "ttt_update").default == TTTConfig().update
+    assert params.spec("adapter", "ttt_update").choices == UPDATES
+    assert params.strategy_uses_ttt("both") and not params.strategy_uses_ttt("specialize")

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "demo": "ttspec_ros.experiments.demo",
     "make-corrupted": "ttspec_ros.experiments.make_corrupted",
     "ttt-experiment": "ttspec_ros.experiments.ttt_experiment",
+    "ttt-ros": "ttspec_ros.experiments.ttt_ros",
     "bench-update": "ttspec_ros.experiments.bench_update",
     "specialize-experiment": "ttspec_ros.experiments.specialize_experiment",
     "forgetting-experiment": "ttspec_ros.experiments.forgetting_experiment",

@@ -16,6 +16,7 @@ from typing import Any
 from ttspec_ros import topics
 from ttspec_ros.backends import BACKENDS  # light: no backend is imported by this
 
+STRATEGIES = ("specialize", "ttt_online", "both")  # adapter strategies
 FROM_MODEL_CARD = None  # default of parameters whose value comes from the model card
 
 
@@ -97,7 +98,25 @@ ADAPTER: tuple[ParamSpec, ...] = (
               "'' = not persisted"),
     ParamSpec("save_period_s", "double", 10.0, "save the state this often (seconds) when changed",
               min=0.1, max=86400.0),
+    ParamSpec("strategy", "string", "specialize",
+              "specialize: train the early heads on adaptation_samples; ttt_online: test-time "
+              "training (masked reconstruction, online) of the backbone on frames; both. "
+              "ttt_online/both publish backbone tensors, which only classifiers with backend "
+              "torch apply (others refuse the update and log why)",
+              read_only=True, choices=STRATEGIES),
+    ParamSpec("ttt_update", "string", "norm",
+              "what test-time training changes: norm (LayerNorm affine of the encoder), "
+              "columns (stem + first column), encoder (stem + every column the loss reaches)",
+              read_only=True, choices=("norm", "columns", "encoder")),
+    ParamSpec("ttt_learning_rate", "double", 1e-2,
+              "SGD (momentum 0.9) learning rate of test-time training, one step per frame",
+              min=0.0, max=1.0, read_only=True, constraints="> 0"),
 )
+
+def strategy_uses_ttt(strategy: str) -> bool:
+    """Strategies that train the backbone on frames (needs decoders, and classifiers on torch)."""
+    return strategy in ("ttt_online", "both")
+
 
 NODE_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
     topics.CAMERA_NODE: CAMERA,
@@ -174,8 +193,9 @@ def check_adapter(values: Mapping[str, Any]) -> str | None:
     reason = check_params(topics.ADAPTER_NODE, values)
     if reason:
         return reason
-    if "learning_rate" in values and not values["learning_rate"] > 0.0:
-        return f"learning_rate must be > 0, got {values['learning_rate']}"
+    for name in ("learning_rate", "ttt_learning_rate"):
+        if name in values and not values[name] > 0.0:
+            return f"{name} must be > 0, got {values[name]}"
     return None
 
 

@@ -6,11 +6,20 @@ executor never waits for an SGD step. A timer publishes the current heads at mos
 later still gets the latest). With ``state_dir`` the state is saved atomically every
 ``save_period_s``, on ``~/save`` and at shutdown, and resumed (and republished) at start.
 Any number of classifiers running the same model may feed one adapter.
+
+``strategy`` picks what adapts: ``specialize`` (the early heads, from samples), ``ttt_online``
+(test-time training of the backbone with masked reconstruction on ``frames``, one step per
+frame, kept: ``ttspec_ros.ttt`` online mode, in its own thread; frames arriving while a step
+runs replace the pending one and are counted as dropped) or ``both``. The published update then
+holds the adapted backbone tensors too, versioned by the sum of both engines' versions (each
+only grows). Only classifiers with backend ``torch`` apply backbone tensors; the others refuse
+such updates and log why. The test-time-trained backbone is not persisted in ``state_dir``.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -18,13 +27,16 @@ from typing import Any
 import rclpy.logging
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 
 from ttspec_ros import params, topics
-from ttspec_ros.model_update import to_msg
+from ttspec_ros.image_codec import ImageDecodeError, decode_frame
+from ttspec_ros.model_update import ModelUpdatePayload, to_msg
 from ttspec_ros.msg import AdaptationSample, ModelUpdate
 from ttspec_ros.nodes import (
     Diagnostics,
+    LatestSlot,
     StartupError,
     Stats,
     Throttle,
@@ -50,7 +62,11 @@ class AdapterNode(Node):
         self._values = values
         self.stats = Stats()
         self._throttle = Throttle()
-        self.specializer = self._build_specializer(values)
+        self.strategy = values["strategy"]
+        self._specializing = self.strategy in ("specialize", "both")
+        self.specializer, self.ttt = self._build_engines(values)
+        self._frames = LatestSlot()
+        self._ttt_loss: float | None = None
         self._queue: deque[AdaptationSample] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -61,8 +77,12 @@ class AdapterNode(Node):
 
         self._update_pub = self.create_publisher(ModelUpdate, topics.MODEL_UPDATES,
                                                  qos(topics.QOS_LATCHED))
-        self.create_subscription(AdaptationSample, topics.ADAPTATION_SAMPLES, self._on_sample,
-                                 qos(topics.QOS_RELIABLE))
+        if self._specializing:
+            self.create_subscription(AdaptationSample, topics.ADAPTATION_SAMPLES,
+                                     self._on_sample, qos(topics.QOS_RELIABLE))
+        if self.ttt is not None:
+            self.create_subscription(Image, topics.FRAMES, self._on_frame,
+                                     qos(topics.QOS_SENSOR))
         self.create_service(Trigger, topics.RESET_SERVICE, self._on_reset)
         self.create_service(Trigger, topics.SAVE_SERVICE, self._on_save)
         self._publish_timer = self.create_timer(values["publish_period_s"], self._publish)
@@ -72,24 +92,47 @@ class AdapterNode(Node):
                                         warn_on=("samples_rejected", "samples_dropped"))
         self._worker = threading.Thread(target=self._train, name="specializer", daemon=True)
         self._worker.start()
+        self._ttt_worker = None
+        if self.ttt is not None:
+            self._ttt_worker = threading.Thread(target=self._adapt_frames, name="ttt",
+                                                daemon=True)
+            self._ttt_worker.start()
         if resumed:
             self._publish()  # classifiers get the resumed heads at once
         self.get_logger().info(
-            f"adapter: model {self.specializer.model_id}, version {self.specializer.version}"
+            f"adapter: model {self.specializer.model_id}, strategy {self.strategy}"
+            + (f" (TTT updates {self.ttt.config.update}: {len(self.ttt.parameter_names)} "
+               "backbone tensors; classifiers need backend torch)" if self.ttt else "")
+            + f", version {self._version()}"
             + (f" (resumed from {values['state_dir']})" if resumed else ""))
 
-    def _build_specializer(self, values: dict[str, Any]) -> Specializer:
+    def _build_engines(self, values: dict[str, Any]):
         from ttspec_ros.models.checkpoint import load_model
 
+        uses_ttt = params.strategy_uses_ttt(values["strategy"])
         try:
-            model, card = load_model(values["model"] or None, with_decoders=False)
+            # Decoders only when test-time training needs them (its loss is reconstruction).
+            model, card = load_model(values["model"] or None, with_decoders=uses_ttt)
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"adapter: cannot load model {values['model']!r}: {e}") from e
-        # Only the early heads are needed; the network itself is dropped after this.
-        return Specializer(
+        specializer = Specializer(
             early_head_tensors(model), model.num_exits, model_id=card.model_id,
             lr=values["learning_rate"], momentum=values["momentum"],
             batch_size=values["batch_size"], min_confidence=values["min_confidence"])
+        if not uses_ttt:
+            return specializer, None  # the network itself is dropped here
+        from ttspec_ros.ttt import TestTimeTrainer, TTTConfig
+
+        if model.decoder_blocks is None:
+            raise StartupError(f"adapter: strategy {values['strategy']!r} needs a model with "
+                               f"reconstruction decoders; {values['model'] or 'the demo model'}"
+                               " has none")
+        try:
+            config = TTTConfig(mode="online", update=values["ttt_update"],
+                               lr=values["ttt_learning_rate"])
+            return specializer, TestTimeTrainer(model, config, model_id=card.model_id)
+        except ValueError as e:
+            raise StartupError(f"adapter: test-time training: {e}") from e
 
     def _resume(self, state_dir: str) -> bool:
         if not state_dir or not (Path(state_dir) / STATE_FILE).is_file():
@@ -162,9 +205,50 @@ class AdapterNode(Node):
                 continue
             self.stats.count("samples_used")
 
+    # -- frames (test-time training)
+    def _on_frame(self, msg: Image) -> None:
+        self.stats.count("frames_received")
+        if self._frames.put(msg):
+            self.stats.count("frames_dropped")
+
+    def _adapt_frames(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one core at most: the classifier shares the machine
+        while not self._stop:
+            msg = self._frames.take(timeout=0.2)
+            if msg is None or not self._values["enabled"]:
+                continue
+            try:
+                x = decode_frame(msg.height, msg.width, msg.encoding, msg.is_bigendian,
+                                 msg.step, msg.data)
+                started = time.perf_counter()
+                self._ttt_loss = self.ttt.adapt(torch.from_numpy(x))
+                self.stats.add("ttt_step_ms", (time.perf_counter() - started) * 1000.0)
+            except (ImageDecodeError, ValueError, FloatingPointError) as e:
+                self.stats.count("frames_rejected")
+                self.stats.note("last_frame_rejection", str(e))
+                if self._throttle(str(e)[:60]):
+                    self.get_logger().warning(f"test-time training skipped a frame: {e}")
+                continue
+            self.stats.count("frames_adapted")
+
     # -- outputs
-    def _publish(self) -> None:
+    def _version(self) -> int:
+        """Both engines' versions only grow, so their sum grows whenever either changes."""
+        return self.specializer.version + (self.ttt.version if self.ttt else 0)
+
+    def _payload(self) -> ModelUpdatePayload:
         payload = self.specializer.export()
+        if self.ttt is None:
+            return payload
+        backbone = self.ttt.export_update()  # a consistent snapshot (the engine's lock)
+        heads = payload.tensors if self._specializing else {}
+        return ModelUpdatePayload(payload.model_id, payload.version + backbone.version,
+                                  {**heads, **backbone.tensors})
+
+    def _publish(self) -> None:
+        payload = self._payload()
         if payload.version == self._published_version:
             return
         msg = to_msg(payload)
@@ -191,11 +275,13 @@ class AdapterNode(Node):
                 self.get_logger().error(f"saving state failed: {e}", throttle_duration_sec=30.0)
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response):
+        if self.ttt is not None:
+            self.ttt.reset()  # its version stays: the specializer's reset makes a new one
         self.specializer.reset()
         self._publish()
         response.success = True
-        response.message = f"heads reset to the original; published version " \
-                           f"{self.specializer.version}"
+        response.message = f"{'heads' if self.ttt is None else 'heads and backbone'} reset to " \
+                           f"the original; published version {self._published_version}"
         if self._values["state_dir"]:
             try:
                 self._save()
@@ -217,18 +303,23 @@ class AdapterNode(Node):
         values = self.stats.snapshot()
         values.update({f"specializer_{k}": v for k, v in self.specializer.stats().items()})
         values.update({"model_id": self.specializer.model_id,
-                       "model_version": self.specializer.version,
+                       "model_version": self._version(),
+                       "strategy": self.strategy,
+                       "ttt_loss": self._ttt_loss,
                        "published_version": self._published_version,
                        "saved_version": self._saved_version,
                        "queued": len(self._queue), "enabled": self._values["enabled"]})
-        return f"version {self.specializer.version}, " \
-                      f"{values.get('samples_used', 0)} samples used", values
+        return f"version {self._version()}, {values.get('samples_used', 0)} samples used, " \
+               f"{values.get('frames_adapted', 0)} frames adapted", values
 
     def close(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        self._frames.close()
         self._worker.join(timeout=5.0)
+        if self._ttt_worker is not None:
+            self._ttt_worker.join(timeout=5.0)
         # The context may be shut down already: log without the node's /rosout publisher.
         log = rclpy.logging.get_logger(f"{self.get_logger().name}.shutdown")
         if self._values["state_dir"] and self.specializer.version != self._saved_version:

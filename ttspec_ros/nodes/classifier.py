@@ -230,6 +230,16 @@ class ClassifierNode(Node):
             if payload.model_id != cascade.model_id:
                 raise ValueError(f"update is for model {payload.model_id!r}, this classifier "
                                  f"runs {cascade.model_id!r}")
+            backbone = (set(payload.tensors) & set(cascade.model.state_dict())) \
+                - set(cascade.updatable_tensor_names())
+            if backbone and not cascade.torch_backbone:
+                # Test-time training (adapter strategy ttt_online/both) changes the backbone;
+                # exported graphs/engines cannot take it, and half an update is no update.
+                raise ValueError(
+                    f"update changes {len(backbone)} backbone tensors (e.g. "
+                    f"{sorted(backbone)[0]!r}); backend {self.loaded.backend!r} runs a fixed "
+                    "graph, only head tensors (cls_blocks.*) can change: adapter strategies "
+                    "that train the backbone need classifier backend 'torch'")
             cascade.apply_update(payload.tensors, payload.version)
         except ValueError as e:
             self.stats.count("updates_rejected")
