@@ -516,3 +516,26 @@ def test_throttle_is_per_key():
     throttle = Throttle(period_s=60.0)
     assert throttle("truncated") and throttle("wrong_step")
     assert not throttle("truncated")
+
+
+def test_ttt_ros_writes_its_json(tmp_path):
+    """ttt-ros on tiny settings (its figures come from real runs on the demo model)."""
+    import argparse
+
+    from ttspec_ros.experiments import ttt_ros
+
+    stem = tmp_path / "tiny_y"
+    _tiny_model(stem, with_decoders=True)
+    parser = argparse.ArgumentParser()
+    ttt_ros.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "out"), "--model", str(stem),
+                              "--strategies", "ttt_online", "--frames", "16", "--rate", "8",
+                              "--windows", "2"])
+    assert ttt_ros.run(args) == 0
+    result = json.loads((tmp_path / "out" / "ttt_ros.json").read_text())
+    assert result["settings"]["seed"] == 0
+    (r,) = result["runs"]
+    assert r["strategy"] == "ttt_online" and 0 < r["answered"] <= r["published"] == 16
+    assert len(r["windows"]) == 2 and 0.0 <= r["accuracy"] <= 1.0
+    assert int(r["adapter"]["frames_adapted"]) > 0
+    assert r["exit_codes"] == {CAM: 0, CLS: 0, ADA: 0}

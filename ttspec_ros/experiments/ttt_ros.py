@@ -59,13 +59,14 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
     from ttspec_ros.nodes.probe import NodeProcess, Probe, wait_for
 
     ns = f"{args.namespace}_{strategy}"
-    adapter = {"model": args.model, "publish_period_s": 0.5,
+    model = {"model": args.model} if args.model else {}  # `-p model:=` does not parse
+    adapter = {**model, "publish_period_s": 0.5,
                "strategy": "specialize" if strategy == "none" else strategy,
                "enabled": strategy != "none", "ttt_update": args.ttt_update,
                "ttt_learning_rate": args.ttt_lr}
-    procs = {topics.CAMERA_NODE: NodeProcess(topics.CAMERA_NODE, {"model": args.model},
+    procs = {topics.CAMERA_NODE: NodeProcess(topics.CAMERA_NODE, model,
                                              log_dir, namespace=ns),
-             topics.CLASSIFIER_NODE: NodeProcess(topics.CLASSIFIER_NODE, {"model": args.model},
+             topics.CLASSIFIER_NODE: NodeProcess(topics.CLASSIFIER_NODE, model,
                                                  log_dir, namespace=ns),
              topics.ADAPTER_NODE: NodeProcess(topics.ADAPTER_NODE, adapter, log_dir,
                                               namespace=ns)}
@@ -74,7 +75,9 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
     probe = Probe(namespace=ns, name=f"ttt_ros_probe_{strategy}")
     try:
         if not wait_for(lambda: all(probe.seen(n) for n in procs)
-                        and probe.image_pub.get_subscription_count() > 0, 120.0, 0.2):
+                        and probe.image_pub.get_subscription_count() > 0
+                        or not all(p.alive() for p in procs.values()), 120.0, 0.2) \
+                or not all(p.alive() for p in procs.values()):
             raise RuntimeError(f"{strategy}: nodes did not come up; see logs in {log_dir}")
         probe.clear()
         start = time.monotonic()
