@@ -11,22 +11,27 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
-    "bench-ros": "ttspec_ros.experiments.bench_ros",
+    # replay evaluation
+    "demo": "ttspec_ros.experiments.demo",
     "make-bag": "ttspec_ros.experiments.make_bag",
     "replay": "ttspec_ros.experiments.replay_cmd",
-    "demo": "ttspec_ros.experiments.demo",
-    "make-corrupted": "ttspec_ros.experiments.make_corrupted",
-    "ttt-experiment": "ttspec_ros.experiments.ttt_experiment",
-    "ttt-ros": "ttspec_ros.experiments.ttt_ros",
+    # model and cascade
+    "train": "ttspec_ros.train",
+    "eval-exits": "ttspec_ros.experiments.table1",
+    "bench-exits": "ttspec_ros.experiments.bench_exits",
+    # test-time specialization
     "bench-update": "ttspec_ros.experiments.bench_update",
     "specialize-experiment": "ttspec_ros.experiments.specialize_experiment",
     "forgetting-experiment": "ttspec_ros.experiments.forgetting_experiment",
     "make-anchors": "ttspec_ros.experiments.make_anchors",
+    # test-time training
+    "make-corrupted": "ttspec_ros.experiments.make_corrupted",
+    "ttt-experiment": "ttspec_ros.experiments.ttt_experiment",
+    "ttt-ros": "ttspec_ros.experiments.ttt_ros",
+    # ROS graph and inference backends
+    "bench-ros": "ttspec_ros.experiments.bench_ros",
     "export-onnx": "ttspec_ros.experiments.export_onnx",
     "bench-backends": "ttspec_ros.experiments.bench_backends",
-    "bench-exits": "ttspec_ros.experiments.bench_exits",
-    "train": "ttspec_ros.train",
-    "eval-exits": "ttspec_ros.experiments.table1",
 }
 
 
