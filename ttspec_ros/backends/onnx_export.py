@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ttspec_ros.models.checkpoint import file_sha256
 from ttspec_ros.models.revcol import RevCol
 
 OPSET = 17
@@ -48,12 +49,6 @@ def backbone_hash(model: RevCol) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def stage_input_names(stage: int) -> list[str]:

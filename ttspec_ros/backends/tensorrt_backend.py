@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.backends import BackendUnavailable
-from ttspec_ros.backends.onnx_export import STATE_NAMES, file_sha256, load_manifest
+from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
+from ttspec_ros.models.checkpoint import file_sha256
 from ttspec_ros.backends.onnxruntime_backend import check_image
 
 PRECISIONS = ("fp32", "fp16")

@@ -329,13 +329,18 @@ def build_from_state_dict(state: Mapping[str, Tensor], config: RevColConfig | No
 
 
 # -- our format -----------------------------------------------------------------------------
-def file_hash(path: str | os.PathLike) -> str:
-    """Model id of a weights file: first 12 hex digits of its sha256."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:MODEL_ID_HEX]
+    return digest.hexdigest()
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """Model id of a weights file: first 12 hex digits of its sha256."""
+    return file_sha256(path)[:MODEL_ID_HEX]
 
 
 def _stem(path: str | os.PathLike) -> Path:
@@ -475,6 +480,7 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
 
 __all__ = [
     "ModelCard", "ForeignObject", "load_model", "save_model", "read_card", "file_hash",
+    "file_sha256",
     "read_pickled_checkpoint", "extract_state_dict", "infer_config", "check_state_dict",
     "build_from_state_dict", "validate_thresholds", "DEMO_STEM",
 ]
