@@ -27,8 +27,8 @@ from torch import Tensor
 
 from ttspec_ros.backends import BackendUnavailable
 from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
-from ttspec_ros.models.checkpoint import file_sha256
 from ttspec_ros.backends.onnxruntime_backend import check_image
+from ttspec_ros.models.checkpoint import file_sha256
 
 PRECISIONS = ("fp32", "fp16")
 SIDECAR_FORMAT = 1
