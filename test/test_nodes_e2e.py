@@ -197,11 +197,21 @@ def test_camera_transport_and_rate_set_live(pipeline, data):
     probe = pipeline["probe"]
     assert not probe.set_parameters(CAM, transport="mjpeg")[0].successful
     assert probe.set_parameters(CAM, transport="compressed")[0].successful
-    probe.clear()
-    ok, png = cv2.imencode(".png", data[0][0])
-    stamp = probe.publish_compressed(png.tobytes(), "png")
-    assert wait_for(lambda: any(p.header.stamp == stamp for p in _predictions(probe)), 10.0)
-    assert probe.set_parameters(CAM, transport="raw")[0].successful
+    try:
+        probe.clear()
+        ok, png = cv2.imencode(".png", data[0][0])
+        # The camera's new subscription needs discovery before it hears the probe: send again
+        # until one frame comes back (a frame sent before the match is lost, not a failure).
+        stamps = []
+
+        def answered() -> bool:
+            stamps.append(probe.publish_compressed(png.tobytes(), "png"))
+            return wait_for(lambda: any(p.header.stamp in stamps for p in _predictions(probe)),
+                            0.5)
+
+        assert wait_for(answered, 10.0, interval=0.0)
+    finally:  # later tests share this camera: never leave it on the compressed stream
+        assert probe.set_parameters(CAM, transport="raw")[0].successful
     before = probe.count(CAM, "dropped_rate_limit")
     assert probe.set_parameters(CAM, max_rate_hz=2.0)[0].successful
     _stream(probe, data[0][:8], rate_hz=8.0)  # 1 s at 8 Hz: about 2 pass
