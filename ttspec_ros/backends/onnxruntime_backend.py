@@ -51,9 +51,9 @@ class OnnxRuntimeBackbone:
         self.num_exits = int(self.manifest["num_stages"])
         self.image_shape = list(self.manifest["image_shape"])
         self.model_hash = self.manifest["model_hash"]
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
-        # Each session has its own intra-op pool. Spinning pools of the idle stages would
-        # compete with the running stage (and with the rest of the robot) for the cores.
         self.allow_spinning = allow_spinning
         self._sessions = [self._session(e["file"]) for e in self.manifest["stages"]]
         self._output_names = [
@@ -67,12 +67,21 @@ class OnnxRuntimeBackbone:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
+        # Each stage session has its own intra-op pool. Spinning workers (waiting busily for
+        # the next op instead of sleeping) save a wake-up per parallel op, but:
+        # - without "force_spinning_stop" a pool keeps spinning after its Run returns, so the
+        #   idle stages' pools compete with the running stage (RevCol-T, 2 threads: staged
+        #   270 ms vs 102 ms unsplit) and with the rest of the robot between frames (measured
+        #   here: ~40 ms CPU burnt per frame after the run); with it, a pool spins only while
+        #   its own Run is under way (idle CPU after a run: 0.1 ms/s);
+        # - even then spinning threads take cores from other processes during a run; on a
+        #   loaded machine that costs more than the wake-ups save. Hence off by default.
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
         )
+        if self.allow_spinning:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         if self.num_threads is not None:
-            if self.num_threads < 1:
-                raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
             options.intra_op_num_threads = int(self.num_threads)
         return ort.InferenceSession(
             str(self.graph_dir / file), sess_options=options, providers=["CPUExecutionProvider"]
