@@ -232,7 +232,7 @@ def test_bench_backends_writes_the_issue_schema(checkpoint, tmp_path):
     _, stem = checkpoint
     argv = ["bench-backends", "--out", str(tmp_path), "--models", "demo",
             "--demo-model", str(stem), "--backends", "torch,onnxruntime,tensorrt",
-            "--threads", "1", "--repeats", "2", "--warmup", "0"]
+            "--threads", "1", "--repeats", "3", "--block", "2", "--warmup", "0"]
     assert cli.main(argv) == 0
     data = json.loads((tmp_path / "backends.json").read_text())
     assert set(data) == {"results", "stage_overhead"}
@@ -240,13 +240,47 @@ def test_bench_backends_writes_the_issue_schema(checkpoint, tmp_path):
         (b, e) for b in ("torch", "onnxruntime") for e in range(4)
     }
     for r in data["results"]:
-        assert set(r) == {"model", "backend", "exit", "latency_ms", "latency_std_ms"}
+        # The issue's fields, plus the median beside the mean.
+        assert set(r) == {"model", "backend", "exit", "latency_ms", "latency_std_ms",
+                          "latency_median_ms"}
         assert r["model"] == "demo" and r["latency_ms"] > 0 and r["latency_std_ms"] >= 0
+        assert r["latency_median_ms"] > 0
     assert {o["backend"] for o in data["stage_overhead"]} == {"torch", "onnxruntime"}
     for o in data["stage_overhead"]:
-        assert set(o) == {"model", "backend", "staged_ms", "unsplit_ms"}
+        assert set(o) >= {"model", "backend", "staged_ms", "unsplit_ms"}
+        assert o["staged_median_ms"] > 0 and o["unsplit_median_ms"] > 0
+        assert isinstance(o["overhead_pct_paired_median"], float)
     meta = json.loads((tmp_path / "backends_meta.json").read_text())
-    assert meta["seed"] == 0
+    assert meta["seed"] == 0 and meta["block"] == 2
     assert meta["models"]["demo"]["accuracy_vs_torch"]["onnxruntime"]["pooled_max_rel_diff"] < 1e-4
+    assert "demo/onnxruntime/stage_overhead_pct_paired_median" in meta["summary"]
     if importlib.util.find_spec("tensorrt") is None:
         assert [s["backend"] for s in meta["models"]["demo"]["skipped"]] == ["tensorrt"]
+
+
+def test_blocks_time_every_job_the_requested_times_and_pair_staged_with_unsplit():
+    import random
+
+    from ttspec_ros.experiments.bench_backends import _time_in_blocks
+
+    log: list[tuple] = []
+
+    def job(key):
+        return lambda: log.append(key)
+
+    jobs = {
+        name: {key: job(key) for key in [("exit", name, 0), ("exit", name, 1)]
+               + ([("staged", name, None), ("unsplit", name, None)] if name == "a" else [])}
+        for name in ("a", "b")
+    }
+    times, pairs = _time_in_blocks(jobs, repeats=5, block=2, rng=random.Random(0))
+    assert {k: len(t) for k, t in times.items()} == {k: 5 for k in times}
+    assert set(pairs) == {"a"} and len(pairs["a"]) == 5
+    # One untimed block start (exit 0) per backend and block: 3 blocks of 2, 2, 1 repeats.
+    assert len(log) == sum(len(j) for j in jobs.values()) * 5 + 2 * 3
+    # Staged and unsplit always run back to back, and each block stays on one backend.
+    for i, key in enumerate(log):
+        if key[0] == "staged":
+            assert ("unsplit", "a", None) in (log[i - 1], log[i + 1])
+    runs = [k[1] for i, k in enumerate(log) if i == 0 or log[i - 1][1] != k[1]]
+    assert runs == ["a", "b", "a", "b"]  # blocks a b | b a | a b: the order rotates per round

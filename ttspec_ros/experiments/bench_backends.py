@@ -1,4 +1,15 @@
-"""Batch-1 latency per backend and forced exit, and the cost of stage boundaries."""
+"""Batch-1 latency per backend and forced exit, and the cost of stage boundaries.
+
+Timing scheme (why): each backend is timed in blocks of consecutive runs, the way a robot runs
+it frame after frame, with the backends' blocks interleaved (order rotated every round) so
+that load from other processes hits every backend alike. Round-robin across backends on
+every run measured each one right after another had run: torch's OpenMP workers keep
+spinning ~10 ms after a forward, on the cores the next backend needs, and pools that had
+gone to sleep had to wake up each time. Each block starts with one untimed run for that. Within
+a block the backend's jobs run in a shuffled order; staged and unsplit run back to back in
+every repeat, so the stage-boundary overhead is also given as the median of paired ratios,
+which cancels slow load changes. Means (the issue's fields) come with medians.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "when it cannot run here")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ORT)")
     parser.add_argument("--repeats", type=int, default=40, help="timed runs per measurement")
+    parser.add_argument("--block", type=int, default=5,
+                        help="consecutive repeats of one backend before switching to the next")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo-model", default="demo",
                         help="what 'demo' means: 'demo' (bundled) or a checkpoint path")
     parser.add_argument("--onnxruntime-spinning", action="store_true",
-                        help="let ONNX Runtime's idle intra-op threads spin (off by default)")
+                        help="let ONNX Runtime's intra-op threads spin during a run (off by "
+                             "default, as in the classifier node; see onnxruntime_backend)")
     parser.add_argument("--tensorrt-precision", default="fp32", choices=("fp32", "fp16"))
     parser.add_argument("--cache-dir", default=None,
                         help="TensorRT engine cache (default: <out>/cache)")
@@ -135,6 +149,56 @@ def _stage_outputs(backbone, image):
     return out
 
 
+def _jobs(name: str, backbone, model, image: torch.Tensor) -> dict[tuple, Callable[[], object]]:
+    """(kind, backend, exit) -> callable: every forced exit, plus staged and unsplit backbone
+    forwards where an unsplit reference exists."""
+    jobs: dict[tuple, Callable[[], object]] = {
+        ("exit", name, e): _forced_exit(backbone, model, image, e)
+        for e in range(backbone.num_exits)
+    }
+    unsplit = _unsplit_runner(name, backbone, model, image)
+    if unsplit is not None:
+        jobs[("staged", name, None)] = _all_stages(backbone, image)
+        jobs[("unsplit", name, None)] = unsplit
+    return jobs
+
+
+def _time_in_blocks(jobs: dict[str, dict], repeats: int, block: int, rng: random.Random):
+    """Times every job ``repeats`` times, backend by backend in blocks of ``block`` repeats
+    (see the module docstring). Returns (job -> times in ms, backend -> staged/unsplit ratio
+    of each repeat)."""
+    times: dict[tuple, list[float]] = {k: [] for by_job in jobs.values() for k in by_job}
+    pairs: dict[str, list[float]] = {}
+    backends = list(jobs)
+    done, round_index = 0, 0
+    while done < repeats:
+        n = min(block, repeats - done)
+        shift = round_index % len(backends)
+        for name in backends[shift:] + backends[:shift]:
+            backend_jobs = jobs[name]
+            # Untimed: the previous backend's threads stop spinning, this one's pool wakes up.
+            backend_jobs[("exit", name, 0)]()
+            staged, unsplit = ("staged", name, None), ("unsplit", name, None)
+            # staged + unsplit form one unit so they always run back to back.
+            units: list[tuple] = [k for k in backend_jobs if k not in (staged, unsplit)]
+            if staged in backend_jobs:
+                units.append(("pair",))
+            for _ in range(n):
+                rng.shuffle(units)
+                for unit in units:
+                    if unit != ("pair",):
+                        times[unit].append(_timed(backend_jobs[unit]))
+                        continue
+                    first, second = (staged, unsplit) if rng.random() < 0.5 else (unsplit, staged)
+                    t = {first: _timed(backend_jobs[first]), second: _timed(backend_jobs[second])}
+                    times[staged].append(t[staged])
+                    times[unsplit].append(t[unsplit])
+                    pairs.setdefault(name, []).append(t[staged] / t[unsplit])
+        done += n
+        round_index += 1
+    return times, pairs
+
+
 def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: dict):
     from ttspec_ros.backends.onnx_export import export_stages
     from ttspec_ros.experiments.export_onnx import resolve_model
@@ -155,49 +219,34 @@ def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: di
     with torch.inference_mode():
         if "torch" in backbones:
             info["accuracy_vs_torch"] = _accuracy(backbones, model, image)
-        # (kind, backend, exit) -> callable; measured round-robin in a shuffled order each
-        # repeat so load changes from other processes hit every backend alike.
-        jobs: dict[tuple, Callable[[], object]] = {}
-        for name, backbone in backbones.items():
-            for e in range(backbone.num_exits):
-                jobs[("exit", name, e)] = _forced_exit(backbone, model, image, e)
-            unsplit = _unsplit_runner(name, backbone, model, image)
-            if unsplit is not None:
-                jobs[("staged", name, None)] = _all_stages(backbone, image)
-                jobs[("unsplit", name, None)] = unsplit
-        for fn in jobs.values():
-            for _ in range(args.warmup):
-                fn()
-        times: dict[tuple, list[float]] = {k: [] for k in jobs}
-        order = list(jobs)
-        rng = random.Random(args.seed)
-        for _ in range(args.repeats):
-            rng.shuffle(order)
-            for key in order:
-                times[key].append(_timed(jobs[key]))
+        jobs = {name: _jobs(name, backbone, model, image) for name, backbone in backbones.items()}
+        for backend_jobs in jobs.values():
+            for fn in backend_jobs.values():
+                for _ in range(args.warmup):
+                    fn()
+        times, pairs = _time_in_blocks(jobs, args.repeats, args.block, random.Random(args.seed))
 
     results = [
         {
             "model": label, "backend": name, "exit": e,
             "latency_ms": round(statistics.fmean(t), 3),
             "latency_std_ms": round(statistics.stdev(t) if len(t) > 1 else 0.0, 3),
+            "latency_median_ms": round(statistics.median(t), 3),
         }
         for (kind, name, e), t in times.items()
         if kind == "exit"
     ]
-    overhead = [
-        {
+    overhead = []
+    for name, ratios in pairs.items():
+        staged, unsplit = times[("staged", name, None)], times[("unsplit", name, None)]
+        overhead.append({
             "model": label, "backend": name,
-            "staged_ms": round(statistics.fmean(times[("staged", name, None)]), 3),
-            "unsplit_ms": round(statistics.fmean(times[("unsplit", name, None)]), 3),
-        }
-        for (kind, name, _), _t in times.items()
-        if kind == "staged"
-    ]
-    info["median_ms"] = {
-        f"{kind}/{name}" + (f"/exit{e}" if e is not None else ""): round(statistics.median(t), 3)
-        for (kind, name, e), t in times.items()
-    }
+            "staged_ms": round(statistics.fmean(staged), 3),
+            "unsplit_ms": round(statistics.fmean(unsplit), 3),
+            "staged_median_ms": round(statistics.median(staged), 3),
+            "unsplit_median_ms": round(statistics.median(unsplit), 3),
+            "overhead_pct_paired_median": round(100.0 * (statistics.median(ratios) - 1.0), 2),
+        })
     meta["models"][label] = info
     return results, overhead
 
@@ -214,10 +263,21 @@ def _summary(results: list[dict], overhead: list[dict]) -> dict:
             out[f"{model}/onnxruntime_speedup_vs_torch_last_exit"] = round(
                 last["torch"] / last["onnxruntime"], 3
             )
+        last_median = {
+            r["backend"]: r["latency_median_ms"] for r in results
+            if r["model"] == model and r["exit"] == max(x["exit"] for x in results)
+        }
+        if "torch" in last_median and "onnxruntime" in last_median:
+            out[f"{model}/onnxruntime_speedup_vs_torch_last_exit_median"] = round(
+                last_median["torch"] / last_median["onnxruntime"], 3
+            )
     for o in overhead:
         out[f"{o['model']}/{o['backend']}/stage_overhead_pct"] = round(
             100.0 * (o["staged_ms"] / o["unsplit_ms"] - 1.0), 2
         )
+        out[f"{o['model']}/{o['backend']}/stage_overhead_pct_paired_median"] = o[
+            "overhead_pct_paired_median"
+        ]
     return out
 
 
@@ -234,21 +294,26 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--backends must include torch (the reference for accuracy)")
     if args.repeats < 2:
         raise SystemExit("--repeats must be >= 2 (a standard deviation needs two runs)")
+    if args.block < 1:
+        raise SystemExit("--block must be >= 1")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "seed": args.seed, "threads": args.threads, "repeats": args.repeats,
-        "warmup": args.warmup, "onnxruntime_spinning": args.onnxruntime_spinning,
+        "block": args.block, "warmup": args.warmup,
+        "onnxruntime_spinning": args.onnxruntime_spinning,
         "tensorrt_precision": args.tensorrt_precision,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
         "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
         "models": {}, "skipped_models": [],
         "note": "latency = stages 0..exit + that exit's torch head; staged/unsplit = backbone "
-                "only (image -> last pooled); RevCol-T layer-scale gammas set to 1 (see "
-                "resolve_model)",
+                "only (image -> last pooled); latency_ms/staged_ms/unsplit_ms are means, "
+                "*_median_ms medians; overhead_pct_paired_median = median over repeats of "
+                "staged/unsplit run back to back; backends timed in interleaved blocks of "
+                "--block repeats; RevCol-T layer-scale gammas set to 1 (see resolve_model)",
     }
     results, overhead = [], []
     with tempfile.TemporaryDirectory(prefix="ttspec-bench-") as tmp:
