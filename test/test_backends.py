@@ -143,6 +143,26 @@ def test_onnxruntime_stages_match_torch(exported, image):
     assert relative_difference(backbone.run_unsplit(image), expected) < 1e-4
 
 
+def test_onnxruntime_stage_accepts_a_carry_in_other_buffers(exported, image):
+    """Stages read their own previous stage's output buffers in place; a carry held in other
+    OrtValues is bound instead, and the next frame's own carry is bound back."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model, out, _ = exported
+    backbone = OnnxRuntimeBackbone(out, num_threads=1)
+    expected = torch_reference(model, image)
+    carry, _ = backbone.run_stage(0, image)
+    copied = {k: ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy())) for k, v in carry.items()}
+    other = torch.randn(image.shape, generator=torch.Generator().manual_seed(11))
+    backbone.run_stage(0, other)  # overwrites the stage-0 buffers `carry` points to
+    _, pooled = backbone.run_stage(1, copied)
+    assert relative_difference(pooled, expected[1]) < 1e-4
+    carry, _ = backbone.run_stage(0, image)
+    _, pooled = backbone.run_stage(1, carry)
+    assert relative_difference(pooled, expected[1]) < 1e-4
+
+
 def test_onnxruntime_rejects_wrong_image_shape(exported):
     backbone = OnnxRuntimeBackbone(exported[1], num_threads=1)
     with pytest.raises(ValueError, match="does not match the exported graphs"):
