@@ -63,7 +63,11 @@ def check_image(image: Tensor, expected_shape: list[int]) -> Tensor:
 
 
 class OnnxRuntimeBackbone:
-    """``run_stage(i, carry) -> (carry, pooled (1, C3))``; stage 0 takes the image tensor."""
+    """``run_stage(i, carry) -> (carry, pooled (1, C3))``; stage 0 takes the image tensor.
+
+    One frame at a time (the Cascade runs frames under its lock): the stages share bound
+    buffers, so concurrent frames on one backbone would overwrite each other's carries.
+    """
 
     backend = "onnxruntime"
     device = "cpu"
