@@ -163,6 +163,32 @@ def test_onnxruntime_stage_accepts_a_carry_in_other_buffers(exported, image):
     assert relative_difference(pooled, expected[1]) < 1e-4
 
 
+def test_onnxruntime_spinning_is_opt_in_and_stops_after_each_run(exported, image):
+    model, out, _ = exported
+
+    def entry(options, key):
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:  # not set
+            return None
+
+    def entries(backbone):
+        options = [b.session.get_session_options() for b in backbone._stages]
+        return {
+            (entry(o, "session.intra_op.allow_spinning"),
+             entry(o, "session.force_spinning_stop"))
+            for o in options
+        }
+
+    assert entries(OnnxRuntimeBackbone(out, num_threads=1)) == {("0", None)}
+    spinning = OnnxRuntimeBackbone(out, num_threads=2, allow_spinning=True)
+    assert entries(spinning) == {("1", "1")}
+    carry = image
+    for i, expected in enumerate(torch_reference(model, image)):
+        carry, pooled = spinning.run_stage(i, carry)
+        assert relative_difference(pooled, expected) < 1e-4
+
+
 def test_onnxruntime_rejects_wrong_image_shape(exported):
     backbone = OnnxRuntimeBackbone(exported[1], num_threads=1)
     with pytest.raises(ValueError, match="does not match the exported graphs"):

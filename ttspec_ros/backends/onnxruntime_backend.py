@@ -113,15 +113,19 @@ class OnnxRuntimeBackbone:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
-        # Each stage session has its own intra-op pool. Spinning workers (waiting busily for
-        # the next op instead of sleeping) save a wake-up per parallel op, but:
-        # - without "force_spinning_stop" a pool keeps spinning after its Run returns, so the
-        #   idle stages' pools compete with the running stage (RevCol-T, 2 threads: staged
-        #   270 ms vs 102 ms unsplit) and with the rest of the robot between frames (measured
-        #   here: ~40 ms CPU burnt per frame after the run); with it, a pool spins only while
-        #   its own Run is under way (idle CPU after a run: 0.1 ms/s);
-        # - even then spinning threads take cores from other processes during a run; on a
-        #   loaded machine that costs more than the wake-ups save. Hence off by default.
+        # Spinning (allow_spinning): intra-op workers wait busily for the next op instead of
+        # sleeping. Measured on RevCol-T at 224, 2 threads, 2 cores:
+        # - gain on a quiet machine: unsplit 102 ms spinning vs 115 ms sleeping (-11 %);
+        # - plain ORT spinning does not stop when Run returns: the idle stage sessions' pools
+        #   spun against the running one (staged 270 ms) and a process burnt ~40 ms CPU in
+        #   the 200 ms after each frame, i.e. while a robot waits for the next camera frame.
+        #   "force_spinning_stop" (always set here with spinning) ends the spin when each
+        #   Run returns: idle CPU after a run 0.08 ms per 200 ms, and only the running
+        #   stage's pool spins;
+        # - during a run, spinning workers still take cores from other processes; with the
+        #   cores oversubscribed (load 5-7 on 2 cores) staged forwards took 477 ms spinning
+        #   vs 226 ms sleeping. A robot shares its cores with the camera, adapter and the
+        #   rest of its stack, so sleeping is the default; spinning is for dedicated cores.
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
         )
