@@ -17,8 +17,10 @@ from ttspec_ros.backends import (
     require_torch_for_strategy,
 )
 from ttspec_ros.backends.onnx_export import (
+    EXPORT_VERSION,
     backbone_hash,
     ensure_exported,
+    export_stages,
     load_manifest,
     relative_difference,
 )
@@ -218,6 +220,26 @@ def test_create_backbone_onnxruntime_uses_cached_graphs(exported, tmp_path, imag
     assert [d.name for d in tmp_path.iterdir()] == [graph_dir.name]
     _, pooled = backbone.run_stage(0, image)
     assert relative_difference(pooled, torch_reference(model, image)[0]) < 1e-4
+
+
+def test_graphs_of_an_older_export_version_are_exported_again(exported, tmp_path):
+    model, out, _ = exported
+    graph_dir = tmp_path / f"onnx-{backbone_hash(model)[:16]}-{SIZE}x{SIZE}"
+    shutil.copytree(out, graph_dir)
+    manifest = json.loads((graph_dir / "manifest.json").read_text())
+    manifest["export_version"] = EXPORT_VERSION - 1
+    (graph_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert ensure_exported(model, SIZE, tmp_path) == graph_dir
+    assert load_manifest(graph_dir)["export_version"] == EXPORT_VERSION
+
+
+def test_export_leaves_the_model_as_it_was(tmp_path):
+    model = make_tiny_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_stages(model, SIZE, tmp_path, include_unsplit=False)
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_selection_errors_name_what_is_missing():
