@@ -413,13 +413,15 @@ def test_sigint_and_sigterm_shut_down_cleanly(pipeline):
 
 def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_path):
     """strategy ttt_online on a corrupted stream: the adapter trains the backbone on frames
-    and publishes backbone tensors; the (torch) classifier applies them and keeps answering.
+    and publishes backbone tensors; the (torch) classifier applies them and keeps answering;
+    a restarted adapter resumes the adapted backbone from state_dir.
     A tiny random model cannot show an accuracy gain; the measured gain on the demo model
     comes from a longer run (see the report), not from this test."""
     from safetensors.numpy import load_file
 
     from ttspec_ros.corruptions import corrupt, image_rng
     from ttspec_ros.data import load_fashion_mnist
+    from ttspec_ros.model_update import load_payload
 
     stem = tmp_path / "tiny_y"
     _tiny_model(stem, with_decoders=True)
@@ -427,7 +429,8 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
     procs = [NodeProcess(CAM, {"model": stem}, tmp_path, namespace=ns),
              NodeProcess(CLS, {"model": stem}, tmp_path, namespace=ns),
              NodeProcess(ADA, {"model": stem, "strategy": "ttt_online", "ttt_update": "columns",
-                               "publish_period_s": 0.5}, tmp_path, namespace=ns)]
+                               "publish_period_s": 0.5, "state_dir": tmp_path / "state"},
+                         tmp_path, namespace=ns)]
     for p in procs:
         p.start()
     probe = probe_mod.Probe(namespace=ns, name="ttspec_probe_ttt")
@@ -461,6 +464,19 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
         assert latest[-1].msg.version > 0
         assert wait_for(lambda: int(probe.diag(CLS)["model_version"]) >= latest[-1].msg.version,
                         5.0), probe.diag(CLS)
+        # Restart: the adapter saved the adapted backbone at shutdown and publishes it again.
+        assert procs[2].stop(signal.SIGINT) == 0
+        saved = load_payload(tmp_path / "state" / "ttt.safetensors")
+        assert saved.version >= latest[-1].msg.version
+        procs[2].start()
+        probe.watch_updates()
+        resumed = wait_for(lambda: list(probe.updates), STARTUP_S, 0.2)
+        assert resumed, procs[2].log()[-2000:]
+        assert resumed[0].msg.version >= saved.version
+        tensors = {t.name: np.asarray(t.data, np.float32).reshape(t.shape)
+                   for t in resumed[0].msg.tensors}
+        assert all(np.array_equal(tensors[n], t) for n, t in saved.tensors.items())
+        assert "resumed" in procs[2].log()
         codes = [p.stop(signal.SIGINT) for p in procs]
         assert codes == [0, 0, 0] and all("Traceback" not in p.log() for p in procs)
     finally:

@@ -146,6 +146,46 @@ def test_export_update_names_and_values():
     assert t.export_tensors(changed_only=True) == {}
 
 
+def test_save_and_load_resume_the_adapted_tensors_and_version(tmp_path):
+    cfg = TTTConfig(mode="online", update="norm", lr=0.05, batch=4)
+    t = TestTimeTrainer(tiny_model(), cfg, model_id="m1")
+    for i in range(3):
+        t.adapt(image(i))
+    t.save(tmp_path)
+    resumed = TestTimeTrainer(tiny_model(), cfg, model_id="m1")
+    resumed.load(tmp_path)
+    assert resumed.version == 3
+    saved = t.export_tensors()
+    assert all(torch.equal(saved[k], v) for k, v in resumed.export_tensors().items())
+    original, adapted = state(resumed.model), state(t.model)
+    assert all(torch.equal(original[k], adapted[k]) for k in adapted)
+
+
+@pytest.mark.parametrize("other, words", [
+    (dict(model_id="m2"), "model 'm1'"),
+    (dict(config=TTTConfig(mode="online", update="columns", columns=1)), "other tensors"),
+])
+def test_load_refuses_another_model_or_tensor_set_and_changes_nothing(tmp_path, other, words):
+    cfg = TTTConfig(mode="online", update="norm", lr=0.05, batch=4)
+    t = TestTimeTrainer(tiny_model(), cfg, model_id="m1")
+    t.adapt(image())
+    t.save(tmp_path)
+    kwargs = {"config": cfg, "model_id": "m1", **other}
+    fresh = TestTimeTrainer(tiny_model(), kwargs["config"], model_id=kwargs["model_id"])
+    before = state(fresh.model)
+    with pytest.raises(ValueError, match=words):
+        fresh.load(tmp_path)
+    after = state(fresh.model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and fresh.version == 0
+
+
+def test_load_refuses_a_corrupt_file_with_a_value_error(tmp_path):
+    (tmp_path / "ttt.safetensors").write_bytes(b"garbage" * 20)
+    t = TestTimeTrainer(tiny_model(), TTTConfig(mode="online"), model_id="m1")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        t.load(tmp_path)
+
+
 def test_export_is_a_consistent_snapshot_while_adapting():
     m = tiny_model()
     t = TestTimeTrainer(m, TTTConfig(update="encoder", lr=0.01, batch=2))

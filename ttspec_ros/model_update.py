@@ -128,16 +128,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 def load_payload(path: str | os.PathLike) -> ModelUpdatePayload:
     """Read a payload written by ``save_payload``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model update file {path} does not exist")
-    with safe_open(str(path), framework="numpy") as f:
-        meta: Mapping[str, str] = f.metadata() or {}
-        if "model_id" not in meta or "version" not in meta:
-            raise ValueError(f"{path}: not a model update (metadata lacks model_id/version)")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta: Mapping[str, str] = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if "model_id" not in meta or "version" not in meta:
+        raise ValueError(f"{path}: not a model update (metadata lacks model_id/version)")
     try:
         version = int(meta["version"])
     except ValueError as e:

@@ -702,7 +702,7 @@ class Specializer:
 
     def load(self, directory: str | os.PathLike) -> None:
         """Restore from ``save``; raises with the reason if the file is missing or wrong."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(directory) / STATE_FILE
         if not path.is_file():
@@ -711,7 +711,7 @@ class Specializer:
             with safe_open(str(path), framework="numpy") as f:
                 meta = json.loads((f.metadata() or {})["state"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (KeyError, json.JSONDecodeError) as e:
+        except (KeyError, json.JSONDecodeError, SafetensorError) as e:
             raise ValueError(f"{path}: not a specializer state file ({e})") from e
         self.load_state_dict({"tensors": tensors, "meta": meta})
 

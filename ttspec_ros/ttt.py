@@ -24,20 +24,23 @@ consistent snapshot (a ``ModelUpdatePayload`` named with the model's state-dict 
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ttspec_ros.masking import DEFAULT_MASK_RATIO, masked_reconstruction_loss, random_patch_mask
-from ttspec_ros.model_update import ModelUpdatePayload
+from ttspec_ros.model_update import ModelUpdatePayload, load_payload, save_payload
 from ttspec_ros.models.revcol import ChannelsFirstLayerNorm, RevCol
 
 MODES = ("episodic", "online")
 UPDATES = ("norm", "columns", "encoder")
 OPTIMIZERS = ("sgd", "adamw")
 OBJECTIVES = ("mae", "entropy")
+STATE_FILE = "ttt.safetensors"  # in a node's state_dir, beside the specializer's state
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,35 @@ class TestTimeTrainer:
                 version=self._version if version is None else version,
                 tensors=tensors,
             )
+
+    # -- persistence (online mode: what a restarted node resumes from) ------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the adapted tensors and the version to ``directory/ttt.safetensors``
+        atomically. The optimizer's momentum is not kept: a resumed run starts it afresh."""
+        return save_payload(self.export_update(), Path(directory) / STATE_FILE)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restore what ``save`` wrote. Refuses (ValueError, nothing changed) a state of another
+        model or of another set of tensors (a different ``update`` or ``columns``)."""
+        path = Path(directory) / STATE_FILE
+        payload = load_payload(path)
+        if payload.model_id != self.model_id:
+            raise ValueError(f"{path} is for model {payload.model_id!r}; this trainer adapts "
+                             f"{self.model_id!r}")
+        missing = sorted(set(self.parameter_names) - set(payload.tensors))
+        extra = sorted(set(payload.tensors) - set(self.parameter_names))
+        if missing or extra:
+            raise ValueError(f"{path} holds other tensors than update={self.config.update!r} "
+                             f"adapts (missing {missing[:3]}, unexpected {extra[:3]})")
+        for name, p in zip(self.parameter_names, self._params, strict=True):
+            if tuple(payload.tensors[name].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: {name} has shape {payload.tensors[name].shape}, "
+                                 f"the model's is {tuple(p.shape)}")
+        with self._lock, torch.no_grad():
+            for name, p in zip(self.parameter_names, self._params, strict=True):
+                p.copy_(torch.from_numpy(payload.tensors[name]))
+            self._optimizer = self._new_optimizer()
+            self._version = max(self._version, payload.version)  # never back in version
 
 
 __all__ = [

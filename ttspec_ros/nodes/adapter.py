@@ -13,7 +13,8 @@ frame, kept: ``ttspec_ros.ttt`` online mode, in its own thread; frames arriving 
 runs replace the pending one and are counted as dropped) or ``both``. The published update then
 holds the adapted backbone tensors too, versioned by the sum of both engines' versions (each
 only grows). Only classifiers with backend ``torch`` apply backbone tensors; the others refuse
-such updates and log why. The test-time-trained backbone is not persisted in ``state_dir``.
+such updates and log why. With ``state_dir`` the test-time-trained tensors are saved and
+resumed too (``ttt.safetensors`` beside ``specializer.safetensors``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ttspec_ros.nodes import (
     run_node,
 )
 from ttspec_ros.specialize import STATE_FILE, Specializer, early_head_tensors, unpack_features
+from ttspec_ros.ttt import STATE_FILE as TTT_STATE_FILE
 
 SAMPLE_QUEUE = 256  # samples waiting for the trainer; older ones are dropped (and counted)
 
@@ -135,15 +137,24 @@ class AdapterNode(Node):
             raise StartupError(f"adapter: test-time training: {e}") from e
 
     def _resume(self, state_dir: str) -> bool:
-        if not state_dir or not (Path(state_dir) / STATE_FILE).is_file():
+        if not state_dir:
             return False
-        try:
-            self.specializer.load(state_dir)
-        except (OSError, ValueError) as e:
-            # Never overwrite a state we cannot read: the user decides what to do with it.
-            raise StartupError(f"adapter: cannot resume from {state_dir}: {e}") from e
-        self._saved_version = self.specializer.version
-        return True
+        engines = [(STATE_FILE, self.specializer)]
+        if self.ttt is not None:
+            engines.append((TTT_STATE_FILE, self.ttt))
+        resumed = False
+        for file, engine in engines:
+            if not (Path(state_dir) / file).is_file():
+                continue
+            try:
+                engine.load(state_dir)
+            except (OSError, ValueError) as e:
+                # Never overwrite a state we cannot read: the user decides what to do with it.
+                raise StartupError(f"adapter: cannot resume from {state_dir}: {e}") from e
+            resumed = True
+        if resumed:
+            self._saved_version = self._version()
+        return resumed
 
     # -- parameters
     def _on_set_parameters(self, changes: list[Parameter]):
@@ -262,13 +273,16 @@ class AdapterNode(Node):
         if not state_dir:
             raise ValueError("state_dir is '' (state not persisted)")
         with self._save_lock:
-            path = self.specializer.save(state_dir)
-            self._saved_version = self.specializer.version
+            version = self._version()
+            self.specializer.save(state_dir)
+            if self.ttt is not None:
+                self.ttt.save(state_dir)
+            self._saved_version = version
         self.stats.count("saves")
-        return f"saved version {self._saved_version} to {path}"
+        return f"saved version {version} to {state_dir}"
 
     def _periodic_save(self) -> None:
-        if self._values["state_dir"] and self.specializer.version != self._saved_version:
+        if self._values["state_dir"] and self._version() != self._saved_version:
             try:
                 self._save()
             except OSError as e:
@@ -322,7 +336,7 @@ class AdapterNode(Node):
             self._ttt_worker.join(timeout=5.0)
         # The context may be shut down already: log without the node's /rosout publisher.
         log = rclpy.logging.get_logger(f"{self.get_logger().name}.shutdown")
-        if self._values["state_dir"] and self.specializer.version != self._saved_version:
+        if self._values["state_dir"] and self._version() != self._saved_version:
             try:
                 log.info(self._save())
             except OSError as e:
