@@ -274,6 +274,14 @@ def test_anchor_guard_limits_forgetting(tmp_path) -> None:
     assert spec.export().version == 5 and spec.stats()["rollbacks"] == 0
     assert any(not np.array_equal(t, original.tensors[n])
                for n, t in spec.export().tensors.items())
+    # check_every=0: rehearsal only, every step published (once silently never published)
+    rehearsing = Specializer(early_head_tensors(model), 4, lr=1e-3,
+                             guard=AnchorGuard(anchors, threshold=0.3, rehearsal=2,
+                                               check_every=0))
+    rehearsing.add_sample(3, 0, 0.99, stream[0])
+    assert rehearsing.export().version == 1
+    assert any(not np.array_equal(t, original.tensors[n])
+               for n, t in rehearsing.export().tensors.items())
     with pytest.raises(ValueError, match="anchors are for"):
         Specializer(early_head_tensors(model, 3), 3, guard=guard())
 

@@ -36,6 +36,7 @@ The guard does two things:
    (and the optimizer's momentum is cleared); otherwise that state becomes the new snapshot.
    Only snapshots are published (``export``), so a classifier never runs unchecked heads.
    Rollback bounds the damage even if rehearsal is not enough (e.g. a far too large lr).
+   ``check_every=0`` turns the check off: rehearsal only, every step published.
 
 A replay buffer of the stream's own samples (``replay_size``) is a separate option: it
 balances the classes the stream has shown, but cannot protect classes it has not shown yet,
@@ -586,7 +587,7 @@ class Specializer:
         self._sgd(self._gradients(x, weights, targets), h)
         self.counters["steps"] += 1
         self._changes += 1
-        if self.guard is None:
+        if self.guard is None or not self.guard.check_every:
             self.version = self._changes  # published = trained heads
         if self.replay_size:
             for feats, label in batch:
@@ -604,7 +605,8 @@ class Specializer:
 
     # -- outputs
     def _published_heads(self) -> StackedHeads:
-        return self._heads if self.guard is None else self._published
+        checked = self.guard is not None and self.guard.check_every
+        return self._published if checked else self._heads
 
     def export(self) -> ModelUpdatePayload:
         """The published early heads (every tensor specialization may change) and version.
