@@ -23,12 +23,7 @@ from rcl_interfaces.msg import (
     ParameterType,
     SetParametersResult,
 )
-from rclpy.executors import (
-    ExternalShutdownException,
-    ShutdownException,
-    SingleThreadedExecutor,
-    TimeoutException,
-)
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import (
     DurabilityPolicy,
@@ -266,20 +261,13 @@ def load_input_spec(model: str) -> dict[str, Any]:
 def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:
     """Init rclpy, build the node, spin until SIGINT/SIGTERM, shut down without a traceback.
 
-    Nodes may define ``close()`` (stop threads, save state); it runs before destroy_node, and
-    ``serve(executor)`` to spin the executor themselves (``run_ready`` runs one callback)."""
+    Nodes may define ``close()`` (stop threads, save state); it runs before destroy_node."""
     rclpy.init(args=args)
     node = None
     code = 0
     try:
         node = node_factory()
-        serve = getattr(node, "serve", None)
-        if serve is None:
-            rclpy.spin(node)
-        else:
-            executor = SingleThreadedExecutor()
-            executor.add_node(node)
-            serve(executor)
+        rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except StartupError as e:
@@ -299,20 +287,6 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
             node.destroy_node()
         rclpy.try_shutdown()
     return code
-
-
-def run_ready(executor: SingleThreadedExecutor, timeout_sec: float | None) -> bool:
-    """Run one ready callback, waiting up to ``timeout_sec`` (None = until work or shutdown);
-    True if one ran. What ``spin_once`` does (public Executor API since Humble), except that
-    it tells whether anything was ready."""
-    try:
-        handler, _, _ = executor.wait_for_ready_callbacks(timeout_sec=timeout_sec)
-    except (TimeoutException, ShutdownException):
-        return False
-    handler()
-    if handler.exception() is not None:
-        raise handler.exception()
-    return True
 
 
 class StartupError(RuntimeError):

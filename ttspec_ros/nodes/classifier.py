@@ -1,18 +1,15 @@
 """Classifier node: ``frames`` -> early-exit cascade -> ``predictions`` (+ ``adaptation_samples``).
 
 The subscription callback only stores the newest frame (``LatestSlot``: one pending frame at
-most, a replaced one counts as dropped). The spinning thread itself runs the cascade on it
-(``serve``): handing each frame to a worker thread cost a thread wake-up per frame (~0.7 ms
-p50 measured, a sixth of the pipeline's ROS overhead). Before the next frame it runs every
-callback that became ready during the inference, so frames that came meanwhile replace each
-other in the slot (counted as drops) and parameters, model updates and diagnostics wait at
-most one inference. ``model_updates`` (reliable, transient local) are validated and applied
-by ``Cascade.apply_update`` between two frames.
+most, a replaced one counts as dropped); a worker thread runs the cascade, so the executor
+stays free for parameters, model updates and diagnostics. ``model_updates`` (reliable,
+transient local) are validated and applied by ``Cascade.apply_update`` between two frames.
 """
 
 from __future__ import annotations
 
 import array
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -40,7 +37,6 @@ from ttspec_ros.nodes import (
     qos,
     refuse,
     run_node,
-    run_ready,
 )
 from ttspec_ros.specialize import pack_features
 
@@ -106,6 +102,7 @@ class ClassifierNode(Node):
         self.exit_histogram: Counter[int] = Counter()
         self.max_pending = 0
         self._slot = LatestSlot()
+        self._stop = threading.Event()
 
         self._pred_pub = self.create_publisher(CascadePrediction, topics.PREDICTIONS,
                                                qos(topics.QOS_RELIABLE))
@@ -118,6 +115,8 @@ class ClassifierNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values,
                                         warn_on=("rejected", "errors", "updates_rejected"))
+        self._worker = threading.Thread(target=self._work, name="cascade", daemon=True)
+        self._worker.start()
         self.get_logger().info(
             f"classifier: model {self.loaded.cascade.model_id} ({self.loaded.num_exits} exits, "
             f"input {self.loaded.input_shape}), backend {values['backend']} on "
@@ -165,18 +164,11 @@ class ClassifierNode(Node):
             self.stats.count("dropped")
         self.max_pending = max(self.max_pending, self._slot.pending())
 
-    def serve(self, executor: Any) -> None:
-        """Spin ``executor`` (holding this node) and classify the newest frame in between."""
-        catch_up = False  # right after an inference: frames may wait in the reader
-        while executor.context.ok():
-            ran = run_ready(executor, 0.0 if catch_up else None)
-            if catch_up and ran:
-                continue  # until nothing is ready, so the slot holds the newest frame
-            catch_up = False
-            item = self._slot.take(timeout=0.0)
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            item = self._slot.take(timeout=0.2)
             if item is None:
                 continue
-            catch_up = True
             if self._threads_wanted != torch.get_num_threads():
                 torch.set_num_threads(self._threads_wanted)
             try:
@@ -275,6 +267,11 @@ class ClassifierNode(Node):
         msg = (f"{values.get('classified', 0)} classified, {values.get('dropped', 0)} dropped, "
                f"model v{values['model_version']}")
         return msg, values
+
+    def close(self) -> None:
+        self._stop.set()
+        self._slot.close()
+        self._worker.join(timeout=5.0)
 
 
 def main(args: list[str] | None = None) -> int:
