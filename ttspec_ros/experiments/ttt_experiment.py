@@ -67,8 +67,11 @@ class Options:
     batches: tuple[int, ...] = (8, 32)
     corruptions: tuple[str, ...] = ALL_CORRUPTIONS
     severity_corruptions: tuple[str, ...] = ("gaussian_noise", "contrast")
+    # Episodic lr chosen on 60 deployment-pool images per corruption (severity 5, demo model
+    # 1033d5675e8f; mean gain over the five): lr 0.1 +2.0, 0.3 +5.3, 0.6 +4.7, 1.0 +3.0
+    # points; whole-column updates (lr 0.01) collapsed every corruption.
     episodic: TTTConfig = field(default_factory=lambda: TTTConfig(
-        mode="episodic", update="norm", optimizer="sgd", lr=0.1, steps=10, batch=8))
+        mode="episodic", update="norm", optimizer="sgd", lr=0.3, steps=10, batch=8))
     online: TTTConfig = field(default_factory=lambda: TTTConfig(
         mode="online", update="norm", optimizer="sgd", lr=1e-2, steps=1, batch=8))
     tent_online: TTTConfig = field(default_factory=lambda: TTTConfig(
@@ -494,7 +497,8 @@ def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
         clean_run = runs["online/clean"]
         before = clean_run["start"]["clean"]["last_exit"]
         after = clean_run["final"]["clean"]["last_exit"]
-        change = 100 * (after - before)
+        # Rounded: accuracies are image counts / N, and -0.3 must not become -0.30000000000003.
+        change = round(100 * (after - before), 6)
         harm = {"clean_before": before, "clean_after": after, "change_points": change,
                 "limit_points": -1.0, "target_points": -0.3, "passes": change >= -1.0,
                 "meets_target": change >= -0.3, "images": opts.clean_images,
