@@ -254,23 +254,15 @@ def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: di
 def _summary(results: list[dict], overhead: list[dict]) -> dict:
     """The issue's targets, computed from the written figures."""
     out = {}
+    last_exit = max((r["exit"] for r in results), default=None)
     for model in {r["model"] for r in results}:
-        last = {
-            r["backend"]: r["latency_ms"] for r in results
-            if r["model"] == model and r["exit"] == max(x["exit"] for x in results)
-        }
-        if "torch" in last and "onnxruntime" in last:
-            out[f"{model}/onnxruntime_speedup_vs_torch_last_exit"] = round(
-                last["torch"] / last["onnxruntime"], 3
-            )
-        last_median = {
-            r["backend"]: r["latency_median_ms"] for r in results
-            if r["model"] == model and r["exit"] == max(x["exit"] for x in results)
-        }
-        if "torch" in last_median and "onnxruntime" in last_median:
-            out[f"{model}/onnxruntime_speedup_vs_torch_last_exit_median"] = round(
-                last_median["torch"] / last_median["onnxruntime"], 3
-            )
+        rows = [r for r in results if r["model"] == model and r["exit"] == last_exit]
+        for field, suffix in (("latency_ms", ""), ("latency_median_ms", "_median")):
+            last = {r["backend"]: r[field] for r in rows}
+            if "torch" in last and "onnxruntime" in last:
+                out[f"{model}/onnxruntime_speedup_vs_torch_last_exit{suffix}"] = round(
+                    last["torch"] / last["onnxruntime"], 3
+                )
     for o in overhead:
         out[f"{o['model']}/{o['backend']}/stage_overhead_pct"] = round(
             100.0 * (o["staged_ms"] / o["unsplit_ms"] - 1.0), 2

@@ -209,10 +209,7 @@ class AdapterNode(Node):
                 feats = unpack_features(msg.feature_sizes, msg.features)
                 self.specializer.add_sample(msg.exit_index, msg.class_id, msg.confidence, feats)
             except ValueError as e:
-                self.stats.count("samples_rejected")
-                self.stats.note("last_rejection", str(e))
-                if self._throttle(str(e)[:60]):
-                    self.get_logger().warning(f"rejected sample: {e}")
+                self._reject("samples_rejected", "last_rejection", "rejected sample", e)
                 continue
             self.stats.count("samples_used")
 
@@ -237,12 +234,17 @@ class AdapterNode(Node):
                 self._ttt_loss = self.ttt.adapt(torch.from_numpy(x))
                 self.stats.add("ttt_step_ms", (time.perf_counter() - started) * 1000.0)
             except (ImageDecodeError, ValueError, FloatingPointError) as e:
-                self.stats.count("frames_rejected")
-                self.stats.note("last_frame_rejection", str(e))
-                if self._throttle(str(e)[:60]):
-                    self.get_logger().warning(f"test-time training skipped a frame: {e}")
+                self._reject("frames_rejected", "last_frame_rejection",
+                             "test-time training skipped a frame", e)
                 continue
             self.stats.count("frames_adapted")
+
+    def _reject(self, counter: str, note: str, what: str, error: Exception) -> None:
+        """Count a refused input, keep its reason for diagnostics, warn (throttled per reason)."""
+        self.stats.count(counter)
+        self.stats.note(note, str(error))
+        if self._throttle(str(error)[:60]):
+            self.get_logger().warning(f"{what}: {error}")
 
     # -- outputs
     def _version(self) -> int:
