@@ -61,6 +61,28 @@ def test_augment_keeps_shape_and_fills_with_background():
     assert (out == 1.0).sum(dim=(1, 2, 3)).eq(28 * 28).all()  # shifted by <= 2 px: all kept
 
 
+def test_augment_options_switch_shift_and_flip_off():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(8 * 32 * 32, dtype=torch.float32).reshape(8, 1, 32, 32)
+    assert torch.equal(train.augment(x, -0.5, g, shift=0, flip=False), x)
+    flipped = train.augment(x, -0.5, g, shift=0, flip=True)
+    mirrored = [torch.equal(f, i.flip(-1)) for f, i in zip(flipped, x, strict=True)]
+    kept = [torch.equal(f, i) for f, i in zip(flipped, x, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert any(mirrored) and any(kept)
+    assert torch.equal(x, torch.arange(8 * 32 * 32, dtype=torch.float32).reshape(8, 1, 32, 32))
+
+
+def test_ema_saves_the_average_not_the_last_weights():
+    plain, _ = train.train(train.TrainConfig(**TINY), log=lambda msg: None)
+    averaged, card = train.train(train.TrainConfig(**TINY, ema=0.5), log=lambda msg: None)
+    again, _ = train.train(train.TrainConfig(**TINY, ema=0.5), log=lambda msg: None)
+    p, a, b = plain.state_dict(), averaged.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], p[k]) for k in a)
+    assert card["training"]["config"]["ema"] == 0.5
+
+
 def test_tiny_training_changes_weights_and_is_deterministic():
     cfg = train.TrainConfig(**TINY)
     model_a, card = train.train(cfg, log=lambda msg: None)

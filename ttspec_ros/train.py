@@ -69,6 +69,11 @@ class TrainConfig:
     mask_ratio: float = 0.75
     recon_fraction: float = 0.5  # share of each batch that also gets the masked forward
     norm_pix: bool = False
+    shift: int = SHIFT  # augmentation: random translation of up to this many px (0 = none)
+    flip: bool = True  # augmentation: random horizontal flip
+    label_smoothing: float = 0.0  # of every exit's cross-entropy
+    ema: float = 0.0  # >0: keep an exponential moving average of the weights (this decay per
+    # step, as the official recipe's model EMA) and evaluate and save it
     threads: int = 1  # faster than 2 on the shared CPU here; results depend on it (rounding)
     pool_size: int = data.DEFAULT_POOL_SIZE
     val_size: int = 0  # >0: hold out this many training images to select settings on
@@ -85,17 +90,23 @@ def input_spec(mean: float, std: float) -> dict:
             "mean": [mean], "std": [std]}
 
 
-def augment(x: Tensor, background: float, generator: torch.Generator) -> Tensor:
-    """Random shift by up to SHIFT px (new border = background) and horizontal flip, per image."""
+def augment(x: Tensor, background: float, generator: torch.Generator, shift: int = SHIFT,
+            flip: bool = True) -> Tensor:
+    """Random shift by up to ``shift`` px (new border = background) and horizontal flip, per
+    image."""
     n, _, h, w = x.shape
-    padded = F.pad(x, (SHIFT,) * 4, value=background)
-    dy = torch.randint(0, 2 * SHIFT + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * SHIFT + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
-    out = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
+    out = x
+    if shift:
+        padded = F.pad(x, (shift,) * 4, value=background)
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
+        out = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+    if flip:
+        out = out.clone() if out is x else out
+        mirrored = torch.rand(n, generator=generator) < 0.5
+        out[mirrored] = out[mirrored].flip(-1)
     return out
 
 
@@ -182,6 +193,9 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
     data_gen = torch.Generator().manual_seed(cfg.seed)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
     n_recon = max(1, round(cfg.recon_fraction * cfg.batch_size))
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+        if cfg.ema else None)
     history = []
     log(f"train: {len(x_train)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"{sum(p.numel() for p in model.parameters())} parameters, threads {cfg.threads}")
@@ -194,8 +208,9 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
         steps = min(steps_per_epoch, max_steps - epoch * steps_per_epoch)
         for step in range(steps):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, yb = augment(x_train[idx], background, data_gen), y_train[idx]
-            ces = [F.cross_entropy(lg, yb) for lg in model.forward_exits(xb)]
+            xb, yb = augment(x_train[idx], background, data_gen, cfg.shift, cfg.flip), y_train[idx]
+            ces = [F.cross_entropy(lg, yb, label_smoothing=cfg.label_smoothing)
+                   for lg in model.forward_exits(xb)]
             target = xb[:n_recon]
             recons, mask, _ = masked_forward(model, target, cfg.mask_ratio, mask_gen)
             recs = [masked_reconstruction_loss(r, target, mask, norm_pix=cfg.norm_pix)
@@ -206,17 +221,21 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
             loss.backward()
             optimizer.step()
             schedule.step()
+            if ema is not None:
+                ema.update_parameters(model)
             sums += np.array([float(v.detach()) for v in ces + recs])
         row = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 1),
                "train_ce": (sums[:NUM_EXITS] / steps).round(4).tolist(),
                "train_recon": (sums[NUM_EXITS:] / steps).round(4).tolist()}
         if len(val_idx):
             x_val = torch.from_numpy(preprocess_batch(images[val_idx], spec))
-            row["val_accuracy"] = _accuracies(all_exit_logits(model, x_val),
+            row["val_accuracy"] = _accuracies(all_exit_logits(ema.module if ema else model, x_val),
                                               torch.from_numpy(labels[val_idx].copy()))
         history.append(row)
         log(f"epoch {row}")
 
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     model.eval()
     test_images, test_labels = data.load_fashion_mnist("test")
     if cfg.test_limit:
@@ -285,6 +304,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=_int_list, default=d.channels)
     parser.add_argument("--layers", type=_int_list, default=d.layers)
     parser.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    parser.add_argument("--shift", type=int, default=d.shift,
+                        help="augmentation: random shift of up to this many px (0 = none)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
+                        help="augmentation: random horizontal flip")
+    parser.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    parser.add_argument("--ema", type=float, default=d.ema,
+                        help="decay per step of the weights' moving average that is saved "
+                             "(0 = save the trained weights themselves)")
     parser.add_argument("--recon-fraction", type=float, default=d.recon_fraction)
     parser.add_argument("--recon-scale", type=float, default=RECON_SCALE,
                         help="multiply the reconstruction weights (0 = no reconstruction term)")
@@ -306,7 +333,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, channels=args.channels,
                       layers=args.layers, mask_ratio=args.mask_ratio,
-                      recon_fraction=args.recon_fraction, threads=args.threads,
+                      recon_fraction=args.recon_fraction, shift=args.shift, flip=args.flip,
+                      label_smoothing=args.label_smoothing, ema=args.ema,
+                      threads=args.threads,
                       val_size=args.val_size, limit=args.limit, test_limit=args.test_limit,
                       max_steps=args.max_steps,
                       recon_weights=[args.recon_scale * w for w in recon_weights()])
