@@ -30,6 +30,16 @@ def test_batch_path_equals_the_frame_path():
     assert np.array_equal(batch, np.stack([preprocess(im, SPEC) for im in images]))
 
 
+def test_batch_path_resizes_to_the_content_size_as_the_frame_path_does():
+    spec = {**SPEC, "size": 64, "content_size": 56}
+    images = np.random.default_rng(2).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    batch = preprocess_batch(images, spec)
+    assert batch.shape == (3, 1, 64, 64)
+    assert np.array_equal(batch, np.stack([preprocess(im, spec) for im in images]))
+    with pytest.raises(ValueError, match="H = W"):
+        preprocess_batch(np.zeros((2, 28, 30), np.uint8), spec)
+
+
 def test_camera_frame_rgb_any_size_uses_luma_crop_and_area_resize():
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)

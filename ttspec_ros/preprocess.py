@@ -108,9 +108,17 @@ def preprocess(image: np.ndarray, input_spec: Mapping) -> np.ndarray:
 
 
 def preprocess_batch(images: np.ndarray, input_spec: Mapping) -> np.ndarray:
-    """Dataset fast path: uint8 (N, c, c) grayscale already at content size -> (N,C,size,size).
+    """Dataset fast path: uint8 (N, s, s) grayscale -> (N, C, size, size), resized to the
+    spec's content size as ``preprocess`` resizes (only when s differs from it).
 
     Gives exactly what ``preprocess`` gives for each image (a test checks this)."""
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"expected uint8 (N, H, W) images, got {images.dtype} {images.shape}")
-    return pad_and_normalise(images.astype(np.float32) / 255.0, input_spec)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"expected uint8 (N, H, W) images with H = W, got {images.dtype} "
+                         f"{images.shape}")
+    checked = _check_spec(input_spec)
+    content_size = checked[2]
+    unit = images.astype(np.float32) / 255.0
+    if unit.shape[1:] != (content_size, content_size):
+        unit = np.stack([cv2.resize(im, (content_size, content_size),
+                                    interpolation=cv2.INTER_AREA) for im in unit])
+    return _pad_and_normalise(unit, checked)

@@ -38,6 +38,7 @@ from ttspec_ros.models.revcol import NUM_EXITS, RevCol  # noqa: E402
 from ttspec_ros.preprocess import preprocess_batch  # noqa: E402
 
 INPUT_SIZE = 32  # 28-px content zero-padded so the 4-px stem and three 2x downsamplings fit
+INPUT_MULTIPLE = 32  # the stem (4 px) and three 2x downsamplings need sides divisible by 32
 SHIFT = 2  # augmentation: random translation of up to SHIFT px (pad-and-crop)
 DEFAULT_THRESHOLDS = [0.9, 0.9, 0.9]
 # Scales the reconstruction weights: the encoder was underfitting the classes (train ≈ test
@@ -69,6 +70,8 @@ class TrainConfig:
     mask_ratio: float = 0.75
     recon_fraction: float = 0.5  # share of each batch that also gets the masked forward
     norm_pix: bool = False
+    input_size: int = INPUT_SIZE  # model input side (px), a multiple of INPUT_MULTIPLE
+    content_size: int = data.IMAGE_SIZE  # the 28-px images are resized to this, then padded
     shift: int = SHIFT  # augmentation: random translation of up to this many px (0 = none)
     flip: bool = True  # augmentation: random horizontal flip
     label_smoothing: float = 0.0  # of every exit's cross-entropy
@@ -85,8 +88,9 @@ class TrainConfig:
         default_factory=lambda: [RECON_SCALE * w for w in recon_weights()])
 
 
-def input_spec(mean: float, std: float) -> dict:
-    return {"channels": 1, "size": INPUT_SIZE, "content_size": data.IMAGE_SIZE,
+def input_spec(mean: float, std: float, size: int = INPUT_SIZE,
+               content_size: int = data.IMAGE_SIZE) -> dict:
+    return {"channels": 1, "size": size, "content_size": content_size,
             "mean": [mean], "std": [std]}
 
 
@@ -173,7 +177,7 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
     if cfg.limit:
         train_idx = train_idx[: cfg.limit]
     mean, std = data.pixel_stats(images[split.train])
-    spec = input_spec(mean, std)
+    spec = input_spec(mean, std, cfg.input_size, cfg.content_size)
     x_train = torch.from_numpy(preprocess_batch(images[train_idx], spec))
     y_train = torch.from_numpy(labels[train_idx].copy())
     background = -mean / std
@@ -264,7 +268,7 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
         "class_names": list(data.CLASS_NAMES),
         "input": spec,
         "thresholds": list(DEFAULT_THRESHOLDS),
-        "exit_cost": [round(c, 4) for c in exit_costs(model, INPUT_SIZE)],
+        "exit_cost": [round(c, 4) for c in exit_costs(model, cfg.input_size)],
         "training": {
             "seed": cfg.seed,
             "epochs": cfg.epochs,
@@ -304,6 +308,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=_int_list, default=d.channels)
     parser.add_argument("--layers", type=_int_list, default=d.layers)
     parser.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    parser.add_argument("--input-size", type=int, default=d.input_size,
+                        help=f"model input side in px (a multiple of {INPUT_MULTIPLE})")
+    parser.add_argument("--content-size", type=int, default=d.content_size,
+                        help="side the 28-px images are resized to before padding to the input")
     parser.add_argument("--shift", type=int, default=d.shift,
                         help="augmentation: random shift of up to this many px (0 = none)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
@@ -330,10 +338,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batch_size < 1 or not 0 < args.recon_fraction <= 1:
         raise SystemExit("--epochs and --batch-size must be >= 1, --recon-fraction in (0, 1]")
+    if args.input_size % INPUT_MULTIPLE or not 0 < args.content_size <= args.input_size:
+        raise SystemExit(f"--input-size must be a multiple of {INPUT_MULTIPLE} and "
+                         "0 < --content-size <= --input-size")
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, channels=args.channels,
                       layers=args.layers, mask_ratio=args.mask_ratio,
                       recon_fraction=args.recon_fraction, shift=args.shift, flip=args.flip,
+                      input_size=args.input_size, content_size=args.content_size,
                       label_smoothing=args.label_smoothing, ema=args.ema,
                       threads=args.threads,
                       val_size=args.val_size, limit=args.limit, test_limit=args.test_limit,
