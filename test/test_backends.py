@@ -145,6 +145,30 @@ def test_onnxruntime_stages_match_torch(exported, image):
     assert relative_difference(backbone.run_unsplit(image), expected) < 1e-4
 
 
+def test_onnxruntime_matches_torch_with_blocked_layout_and_two_columns_per_stage(tmp_path):
+    """Channels that are multiples of 16 (ONNX Runtime runs these convs in its NCHWc layout,
+    unlike most of the tiny model's), two columns per stage, and alphas the model clamps
+    (tiny, negative, zero) on the way."""
+    torch.manual_seed(3)
+    model = RevCol((16, 32, 48, 64), (1, 1, 1, 1), 8, 10, in_chans=3, with_decoders=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.normal_(1.0, 0.2)
+            else:
+                p.add_(0.05 * torch.randn_like(p))
+        model.subnet1.alpha0[0, :3, 0, 0] = torch.tensor([1e-5, -0.3, 0.0])
+        model.subnet5.alpha3[0, :2, 0, 0] = torch.tensor([-1e-4, -0.7])
+    model.eval()
+    export_stages(model, 64, tmp_path, include_unsplit=False)
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    backbone = OnnxRuntimeBackbone(tmp_path, num_threads=1)
+    carry = image
+    for i, expected in enumerate(torch_reference(model, image)):
+        carry, pooled = backbone.run_stage(i, carry)
+        assert relative_difference(pooled, expected) < 1e-4
+
+
 def test_onnxruntime_stage_accepts_a_carry_in_other_buffers(exported, image):
     """Stages read their own previous stage's output buffers in place; a carry held in other
     OrtValues is bound instead, and the next frame's own carry is bound back."""

@@ -7,16 +7,16 @@ Graph interface (static shapes, batch 1):
 - stage 0: ``image`` (1, in_chans, H, W) -> ``x`` (stem output), ``c0``..``c3``, ``pooled``;
   the first column's all-zero state is folded into this graph.
 - stage i > 0: ``x``, ``c0_in``..``c3_in`` -> ``c0``..``c3``, ``pooled``.
-- ``x`` is (1, C0, H/4, W/4); the column features ``c0``..``c3`` cross stage boundaries
-  channels-last, (1, H_l, W_l, C_l): they are only ever passed to the next stage, and in this
-  layout ONNX Runtime's transpose optimizer cancels the boundary transposes against the
-  blocks' own (RevCol-T at 224: 71 -> 20 Transpose nodes over the four stage graphs, fewer
-  than the 36 of the unsplit graph).
+- ``x`` is (1, C0, H/4, W/4) and the column features ``c0``..``c3`` are (1, C_l, H_l, W_l):
+  everything crosses stage boundaries NCHW (``CARRY_LAYOUT``). Inside the graphs ONNX
+  Runtime keeps them in its blocked NCHWc layout (see ``export_form``); each boundary tensor
+  costs one ReorderOutput in the stage that makes it and one ReorderInput in the next
+  (RevCol-T at 224: about 0.7 ms per boundary at 1 thread). NHWC carries measured the same.
 - unsplit: ``image`` -> ``pooled`` of the last exit (for measuring stage-boundary overhead).
 ``manifest.json`` beside the graphs records names, shapes, hashes and versions.
 
 The graphs are traced from an export form of the model (``export_form``) that computes the
-same function with fewer nodes after ONNX Runtime's fusions; see there.
+same function in the form ONNX Runtime's CPU kernels run fastest; see there.
 """
 
 from __future__ import annotations
@@ -35,14 +35,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttspec_ros.models.checkpoint import file_sha256
-from ttspec_ros.models.revcol import ChannelsFirstLayerNorm, ConvNextBlock, RevCol
+from ttspec_ros.models.revcol import (
+    ChannelsFirstLayerNorm,
+    ConvNextBlock,
+    RevCol,
+    SubNet,
+    UpSampleConvnext,
+)
 
 OPSET = 17
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 # Version of the traced graph layout (export_form). Cached graphs of another version are
 # exported again, so robots pick up a faster layout without clearing their cache.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 STATE_NAMES = ("c0", "c1", "c2", "c3")
 # Tensors that are not part of any graph: the exit heads (updated at run time) and the
 # reconstruction decoders (training only). The model hash ignores them on purpose, so head
@@ -62,57 +68,143 @@ def backbone_hash(model: RevCol) -> str:
     return digest.hexdigest()
 
 
-class _FoldedBlock(nn.Module):
-    """Inference form of a ConvNextBlock: the layer scale ``gamma`` is folded into ``pwconv2``
-    (one Mul node less per block) and drop path, an identity in eval mode, is left out."""
+def _pointwise_conv(linear: nn.Linear, scale: Tensor | None = None) -> nn.Conv2d:
+    """``linear`` on the channels of an NCHW tensor, as a 1x1 Conv (rows scaled by ``scale``)."""
+    weight, bias = linear.weight.detach(), linear.bias.detach()
+    if scale is not None:
+        weight, bias = weight * scale[:, None], bias * scale
+    conv = nn.Conv2d(linear.in_features, linear.out_features, 1).to(weight.device)
+    with torch.no_grad():
+        conv.weight.copy_(weight[:, :, None, None])
+        conv.bias.copy_(bias)
+    return conv
+
+
+def _channel_affine_conv(weight: Tensor, bias: Tensor) -> nn.Conv2d:
+    """``weight[c] * x + bias[c]`` on an NCHW tensor, as a depthwise 1x1 Conv."""
+    c = weight.numel()
+    conv = nn.Conv2d(c, c, 1, groups=c).to(weight.device)
+    with torch.no_grad():
+        conv.weight.copy_(weight.detach().reshape(c, 1, 1, 1))
+        conv.bias.copy_(bias.detach().reshape(c))
+    return conv
+
+
+def _channel_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """LayerNorm over C of an NCHW tensor as one LayerNormalization node on an NHWC view."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps)
+    return y.permute(0, 3, 1, 2)
+
+
+class _ConvBlock(nn.Module):
+    """Inference form of a ConvNextBlock, all NCHW: dwconv -> LN over C -> 1x1 Conv -> GELU ->
+    1x1 Conv -> residual. The Linear layers become 1x1 Convs (same weights), the layer scale
+    ``gamma`` is folded into the second, and drop path (identity in eval mode) is left out."""
 
     def __init__(self, block: ConvNextBlock) -> None:
         super().__init__()
-        self.dwconv, self.norm, self.pwconv1, self.act = (
-            block.dwconv, block.norm, block.pwconv1, block.act
+        self.dwconv, self.act = block.dwconv, block.act
+        self.norm_weight, self.norm_bias, self.eps = (
+            block.norm.weight, block.norm.bias, block.norm.eps
         )
-        gamma = block.gamma.detach()
-        self.pwconv2 = nn.Linear(block.pwconv2.in_features, block.pwconv2.out_features)
-        self.pwconv2.to(block.pwconv2.weight.device)
-        with torch.no_grad():
-            self.pwconv2.weight.copy_(block.pwconv2.weight * gamma[:, None])
-            self.pwconv2.bias.copy_(block.pwconv2.bias * gamma)
+        self.pwconv1 = _pointwise_conv(block.pwconv1)
+        self.pwconv2 = _pointwise_conv(block.pwconv2, block.gamma.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)
-        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
-        return x + y.permute(0, 3, 1, 2)
+        y = _channel_layer_norm(self.dwconv(x), self.norm_weight, self.norm_bias, self.eps)
+        return x + self.pwconv2(self.act(self.pwconv1(y)))
 
 
-class _TransposedLayerNorm(nn.Module):
-    """ChannelsFirstLayerNorm as one LayerNormalization node between two transposes.
+class _ChannelsFirstNorm(nn.Module):
+    """ChannelsFirstLayerNorm as one LayerNormalization (without its affine part) on an NHWC
+    view, then the per-channel affine part as a depthwise 1x1 Conv. The tensor this makes
+    feeds the blocks' depthwise convs and residual adds: as a Conv output it stays in ONNX
+    Runtime's NCHWc layout for both, instead of going through transposes."""
 
-    Traced literally, the channels-first LN is 9 reduce/elementwise nodes that ONNX Runtime
-    does not fuse; in this form it becomes its fused LayerNormalization kernel and the
-    transpose optimizer cancels most transposes against the blocks' own (RevCol-T at 224:
-    817 -> 651 nodes after optimisation, 58 -> 36 Transpose; about 5 % less CPU time at one
-    thread). Same arithmetic up to float rounding (~1e-6 relative on RevCol-T).
-    """
-
-    def __init__(self, norm: ChannelsFirstLayerNorm) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor, eps: float) -> None:
         super().__init__()
-        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.eps = eps
+        self.affine = _channel_affine_conv(weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
+        return self.affine(_channel_layer_norm(x, None, None, self.eps))
+
+
+class _ConvUpSample(nn.Module):
+    """UpSampleConvnext in NCHW: 1x1 Conv, LN over C (as ``_ChannelsFirstNorm``), nearest x2."""
+
+    def __init__(self, up: UpSampleConvnext) -> None:
+        super().__init__()
+        linear, norm = up.channel_reschedule
+        self.pwconv = _pointwise_conv(linear)
+        self.norm = _ChannelsFirstNorm(norm.weight, norm.bias, norm.eps)
+        self.up = up.up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.norm(self.pwconv(x)))
+
+
+class _SubNet(nn.Module):
+    """A SubNet (column) whose alphas are clamped once, as SubNet.forward does on every call.
+    In the first column the previous state is 0.0: ``alpha * 0.0 + new`` is just ``new`` here,
+    with no Add of a zero constant (such an Add is not an NCHWc op and took the first column
+    and the ``alpha * c`` of the next one out of the NCHWc layout)."""
+
+    def __init__(self, subnet: SubNet) -> None:
+        super().__init__()
+        self.subnet = subnet
+        self.scale = nn.ModuleList()
+        for i in range(4):
+            alpha = getattr(subnet, f"alpha{i}")
+            SubNet._clamp_abs(alpha.data, 1e-3)
+            alpha = alpha.detach().flatten()
+            self.scale.append(_channel_affine_conv(alpha, torch.zeros_like(alpha)))
+
+    def _mix(self, i: int, previous, new: Tensor) -> Tensor:
+        if not torch.is_tensor(previous):
+            return new  # the first column's alpha * 0.0 + new
+        return self.scale[i](previous) + new
+
+    def forward(self, x: Tensor, c0, c1, c2, c3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        s, up = self.subnet, (lambda c: c if torch.is_tensor(c) else None)
+        c0 = self._mix(0, c0, s.level0(x, up(c1)))
+        c1 = self._mix(1, c1, s.level1(c0, up(c2)))
+        c2 = self._mix(2, c2, s.level2(c1, up(c3)))
+        c3 = self._mix(3, c3, s.level3(c2, None))
+        return c0, c1, c2, c3
 
 
 def export_form(model: RevCol) -> RevCol:
-    """A copy of ``model`` in eval mode whose blocks and channels-first LayerNorms are replaced
-    by the equivalent export forms above; ``model`` itself is not touched."""
+    """A copy of ``model`` in eval mode that computes the same function in the form ONNX
+    Runtime runs fastest on CPU; ``model`` itself is not touched.
+
+    The official model applies its Linear layers to NHWC views and its channels-first
+    LayerNorms as a chain of reductions; traced literally (or with the Linears as MatMul on
+    NHWC), ONNX Runtime's x86 NCHWc layout transformer reorders tensors in and out of its
+    blocked layout around every Conv and runs the Linears as Gemm between transposes. In this
+    form every Linear is a 1x1 Conv (blocks, up-sampling paths), LN affine parts that feed
+    convs and residuals are depthwise 1x1 Convs, and each LayerNorm is one LayerNormalization
+    on an NHWC view. After optimisation (RevCol-T at 224, unsplit graph) the whole column
+    network stays in NCHWc apart from the 62 LayerNorms, each between one ReorderOutput and
+    one ReorderInput: no Transpose, Reshape or Gemm nodes (before: 36 Transpose, 178 Reshape,
+    89 Gemm, 65 Add), and the pointwise layers run as NCHWc Convs (with the residual add
+    fused) instead of Gemm, which ONNX Runtime runs faster at every level (op profiles,
+    RevCol-T at 224, 2 threads: pointwise layers 72.6 ms as Gemm, 58.6 ms as Conv). Against
+    the previous form (Linear on NHWC, EXPORT_VERSION 2), paired runs: unsplit graph -16 %,
+    staged forced-last-exit -15 %, at 1 and at 2 threads.
+    Same arithmetic up to float rounding (~1e-6 relative on RevCol-T).
+    """
     twin = copy.deepcopy(model).eval()
     for module in list(twin.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, ConvNextBlock):
-                setattr(module, name, _FoldedBlock(child))
+                setattr(module, name, _ConvBlock(child))
             elif isinstance(child, ChannelsFirstLayerNorm):
-                setattr(module, name, _TransposedLayerNorm(child))
+                setattr(module, name, _ChannelsFirstNorm(child.weight, child.bias, child.eps))
+            elif isinstance(child, UpSampleConvnext):
+                setattr(module, name, _ConvUpSample(child))
+    for k in range(twin.num_columns):
+        setattr(twin, f"subnet{k}", _SubNet(getattr(twin, f"subnet{k}")))
     return twin
 
 
@@ -124,15 +216,7 @@ def stage_output_names(stage: int) -> list[str]:
     return (["x"] if stage == 0 else []) + [*STATE_NAMES, "pooled"]
 
 
-CARRY_LAYOUT = "NHWC"  # of c0..c3 between stages (x stays NCHW)
-
-
-def _to_carry(state) -> tuple[Tensor, ...]:
-    return tuple(c.permute(0, 2, 3, 1) for c in state)
-
-
-def _from_carry(carry) -> tuple[Tensor, ...]:
-    return tuple(c.permute(0, 3, 1, 2) for c in carry)
+CARRY_LAYOUT = "NCHW"  # of x and c0..c3 between stages
 
 
 class _FirstStage(nn.Module):
@@ -143,18 +227,24 @@ class _FirstStage(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         x = self.model.stem(image)
         state = self.model.run_exit(0, x, (0.0, 0.0, 0.0, 0.0))
-        return (x, *_to_carry(state), self.model.pool(state[3]))
+        return (x, *state, self.model.pool(state[3]))
 
 
 class _LaterStage(nn.Module):
+    """Stage i > 0. ``x`` first goes through an identity depthwise 1x1 Conv (exact: weight 1,
+    bias 0): as a Conv output it enters ONNX Runtime's NCHWc layout, and so do the level-0
+    residual adds that read it, which otherwise ran in NCHW between reorders."""
+
     def __init__(self, model: RevCol, stage: int) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
+        ones = torch.ones(model.config.channels[0], device=next(model.parameters()).device)
+        self.enter = _channel_affine_conv(ones, torch.zeros_like(ones))
 
     def forward(self, x: Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor):
-        state = self.model.run_exit(self.stage, x, _from_carry((c0, c1, c2, c3)))
-        return (*_to_carry(state), self.model.pool(state[3]))
+        state = self.model.run_exit(self.stage, self.enter(x), (c0, c1, c2, c3))
+        return (*state, self.model.pool(state[3]))
 
 
 class UnsplitForward(nn.Module):
@@ -246,7 +336,7 @@ def export_stages(
     manifest = {
         "format": MANIFEST_FORMAT,
         "export_version": EXPORT_VERSION,
-        "carry_layout": {"x": "NCHW", **{n: CARRY_LAYOUT for n in STATE_NAMES}},
+        "carry_layout": {n: CARRY_LAYOUT for n in ("x", *STATE_NAMES)},
         "opset": OPSET,
         "model_hash": backbone_hash(model),
         "model_hash_covers": "state-dict tensors except cls_blocks.* and decoder_blocks.*",
