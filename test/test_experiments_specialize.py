@@ -160,6 +160,21 @@ def test_specialize_experiment_writes_figure4(tiny_checkpoint, tmp_path) -> None
     assert (tmp_path / "figure4.png").stat().st_size > 1000
 
 
+def test_specialize_experiment_can_evaluate_on_unused_pool_images(tiny_checkpoint, tmp_path
+                                                                 ) -> None:
+    from ttspec_ros import data
+    from ttspec_ros.experiments import specialize_experiment as mod
+
+    args = _args(mod, ["--subset", "bags", "--out", str(tmp_path), "--model", tiny_checkpoint,
+                       "--preset", "tuned", "--per-class", "4", "--latency-frames", "2",
+                       "--threads", "1", "--anchors-per-class", "3", "--evaluate-on", "pool"])
+    assert mod.run(args) == 0
+    settings = json.loads((tmp_path / "figure4.json").read_text())["settings"]
+    assert settings["evaluated_on"] == "pool"
+    # the whole pool minus the 4 streamed images and the 2 x 3 x 10 anchor candidates
+    assert settings["test_images"] == data.DEFAULT_POOL_SIZE - 4 - 60
+
+
 def test_forgetting_experiment_writes_json(tiny_checkpoint, tmp_path) -> None:
     from ttspec_ros.experiments import forgetting_experiment as mod
 

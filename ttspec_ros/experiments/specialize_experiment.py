@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=250, help="feature-extraction batch size")
     parser.add_argument("--test-limit", type=int, default=None,
                         help="use only the first N test images (quick checks only)")
+    parser.add_argument("--evaluate-on", default="test", choices=("test", "pool"),
+                        help="test: the 10k test split (the reported figures); pool: the "
+                             "deployment-pool images neither streamed nor used as anchors "
+                             "candidates (for choosing settings without the test split)")
 
 
 def settings_from(args: argparse.Namespace) -> dict:
@@ -108,15 +112,21 @@ def pool_images(card) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pool, images[pool], labels[pool]
 
 
+def anchor_candidates(pool_size: int, exclude: np.ndarray, per_class: int, seed: int
+                      ) -> np.ndarray:
+    """Pool positions the guard's anchors are drawn from: not in the stream, seeded."""
+    rng = np.random.default_rng(seed + 1)
+    candidates = np.setdiff1d(np.arange(pool_size), exclude)
+    return rng.permutation(candidates)[: per_class * data.NUM_CLASSES * 2]
+
+
 def make_guard(model, card, pool_imgs: np.ndarray, exclude: np.ndarray, per_class: int,
                threshold: float, rehearsal: int, seed: int, batch: int
                ) -> tuple[AnchorGuard, dict]:
     """Anchors from pool images not in the stream, labelled by the last exit (no ground truth)."""
     from ttspec_ros.preprocess import preprocess_batch
 
-    rng = np.random.default_rng(seed + 1)
-    candidates = np.setdiff1d(np.arange(len(pool_imgs)), exclude)
-    take = rng.permutation(candidates)[: per_class * data.NUM_CLASSES * 2]
+    take = anchor_candidates(len(pool_imgs), exclude, per_class, seed)
     x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(pool_imgs[take]), card.input))
     anchors = build_anchor_set(model, x, per_class=per_class, seed=seed, batch_size=batch)
     guard = AnchorGuard(anchors, threshold=threshold, rehearsal=rehearsal,
@@ -146,8 +156,22 @@ def run(args: argparse.Namespace) -> int:
     thresholds = [args.threshold] * h
     cascade = Cascade(model, thresholds, num_threads=args.threads)
 
-    # -- test split: features once, before any update
-    test_images, test_labels = data.load_fashion_mnist("test")
+    # -- adaptation stream from the deployment pool
+    rng = np.random.default_rng(args.seed)
+    pool, pool_imgs, pool_labels = pool_images(card)
+    chosen = np.concatenate([
+        rng.choice(np.flatnonzero(pool_labels == c), args.per_class, replace=False)
+        for c in classes
+    ])
+
+    # -- evaluation images (the test split, or unused pool images): features once, before
+    if args.evaluate_on == "pool":
+        held_out = np.setdiff1d(np.arange(len(pool_imgs)), np.concatenate([
+            chosen, anchor_candidates(len(pool_imgs), chosen, args.anchors_per_class,
+                                      args.seed)]))
+        test_images, test_labels = pool_imgs[held_out], pool_labels[held_out]
+    else:
+        test_images, test_labels = data.load_fashion_mnist("test")
     if args.test_limit:
         test_images, test_labels = test_images[: args.test_limit], test_labels[: args.test_limit]
     test_x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(test_images), card.input))
@@ -156,14 +180,6 @@ def run(args: argparse.Namespace) -> int:
     groups = {"subset": in_subset, "others": ~in_subset}
     latency = measure_exit_latency(cascade, list(test_x[:50]), args.latency_frames, num_exits)
     initial = early_head_tensors(model)
-
-    # -- adaptation stream from the deployment pool
-    rng = np.random.default_rng(args.seed)
-    pool, pool_imgs, pool_labels = pool_images(card)
-    chosen = np.concatenate([
-        rng.choice(np.flatnonzero(pool_labels == c), args.per_class, replace=False)
-        for c in classes
-    ])
     guard, guard_info = (None, None)
     if settings["guard"]:
         guard, guard_info = make_guard(model, card, pool_imgs, chosen, args.anchors_per_class,
@@ -213,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
                                            for e in stream_exits],
         "exit_cost": list(card.exit_cost), "exit_latency_ms": [round(v, 4) for v in latency],
         "latency": "median batch-1 cascade latency per forced exit, mapped through the exits "
-                   "taken", "threads": args.threads, "test_images": int(test_labels.size),
+                   "taken", "threads": args.threads, "evaluated_on": args.evaluate_on,
+        "test_images": int(test_labels.size),
         "thresholds": [THRESHOLDS[0], THRESHOLDS[-1], 0.01],
         "iso_accuracy_tolerance": ISO_TOLERANCE, "control": "original heads (never updated)",
         "guard_settings": guard_info, "specializer_stats": spec.stats(),
