@@ -8,8 +8,9 @@ writes the same weights):
   ``preprocess_batch`` (= ``preprocess``), random horizontal flips drawn from a seeded
   generator (no shifts: the 4-px patch stem is not shift-invariant, and shifted copies made the
   model underfit in every pilot);
-- loss: cross-entropy (label smoothing 0.1) on every exit weighted 0.7·(i+1)/4 for exits 0–2
-  and 1 for the last, plus, for decoders 0–2, MAE-style masked reconstruction weighted
+- loss: cross-entropy on every exit weighted 0.7·(i+1)/4 for exits 0–2 and 1 for the last
+  (no label smoothing: it caps the exits' confidence near 0.9, so fewer frames left early at
+  the default threshold), plus, for decoders 0–2, MAE-style masked reconstruction weighted
   1 − 0.7·(i+1)/4 (the official RevCol weighting of both terms); the reconstruction runs on a
   second forward of masked copies of half the batch (``ttspec_ros.masking``; ratio 0.75, loss
   on hidden patches only);
@@ -75,7 +76,7 @@ class TrainConfig:
     content_size: int = data.IMAGE_SIZE  # the 28-px images are resized to this, then padded
     shift: int = 0  # augmentation: random translation of up to this many px (0 = none)
     flip: bool = True  # augmentation: random horizontal flip
-    label_smoothing: float = 0.1  # of every exit's cross-entropy
+    label_smoothing: float = 0.0  # of every exit's cross-entropy
     ema: float = 0.0  # >0: keep an exponential moving average of the weights (this decay per
     # step, as the official recipe's model EMA) and evaluate and save it
     threads: int = 2  # results depend on it (rounding)
