@@ -32,18 +32,22 @@ from ttspec_ros.models.revcol import RevCol
 SIZE = 32
 
 
-def make_tiny_model(seed: int = 0) -> RevCol:
-    torch.manual_seed(seed)
-    model = RevCol((8, 16, 24, 32), (1, 1, 1, 1), 4, 10, in_chans=1, with_decoders=False)
+def trained_like(model: RevCol) -> RevCol:
+    """Trained-like scales: at init (layer scale 1e-6) blocks are near-identities and a backend
+    mismatch inside them would hardly show in the outputs."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            # Trained-like scales: at init (layer scale 1e-6) blocks are near-identities and
-            # a backend mismatch inside them would hardly show in the outputs.
             if name.endswith(".gamma"):
                 p.normal_(1.0, 0.2)
             else:
                 p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return model
+
+
+def make_tiny_model(seed: int = 0) -> RevCol:
+    torch.manual_seed(seed)
+    model = RevCol((8, 16, 24, 32), (1, 1, 1, 1), 4, 10, in_chans=1, with_decoders=False)
+    return trained_like(model).eval()
 
 
 def torch_reference(model: RevCol, image: torch.Tensor) -> list[torch.Tensor]:
@@ -150,13 +154,9 @@ def test_onnxruntime_matches_torch_with_blocked_layout_and_two_columns_per_stage
     unlike most of the tiny model's), two columns per stage, and alphas the model clamps
     (tiny, negative, zero) on the way."""
     torch.manual_seed(3)
-    model = RevCol((16, 32, 48, 64), (1, 1, 1, 1), 8, 10, in_chans=3, with_decoders=False)
+    model = trained_like(RevCol((16, 32, 48, 64), (1, 1, 1, 1), 8, 10, in_chans=3,
+                                with_decoders=False))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".gamma"):
-                p.normal_(1.0, 0.2)
-            else:
-                p.add_(0.05 * torch.randn_like(p))
         model.subnet1.alpha0[0, :3, 0, 0] = torch.tensor([1e-5, -0.3, 0.0])
         model.subnet5.alpha3[0, :2, 0, 0] = torch.tensor([-1e-4, -0.7])
     model.eval()
