@@ -9,6 +9,7 @@ transient local) are validated and applied by ``Cascade.apply_update`` between t
 from __future__ import annotations
 
 import array
+import sys
 import threading
 import time
 from collections import Counter
@@ -274,5 +275,11 @@ class ClassifierNode(Node):
         self._worker.join(timeout=5.0)
 
 
+# The executor thread hands each frame to the worker, which then waits for the GIL until the
+# executor blocks in rcl_wait again or the switch interval (5 ms by default) forces a switch.
+SWITCH_INTERVAL_S = 2e-4
+
+
 def main(args: list[str] | None = None) -> int:
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     return run_node(ClassifierNode, args)
