@@ -88,7 +88,8 @@ def test_tiny_training_changes_weights_and_is_deterministic():
     model_a, card = train.train(cfg, log=lambda msg: None)
     model_b, _ = train.train(train.TrainConfig(**TINY), log=lambda msg: None)
     torch.manual_seed(cfg.seed)
-    init = RevCol(cfg.channels, cfg.layers, 4, 10, in_chans=1)
+    init = RevCol(cfg.channels, cfg.layers, cfg.num_columns, 10, in_chans=1,
+                  drop_path=cfg.drop_path, with_decoders=True)
     a, b, i = model_a.state_dict(), model_b.state_dict(), init.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     changed = [k for k in a if not torch.equal(a[k], i[k])]
