@@ -22,8 +22,9 @@ DEMO_FRAMES = 1500
 DEMO_SCENARIO = "tops-heavy"
 DEMO_DIR = Path("runs/demo")
 # The adapter's default learning rate is the paper's 1e-4, which changes nothing visible in a
-# bag this short (tops-heavy, 3000 frames: tail cost ratio 0.97). 1e-2 is the tuned setting
-# (tail cost ratio 0.66, accuracy -0.26 point); the summary says which one ran.
+# bag this short (earlier demo model, tops-heavy, 3000 frames: tail cost ratio 0.97). 1e-2 is
+# the tuned setting (demo model 47757d76bccd, 1500 frames: last-500 cost ratio 0.845, accuracy
+# -0.53 point; the earlier model: 0.66, -0.26); the summary says which one ran.
 DEMO_LEARNING_RATE = 1e-2
 
 
