@@ -71,15 +71,17 @@ def _center_square(gray: np.ndarray) -> np.ndarray:
     return gray[top : top + side, left : left + side]
 
 
-def pad_and_normalise(content: np.ndarray, input_spec: Mapping) -> np.ndarray:
-    """Content-sized unit-range grayscale (..., c, c) -> normalised (..., C, size, size) float32.
-
-    Shared by ``preprocess`` (one frame) and ``preprocess_batch`` (a dataset)."""
-    return _pad_and_normalise(content, _check_spec(input_spec))
+def _to_content_size(gray: np.ndarray, content_size: int) -> np.ndarray:
+    """Square unit-range grayscale (s, s) -> (content_size, content_size); shared by
+    ``preprocess`` and ``preprocess_batch`` so both resize alike."""
+    if gray.shape == (content_size, content_size):
+        return gray
+    return cv2.resize(gray, (content_size, content_size), interpolation=cv2.INTER_AREA)
 
 
 def _pad_and_normalise(content: np.ndarray,
                        checked: tuple[int, int, int, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Content-sized unit-range grayscale (..., c, c) -> normalised (..., C, size, size) float32."""
     channels, size, content_size, mean, std = checked
     if content.shape[-2:] != (content_size, content_size):
         raise ValueError(
@@ -101,9 +103,7 @@ def preprocess(image: np.ndarray, input_spec: Mapping) -> np.ndarray:
     """One frame (H,W) or (H,W,C), uint8/uint16 -> float32 (channels, size, size)."""
     checked = _check_spec(input_spec)
     content_size = checked[2]
-    gray = _to_unit_gray(image, square=True)
-    if gray.shape != (content_size, content_size):
-        gray = cv2.resize(gray, (content_size, content_size), interpolation=cv2.INTER_AREA)
+    gray = _to_content_size(_to_unit_gray(image, square=True), content_size)
     return _pad_and_normalise(gray, checked)
 
 
@@ -119,6 +119,5 @@ def preprocess_batch(images: np.ndarray, input_spec: Mapping) -> np.ndarray:
     content_size = checked[2]
     unit = images.astype(np.float32) / 255.0
     if unit.shape[1:] != (content_size, content_size):
-        unit = np.stack([cv2.resize(im, (content_size, content_size),
-                                    interpolation=cv2.INTER_AREA) for im in unit])
+        unit = np.stack([_to_content_size(im, content_size) for im in unit])
     return _pad_and_normalise(unit, checked)
