@@ -153,11 +153,10 @@ class _SubNet(nn.Module):
     def __init__(self, subnet: SubNet) -> None:
         super().__init__()
         self.subnet = subnet
+        subnet.clamp_alphas()
         self.scale = nn.ModuleList()
         for i in range(4):
-            alpha = getattr(subnet, f"alpha{i}")
-            SubNet._clamp_abs(alpha.data, 1e-3)
-            alpha = alpha.detach().flatten()
+            alpha = getattr(subnet, f"alpha{i}").detach().flatten()
             self.scale.append(_channel_affine_conv(alpha, torch.zeros_like(alpha)))
 
     def _mix(self, i: int, previous, new: Tensor) -> Tensor:

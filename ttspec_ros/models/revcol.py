@@ -171,9 +171,13 @@ class SubNet(nn.Module):
             data.abs_().clamp_(value)
             data *= sign
 
-    def forward(self, x: Tensor, c0, c1, c2, c3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def clamp_alphas(self) -> None:
+        """The official clamp of every alpha to |alpha| >= 1e-3, done before each forward."""
         for i in range(4):
             self._clamp_abs(getattr(self, f"alpha{i}").data, 1e-3)
+
+    def forward(self, x: Tensor, c0, c1, c2, c3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        self.clamp_alphas()
         # Order matters: each level reads the *new* value below it and the *previous* above.
         c0 = self.alpha0 * c0 + self.level0(x, c1 if torch.is_tensor(c1) else None)
         c1 = self.alpha1 * c1 + self.level1(c0, c2 if torch.is_tensor(c2) else None)
