@@ -120,14 +120,15 @@ def anchor_candidates(pool_size: int, exclude: np.ndarray, per_class: int, seed:
     return rng.permutation(candidates)[: per_class * data.NUM_CLASSES * 2]
 
 
-def make_guard(model, card, pool_imgs: np.ndarray, exclude: np.ndarray, per_class: int,
+def make_guard(model, card, pool_imgs: np.ndarray, candidates: np.ndarray, per_class: int,
                threshold: float, rehearsal: int, seed: int, batch: int
                ) -> tuple[AnchorGuard, dict]:
-    """Anchors from pool images not in the stream, labelled by the last exit (no ground truth)."""
+    """Anchors from the ``anchor_candidates`` pool images, labelled by the last exit (no
+    ground truth)."""
     from ttspec_ros.preprocess import preprocess_batch
 
-    take = anchor_candidates(len(pool_imgs), exclude, per_class, seed)
-    x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(pool_imgs[take]), card.input))
+    x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(pool_imgs[candidates]),
+                                          card.input))
     anchors = build_anchor_set(model, x, per_class=per_class, seed=seed, batch_size=batch)
     guard = AnchorGuard(anchors, threshold=threshold, rehearsal=rehearsal,
                         exit_cost=card.exit_cost, seed=seed)
@@ -163,12 +164,11 @@ def run(args: argparse.Namespace) -> int:
         rng.choice(np.flatnonzero(pool_labels == c), args.per_class, replace=False)
         for c in classes
     ])
+    candidates = anchor_candidates(len(pool_imgs), chosen, args.anchors_per_class, args.seed)
 
     # -- evaluation images (the test split, or unused pool images): features once, before
     if args.evaluate_on == "pool":
-        held_out = np.setdiff1d(np.arange(len(pool_imgs)), np.concatenate([
-            chosen, anchor_candidates(len(pool_imgs), chosen, args.anchors_per_class,
-                                      args.seed)]))
+        held_out = np.setdiff1d(np.arange(len(pool_imgs)), np.concatenate([chosen, candidates]))
         test_images, test_labels = pool_imgs[held_out], pool_labels[held_out]
     else:
         test_images, test_labels = data.load_fashion_mnist("test")
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     initial = early_head_tensors(model)
     guard, guard_info = (None, None)
     if settings["guard"]:
-        guard, guard_info = make_guard(model, card, pool_imgs, chosen, args.anchors_per_class,
+        guard, guard_info = make_guard(model, card, pool_imgs, candidates, args.anchors_per_class,
                                        args.threshold, settings["guard_rehearsal"], args.seed,
                                        args.batch)
     spec = Specializer(initial, num_exits, model_id=card.model_id, lr=settings["lr"],
