@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from ttspec_ros.files import atomic_write_bytes
 
 _MAX_UINT64 = 2**64 - 1
 
@@ -107,23 +108,7 @@ def save_payload(payload: ModelUpdatePayload, path: str | os.PathLike) -> Path:
         dict(payload.tensors),
         metadata={"model_id": payload.model_id, "version": str(payload.version)},
     )
-    return atomic_write_bytes(Path(path), data)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same directory and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def load_payload(path: str | os.PathLike) -> ModelUpdatePayload:

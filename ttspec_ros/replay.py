@@ -18,7 +18,6 @@ Definitions used in the report:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -35,6 +34,7 @@ import numpy as np
 
 from ttspec_ros import topics
 from ttspec_ros.data import CLASS_NAMES, SUBSETS
+from ttspec_ros.files import write_json, write_text
 
 # Class groups reported separately when the model uses the Fashion-MNIST classes.
 GROUPS: dict[str, list[int]] = {
@@ -586,17 +586,10 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, data: Any) -> Path:
-    from ttspec_ros.model_update import atomic_write_bytes
-
-    return atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
-
-
 def write_report(out_dir: Path, report: dict, results: Sequence[RunResult],
                  exit_cost: Sequence[float] | None) -> list[Path]:
     """report.json, report.md, outcomes.json (per frame) and the plots; returns the plot paths."""
     from ttspec_ros import replay_plots
-    from ttspec_ros.model_update import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     window = report["window"]
@@ -614,7 +607,7 @@ def write_report(out_dir: Path, report: dict, results: Sequence[RunResult],
         r.settings.name: [asdict(o) for o in r.outcomes] for r in results
     })
     text = markdown(report, [str(p) for p in plots])
-    atomic_write_bytes(out_dir / "report.md", text.encode("utf-8"))
+    write_text(out_dir / "report.md", text)
     return plots
 
 

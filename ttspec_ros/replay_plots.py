@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ttspec_ros.files import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -41,10 +43,7 @@ def rolling_mean(x: Sequence[int], values: Sequence[float], window: int
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _switch_line(ax, switch: int | None) -> None:

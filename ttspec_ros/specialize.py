@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttspec_ros.model_update import ModelUpdatePayload, atomic_write_bytes
+from ttspec_ros.files import atomic_write_bytes
+from ttspec_ros.model_update import ModelUpdatePayload
 
 LAYER_NORM_EPS = 1e-6  # eps of the classifier LayerNorm (RevCol)
 STATE_FILE = "specializer.safetensors"

@@ -25,7 +25,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttspec_ros.files import write_json
 from ttspec_ros.models.checkpoint import file_sha256
 from ttspec_ros.models.revcol import (
     ChannelsFirstLayerNorm,
@@ -349,7 +349,7 @@ def export_stages(
             "onnxruntime": onnxruntime.__version__,
         },
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -367,15 +367,6 @@ def _graph_entry(path: Path, stage: int, image_shape, carry_shapes: dict, pooled
         "index": stage, "file": path.name, "sha256": file_sha256(path),
         "inputs": inputs, "outputs": outputs,
     }
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the graphs beside it are readable
-    os.replace(tmp, path)
 
 
 def load_manifest(graph_dir: str | os.PathLike, *, verify_files: bool = True) -> dict:

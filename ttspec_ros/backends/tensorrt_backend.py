@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from torch import Tensor
 from ttspec_ros.backends import BackendUnavailable
 from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
 from ttspec_ros.backends.onnxruntime_backend import check_image
+from ttspec_ros.files import atomic_write_bytes
 from ttspec_ros.models.checkpoint import file_sha256
 
 PRECISIONS = ("fp32", "fp16")
@@ -139,8 +139,8 @@ class EngineCache:
             "engine_bytes": len(engine),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_atomic(engine_path, engine)
-        _write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+        atomic_write_bytes(engine_path, engine)
+        atomic_write_bytes(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
 
     def get_or_build(self, name: str, key: EngineKey, build: Callable[[], bytes]) -> bytes:
         """Cached engine for ``key``; ``build`` runs only when there is no entry at all."""
@@ -150,18 +150,6 @@ class EngineCache:
         engine = build()
         self.store(name, key, engine)
         return engine
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def entry_name(model_hash: str, image_shape: list[int], stage: int, precision: str) -> str:

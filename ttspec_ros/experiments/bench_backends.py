@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ttspec_ros.files import write_json
+
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> --model spec
 
 
@@ -323,15 +325,8 @@ def run(args: argparse.Namespace) -> int:
             overhead += o
     meta["load_average_end"] = list(os.getloadavg())
     meta["summary"] = _summary(results, overhead)
-    _write_json(out / "backends.json", {"results": results, "stage_overhead": overhead})
-    _write_json(out / "backends_meta.json", meta)
+    write_json(out / "backends.json", {"results": results, "stage_overhead": overhead})
+    write_json(out / "backends_meta.json", meta)
     print(json.dumps(meta["summary"], indent=2))
     return 0
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ttspec_ros.cascade import Cascade, exit_costs
+from ttspec_ros.files import write_json
 from ttspec_ros.models.revcol import PRESETS, build_preset
 
 TARGET_OVERHEAD_RATIO = 1.02  # issue 3: forced last exit through the cascade / plain forward
@@ -122,11 +122,7 @@ def run(args: argparse.Namespace) -> int:
     result = measure(args.arch, args.size, args.repeats, args.warmup, args.threads,
                      args.num_classes, args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_exits.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = write_json(out / "bench_exits.json", result)
     for e in result["forced_exits"]:
         print(f"exit {e['exit']}: {e['latency_ms']:.1f} ± {e['latency_std_ms']:.1f} ms "
               f"(median {e['median_ms']:.1f})")

@@ -14,7 +14,6 @@ stage, the classifier's pending queue, and each process's RSS over time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ttspec_ros.files import write_json
 
 TARGET_OVERHEAD_P50_MS = 2.0
 TARGET_MAX_PENDING = 1
@@ -256,7 +257,6 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_LOG_DIR", str(log_dir / "ros"))
     from ttspec_ros import topics
-    from ttspec_ros.model_update import atomic_write_bytes
     from ttspec_ros.nodes.probe import NodeProcess, Probe, wait_for
 
     model = {"model": args.model} if args.model else {}
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
                  "recorded).",
     }
     path = out / "bench_ros.json"
-    atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+    write_json(path, result)
     print(f"wrote {path}")
     if nominal and overload:
         n, o = nominal["latency_ms"], overload["latency_ms"]

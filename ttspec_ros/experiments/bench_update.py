@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttspec_ros.files import write_json
 from ttspec_ros.specialize import AnchorGuard, AnchorSet, Specializer, early_head_tensors
 
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> model spec
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         spec = args.demo_model if name == "demo" else MODELS[name]
         report["models"][name] = bench_model(spec, args)
-    (out / "bench_update.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "bench_update.json", report, indent=1)
     print(json.dumps({k: {"median_ms": v["median_ms"], "ratio": v["update_over_inference"]}
                       for k, v in report["models"].items()}, indent=1))
     return 0

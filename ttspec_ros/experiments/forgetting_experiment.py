@@ -22,6 +22,7 @@ import torch
 from ttspec_ros import data
 from ttspec_ros.experiments.exit_curves import ExitFeatures, curve, simulate_stream
 from ttspec_ros.experiments.specialize_experiment import PRESETS, pool_images, split_seed
+from ttspec_ros.files import save_figure, write_json
 from ttspec_ros.specialize import (
     AnchorGuard,
     AnchorSet,
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         "target": {"others_accuracy_within": 0.01,
                    "met_with_guard": abs(final["guard"]["others_accuracy_delta"]) <= 0.01},
     }
-    (out / "forgetting.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "forgetting.json", result, indent=1)
     plot(result, out / "forgetting.png")
     print(json.dumps({"out": str(out / "forgetting.json"), "before": before, "final": final},
                      indent=1))
@@ -203,5 +204,5 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"Forgetting: {result['subset']} stream, threshold {s['threshold']}, lr {s['lr']}"
                  f", batch {s['batch_size']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ttspec_ros import corruptions, data
-from ttspec_ros.model_update import atomic_write_bytes
+from ttspec_ros.files import atomic_write_bytes, save_figure, write_json
 
 SOURCES = ("test", "pool")
 DEFAULT_SPLIT_SEED = 0
@@ -108,10 +107,8 @@ def contact_sheet(images: np.ndarray, names: list[str], seed: int, path: Path) -
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,6 +154,6 @@ def run(args: argparse.Namespace) -> int:
         "data_source": "Fashion-MNIST idx files of Debian dataset-fashion-mnist",
         "seconds": round(time.time() - started, 1),
     }
-    atomic_write_bytes(out / "index.json", (json.dumps(index, indent=2) + "\n").encode())
+    write_json(out / "index.json", index)
     print(f"wrote {len(files)} files, index.json and contact_sheet.png to {out}")
     return 0

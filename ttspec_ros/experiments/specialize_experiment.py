@@ -27,6 +27,7 @@ from ttspec_ros.experiments.exit_curves import (
     measure_exit_latency,
     row_at,
 )
+from ttspec_ros.files import save_figure, write_json
 from ttspec_ros.specialize import (
     AnchorGuard,
     Specializer,
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         "before": before, "after": after, "fixed_threshold": fixed, "iso_accuracy": iso,
         "last_exit_unchanged": last_unchanged,
     }
-    (out / "figure4.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "figure4.json", result, indent=1)
     plot(result, out / "figure4.png")
     print(json.dumps({"out": str(out / "figure4.json"), "fixed_threshold": fixed,
                       "iso_accuracy": iso, "last_exit_unchanged": last_unchanged}, indent=1))
@@ -279,5 +280,5 @@ def plot(result: dict, path: Path) -> None:
                  f"guard {s['guard']}; thresholds 0.50-0.99, dot = {s['threshold']} before",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -11,7 +11,6 @@ load changes on a shared CPU hit them all alike. ``relative_cost`` = mean of the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import torch
 
 from ttspec_ros import data
 from ttspec_ros.cascade import Cascade
+from ttspec_ros.files import write_json, write_text
 from ttspec_ros.models.checkpoint import load_model
 from ttspec_ros.preprocess import preprocess_batch
 from ttspec_ros.specialize import cascade_answers, pooled_features
@@ -161,18 +161,12 @@ def evaluate(model_path: str | None, latency_images: int, warmup: int, threads: 
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.latency_images, args.warmup, args.threads,
                       args.test_limit, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "table1.json", json.dumps(result, indent=2) + "\n")
-    _atomic_write(out / "table1.md", _markdown(result))
+    write_json(out / "table1.json", result)
+    write_text(out / "table1.md", _markdown(result))
     print(_markdown(result), end="")
     return 0

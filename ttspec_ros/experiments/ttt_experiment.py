@@ -40,7 +40,7 @@ import torch
 
 from ttspec_ros import corruptions, data
 from ttspec_ros.experiments.make_corrupted import split_seed_of
-from ttspec_ros.model_update import atomic_write_bytes
+from ttspec_ros.files import save_figure, write_json
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.preprocess import preprocess_batch
 from ttspec_ros.ttt import TestTimeTrainer, TTTConfig
@@ -337,7 +337,7 @@ def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options,
     def done(t: Task, result: dict) -> None:
         results[t.key] = result
         if cache:
-            _write_json(_task_file(cache, t), {"fingerprint": prints[t.key], "result": result})
+            write_json(_task_file(cache, t), {"fingerprint": prints[t.key], "result": result})
         _log(f"{t.key}: {_brief(result)}")
 
     if not todo:
@@ -363,10 +363,6 @@ def _brief(result: dict) -> str:
     if "final" in result:
         return ", ".join(f"{k} {v['last_exit']:.3f}" for k, v in result["final"].items())
     return f"{result['last_exit']:.3f} ({result['seconds_per_image']:.3f} s/img)"
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _log(msg: str) -> None:
@@ -480,7 +476,7 @@ def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
                     "accuracy after the stream; tent_* = entropy minimisation (comparison)",
             **header,
         }
-        _write_json(out / "table.json", table)
+        write_json(out / "table.json", table)
         results["table"] = table
         _plot_table(table, out / "table.png")
 
@@ -494,7 +490,7 @@ def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
             for c in opts.severity_corruptions
         }
         online.update({"baseline": baseline, **header})
-        _write_json(out / "online.json", online)
+        write_json(out / "online.json", online)
         results["online"] = online
         _plot_online(online, out)
 
@@ -508,7 +504,7 @@ def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
                 "limit_points": -1.0, "target_points": -0.3, "passes": change >= -1.0,
                 "meets_target": change >= -0.3, "images": opts.clean_images,
                 "run": _strip(clean_run), **header}
-        _write_json(out / "harm.json", harm)
+        write_json(out / "harm.json", harm)
         results["harm"] = harm
         _plot_curve({"clean": clean_run["curves"]["clean"]}, "online TTT on a clean stream",
                     out / "harm.png")
@@ -518,7 +514,7 @@ def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
         cost["during_run_seconds_per_image"] = {k: v["seconds_per_image"]
                                                 for k, v in runs.items()}
         results["cost"] = cost
-        _write_json(out / "cost.json", {**cost, **header})
+        write_json(out / "cost.json", {**cost, **header})
     _log(f"experiment done in {time.time() - started:.0f} s")
     return results
 
@@ -566,11 +562,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=100)
 
 
 def _plot_table(table: dict, path: Path) -> None:

@@ -11,7 +11,6 @@ the same seeded sequence of corrupted Fashion-MNIST test images (mono8, 28 px) o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ttspec_ros.files import write_json
 
 STRATEGIES = ("none", "specialize", "ttt_online", "both")
 
@@ -127,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
     images, labels = _stream_images(args)
     runs = [_run_strategy(s, images, labels, args, out) for s in strategies]
     result = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "runs": runs}
-    tmp = out / "ttt_ros.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "ttt_ros.json")
+    write_json(out / "ttt_ros.json", result)
     for r in runs:
         acc = [w["accuracy"] for w in r["windows"]]
         print(f"{r['strategy']}: accuracy {r['accuracy']}, windows {acc}, "

@@ -1,0 +1,50 @@
+"""Atomic writes: the new content or the old file, never a partial file or a stray temp."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from ttspec_ros import files
+
+
+def test_write_json_creates_parents_and_is_readable_by_others(tmp_path):
+    path = files.write_json(tmp_path / "a" / "b" / "result.json", {"x": [1, 2]})
+    assert json.loads(path.read_text()) == {"x": [1, 2]}
+    assert stat.S_IMODE(path.stat().st_mode) == files.FILE_MODE
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
+
+
+def test_replaces_existing_file(tmp_path):
+    path = tmp_path / "state.bin"
+    files.atomic_write_bytes(path, b"old")
+    files.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = files.write_text(tmp_path / "report.md", "old")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        files.write_text(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_save_figure_writes_png(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = files.save_figure(fig, tmp_path / "plot.png", dpi=50)
+    plt.close(fig)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

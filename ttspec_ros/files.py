@@ -1,0 +1,52 @@
+"""Atomic file writes: a temp file in the target's directory, then ``os.replace``.
+
+A reader (a node loading state, a test reading a result, a user tailing an experiment) sees the
+old file or the new one, never half of one, and a crash mid-write leaves the old file intact.
+Every file this package writes (state, updates, engines, manifests, results, plots) goes
+through here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# mkstemp creates owner-only files; results, graphs and engines are meant to be shared.
+FILE_MODE = 0o644
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` (parent directories created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """A matplotlib figure as a PNG (``savefig`` options passed on)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    return atomic_write_bytes(path, buf.getvalue())
