@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ttspec_ros.files import FILE_MODE
 from ttspec_ros.models.revcol import NUM_EXITS, RevCol, RevColConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -369,7 +370,7 @@ def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> 
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=stem.parent)
             os.close(fd)
             temps.append(tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are read by other processes
+            os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; weights are read by other processes
         save_file(state, temps[0])
         card = dataclasses.replace(card, model_id=card.model_id or file_hash(temps[0]))
         Path(temps[1]).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
