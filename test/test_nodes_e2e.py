@@ -495,7 +495,8 @@ def test_bench_ros_writes_its_json(tmp_path, tiny):
     bench_ros.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--model", str(tiny[0]), "--seconds", "1.5",
                               "--rate", "10", "--size", "64", "--max-rate", "30",
-                              "--adapt-seconds", "2", "--adapt-windows", "2"])
+                              "--adapt-seconds", "2", "--adapt-windows", "2",
+                              "--floor-seconds", "1.5"])
     assert bench_ros.run(args) == 0
     result = json.loads((tmp_path / "bench_ros.json").read_text())
     assert result["settings"]["seed"] == 0 and result["classifier_capacity_hz"] > 0
@@ -512,6 +513,12 @@ def test_bench_ros_writes_its_json(tmp_path, tiny):
     assert result["exit_codes"] == {CAM: 0, CLS: 0, ADA: 0}
     assert set(result["targets"]) == {"ros_overhead_p50_ms", "overload_max_pending",
                                       "overload_rss_growth_mb"}
+    floor = result["transport_floor"]  # the relays pass frames on: every one that arrives counts
+    assert floor["exit_codes"] == {CAM: 0, CLS: 0}
+    assert 0 < floor["predictions"] <= floor["published"]
+    assert floor["latency_ms"]["end_to_end"]["n"] == floor["predictions"]
+    assert (result["targets"]["ros_overhead_p50_ms"]["transport_floor_p50_ms"]
+            == floor["latency_ms"]["end_to_end"]["p50"] > 0)
 
 
 def test_bad_configuration_exits_with_one_clear_line(tmp_path):

@@ -7,8 +7,11 @@ and times every frame where this process sees it: published -> prediction (end-t
 as deployed (only the classifier reads ``frames``). A second 30 Hz phase also subscribes to
 ``frames`` for the per-hop split: published -> preprocessed frame (camera hop) -> prediction
 (classifier hop); that extra subscriber costs the camera a second delivery, so its overhead is
-reported but not used for the target. Writes <out>/bench_ros.json: per-hop p50/p95, drops per
-stage, the classifier's pending queue, and each process's RSS over time.
+reported but not used for the target. A last phase sends the same stream through two relay
+processes (``ttspec_ros.nodes.relay``) that pass it on with no work: the transport floor, the
+share of the overhead that rclpy and DDS take on this machine whatever the nodes do. Writes
+<out>/bench_ros.json: per-hop p50/p95, drops per stage, the classifier's pending queue, each
+process's RSS over time, and the floor.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ttspec_ros import topics
 from ttspec_ros.files import write_json
 
 TARGET_OVERHEAD_P50_MS = 2.0
@@ -46,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int, default=1, help="classifier num_threads")
     parser.add_argument("--seed", type=int, default=0, help="image order")
     parser.add_argument("--namespace", default="ttspec_bench")
+    parser.add_argument("--floor-seconds", type=float, default=10.0,
+                        help="length of the transport-floor phase at --rate: the same two hops "
+                             "through relay processes that do no work (0 = skip)")
     parser.add_argument("--adapt-seconds", type=float, default=60.0,
                         help="length of the adaptation phase (0 = skip it)")
     parser.add_argument("--adapt-classes", default="tops",
@@ -112,7 +119,6 @@ def _publish_for(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz:
 
 def _phase(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float,
            seconds: float, watch_frames: bool = False) -> dict[str, Any]:
-    from ttspec_ros import topics
 
     cam, cls = topics.CAMERA_NODE, topics.CLASSIFIER_NODE
     probe.watch_frames(watch_frames)
@@ -183,10 +189,45 @@ def _phase(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float
     }
 
 
+def _transport_floor(args: argparse.Namespace, images: list[dict], log_dir: Path
+                     ) -> dict[str, Any]:
+    """publish -> prediction through ``nodes.relay`` processes in place of camera and
+    classifier (same topics, types, QoS and executor; no decoding, preprocessing or model):
+    what rclpy and DDS alone cost for the pipeline's hops, run after the pipeline stopped."""
+    from ttspec_ros.nodes.probe import Probe, RelayProcess, wait_for
+    from ttspec_ros.nodes.relay import ROLES
+
+    namespace = f"{args.namespace}_floor"
+    relays = {r: RelayProcess(r, log_dir, namespace, args.model).start() for r in ROLES}
+    probe = Probe(namespace, name="ttspec_bench_floor_probe")
+    predictions = f"/{namespace}/{topics.PREDICTIONS}"
+    try:
+        if not wait_for(lambda: probe.image_pub.get_subscription_count() > 0
+                        and probe.node.count_publishers(predictions) > 0, 60.0, 0.2):
+            raise RuntimeError(f"relays did not come up; logs in {log_dir}")
+        for seconds in (2.0, args.floor_seconds):  # warm-up, then measured
+            time.sleep(0.5)
+            probe.clear()
+            sent, sent_for_s, rss = _publish_for(probe, relays, images, args.rate, seconds)
+            time.sleep(1.0)
+        with probe.lock:
+            preds = [(r.msg, r.t) for r in probe.predictions]
+    finally:
+        probe.close()
+        codes = {n: p.stop() for n, p in relays.items()}
+    published = {k: t for k, (t, _) in sent.items()}
+    e2e = [(t - published[key]) * 1000.0 for msg, t in preds
+           if (key := (msg.header.stamp.sec, msg.header.stamp.nanosec)) in published]
+    return {"namespace": namespace, "rate_hz_achieved": round(len(published) / sent_for_s, 2),
+            "published": len(published), "predictions": len(e2e),
+            "latency_ms": {"end_to_end": _percentiles(e2e)},
+            "rss_end_mb": {n: s[-1][1] if s else None for n, s in rss.items()},
+            "exit_codes": codes}
+
+
 def _adaptation(probe: Any, procs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Stream one class group at the nominal rate with the adapter on (from the original heads,
     after ~/reset): mean exit depth, accuracy and model version per time window."""
-    from ttspec_ros import topics
     from ttspec_ros.data import SUBSETS
 
     classes = SUBSETS[args.adapt_classes]
@@ -233,14 +274,18 @@ def _adaptation(probe: Any, procs: dict[str, Any], args: argparse.Namespace) -> 
     }
 
 
-def _targets(nominal: dict[str, Any], overload: dict[str, Any]) -> dict[str, Any]:
+def _targets(nominal: dict[str, Any], overload: dict[str, Any],
+             floor: dict[str, Any] | None = None) -> dict[str, Any]:
     overhead_p50 = nominal["latency_ms"]["ros_overhead"]["p50"]
     pending = overload["classifier_max_pending"]
     growth = {n: r["growth_mb"] for n, r in overload["rss"].items()}
     return {
         "ros_overhead_p50_ms": {"target": TARGET_OVERHEAD_P50_MS, "measured": overhead_p50,
                                 "met": overhead_p50 is not None
-                                and overhead_p50 <= TARGET_OVERHEAD_P50_MS},
+                                and overhead_p50 <= TARGET_OVERHEAD_P50_MS,
+                                # the same hops with no work in them (None: not measured)
+                                "transport_floor_p50_ms":
+                                floor["latency_ms"]["end_to_end"]["p50"] if floor else None},
         "overload_max_pending": {"target": TARGET_MAX_PENDING, "measured": pending,
                                  "met": 0 <= pending <= TARGET_MAX_PENDING},
         "overload_rss_growth_mb": {"target": f"<= {RSS_FLAT_MB} per process",
@@ -256,7 +301,6 @@ def run(args: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_LOG_DIR", str(log_dir / "ros"))
-    from ttspec_ros import topics
     from ttspec_ros.nodes.probe import NodeProcess, Probe, wait_for
 
     model = {"model": args.model} if args.model else {}
@@ -295,7 +339,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         probe.close()
         codes = {n: p.stop() for n, p in procs.items()}
-    targets = _targets(nominal, overload) if nominal and overload else None
+    floor = _transport_floor(args, images, log_dir) if args.floor_seconds > 0 else None
+    targets = _targets(nominal, overload, floor) if nominal and overload else None
     result = {
         "command": "bench-ros",
         "settings": {"model": args.model or "(bundled demo)", "seconds": args.seconds,
@@ -303,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
                      "overload": args.overload, "size": args.size,
                      "num_threads": args.num_threads, "seed": args.seed,
                      "encoding": "rgb8", "namespace": args.namespace,
+                     "floor_seconds": args.floor_seconds,
                      "adapt_seconds": args.adapt_seconds, "adapt_classes": args.adapt_classes,
                      "adapt_lr": args.adapt_lr},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -313,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
         "nominal": nominal,
         "nominal_watching_frames": hops,
         "overload": overload,
+        "transport_floor": floor,
         "adaptation": adaptation,
         "nodes_alive_at_end": alive,
         "exit_codes": codes,
@@ -324,6 +371,10 @@ def run(args: argparse.Namespace) -> int:
                  "frames for publish -> frames arrival (camera hop: DDS + decode + preprocess "
                  "+ DDS) and frames arrival -> prediction arrival (classifier hop: waiting + "
                  "model + DDS); its extra subscriber makes the camera deliver each frame twice. "
+                 "transport_floor: publish -> prediction through relay processes (nodes.relay) "
+                 "in place of camera and classifier, with the same topics, message types and "
+                 "QoS but no work, after the pipeline stopped: the part of ros_overhead that "
+                 "rclpy and DDS cost on this machine. "
                  "All processes share the machine's CPUs with whatever else runs (loadavg "
                  "recorded).",
     }
@@ -344,6 +395,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.rate:g} Hz watching frames: camera hop p50 {h['camera_hop']['p50']} ms, "
               f"classifier hop p50 {h['classifier_hop']['p50']} ms, overhead p50 "
               f"{h['ros_overhead']['p50']} ms")
+    if floor:
+        f = floor["latency_ms"]["end_to_end"]
+        print(f"{args.rate:g} Hz transport floor (relays, no work): publish -> prediction p50 "
+              f"{f['p50']} ms p95 {f['p95']} ms ({floor['predictions']} of "
+              f"{floor['published']})")
     if adaptation and adaptation["windows"]:
         w = adaptation["windows"]
         print(f"adapting on {args.adapt_classes}: mean exit per window "

@@ -103,6 +103,21 @@ class NodeProcess:
         return rss_mb(self.pid)
 
 
+class RelayProcess(NodeProcess):
+    """A ``ttspec_ros.nodes.relay`` process (bench-ros transport floor), started like a node."""
+
+    def __init__(self, role: str, log_dir: Path, namespace: str, model: str = "") -> None:
+        super().__init__(f"{role}_relay", {}, log_dir, namespace)
+        self.role, self.model = role, model
+
+    def command(self) -> list[str]:
+        import sys
+
+        return [sys.executable, "-m", "ttspec_ros.nodes.relay", "--role", self.role,
+                *(["--model", self.model] if self.model else []),
+                "--ros-args", "-r", f"__ns:=/{self.namespace}"]
+
+
 def rss_mb(pid: int) -> float:
     # The executable's interpreter may re-exec once (ros-wheels bootstrapper): same pid.
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
