@@ -27,7 +27,7 @@ from torch import Tensor
 from ttspec_ros.backends import BackendUnavailable
 from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
 from ttspec_ros.backends.onnxruntime_backend import check_image
-from ttspec_ros.files import atomic_write_bytes
+from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.checkpoint import file_sha256
 
 PRECISIONS = ("fp32", "fp16")
@@ -140,7 +140,7 @@ class EngineCache:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_bytes(engine_path, engine)
-        atomic_write_bytes(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+        write_json(sidecar_path, sidecar)
 
     def get_or_build(self, name: str, key: EngineKey, build: Callable[[], bytes]) -> bytes:
         """Cached engine for ``key``; ``build`` runs only when there is no entry at all."""
