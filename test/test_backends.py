@@ -146,6 +146,8 @@ def test_onnxruntime_stages_match_torch(exported, image):
         assert relative_difference(pooled, expected) < 1e-4
         with torch.no_grad():
             assert relative_difference(model.head(i, pooled), model.head(i, expected)) < 1e-4
+    assert carry is None  # nothing follows the last stage: its graph outputs no carry
+    assert [o["name"] for o in backbone.manifest["stages"][-1]["outputs"]] == ["pooled"]
     assert relative_difference(backbone.run_unsplit(image), expected) < 1e-4
 
 

@@ -30,7 +30,8 @@ HEAD_PREFIX = "cls_blocks."
 class StagedBackbone(Protocol):
     """A backbone run one exit at a time. Stage 0 takes the image tensor (1, C, H, W); later
     stages take the carry the previous stage returned (its content is the backend's business).
-    Every stage returns (carry, pooled head input of that exit, a (1, C3) float32 tensor)."""
+    Every stage returns (carry, pooled head input of that exit, a (1, C3) float32 tensor); the
+    last stage's carry is None, since nothing follows it (exported graphs do not output it)."""
 
     num_exits: int
 
@@ -51,7 +52,8 @@ class TorchBackbone:
         else:
             x, state = carry
         state = self.model.run_exit(i, x, state)
-        return (x, state), self.model.pool(state[3])
+        carry = None if i == self.num_exits - 1 else (x, state)
+        return carry, self.model.pool(state[3])
 
 
 @dataclass

@@ -141,7 +141,7 @@ class OnnxRuntimeBackbone:
         image = check_image(image, self.image_shape)
         np.copyto(self._image, image.detach().cpu().numpy(), casting="same_kind")
 
-    def run_stage(self, i: int, carry: Tensor | Carry) -> tuple[Carry, Tensor]:
+    def run_stage(self, i: int, carry: Tensor | Carry) -> tuple[Carry | None, Tensor]:
         if not 0 <= i < self.num_exits:
             raise IndexError(f"stage {i} out of range 0..{self.num_exits - 1}")
         stage = self._stages[i]
@@ -150,9 +150,12 @@ class OnnxRuntimeBackbone:
         else:
             stage.bind(carry)  # no-op for the carry of this backbone's previous stage
         out = stage.run()
+        pooled = torch.tensor(out["pooled"].numpy())  # copy: tiny, owns its memory
+        if i == self.num_exits - 1:
+            return None, pooled  # the last graph outputs no carry (nothing follows it)
         next_carry = {"x": self._stages[0].outputs["x"]}
         next_carry.update({f"{n}_in": out[n] for n in STATE_NAMES})
-        return next_carry, torch.tensor(out["pooled"].numpy())  # copy: tiny, owns its memory
+        return next_carry, pooled
 
     def run_unsplit(self, image: Tensor) -> Tensor:
         """Last exit's pooled features from the one-graph export (overhead reference), run

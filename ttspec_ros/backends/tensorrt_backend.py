@@ -286,7 +286,7 @@ class TensorRTBackbone:
             self._outputs.append(outputs)
         self._image = torch.empty(self.image_shape, dtype=torch.float32, device=self.device)
 
-    def run_stage(self, i: int, carry: Tensor | dict[str, Tensor]) -> tuple[dict, Tensor]:
+    def run_stage(self, i: int, carry: Tensor | dict[str, Tensor]) -> tuple[dict | None, Tensor]:
         if not 0 <= i < self.num_exits:
             raise IndexError(f"stage {i} out of range 0..{self.num_exits - 1}")
         if i == 0:
@@ -301,6 +301,9 @@ class TensorRTBackbone:
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT execution of stage {i} failed")
         out = self._outputs[i]
+        pooled = out["pooled"].to("cpu", torch.float32)  # waits for the stream
+        if i == self.num_exits - 1:
+            return None, pooled  # the last engine outputs no carry (nothing follows it)
         next_carry = {"x": out["x"] if i == 0 else carry["x"]}
         next_carry.update({f"{n}_in": out[n] for n in STATE_NAMES})
-        return next_carry, out["pooled"].to("cpu", torch.float32)  # waits for the stream
+        return next_carry, pooled
