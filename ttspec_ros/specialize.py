@@ -65,6 +65,9 @@ from ttspec_ros.model_update import ModelUpdatePayload
 
 LAYER_NORM_EPS = 1e-6  # eps of the classifier LayerNorm (RevCol)
 STATE_FILE = "specializer.safetensors"
+# AnchorGuard's default rollback tolerances: mean and per-class loss of anchor agreement
+GUARD_TOLERANCE = 0.005
+GUARD_CLASS_TOLERANCE = 0.03
 _STATE_FORMAT = "ttspec-specializer-1"
 
 
@@ -313,8 +316,9 @@ class AnchorGuard:
     also triggers a rollback."""
 
     def __init__(self, anchors: AnchorSet, *, threshold: float | Sequence[float] = 0.9,
-                 rehearsal: int = 2, check_every: int = 10, tolerance: float = 0.005,
-                 class_tolerance: float = 0.03, exit_cost: Sequence[float] | None = None,
+                 rehearsal: int = 2, check_every: int = 10, tolerance: float = GUARD_TOLERANCE,
+                 class_tolerance: float = GUARD_CLASS_TOLERANCE,
+                 exit_cost: Sequence[float] | None = None,
                  cost_tolerance: float | None = None, rehearsal_target: str = "original",
                  seed: int = 0) -> None:
         if rehearsal_target not in ("original", "labels"):

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchors-per-class", type=int, default=50)
     parser.add_argument("--guard-rehearsal", type=int, default=tuned["guard_rehearsal"],
                         help="anchors rehearsed per update step in the guarded run")
+    parser.add_argument("--guard-tolerance", type=float, default=tuned["guard_tolerance"])
+    parser.add_argument("--guard-class-tolerance", type=float,
+                        default=tuned["guard_class_tolerance"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=250, help="feature-extraction batch size")
@@ -118,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     runs = {}
     for name, use_guard in (("no_guard", False), ("guard", True)):
         guard = AnchorGuard(anchors, threshold=args.threshold, rehearsal=args.guard_rehearsal,
+                            tolerance=args.guard_tolerance,
+                            class_tolerance=args.guard_class_tolerance,
                             exit_cost=card.exit_cost, seed=args.seed) if use_guard else None
         spec = Specializer(initial, model.num_exits, model_id=card.model_id, lr=args.lr,
                            momentum=args.momentum, batch_size=args.batch_size,
