@@ -368,6 +368,39 @@ def test_unavailable_backend_exits_with_one_clear_line(tmp_path, tiny):
     assert "tensorrt" in log.splitlines()[-1] or "CUDA" in log, log
 
 
+def test_adapter_runs_the_forgetting_guard_from_an_anchors_file(tmp_path, tiny):
+    """anchors_file turns the guard on (logged, in diagnostics); anchors of another model are
+    refused at start with one clear line. The guard's behaviour is tested in test_specialize."""
+    from ttspec_ros.models.checkpoint import load_model
+    from ttspec_ros.specialize import build_anchor_set
+
+    stem, card = tiny
+    model, _ = load_model(stem)
+    images = torch.randn(60, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    good = build_anchor_set(model, images, model_id=card.model_id).save(tmp_path / "good.st")
+    other = build_anchor_set(model, images, model_id="another").save(tmp_path / "other.st")
+
+    refused = NodeProcess(ADA, {"model": stem, "anchors_file": other}, tmp_path,
+                          namespace="ttspec_guard_bad").start()
+    refused.proc.wait(60)
+    log = refused.log()
+    assert refused.proc.returncode == 1 and "Traceback" not in log, log
+    assert f"anchors_file {other}: anchors come from model 'another'" in log, log
+
+    ns = "ttspec_guard"
+    adapter = NodeProcess(ADA, {"model": stem, "anchors_file": good}, tmp_path,
+                          namespace=ns).start()
+    probe = probe_mod.Probe(namespace=ns, name="ttspec_probe_guard")
+    try:
+        assert wait_for(lambda: probe.seen(ADA), STARTUP_S, 0.2), adapter.log()[-2000:]
+        assert f"forgetting guard with 60 anchors from {good}" in adapter.log()
+        assert probe.diag(ADA)["guard_anchors"] == "60"
+        assert adapter.stop(signal.SIGINT) == 0
+    finally:
+        probe.close()
+        adapter.stop(signal.SIGKILL)
+
+
 def test_adapter_save_and_reset_services(pipeline):
     probe = pipeline["probe"]
     saved = probe.trigger(ADA, "save")

@@ -48,7 +48,9 @@ def test_config_yaml_equals_the_defaults():
 def test_issue_defaults_of_the_adapter():
     assert params.defaults(topics.ADAPTER_NODE) == {
         "model": "", "enabled": True, "learning_rate": 1e-4, "momentum": 0.0, "batch_size": 1,
-        "min_confidence": 0.0, "publish_period_s": 1.0, "state_dir": "", "save_period_s": 10.0,
+        "min_confidence": 0.0, "anchors_file": "", "guard_rehearsal": 2,
+        "guard_tolerance": 0.005, "guard_class_tolerance": 0.03,
+        "publish_period_s": 1.0, "state_dir": "", "save_period_s": 10.0,
         "strategy": "specialize", "ttt_update": "norm", "ttt_learning_rate": 1e-2}
 
 
@@ -137,3 +139,15 @@ def test_adapter_ttt_defaults_are_the_engines():
     assert params.spec("adapter", "ttt_update").default == TTTConfig().update
     assert params.spec("adapter", "ttt_update").choices == UPDATES
     assert params.strategy_uses_ttt("both") and not params.strategy_uses_ttt("specialize")
+
+
+def test_adapter_guard_defaults_are_the_guards():
+    """The adapter's forgetting-guard parameters default to AnchorGuard's own defaults."""
+    import inspect
+
+    from ttspec_ros.specialize import AnchorGuard
+
+    signature = inspect.signature(AnchorGuard).parameters
+    for param, arg in (("guard_rehearsal", "rehearsal"), ("guard_tolerance", "tolerance"),
+                       ("guard_class_tolerance", "class_tolerance")):
+        assert params.spec("adapter", param).default == signature[arg].default, param

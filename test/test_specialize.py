@@ -236,6 +236,24 @@ def test_pack_unpack_features() -> None:
         unpack_features([32, 31], flat)
 
 
+def test_anchor_file_records_its_model_and_refuses_another(tmp_path) -> None:
+    model = tiny_model()
+    anchors = build_anchor_set(model, torch.randn(40, 1, 32, 32), model_id="m1")
+    loaded = AnchorSet.load(anchors.save(tmp_path / "anchors.safetensors"))
+    assert loaded.model_id == "m1" and np.array_equal(loaded.labels, anchors.labels)
+    dim = loaded.features[0].shape[1]
+    loaded.check_matches("m1", 3, dim)
+    with pytest.raises(ValueError, match="come from model 'm1', not 'm2'"):
+        loaded.check_matches("m2", 3, dim)
+    with pytest.raises(ValueError, match="do not fit 2 early heads"):
+        loaded.check_matches("m1", 2, dim)
+    with pytest.raises(ValueError, match=f"do not fit 3 early heads of {dim + 1} inputs"):
+        loaded.check_matches("m1", 3, dim + 1)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors anchor file"):
+        AnchorSet.load(tmp_path / "bad.safetensors")
+
+
 def test_anchor_guard_limits_forgetting(tmp_path) -> None:
     model = tiny_model()
     torch.manual_seed(1)

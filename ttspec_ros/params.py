@@ -90,6 +90,20 @@ ADAPTER: tuple[ParamSpec, ...] = (
     ParamSpec("batch_size", "int", 1, "samples per SGD step", min=1, max=1024),
     ParamSpec("min_confidence", "double", 0.0,
               "samples whose answering exit is less confident are skipped", min=0.0, max=1.0),
+    # The guard's defaults are AnchorGuard's (ttspec_ros.specialize; a test checks they agree).
+    ParamSpec("anchors_file", "string", "",
+              "forgetting guard: anchor set of this model from `ttspec make-anchors` (every "
+              "step rehearses anchors; heads that lose agreement with the last exit on them "
+              "are rolled back, and only checked heads are published); '' = no guard",
+              read_only=True),
+    ParamSpec("guard_rehearsal", "int", 2, "forgetting guard: anchors rehearsed per step",
+              min=0, max=64, read_only=True),
+    ParamSpec("guard_tolerance", "double", 0.005,
+              "forgetting guard: loss of mean anchor agreement that triggers a rollback",
+              min=0.0, max=1.0, read_only=True),
+    ParamSpec("guard_class_tolerance", "double", 0.03,
+              "forgetting guard: loss of one class's anchor agreement that triggers a rollback",
+              min=0.0, max=1.0, read_only=True),
     ParamSpec("publish_period_s", "double", 1.0,
               "model_updates are published at most this often (seconds), when changed",
               min=0.01, max=3600.0),

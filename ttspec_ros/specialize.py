@@ -231,10 +231,12 @@ def pack_features(features: Sequence[np.ndarray | Tensor]) -> tuple[list[int], n
 # -- anchors and the forgetting guard ------------------------------------------------------
 @dataclass
 class AnchorSet:
-    """Pooled features of exits 0..H-1 (each (M, C)); reference labels (M,) from the last exit."""
+    """Pooled features of exits 0..H-1 (each (M, C)); reference labels (M,) from the last exit;
+    ``model_id`` of the model they come from (features of another backbone mean nothing)."""
 
     features: list[np.ndarray]
     labels: np.ndarray
+    model_id: str = ""
 
     def __post_init__(self) -> None:
         self.features = [np.ascontiguousarray(_np(f), dtype=np.float32) for f in self.features]
@@ -256,8 +258,18 @@ class AnchorSet:
 
         tensors = {f"features.{i}": f for i, f in enumerate(self.features)}
         tensors["labels"] = self.labels
-        data = save(tensors, metadata={"format": "ttspec-anchors-1"})
+        data = save(tensors, metadata={"format": "ttspec-anchors-1", "model_id": self.model_id})
         return atomic_write_bytes(Path(path), data)
+
+    def check_matches(self, model_id: str, num_early: int, feature_dim: int) -> None:
+        """Refuse anchors of another model, or whose shapes do not fit its early heads."""
+        if self.model_id != model_id:
+            raise ValueError(f"anchors come from model {self.model_id or '(unrecorded)'!r}, "
+                             f"not {model_id!r}: build them with this model")
+        dims = [f.shape[1] for f in self.features]
+        if len(dims) != num_early or any(d != feature_dim for d in dims):
+            raise ValueError(f"anchor features of {len(dims)} exits of sizes {dims} do not fit "
+                             f"{num_early} early heads of {feature_dim} inputs")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AnchorSet:
@@ -266,15 +278,23 @@ class AnchorSet:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"anchor file {path} does not exist")
-        t = load_file(str(path))
+        from safetensors import safe_open
+
+        try:
+            t = load_file(str(path))
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{path}: not a readable safetensors anchor file ({e})") from e
         n = sum(1 for k in t if k.startswith("features."))
         if "labels" not in t or n == 0 or any(f"features.{i}" not in t for i in range(n)):
             raise ValueError(f"{path}: not an anchor set (needs labels and features.0..N)")
-        return cls([t[f"features.{i}"] for i in range(n)], t["labels"])
+        return cls([t[f"features.{i}"] for i in range(n)], t["labels"],
+                   model_id=meta.get("model_id", ""))
 
 
 def build_anchor_set(model: nn.Module, images: Tensor | np.ndarray, per_class: int | None = None,
-                     seed: int = 0, batch_size: int = 256) -> AnchorSet:
+                     seed: int = 0, batch_size: int = 256, model_id: str = "") -> AnchorSet:
     """Anchors from unlabeled preprocessed images: early-exit features + the last exit's class.
 
     With ``per_class``, keep at most that many anchors of each last-exit class (seeded)."""
@@ -287,7 +307,7 @@ def build_anchor_set(model: nn.Module, images: Tensor | np.ndarray, per_class: i
         keep = np.sort(np.concatenate(
             [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
         ))
-    return AnchorSet([f[keep].numpy() for f in feats[:-1]], labels[keep])
+    return AnchorSet([f[keep].numpy() for f in feats[:-1]], labels[keep], model_id=model_id)
 
 
 def cascade_answers(head_probs: Sequence[Tensor], last_pred: Tensor, thresholds: Sequence[float]

@@ -3,7 +3,8 @@
 Source: unlabeled Fashion-MNIST deployment-pool images (the model card's split) or a .npy of
 uint8 images (N, H, W) already at the model's content size, e.g. frames saved on the robot.
 Labels come from the model's own last exit, so no ground truth is used. The file is what
-``AnchorSet.load`` reads (safetensors: features.0..H-1, labels).
+``AnchorSet.load`` reads (safetensors: features.0..H-1, labels; the model id in its metadata)
+and what the adapter node's ``anchors_file`` parameter takes.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     take = np.sort(rng.permutation(len(images))[: args.candidates])
     x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(images[take]), card.input))
-    anchors = build_anchor_set(model, x, per_class=args.per_class, seed=args.seed)
+    anchors = build_anchor_set(model, x, per_class=args.per_class, seed=args.seed,
+                               model_id=card.model_id)
     path = anchors.save(Path(args.out))
     counts = np.bincount(anchors.labels, minlength=len(card.class_names)).tolist()
     print(json.dumps({"out": str(path), "model_id": card.model_id, "source": source,

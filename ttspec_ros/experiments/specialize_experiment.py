@@ -148,7 +148,8 @@ def make_guard(model, card, pool_imgs: np.ndarray, candidates: np.ndarray, per_c
 
     x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(pool_imgs[candidates]),
                                           card.input))
-    anchors = build_anchor_set(model, x, per_class=per_class, seed=seed, batch_size=batch)
+    anchors = build_anchor_set(model, x, per_class=per_class, seed=seed, batch_size=batch,
+                               model_id=card.model_id)
     guard = AnchorGuard(anchors, threshold=threshold, rehearsal=rehearsal,
                         tolerance=tolerance, class_tolerance=class_tolerance,
                         exit_cost=card.exit_cost, seed=seed)

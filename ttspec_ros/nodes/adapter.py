@@ -7,6 +7,11 @@ later still gets the latest). With ``state_dir`` the state is saved atomically e
 ``save_period_s``, on ``~/save`` and at shutdown, and resumed (and republished) at start.
 Any number of classifiers running the same model may feed one adapter.
 
+With ``anchors_file`` (from ``ttspec make-anchors``) the Specializer runs with the forgetting
+guard (``ttspec_ros.specialize.AnchorGuard``): anchors are rehearsed with every step, and heads
+that lose agreement with the last exit on them are rolled back; only checked heads are
+published.
+
 ``strategy`` picks what adapts: ``specialize`` (the early heads, from samples), ``ttt_online``
 (test-time training of the backbone with masked reconstruction on ``frames``, one step per
 frame, kept: ``ttspec_ros.ttt`` online mode, in its own thread; frames arriving while a step
@@ -48,7 +53,14 @@ from ttspec_ros.nodes import (
     refuse,
     run_node,
 )
-from ttspec_ros.specialize import STATE_FILE, Specializer, early_head_tensors, unpack_features
+from ttspec_ros.specialize import (
+    STATE_FILE,
+    AnchorGuard,
+    AnchorSet,
+    Specializer,
+    early_head_tensors,
+    unpack_features,
+)
 from ttspec_ros.ttt import STATE_FILE as TTT_STATE_FILE
 
 SAMPLE_QUEUE = 256  # samples waiting for the trainer; older ones are dropped (and counted)
@@ -105,6 +117,8 @@ class AdapterNode(Node):
             f"adapter: model {self.specializer.model_id}, strategy {self.strategy}"
             + (f" (TTT updates {self.ttt.config.update}: {len(self.ttt.parameter_names)} "
                "backbone tensors; classifiers need backend torch)" if self.ttt else "")
+            + (f", forgetting guard with {self._guard_anchors()} anchors from "
+               f"{values['anchors_file']}" if self.specializer.guard else "")
             + f", version {self._version()}"
             + (f" (resumed from {values['state_dir']})" if resumed else ""))
 
@@ -120,7 +134,9 @@ class AdapterNode(Node):
         specializer = Specializer(
             early_head_tensors(model), model.num_exits, model_id=card.model_id,
             lr=values["learning_rate"], momentum=values["momentum"],
-            batch_size=values["batch_size"], min_confidence=values["min_confidence"])
+            batch_size=values["batch_size"], min_confidence=values["min_confidence"],
+            guard=self._guard(values, card, model.num_exits - 1,
+                              model.cls_blocks[0].classifier[1].in_features))
         if not uses_ttt:
             return specializer, None  # the network itself is dropped here
         from ttspec_ros.ttt import TestTimeTrainer, TTTConfig
@@ -135,6 +151,28 @@ class AdapterNode(Node):
             return specializer, TestTimeTrainer(model, config, model_id=card.model_id)
         except ValueError as e:
             raise StartupError(f"adapter: test-time training: {e}") from e
+
+    def _guard_anchors(self) -> int:
+        guard = self.specializer.guard
+        return 0 if guard is None else int(guard.anchors.labels.size)
+
+    @staticmethod
+    def _guard(values: dict[str, Any], card, num_early: int, feature_dim: int):
+        """The forgetting guard from ``anchors_file`` (None without one). It simulates the
+        model card's thresholds: the adapter does not see the classifiers' live ones."""
+        path = values["anchors_file"]
+        if not path:
+            return None
+        try:
+            anchors = AnchorSet.load(path)
+            anchors.check_matches(card.model_id, num_early, feature_dim)
+            return AnchorGuard(anchors, threshold=list(card.thresholds),
+                               rehearsal=values["guard_rehearsal"],
+                               tolerance=values["guard_tolerance"],
+                               class_tolerance=values["guard_class_tolerance"],
+                               exit_cost=card.exit_cost)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"adapter: anchors_file {path}: {e}") from e
 
     def _resume(self, state_dir: str) -> bool:
         if not state_dir:
@@ -321,6 +359,7 @@ class AdapterNode(Node):
         values.update({"model_id": self.specializer.model_id,
                        "model_version": self._version(),
                        "strategy": self.strategy,
+                       "guard_anchors": self._guard_anchors(),
                        "ttt_loss": self._ttt_loss,
                        "published_version": self._published_version,
                        "saved_version": self._saved_version,
