@@ -273,13 +273,12 @@ class AnchorSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AnchorSet:
+        from safetensors import safe_open
         from safetensors.numpy import load_file
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"anchor file {path} does not exist")
-        from safetensors import safe_open
-
         try:
             t = load_file(str(path))
             with safe_open(str(path), framework="numpy") as f:
