@@ -217,3 +217,24 @@ def test_make_anchors_writes_a_loadable_set(tiny_checkpoint, tmp_path) -> None:
     anchors = AnchorSet.load(out)
     assert len(anchors.features) == 3 and anchors.features[0].shape[1] == 32
     assert np.bincount(anchors.labels).max() <= 2
+
+
+def test_make_anchors_from_a_bag_of_camera_frames(tiny_checkpoint, tmp_path, capsys) -> None:
+    """A robot's recorded camera bag (224-px rgb8 frames) is a source too; a missing bag is
+    one clear line and exit 2."""
+    from ttspec_ros import bags
+    from ttspec_ros.experiments import make_anchors as mod
+    from ttspec_ros.specialize import AnchorSet
+
+    bag = bags.make_scenario_bag("uniform", tmp_path / "bag", frames=30, seed=1)["bag"]
+    out = tmp_path / "anchors.safetensors"
+    args = _args(mod, ["--out", str(out), "--model", tiny_checkpoint, "--bag", str(bag),
+                       "--candidates", "20"])
+    assert mod.run(args) == 0
+    assert "topic /camera/image_raw" in json.loads(capsys.readouterr().out)["source"]
+    anchors = AnchorSet.load(out)
+    assert anchors.labels.size == 20 and len(anchors.features) == 3
+    args = _args(mod, ["--out", str(out), "--model", tiny_checkpoint, "--bag",
+                       str(tmp_path / "missing")])
+    assert mod.run(args) == 2
+    assert capsys.readouterr().err.startswith("ttspec make-anchors: ")
