@@ -138,10 +138,8 @@ def anchor_candidates(pool_size: int, exclude: np.ndarray, per_class: int, seed:
 
 
 def make_guard(model, card, pool_imgs: np.ndarray, candidates: np.ndarray, per_class: int,
-               threshold: float, rehearsal: int, seed: int, batch: int,
-               tolerance: float = GUARD_TOLERANCE,
-               class_tolerance: float = GUARD_CLASS_TOLERANCE
-               ) -> tuple[AnchorGuard, dict]:
+               threshold: float, rehearsal: int, seed: int, batch: int, tolerance: float,
+               class_tolerance: float) -> tuple[AnchorGuard, dict]:
     """Anchors from the ``anchor_candidates`` pool images, labelled by the last exit (no
     ground truth)."""
     from ttspec_ros.preprocess import preprocess_batch
