@@ -316,6 +316,9 @@ def test_onnxruntime_classifier_classifies_and_applies_head_updates(pipeline, da
     try:
         assert wait_for(lambda: ort_probe.seen(CLS), STARTUP_S, 0.2), ort.log()[-2000:]
         assert ort_probe.diag(CLS)["backend"] == "onnxruntime"
+        # The sessions' thread count is fixed: a live change is refused, saying why.
+        (refused,) = ort_probe.set_parameters(CLS, num_threads=2)
+        assert not refused.successful and "onnxruntime" in refused.reason, refused
         images = data[0][:12]
         stamps = _stream(probe, images)
         time.sleep(0.5)

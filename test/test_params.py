@@ -13,7 +13,8 @@ from conftest import REPO
 from ttspec_ros import params, topics
 
 CLASSIFIER_OK = {"model": "", "threshold": -1.0, "thresholds": [0.5, 0.6, 0.7], "max_exit": -1,
-                 "publish_samples": True, "num_threads": 1}
+                 "publish_samples": True, "num_threads": 1, "backend": "torch",
+                 "device": "cpu"}
 
 
 def _config_params() -> dict:
@@ -90,6 +91,11 @@ def test_classifier_consistency():
     assert "no effect" in params.check_classifier(both, 4, changed=["thresholds"])
     assert params.check_classifier({**ok, "threshold": -1.0}, 4,
                                    changed=["thresholds", "threshold"]) is None
+    # ONNX Runtime sessions fix their thread count at start; torch's follows live.
+    ort = {**ok, "backend": "onnxruntime", "num_threads": 2}
+    assert "restart the node" in params.check_classifier(ort, 4, changed=["num_threads"])
+    assert params.check_classifier(ort, 4, changed=["threshold"]) is None
+    assert params.check_classifier({**ok, "num_threads": 2}, 4, changed=["num_threads"]) is None
 
 
 def test_adapter_learning_rate_must_be_positive():

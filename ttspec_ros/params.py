@@ -68,7 +68,9 @@ CLASSIFIER: tuple[ParamSpec, ...] = (
               min=-1, max=255, constraints="-1 or at most number of exits - 1"),
     ParamSpec("publish_samples", "bool", True,
               "publish adaptation_samples for frames answered after exit 0"),
-    ParamSpec("num_threads", "int", 1, "CPU threads for the model (torch intra-op)",
+    ParamSpec("num_threads", "int", 1,
+              "CPU threads for the model: torch intra-op; with backend onnxruntime also the "
+              "ONNX Runtime sessions', fixed at start (a live change is refused there)",
               min=1, max=64),
     ParamSpec("backend", "string", "torch",
               "inference backend of the backbone, chosen at start: torch | onnxruntime (CPU) | "
@@ -200,6 +202,10 @@ def check_classifier(values: Mapping[str, Any], num_exits: int, changed: Sequenc
                 "in the same call")
     if values["max_exit"] > num_exits - 1:
         return f"max_exit must be -1 or at most {num_exits - 1}, got {values['max_exit']}"
+    if "num_threads" in changed and values["backend"] == "onnxruntime":
+        return ("num_threads cannot change while the node runs with backend onnxruntime: its "
+                "sessions fix their thread count when they start; set it in the parameters "
+                "file and restart the node")
     return None
 
 

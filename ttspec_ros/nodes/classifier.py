@@ -141,8 +141,10 @@ class ClassifierNode(Node):
         loaded = self.loaded
         if not reason and "model" in new and new["model"] != loaded.path:
             try:
-                # The worker sets torch's (process-wide) thread count between frames.
-                loaded = LoadedModel(new["model"], None, merged["backend"], merged["device"])
+                # The worker thread sets torch's thread count itself, between frames; ONNX
+                # Runtime sessions take theirs when they are created, here.
+                threads = None if merged["backend"] == "torch" else merged["num_threads"]
+                loaded = LoadedModel(new["model"], threads, merged["backend"], merged["device"])
             except StartupError as e:
                 reason = str(e)
         if not reason:
