@@ -281,3 +281,69 @@ def test_none_loads_the_bundled_demo_model(tmp_path, monkeypatch):
     loaded, card = load_model()
     assert_same_weights(loaded, model)
     assert card == written
+
+
+def test_dotted_stems_name_their_own_files(tmp_path):
+    # "run.v1" is a stem, not a file with suffix ".v1": the two saves must not share files.
+    v1, v2 = make_model(seed=1), make_model(seed=2)
+    save_model(v1, make_card(v1), tmp_path / "run.v1")
+    save_model(v2, make_card(v2), tmp_path / "run.v2.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "run.v1.json", "run.v1.safetensors", "run.v2.json", "run.v2.safetensors"]
+    for path in (tmp_path / "run.v1", tmp_path / "run.v1.safetensors"):
+        assert_same_weights(load_model(path)[0], v1)
+    assert_same_weights(load_model(tmp_path / "run.v2")[0], v2)
+
+
+def test_card_from_another_save_is_refused_and_resaving_recomputes_the_id(tmp_path):
+    a, b = make_model(seed=1), make_model(seed=2)
+    card_a = save_model(a, make_card(a), tmp_path / "a")
+    save_model(b, make_card(b), tmp_path / "b")
+    (tmp_path / "b.json").write_bytes((tmp_path / "a.json").read_bytes())
+    with pytest.raises(ValueError, match="different saves"):
+        load_model(tmp_path / "b")
+    # A card carried over from a load names the old weights' hash: saving other weights with
+    # it writes their own hash.
+    card_b = save_model(b, card_a, tmp_path / "c")
+    assert card_b.model_id == file_hash(tmp_path / "c.safetensors") != card_a.model_id
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("cls_blocks.0.classifier.1.bias", lambda t: t.to(torch.int64), "not floating point: "
+     r"cls_blocks\.0\.classifier\.1\.bias torch\.int64"),
+    ("stem.0.weight", lambda t: torch.full_like(t, float("nan")),
+     r"NaN or infinite values: stem\.0\.weight"),
+])
+def test_wrongly_typed_or_non_finite_tensors_are_refused(tmp_path, key, value, message):
+    state = dict(make_model().state_dict())
+    state[key] = value(state[key])
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=message):
+        load_model(tmp_path / "bad.pth")
+
+
+def test_tensor_with_the_wrong_number_of_dimensions_is_named(tmp_path):
+    state = dict(make_model().state_dict())
+    state["subnet0.alpha0"] = state["subnet0.alpha0"].flatten()
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"tensor subnet0\.alpha0 has shape \[8\]"):
+        load_model(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("exit_cost", [0.2, 0.5, 0.7, float("nan")], "exit_cost needs"),
+    ("exit_cost", [0.5, 0.3, 0.7, 1.0], "exit_cost needs"),
+    ("exit_cost", [None] * 4, "wrong type"),
+    ("class_names", None, "wrong type"),
+    ("thresholds", ["a", "b", "c"], "thresholds: need numbers"),
+])
+def test_malformed_card_fields_are_refused_with_value_errors(field, value, message):
+    card = make_card(make_model()).to_dict()
+    card[field] = value
+    with pytest.raises(ValueError, match=message):
+        ModelCard.from_dict(card)
+    card = make_card(make_model()).to_dict()
+    card["input"]["channels"] = None
+    with pytest.raises(ValueError, match="wrong type"):
+        ModelCard.from_dict(card)

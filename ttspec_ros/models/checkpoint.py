@@ -22,19 +22,19 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import types
 import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ttspec_ros.files import FILE_MODE
+from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.revcol import NUM_EXITS, RevCol, RevColConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -88,6 +88,12 @@ class ModelCard:
     def validate(self, source: str = "model card") -> None:
         """Internal consistency; raises ValueError saying which field is wrong and why."""
         try:
+            self._validate(source)
+        except (TypeError, AttributeError) as e:  # e.g. "channels": null, a list for a dict
+            raise ValueError(f"{source}: a field has the wrong type ({e})") from e
+
+    def _validate(self, source: str) -> None:
+        try:
             config = self.config
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: architecture is incomplete or malformed ({e})") from e
@@ -108,10 +114,13 @@ class ModelCard:
             if len(self.input[key]) != config.in_chans:
                 raise ValueError(f"{source}: input.{key} needs {config.in_chans} values")
         validate_thresholds(self.thresholds, NUM_EXITS, source=f"{source}: thresholds")
-        if len(self.exit_cost) != NUM_EXITS or abs(self.exit_cost[-1] - 1.0) > 1e-6:
+        costs = [float(c) for c in self.exit_cost]
+        # Cumulative shares: every one in (0, 1], none smaller than the one before (NaN fails).
+        if (len(costs) != NUM_EXITS or abs(costs[-1] - 1.0) > 1e-6
+                or not all(0.0 < a <= b <= 1.0 + 1e-6 for a, b in pairwise(costs))):
             raise ValueError(
-                f"{source}: exit_cost needs {NUM_EXITS} cumulative shares ending at 1.0, "
-                f"got {self.exit_cost}"
+                f"{source}: exit_cost needs {NUM_EXITS} non-decreasing cumulative shares in "
+                f"(0, 1] ending at 1.0, got {self.exit_cost}"
             )
 
 
@@ -119,7 +128,10 @@ def validate_thresholds(thresholds, num_exits: int, source: str = "thresholds") 
     """A float (same for every early exit) or one value in [0, 1] per exit but the last."""
     if isinstance(thresholds, (int, float)):
         thresholds = [float(thresholds)] * (num_exits - 1)
-    values = [float(t) for t in thresholds]
+    try:
+        values = [float(t) for t in thresholds]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: need numbers, got {thresholds!r}") from e
     if len(values) != num_exits - 1:
         raise ValueError(
             f"{source}: need {num_exits - 1} values (one per exit but the last, which always "
@@ -262,25 +274,34 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
     return dict(state)
 
 
+def _dim(state: Mapping[str, Tensor], key: str, ndim: int, dim: int, source: str) -> int:
+    """Size ``dim`` of ``state[key]``, which must have ``ndim`` dimensions."""
+    t = state[key]
+    if t.ndim != ndim:
+        raise ValueError(f"{source}: tensor {key} has shape {_shape(t)}, but RevCol's has "
+                         f"{ndim} dimensions")
+    return int(t.shape[dim])
+
+
 def infer_config(state: Mapping[str, Tensor], source: str = "state dict") -> RevColConfig:
     """The RevCol architecture a state dict was saved from (drop_path is not recorded)."""
     try:
-        channels = tuple(int(state[f"subnet0.alpha{i}"].shape[1]) for i in range(4))
+        channels = tuple(_dim(state, f"subnet0.alpha{i}", 4, 1, source) for i in range(4))
         layers = tuple(
             len({m.group(1) for k in state
                  if (m := re.match(rf"subnet0\.level{lv}\.blocks\.(\d+)\.", k))})
             for lv in range(4)
         )
         num_columns = len({m.group(1) for k in state if (m := re.match(r"subnet(\d+)\.", k))})
-        num_classes, _ = state["cls_blocks.0.classifier.1.weight"].shape
-        kernel_size = int(state["subnet0.level0.blocks.0.dwconv.weight"].shape[-1])
-        in_chans = int(state["stem.0.weight"].shape[1])
+        num_classes = _dim(state, "cls_blocks.0.classifier.1.weight", 2, 0, source)
+        kernel_size = _dim(state, "subnet0.level0.blocks.0.dwconv.weight", 4, 3, source)
+        in_chans = _dim(state, "stem.0.weight", 4, 1, source)
     except KeyError as e:
         raise ValueError(
             f"{source}: not a RevCol state dict with intermediate heads (no tensor {e})"
         ) from e
     return RevColConfig(
-        channels=channels, layers=layers, num_columns=num_columns, num_classes=int(num_classes),
+        channels=channels, layers=layers, num_columns=num_columns, num_classes=num_classes,
         kernel_size=kernel_size, in_chans=in_chans,
         with_decoders=any(k.startswith(DECODER_PREFIX) for k in state),
     )
@@ -292,15 +313,23 @@ def _shape(t: Tensor) -> list[int]:
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor],
                      source: str = "state dict", show: int = 5) -> None:
-    """Raise ValueError naming the first missing, unexpected and wrongly shaped keys."""
+    """Raise ValueError naming the first missing, unexpected, wrongly shaped, wrongly typed
+    (integer where the model holds floats) and non-finite keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    common = [k for k in expected if k in state]
     wrong = [f"{k} {_shape(state[k])} (model: {_shape(expected[k])})"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
+             for k in common if state[k].shape != expected[k].shape]
+    # load_state_dict would silently cast an integer tensor into a float parameter.
+    wrong_type = [f"{k} {state[k].dtype}" for k in common
+                  if expected[k].is_floating_point() and not state[k].is_floating_point()]
+    non_finite = [k for k in common
+                  if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected),
-                        ("wrong shape", wrong)):
+                        ("wrong shape", wrong), ("not floating point", wrong_type),
+                        ("NaN or infinite values", non_finite)):
         if keys:
             more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
             problems.append(f"{label}: {', '.join(keys[:show])}{more}")
@@ -344,42 +373,43 @@ def file_hash(path: str | os.PathLike) -> str:
     return file_sha256(path)[:MODEL_ID_HEX]
 
 
-def _stem(path: str | os.PathLike) -> Path:
+def _is_hash_id(model_id: str) -> bool:
+    """Whether a model id has the form save_model gives it (a weights hash)."""
+    return re.fullmatch(rf"[0-9a-f]{{{MODEL_ID_HEX}}}", model_id) is not None
+
+
+def _pair(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, card) paths of our format for ``X``, ``X.safetensors`` or ``X.json``.
+
+    Suffixes are appended, not substituted, so a dotted stem such as ``run.v1`` names
+    ``run.v1.safetensors`` and not ``run.safetensors``."""
     path = Path(path)
-    return path.with_suffix("") if path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) else path
+    stem = path.with_suffix("") if path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) else path
+    return (stem.with_name(stem.name + SAFETENSORS_SUFFIX),
+            stem.with_name(stem.name + CARD_SUFFIX))
 
 
 def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> ModelCard:
     """Write ``<stem>.safetensors`` and ``<stem>.json``; returns the card as written
-    (architecture from the model; model_id = hash of the weights file if the card had none).
+    (architecture from the model; model_id = hash of the weights file unless the card names
+    a model id of its own; a hash-like id, e.g. of the weights this model was loaded from, is
+    recomputed).
 
-    Both files are written to temporary names and validated first, then renamed into place
-    (weights, then card), so readers never see a partial file and a refused card leaves the
-    old pair untouched."""
-    from safetensors.torch import save_file
+    The weights go through ``atomic_write_bytes`` (temporary file, fsync, rename) before the
+    card, so readers never see a partial file, a refused card leaves the old pair untouched,
+    and a crash between the two renames leaves new weights beside an old card, which
+    ``load_model`` refuses because the card's id is not the weights' hash."""
+    from safetensors.torch import save
 
-    stem = _stem(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    weights, card_path = stem.with_suffix(SAFETENSORS_SUFFIX), stem.with_suffix(CARD_SUFFIX)
+    weights, card_path = _pair(path_stem)
     card = dataclasses.replace(card, architecture=model.config.to_dict())
     card.validate(f"model card for {weights}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    temps: list[str] = []
-    try:
-        for target in (weights, card_path):
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=stem.parent)
-            os.close(fd)
-            temps.append(tmp)
-            os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; weights are read by other processes
-        save_file(state, temps[0])
-        card = dataclasses.replace(card, model_id=card.model_id or file_hash(temps[0]))
-        Path(temps[1]).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(temps[0], weights)
-        os.replace(temps[1], card_path)
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    blob = save(state)
+    if not card.model_id or _is_hash_id(card.model_id):
+        card = dataclasses.replace(card, model_id=hashlib.sha256(blob).hexdigest()[:MODEL_ID_HEX])
+    atomic_write_bytes(weights, blob)
+    write_json(card_path, card.to_dict())
     return card
 
 
@@ -458,15 +488,20 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
             )
         path = DEMO_STEM
     path = Path(path)
-    if path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) or path.suffix == "":
-        stem = _stem(path)
-        weights, card_path = stem.with_suffix(SAFETENSORS_SUFFIX), stem.with_suffix(CARD_SUFFIX)
+    weights, card_path = _pair(path)
+    if (path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) or path.suffix == ""
+            or (not path.is_file() and (weights.exists() or card_path.exists()))):
         for p in (weights, card_path):
             if not p.exists():
                 raise FileNotFoundError(f"{p} not found (our format needs {weights.name} and "
                                         f"{card_path.name} side by side)")
         card = read_card(card_path)
         state = read_safetensors(weights)
+        if _is_hash_id(card.model_id) and card.model_id != file_hash(weights):
+            raise ValueError(
+                f"{card_path}: model_id {card.model_id} is not the hash of {weights.name} "
+                f"({file_hash(weights)}): the weights and the card are from different saves"
+            )
         _compare_configs(card.config, infer_config(state, str(weights)), str(card_path))
         model = build_from_state_dict(state, card.config, with_decoders, str(weights))
         card = dataclasses.replace(card, architecture=model.config.to_dict(),
