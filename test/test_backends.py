@@ -259,6 +259,17 @@ def test_graphs_of_an_older_export_version_are_exported_again(exported, tmp_path
     assert load_manifest(graph_dir)["export_version"] == EXPORT_VERSION
 
 
+def test_failed_export_leaves_no_file_behind(tmp_path, monkeypatch):
+    def fails_half_way(module, args, f, **kwargs):
+        f.write(b"partial graph") if hasattr(f, "write") else open(f, "wb").write(b"partial")
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", fails_half_way)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_stages(make_tiny_model(), SIZE, tmp_path, include_unsplit=False)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
 def test_export_leaves_the_model_as_it_was(tmp_path):
     model = make_tiny_model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

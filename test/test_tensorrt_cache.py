@@ -99,8 +99,10 @@ def test_entry_without_valid_sidecar_is_refused(tmp_path):
 
 
 def test_entry_names_are_checked():
-    name = entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16")
-    assert name == "ffffffffffffffff-224x224-stage2-fp16"
+    name = entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "a" * 64)
+    assert name == "ffffffffffffffff-224x224-stage2-fp16-gaaaaaaaaaaaa"
+    # The same model exported again into a different graph gets its own entry.
+    assert entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "b" * 64) != name
     with pytest.raises(ValueError, match="bad engine cache entry name"):
         EngineCache("/tmp").paths("../escape")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttspec_ros.files import write_json
+from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.checkpoint import file_sha256
 from ttspec_ros.models.revcol import (
     ChannelsFirstLayerNorm,
@@ -271,7 +272,9 @@ class UnsplitForward(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs, outputs) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # Exported in memory, then written atomically: a failed export leaves no file behind, and
+    # two processes exporting into one cache directory never see each other's partial files.
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
         # onnxscript (not a dependency); this exporter yields the same static graphs.
@@ -279,10 +282,10 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs, out
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
-            module, args, str(tmp), dynamo=False, opset_version=OPSET,
+            module, args, buffer, dynamo=False, opset_version=OPSET,
             input_names=list(inputs), output_names=list(outputs), do_constant_folding=True,
         )
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def image_shape_for(model: RevCol, image_size: int | tuple[int, int]) -> tuple[int, int, int, int]:

@@ -152,8 +152,13 @@ class EngineCache:
         return engine
 
 
-def entry_name(model_hash: str, image_shape: list[int], stage: int, precision: str) -> str:
-    return f"{model_hash[:16]}-{image_shape[2]}x{image_shape[3]}-stage{stage}-{precision}"
+def entry_name(model_hash: str, image_shape: list[int], stage: int, precision: str,
+               graph_sha256: str) -> str:
+    # The graph's hash is part of the name: a graph exported again (a new EXPORT_VERSION, or
+    # another torch/onnx release) gets its own entry instead of a refusal that only deleting
+    # the cache would clear. What the name leaves out (TensorRT version, GPU) is still refused.
+    return (f"{model_hash[:16]}-{image_shape[2]}x{image_shape[3]}-stage{stage}-{precision}"
+            f"-g{graph_sha256[:12]}")
 
 
 def import_tensorrt():
@@ -259,7 +264,8 @@ class TensorRTBackbone:
         for entry in self.manifest["stages"]:
             graph = self.graph_dir / entry["file"]
             key = EngineKey(file_sha256(graph), trt.__version__, gpu_name, precision)
-            name = entry_name(self.model_hash, self.image_shape, entry["index"], precision)
+            name = entry_name(self.model_hash, self.image_shape, entry["index"], precision,
+                              key.graph_sha256)
 
             def build(graph: Path = graph) -> bytes:
                 self.builds += 1
