@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -105,6 +106,46 @@ def test_make_bag_command(tmp_path, capsys):
     assert cli_main(args) == 2
     assert "exists" in capsys.readouterr().err
     assert cli_main(args + ["--force"]) == 0
+
+
+def test_overwrite_keeps_the_old_bag_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    out = tmp_path / "bag"
+    bags.make_scenario_bag("uniform", out, frames=3, seed=0, storage="sqlite3")
+    old_files = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real_replace = os.replace
+
+    def failing_move_in(src, dst):  # the new bag's move into place fails (crash, full disk)
+        if Path(dst) == out and Path(src).name == out.name:
+            raise OSError("simulated failure while moving the new bag in")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_move_in)
+    with pytest.raises(OSError, match="simulated failure"):
+        bags.make_scenario_bag("uniform", out, frames=4, seed=1, storage="sqlite3",
+                               overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old_files
+    assert [p.name for p in tmp_path.iterdir()] == ["bag"]  # staging and old copy cleaned up
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    bags.make_scenario_bag("uniform", out, frames=4, seed=1, storage="sqlite3", overwrite=True)
+    assert bags.open_image_stream(out).image_count == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["bag"]
+
+
+def test_overwrite_refuses_a_regular_file_before_writing(tmp_path, monkeypatch):
+    target = tmp_path / "bag"
+    target.write_text("not a bag")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the bag was being written before the target was checked")
+
+    monkeypatch.setattr(bags, "scenario_indices", no_work)
+    for overwrite in (True, False):
+        with pytest.raises(FileExistsError, match="bag exists and is not a directory"):
+            bags.make_scenario_bag("uniform", target, frames=3, overwrite=overwrite)
+    assert target.read_text() == "not a bag"
+    assert [p.name for p in tmp_path.iterdir()] == ["bag"]
 
 
 def _foreign_bag(path: Path, storage: str, compressed: bool, topic: str) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +41,29 @@ def test_read_idx_refuses_bad_headers_and_sizes(tmp_path, magic, dims, body_len,
     _write_idx(path, magic, dims, bytes(body_len))
     with pytest.raises(ValueError, match=message):
         data.read_idx(path, data.IDX_IMAGES_MAGIC, (28, 28), 2)
+
+
+def test_read_idx_damaged_gzip_is_a_value_error_naming_the_file(tmp_path):
+    # gzip.compress without a file name: the deflate data starts at byte 10, the CRC is at -8
+    raw = gzip.compress(struct.pack(">II", data.IDX_LABELS_MAGIC, 100) + bytes(100), mtime=0)
+
+    def damaged(name: str, content: bytes, flip: int | None = None) -> Path:
+        path = tmp_path / name
+        content = bytearray(content)
+        if flip is not None:
+            content[flip] ^= 0xFF
+        path.write_bytes(bytes(content))
+        return path
+
+    cases = [
+        (damaged("truncated.gz", raw[:-12]), "truncated gzip file"),  # EOFError
+        (damaged("plain.gz", b"not gzip at all"), "cannot be read.*BadGzipFile"),
+        (damaged("deflate.gz", raw, flip=10), "cannot be read.*error"),  # zlib.error
+        (damaged("crc.gz", raw, flip=-8), "cannot be read.*CRC"),
+    ]
+    for path, what in cases:
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}: {what}"):
+            data.read_idx(path, data.IDX_LABELS_MAGIC, (), 100)
 
 
 def test_missing_files_name_the_debian_package(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -223,6 +224,75 @@ def test_run_settings_from_command_line():
         parser.parse_args(["b", "--out", "o", "--lockstep", "--rate", "2"])
     with pytest.raises(SystemExit):
         parser.parse_args(["b", "--out", "o", "--sweep-thresholds", "0.5,1.5"])
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--window", "-5", "--window: must be a number of frames >= 1, got -5"),
+    ("--window", "0", "--window: must be a number of frames >= 1"),
+    ("--tail", "-5", "--tail: must be a number of frames >= 1"),
+    ("--max-frames", "0", "--max-frames: must be a number of frames >= 1"),
+    ("--window", "1.5", "--window: not a whole number of frames"),
+    ("--timeout", "0", "--timeout: must be a finite number of seconds > 0"),
+    ("--timeout", "-1", "--timeout: must be a finite number of seconds > 0"),
+    ("--timeout", "inf", "--timeout: must be a finite number of seconds > 0"),
+    ("--threshold", "1.5", r"--threshold: must be in \[0, 1\]"),
+    ("--threshold", "-0.1", r"--threshold: must be in \[0, 1\]"),
+    ("--threshold", "nan", r"--threshold: must be in \[0, 1\]"),
+])
+def test_replay_command_refuses_bad_numbers_while_parsing(tmp_path, capsys, option, value,
+                                                          message):
+    from ttspec_ros.cli import main as cli_main
+
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["replay", str(tmp_path / "bag"), "--out", str(out), f"{option}={value}"])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()  # refused before any replay work
+
+
+def test_replay_command_accepts_good_numbers():
+    import argparse
+
+    from ttspec_ros.experiments import replay_cmd
+
+    parser = argparse.ArgumentParser()
+    replay_cmd.add_arguments(parser)
+    args = parser.parse_args(["b", "--out", "o", "--window", "1", "--tail", "7", "--max-frames",
+                              "30", "--timeout", "0.5", "--threshold", "1"])
+    assert (args.window, args.tail, args.max_frames, args.timeout, args.threshold) == (
+        1, 7, 30, 0.5, 1.0)
+
+
+def test_run_settings_refuse_bad_values():
+    for kwargs, message in (({"threshold": 1.5}, "threshold must be in"),
+                            ({"threshold": float("nan")}, "threshold must be in"),
+                            ({"timeout_s": 0.0}, "timeout must be"),
+                            ({"timeout_s": float("inf")}, "timeout must be"),
+                            ({"rate": 0.0}, "rate must be")):
+        with pytest.raises(ValueError, match=message):
+            RunSettings(adapt=True, **kwargs)
+    assert RunSettings(adapt=True, threshold=0.0, rate=None).lockstep
+
+
+@pytest.mark.parametrize(("window", "tail", "bad"), [(-5, None, "window"), (0, None, "window"),
+                                                      (None, -5, "tail"), (None, 0, "tail")])
+def test_build_report_refuses_bad_window_and_tail(window, tail, bad):
+    run = _run(True, [0, 1, 2], [0, 2, 4], [0, 2, 4])
+    with pytest.raises(ValueError, match=f"{bad} must be a number of frames >= 1"):
+        replay.build_report({"path": "b"}, [run], exit_cost=EXIT_COST, num_exits=4,
+                            class_names=replay.CLASS_NAMES, model={}, window=window, tail=tail)
+
+
+def test_replay_bag_refuses_bad_counts_before_any_work(tmp_path):
+    out = tmp_path / "report"
+    for kwargs in ({"window": -5}, {"tail": -5}, {"max_frames": 0}):
+        # the bag does not exist either: the count is checked first, before the bag is read
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a number of frames"):
+            replay.replay_bag(tmp_path / "no-bag", out, [RunSettings(adapt=True)], **kwargs)
+    with pytest.raises(ValueError, match="no run settings"):
+        replay.replay_bag(tmp_path / "no-bag", out, [])
+    assert not out.exists()
 
 
 def test_progress_bar_reports_eta():

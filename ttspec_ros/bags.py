@@ -169,6 +169,10 @@ def make_scenario_bag(
     if image_size < 28:
         raise ValueError(f"image size must be >= 28 px (the source images), got {image_size}")
     out = Path(out)
+    # Checked before the (long) write: only a directory is ever replaced by a bag.
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; a bag is a directory, so "
+                              "it is not replaced (remove it or choose another --out)")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; remove it or pass --force to replace it")
 
@@ -219,9 +223,18 @@ def make_scenario_bag(
                 label = Label(header=header, class_id=class_id, class_name=CLASS_NAMES[class_id])
                 writer.write(image_conn, t_ns, store.serialize_cdr(image, IMAGE_TYPE))
                 writer.write(label_conn, t_ns, store.serialize_cdr(label, LABEL_TYPE))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp_bag, out)
+        # Move an old bag aside (same file system: a rename) instead of deleting it first, so
+        # it survives until the new one is in place; restored on failure, else deleted with
+        # the staging directory.
+        replaced = staging / "replaced" if out.exists() else None
+        if replaced is not None:
+            os.replace(out, replaced)
+        try:
+            os.replace(tmp_bag, out)
+        except BaseException:
+            if replaced is not None:
+                os.replace(replaced, out)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     counts = np.bincount(labels[indices], minlength=len(CLASS_NAMES))

@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import os
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,8 +63,15 @@ def read_idx(path: Path, magic: int, item_shape: tuple[int, ...], count: int) ->
     path = Path(path)
     if not path.is_file():
         raise _missing(path)
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except EOFError as err:  # gzip's way of saying the stream stops early
+        raise ValueError(f"{path}: truncated gzip file (the compressed data ends early); "
+                         f"reinstall {DEBIAN_PACKAGE} or replace the file") from err
+    except (OSError, zlib.error) as err:  # BadGzipFile (an OSError), corrupt deflate data, I/O
+        raise ValueError(f"{path}: cannot be read as a gzipped idx file "
+                         f"({type(err).__name__}: {err})") from err
     ndim = 1 + len(item_shape)
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:

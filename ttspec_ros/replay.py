@@ -77,6 +77,16 @@ class RunSettings:
     rate: float | None = 1.0  # playback speed factor of the recorded timing; None = lockstep
     timeout_s: float = DEFAULT_TIMEOUT_S  # lockstep: a frame without answer by then is lost
 
+    def __post_init__(self) -> None:
+        # Refused here so that a bad setting fails before any node process is started.
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1] (a confidence), got {self.threshold}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got "
+                             f"{self.timeout_s}")
+        if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
+            raise ValueError(f"rate must be a finite speed factor > 0, got {self.rate}")
+
     @property
     def lockstep(self) -> bool:
         return self.rate is None
@@ -324,6 +334,16 @@ def window_bounds(frames: int, window: int) -> list[tuple[int, int]]:
     return [(s, min(s + window, frames)) for s in range(0, frames, window)]
 
 
+def check_frame_counts(**counts: int | None) -> None:
+    """Refuse a frame count (window, tail, max_frames) below 1; None means the default.
+
+    A window < 1 yields no report windows (the summary table then fails) and a negative tail a
+    block that starts after it ends, so they are refused before any work."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a number of frames >= 1, got {value}")
+
+
 def default_window(frames: int) -> int:
     return max(1, math.ceil(frames / DEFAULT_WINDOWS))
 
@@ -479,9 +499,10 @@ def build_report(
     tail: int | None = None, settings: dict | None = None,
 ) -> dict:
     """report.json: the issue's keys (bag, frames, predictions, lost, runs[...]) and more."""
+    check_frame_counts(window=window, tail=tail)
     frames = max((len(r.outcomes) for r in results), default=0)
-    window = window or default_window(frames)
-    tail = tail or default_tail(frames)
+    window = default_window(frames) if window is None else window
+    tail = default_tail(frames) if tail is None else tail
     with_groups = list(class_names) == list(CLASS_NAMES) and bool(bag.get("labels"))
     runs = [run_metrics(r, exit_cost, num_exits, window=window, tail=tail,
                         with_groups=with_groups) for r in results]
@@ -696,6 +717,10 @@ def replay_bag(
     Returns (report dict, plot paths). Raises bags.BagError for an unusable bag."""
     from ttspec_ros import bags
 
+    # Before the bag is read and the first run starts, not in build_report after all runs.
+    check_frame_counts(max_frames=max_frames, window=window, tail=tail)
+    if not runs:
+        raise ValueError("no run settings given; nothing to replay")
     stream = bags.open_image_stream(bag, image_topic, label_topic, use_labels=use_labels)
     graph = graph or find_graph(model=model, params_file=params_file, params=params)
     model_info = model_summary(read_model_card(graph.model))

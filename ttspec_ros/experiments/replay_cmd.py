@@ -10,10 +10,43 @@ sensor_msgs/Image or CompressedImage topic works; accuracy needs a ttspec_ros/La
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ttspec_ros import replay
 from ttspec_ros.bags import BagError
+
+
+# argparse type functions: a bad value is refused while parsing, before any replay work (a
+# negative --window used to fail only in the report, after every run had been played).
+def _frames(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a whole number of frames: {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of frames >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from err
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from err
+    if not 0.0 <= value <= 1.0:  # a confidence; also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a confidence), got {text}")
+    return value
 
 
 def _thresholds(text: str) -> list[float]:
@@ -37,24 +70,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-labels", action="store_true", help="ignore labels in the bag")
     parser.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
                         help="run the adapter (test-time specialization); default on")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=_threshold, default=None,
                         help="classifier threshold for every early exit (default: params file)")
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--rate", type=float, default=1.0,
                         help="playback speed factor of the recorded timing (default 1.0)")
     timing.add_argument("--lockstep", action="store_true",
                         help="publish the next frame once the previous prediction arrived")
-    parser.add_argument("--timeout", type=float, default=replay.DEFAULT_TIMEOUT_S,
+    parser.add_argument("--timeout", type=_seconds, default=replay.DEFAULT_TIMEOUT_S,
                         help="seconds a frame may wait for its prediction before it counts as "
                              f"lost (default {replay.DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--compare", action="store_true",
                         help="run with adaptation on and off, both in one report")
     parser.add_argument("--sweep-thresholds", type=_thresholds, default=None, metavar="T1,T2,...",
                         help="one replay per threshold; plots the latency/accuracy curve")
-    parser.add_argument("--max-frames", type=int, default=None, help="play only the first N")
-    parser.add_argument("--window", type=int, default=None,
+    parser.add_argument("--max-frames", type=_frames, default=None, help="play only the first N")
+    parser.add_argument("--window", type=_frames, default=None,
                         help="frames per report window (default: a sixth of the bag)")
-    parser.add_argument("--tail", type=int, default=None,
+    parser.add_argument("--tail", type=_frames, default=None,
                         help="frames at the end reported separately (default: min(1000, 1/3))")
     parser.add_argument("--model", default="", help="model path stem ('' = bundled demo model)")
     parser.add_argument("--params-file", default=None,
