@@ -51,6 +51,24 @@ def test_payload_validates_input() -> None:
     assert p.tensors["a"].dtype == np.float32
 
 
+def test_payload_keeps_its_own_copy() -> None:
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    array_ = np.zeros((3, 2), np.float32)
+    p = ModelUpdatePayload("m", 1, {"param": param, "array": array_, "transposed": array_.T})
+    with torch.no_grad():
+        param += 5
+    array_[:] = np.nan  # after validation: must not reach the payload
+    np.testing.assert_array_equal(p.tensors["param"], np.zeros(3))
+    np.testing.assert_array_equal(p.tensors["array"], np.zeros((3, 2)))
+    assert p.tensors["transposed"].flags.c_contiguous
+    msg = to_msg(_payload(), FAKE_MSGS)
+    back = from_msg(msg)
+    msg.tensors[1].data[0] = 1e6
+    assert back.tensors["cls_blocks.0.classifier.1.bias"][0] != 1e6
+
+
 def test_message_round_trip_with_fake_classes() -> None:
     p = _payload()
     msg = to_msg(p, FAKE_MSGS)

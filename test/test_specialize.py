@@ -189,6 +189,96 @@ def test_save_load_round_trip_and_validation(tmp_path) -> None:
         restored.load(tmp_path / "bad")  # a clear ValueError, which the adapter reports
 
 
+def _trained(momentum: float = 0.5) -> Specializer:
+    spec = Specializer(early_head_tensors(tiny_model()), 4, model_id="tiny", lr=0.2,
+                       momentum=momentum)
+    for f in features(3):
+        spec.add_sample(3, 2, 0.9, f)
+    return spec
+
+
+def _corrupt_momentum_shape(state: dict) -> None:
+    state["tensors"]["momentum.bias"] = np.zeros((1, 1), np.float32)
+
+
+def _corrupt_momentum_nan(state: dict) -> None:
+    state["tensors"]["momentum.weight"] = np.full_like(state["tensors"]["momentum.weight"],
+                                                       np.nan)
+
+
+@pytest.mark.parametrize("corrupt, words", [
+    (_corrupt_momentum_shape, "momentum.bias has shape"),
+    (_corrupt_momentum_nan, "momentum.weight holds NaN"),
+    (lambda s: s["meta"].pop("version"), "version must be an integer"),
+    (lambda s: s["meta"].update(version="7"), "version must be an integer"),
+    (lambda s: s["meta"].update(counters={"steps": None}), "counters"),
+    (lambda s: s.update(meta="not a dict"), "'meta' mapping"),
+], ids=["momentum-shape", "momentum-nan", "no-version", "str-version", "counters", "meta-type"])
+def test_refused_state_changes_nothing(corrupt, words) -> None:
+    state = _trained().state_dict()
+    corrupt(state)
+    target = _trained()
+    target.add_sample(3, 0, 0.9, features(1, seed=9)[0])  # heads unlike the state's
+    before, stats = target.export(), target.stats()
+    with pytest.raises(ValueError, match=words):
+        target.load_state_dict(state)
+    after = target.export()
+    assert after.version == before.version and target.stats() == stats
+    for name, t in before.tensors.items():
+        np.testing.assert_array_equal(after.tensors[name], t)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_step_that_overflows_the_heads_is_rolled_back(guarded: bool) -> None:
+    rng = np.random.default_rng(0)
+    anchors = AnchorSet([rng.standard_normal((20, 32)).astype(np.float32) for _ in range(3)],
+                        rng.integers(0, 5, 20))
+    # tolerances 1: only the finiteness check can fail; check_every=1 publishes every step
+    guard = AnchorGuard(anchors, check_every=1, rehearsal=0, tolerance=1.0,
+                        class_tolerance=1.0) if guarded else None
+    init = early_head_tensors(tiny_model())
+    spec = Specializer(init, 4, lr=1e38, guard=guard)
+    for f in features(6):
+        last_good = spec.export()
+        spec.add_sample(3, 1, 0.9, f)
+        if spec.stats()["rollbacks"]:
+            break
+    else:
+        pytest.fail("lr 1e38 must overflow the heads to test this")
+    after = spec.export()  # raised ValueError (non-finite tensors) before the fix
+    if guarded:  # back to the last checked state, which is still what is published
+        assert after.version == last_good.version
+        expected = last_good.tensors
+    else:  # back to the original heads: published heads changed, so a new version
+        assert after.version == last_good.version + 1
+        expected = {k: v.numpy() for k, v in init.items()}
+    for name, t in expected.items():
+        np.testing.assert_array_equal(after.tensors[name], t)
+
+
+def test_guard_fails_non_finite_heads() -> None:
+    rng = np.random.default_rng(0)
+    anchors = AnchorSet([rng.standard_normal((20, 32)).astype(np.float32) for _ in range(3)],
+                        rng.integers(0, 5, 20))
+    heads = StackedHeads.from_tensors(early_head_tensors(tiny_model()), 3)
+    guard = AnchorGuard(anchors, threshold=0.9, tolerance=1.0, class_tolerance=1.0)
+    guard.bind(heads)
+    assert guard.passes(heads)
+    broken = heads.clone()
+    broken.weight[:] = float("nan")  # NaN confidences: every anchor at the last exit
+    assert not guard.passes(broken)
+
+
+def test_save_refuses_non_finite_heads_and_keeps_the_good_file(tmp_path) -> None:
+    spec = _trained()
+    path = spec.save(tmp_path)
+    good = path.read_bytes()
+    spec._heads.weight[0, 0, 0] = float("nan")  # no public way left to get there
+    with pytest.raises(ValueError, match="NaN or infinite values in heads.cls_blocks.0"):
+        spec.save(tmp_path)
+    assert path.read_bytes() == good
+
+
 def test_training_thread_and_exporting_thread() -> None:
     model = tiny_model()
     samples = features(200, seed=3)

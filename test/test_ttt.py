@@ -186,6 +186,41 @@ def test_load_refuses_a_corrupt_file_with_a_value_error(tmp_path):
         t.load(tmp_path)
 
 
+def test_an_update_that_breaks_the_model_is_undone():
+    # lr 1e8: a step leaves finite but huge parameters whose next forward is NaN
+    cfg = TTTConfig(update="columns", columns=1, lr=1e8, momentum=0.0, batch=2, steps=3)
+    t = TestTimeTrainer(tiny_model(), cfg, model_id="m1")
+    before = state(t.model)
+    # Three steps: the second step's loss sees it; this image's update is undone.
+    with pytest.raises(FloatingPointError, match="restored to the last ones with a finite "
+                                                 "loss, version 0"):
+        t.adapt(image())
+    assert all(torch.equal(before[k], v) for k, v in state(t.model).items())
+    # One step: only the next image's loss sees it, and undoing the earlier image's update
+    # is a change, so a new version.
+    t = TestTimeTrainer(tiny_model(), replace(cfg, steps=1), model_id="m1")
+    t.adapt(image())
+    assert t.version == 1
+    with pytest.raises(FloatingPointError, match="version 2"):
+        t.adapt(image(2))
+    assert all(torch.equal(before[k], v) for k, v in state(t.model).items())
+    assert all(torch.isfinite(o).all() for o in t.predict(image(3)))
+    assert t.export_update().version == 2
+
+
+def test_load_after_adapting_is_a_new_version(tmp_path):
+    cfg = TTTConfig(mode="online", update="norm", lr=0.05, batch=2)
+    saved = TestTimeTrainer(tiny_model(), cfg, model_id="m1")
+    saved.adapt(image())
+    saved.save(tmp_path)
+    t = TestTimeTrainer(tiny_model(), cfg, model_id="m1")
+    for i in range(3):
+        t.adapt(image(i + 2))
+    t.load(tmp_path)  # other tensors than version 3 had: a classifier must see a change
+    assert t.version == 4
+    assert all(torch.equal(v, saved.export_tensors()[k]) for k, v in t.export_tensors().items())
+
+
 def test_export_is_a_consistent_snapshot_while_adapting():
     m = tiny_model()
     t = TestTimeTrainer(m, TTTConfig(update="encoder", lr=0.01, batch=2))

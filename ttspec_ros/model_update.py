@@ -40,7 +40,10 @@ class ModelUpdatePayload:
         for name, value in self.tensors.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-            t = np.ascontiguousarray(_as_numpy(value), dtype=np.float32)
+            # A copy: a view of the caller's parameter or array would change after validation.
+            # Left writable, as consumers turn them into tensors (torch.as_tensor warns on
+            # read-only arrays).
+            t = np.array(_as_numpy(value), dtype=np.float32, order="C", copy=True)
             if not np.all(np.isfinite(t)):
                 raise ValueError(f"tensor {name!r} holds NaN or infinite values")
             checked[name] = t
@@ -96,7 +99,7 @@ def from_msg(msg: Any) -> ModelUpdatePayload:
             )
         if nt.name in tensors:
             raise ValueError(f"tensor {nt.name!r} appears twice in the update")
-        tensors[nt.name] = data.reshape(shape).copy()
+        tensors[nt.name] = data.reshape(shape)  # the payload copies it
     return ModelUpdatePayload(model_id=str(msg.model_id), version=int(msg.version), tensors=tensors)
 
 

@@ -188,6 +188,16 @@ def _np(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _is_count(value: Any) -> bool:
+    """An integer >= 0 as JSON gives it (bool is an int subclass, but no count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _all_finite(arrays: Sequence[np.ndarray | Tensor]) -> bool:
+    # numpy, not torch.isfinite: on 1000-class heads torch's took ~20x longer (1 thread)
+    return all(bool(np.isfinite(_np(a)).all()) for a in arrays)
+
+
 # -- features ----------------------------------------------------------------------------
 @torch.inference_mode()
 def pooled_features(model: nn.Module, images: Tensor | np.ndarray, batch_size: int = 256
@@ -395,6 +405,10 @@ class AnchorGuard:
     def passes(self, heads: StackedHeads) -> bool:
         if self.reference is None:
             raise RuntimeError("AnchorGuard.bind(heads) must be called first")
+        # NaN confidences never reach a threshold, so NaN heads would send every anchor to
+        # the last exit and look like perfect agreement.
+        if not _all_finite(heads.parameters()):
+            return False
         now, ref = self.measure(heads), self.reference
         drop = ref["agreement"] - now["agreement"]
         if drop.mean() > self.tolerance + 1e-12 or drop.max() > self.class_tolerance + 1e-12:
@@ -622,6 +636,11 @@ class Specializer:
         weights = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
         self._sgd(self._gradients(x, weights, targets,
                                   apply_weight_lr=None if self.momentum else self.lr), h)
+        if not _all_finite([v[:h] for v in self._views]):
+            # A step that overflowed is never kept (it could be exported or saved): back to
+            # the last good heads, as a failed guard check does.
+            self._roll_back()
+            return
         self.counters["steps"] += 1
         self._changes += 1
         if self.guard is None or not self.guard.check_every:
@@ -636,9 +655,18 @@ class Specializer:
                 self._published = self._heads.clone()
                 self.version = self._changes
             else:
-                self._heads.copy_(self._published)
-                self._new_optimizer()
-                self.counters["rollbacks"] += 1
+                self._roll_back()
+
+    def _roll_back(self) -> None:
+        """Heads back to the last published (checked) state, or without a checking guard to
+        the last loaded or reset ones, with fresh momentum."""
+        unchecked = self._published_heads() is self._heads
+        self._heads.copy_(self._published)
+        self._new_optimizer()
+        self.counters["rollbacks"] += 1
+        if unchecked:  # the exported heads changed: a new version, so classifiers take it
+            self._changes += 1
+            self.version = self._changes
 
     # -- outputs
     def _published_heads(self) -> StackedHeads:
@@ -686,47 +714,72 @@ class Specializer:
                                  strict=True):
                 if self.momentum:
                     tensors[f"momentum.{name}"] = buf.numpy().copy()
+            bad = next((k for k, v in tensors.items() if not _all_finite([v])), None)
+            if bad is not None:
+                # it could never be loaded again, and saving it would replace a good state
+                raise ValueError(f"specializer state holds NaN or infinite values in {bad}; "
+                                 "refusing to write it")
             meta = {"format": _STATE_FORMAT, "model_id": self.model_id,
                     "num_exits": self.num_exits, "version": self.version,
                     "counters": dict(self.counters), "settings": self.settings()}
             return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a ``state_dict``; it must come from the same model (same initial heads)."""
-        tensors, meta = state["tensors"], state["meta"]
+        """Restore a ``state_dict``; it must come from the same model (same initial heads).
+
+        Everything is checked before anything changes: a refused state (ValueError) leaves
+        the specializer as it was."""
+        tensors, meta = state.get("tensors"), state.get("meta")
+        if not isinstance(tensors, Mapping) or not isinstance(meta, Mapping):
+            raise ValueError("specializer state needs a 'tensors' and a 'meta' mapping, got "
+                             f"{type(tensors).__name__} and {type(meta).__name__}")
         if meta.get("format") != _STATE_FORMAT:
             raise ValueError(f"unknown specializer state format {meta.get('format')!r}")
-        if meta.get("model_id") != self.model_id or int(meta.get("num_exits", -1)) != \
-                self.num_exits:
+        if meta.get("model_id") != self.model_id or meta.get("num_exits") != self.num_exits:
             raise ValueError(
                 f"state is for model {meta.get('model_id')!r} with {meta.get('num_exits')} "
                 f"exits; this specializer adapts {self.model_id!r} with {self.num_exits}"
             )
+        version = meta.get("version")
+        counters = meta.get("counters", {})
+        if not _is_count(version):
+            raise ValueError(f"specializer state version must be an integer >= 0, got "
+                             f"{version!r}")
+        if not isinstance(counters, Mapping) or \
+                not all(_is_count(v) for k, v in counters.items() if k in self.counters):
+            raise ValueError(f"specializer state counters must map names to integers >= 0, "
+                             f"got {counters!r}")
         h = self.num_exits - 1
         initial = StackedHeads.from_tensors(
             {k[len("initial."):]: v for k, v in tensors.items() if k.startswith("initial.")}, h)
-        heads = StackedHeads.from_tensors(
+        heads = StackedHeads.from_tensors(  # also refuses non-finite heads
             {k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")}, h)
         if any(a.shape != b.shape or not torch.equal(a, b)
                for a, b in zip(initial.parameters(), self._initial.parameters(), strict=True)):
             raise ValueError("state was saved for different original heads (another model?)")
-        version = int(meta["version"])
+        momentum: list[np.ndarray | None] = []  # None: the buffer starts at zero
+        for name, p in zip(("ln_weight", "ln_bias", "weight", "bias"), heads.parameters(),
+                           strict=True):
+            # without momentum the buffers are unused, so a saved one is ignored
+            saved = tensors.get(f"momentum.{name}") if self.momentum else None
+            if saved is not None:
+                saved = np.asarray(_np(saved), np.float32)
+                if saved.shape != tuple(p.shape):
+                    raise ValueError(f"momentum.{name} has shape {saved.shape}, expected "
+                                     f"{tuple(p.shape)}")
+                if not _all_finite([saved]):
+                    # the next step would turn the heads into NaN
+                    raise ValueError(f"momentum.{name} holds NaN or infinite values")
+            momentum.append(saved)
         with self._lock:
             self._heads.copy_(heads)
             self._published = heads.clone()
             self._pending.clear()
             self._new_optimizer()
-            for name, buf in zip(("ln_weight", "ln_bias", "weight", "bias"), self._momentum,
-                                 strict=True):
-                saved = tensors.get(f"momentum.{name}")
-                if saved is not None and self.momentum:
-                    saved = np.asarray(saved, np.float32)
-                    if saved.shape != tuple(buf.shape):
-                        raise ValueError(f"momentum.{name} has shape {saved.shape}, expected "
-                                         f"{tuple(buf.shape)}")
+            for buf, saved in zip(self._momentum, momentum, strict=True):
+                if saved is not None:
                     buf.copy_(torch.from_numpy(saved))
-            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()
-                                  if k in self.counters})
+            self.counters.update({k: int(v) for k, v in counters.items() if k in self.counters})
             # Never go back in version: a classifier may already hold a newer one.
             self._changes = max(self._changes + 1, version)
             self.version = self._changes

@@ -29,6 +29,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -142,6 +143,7 @@ class TestTimeTrainer:
         for p in self._params:
             p.requires_grad_(True)
         self._initial = [p.detach().clone() for p in self._params]
+        self._verified = self._initial  # the last parameters known to give a finite loss
         self._generator = torch.Generator().manual_seed(config.seed)
         self._optimizer = self._new_optimizer()
         self._version = 0
@@ -195,19 +197,52 @@ class TestTimeTrainer:
         return self._version
 
     def adapt(self, image: Tensor) -> float:
-        """``steps`` optimizer steps on one image (normalised (C,H,W)); returns the last loss."""
+        """``steps`` optimizer steps on one image (normalised (C,H,W)); returns the last loss.
+
+        A loss or a parameter that turns NaN or infinite raises FloatingPointError, and the
+        parameters go back to the last ones that gave a finite loss, with a fresh optimizer:
+        those from before this image, or from before an earlier image whose step left finite
+        parameters too large for the next forward. Undoing an earlier image is a change, so
+        it is a new version; undoing only this image keeps the version."""
         image = self._as_batch(image)
-        with self._lock, torch.enable_grad():
-            for _ in range(self.config.steps):
+        with self._lock:
+            before = [p.detach().clone() for p in self._params]
+            try:
+                loss = self._steps(image, before)
+            except FloatingPointError as e:
+                restored = self._verified
+                self._restore(restored)
+                if restored is not before:
+                    self._version += 1
+                raise FloatingPointError(
+                    f"{e} (lr {self.config.lr} too high?); parameters restored to the last ones "
+                    f"with a finite loss, version {self._version}") from None
+            except BaseException:
+                self._restore(before)
+                raise
+            self._version += 1
+            return loss
+
+    def _steps(self, image: Tensor, before: list[Tensor]) -> float:
+        with torch.enable_grad():
+            for step in range(self.config.steps):
                 loss = self.loss(image)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"TTT loss is {loss.item()}; lr {self.config.lr} "
-                                             "too high?")
+                    raise FloatingPointError(f"TTT loss is {loss.item()}")
+                if step == 0:
+                    self._verified = before  # these parameters gave a finite loss
                 self._optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self._optimizer.step()
-            self._version += 1
-            return float(loss.detach())
+        if not all(bool(np.isfinite(p.detach().numpy()).all()) for p in self._params):
+            raise FloatingPointError("a TTT step made parameters NaN or infinite")
+        return float(loss.detach())
+
+    def _restore(self, params: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, p0 in zip(self._params, params, strict=True):
+                p.copy_(p0)
+        self._optimizer = self._new_optimizer()  # its momentum holds what broke them
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> list[Tensor]:
@@ -219,10 +254,9 @@ class TestTimeTrainer:
 
     def reset(self) -> None:
         """Back to the starting parameters, with a fresh optimizer state."""
-        with self._lock, torch.no_grad():
-            for p, p0 in zip(self._params, self._initial, strict=True):
-                p.copy_(p0)
-            self._optimizer = self._new_optimizer()
+        with self._lock:
+            self._restore(self._initial)
+            self._verified = self._initial
 
     def adapt_and_predict(self, image: Tensor) -> list[Tensor]:
         """Per the mode: episodic = adapt, predict, reset; online = adapt (kept), predict."""
@@ -249,8 +283,9 @@ class TestTimeTrainer:
 
     def export_update(self, version: int | None = None) -> ModelUpdatePayload:
         """The adapted tensors as a ``ModelUpdatePayload`` (version: default ``self.version``)."""
-        with self._lock:
-            tensors = {n: t.numpy() for n, t in self.export_tensors().items()}
+        with self._lock:  # the payload copies the parameters: a snapshot under the lock
+            tensors = {n: p.detach() for n, p in zip(self.parameter_names, self._params,
+                                                     strict=True)}
             return ModelUpdatePayload(
                 model_id=self.model_id,
                 version=self._version if version is None else version,
@@ -284,7 +319,9 @@ class TestTimeTrainer:
             for name, p in zip(self.parameter_names, self._params, strict=True):
                 p.copy_(torch.from_numpy(payload.tensors[name]))
             self._optimizer = self._new_optimizer()
-            self._version = max(self._version, payload.version)  # never back in version
+            self._verified = [p.detach().clone() for p in self._params]
+            # Never back in version, and a change is a new version (as in Specializer.load).
+            self._version = max(self._version + 1, payload.version)
 
 
 __all__ = [
