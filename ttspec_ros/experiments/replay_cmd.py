@@ -19,34 +19,23 @@ from ttspec_ros.bags import BagError
 
 # argparse type functions: a bad value is refused while parsing, before any replay work (a
 # negative --window used to fail only in the report, after every run had been played).
-def _frames(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not a whole number of frames: {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number of frames >= 1, got {value}")
-    return value
+def _checked(convert, ok, kind: str, rule: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from err
+        if not ok(value):  # written so that NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from err
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from err
-    if not 0.0 <= value <= 1.0:  # a confidence; also refuses nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a confidence), got {text}")
-    return value
+_frames = _checked(int, lambda v: v >= 1, "a whole number of frames",
+                   "a number of frames >= 1")
+_seconds = _checked(float, lambda v: v > 0 and math.isfinite(v), "a number of seconds",
+                    "a finite number of seconds > 0")
+_threshold = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number", "in [0, 1] (a confidence)")
 
 
 def _thresholds(text: str) -> list[float]:
