@@ -122,3 +122,13 @@ def test_bad_compressed_images(data, reason):
     with pytest.raises(ImageDecodeError) as err:
         decode_compressed("jpeg", data)
     assert err.value.reason == reason
+
+
+def test_png_header_claiming_too_many_pixels_is_an_image_decode_error():
+    # cv2.imdecode raises cv2.error (not a ValueError) on it; the camera node used to die.
+    ok, png = cv2.imencode(".png", np.zeros((4, 4), np.uint8))
+    data = bytearray(png.tobytes())
+    data[16:24] = (40000).to_bytes(4, "big") * 2  # IHDR width and height
+    with pytest.raises(ImageDecodeError) as err:
+        decode_compressed("png", bytes(data))
+    assert err.value.reason == "undecodable"

@@ -111,7 +111,12 @@ def decode_compressed(format_: str, data: Any) -> np.ndarray:
         raise ImageDecodeError("zero_size", f"compressed image ({format_!r}) has no data")
     if buf.size > MAX_BYTES:
         raise ImageDecodeError("absurd_size", f"compressed image has {buf.size} bytes")
-    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # e.g. a header claiming more pixels than OpenCV's limit
+        raise ImageDecodeError(
+            "undecodable", f"cv2.imdecode refused {buf.size} bytes (format {format_!r}): "
+            f"{str(e).strip().splitlines()[-1]}") from e
     if image is None:
         raise ImageDecodeError(
             "undecodable", f"cv2.imdecode could not decode {buf.size} bytes (format {format_!r})")
