@@ -315,11 +315,10 @@ class TestTimeTrainer:
             if tuple(payload.tensors[name].shape) != tuple(p.shape):
                 raise ValueError(f"{path}: {name} has shape {payload.tensors[name].shape}, "
                                  f"the model's is {tuple(p.shape)}")
-        with self._lock, torch.no_grad():
-            for name, p in zip(self.parameter_names, self._params, strict=True):
-                p.copy_(torch.from_numpy(payload.tensors[name]))
-            self._optimizer = self._new_optimizer()
-            self._verified = [p.detach().clone() for p in self._params]
+        with self._lock:
+            loaded = [torch.from_numpy(payload.tensors[n]) for n in self.parameter_names]
+            self._restore(loaded)
+            self._verified = loaded
             # Never back in version, and a change is a new version (as in Specializer.load).
             self._version = max(self._version + 1, payload.version)
 
