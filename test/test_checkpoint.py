@@ -347,3 +347,16 @@ def test_malformed_card_fields_are_refused_with_value_errors(field, value, messa
     card["input"]["channels"] = None
     with pytest.raises(ValueError, match="wrong type"):
         ModelCard.from_dict(card)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"std": [0.0, 0.5, 0.5]}, "std must be positive"),
+    ({"content_size": 64}, "content_size"),
+    ({"size": None}, "wrong type"),
+])
+def test_card_input_spec_is_checked_as_preprocessing_needs_it(change, message):
+    # Nodes build their preprocessing from it: a bad spec fails at load, naming the field.
+    card = make_card(make_model()).to_dict()
+    card["input"].update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelCard.from_dict(card)

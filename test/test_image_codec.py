@@ -108,6 +108,16 @@ def test_frames_must_be_float():
         decode_frame(**_fields(RGB, "rgb8"))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_frames_are_refused(bad):
+    # argmax of NaN logits is class 0: without this a broken sender gets confident answers
+    tensor = np.zeros((1, 8, 8), np.float32)
+    tensor[0, 3, 5] = bad
+    with pytest.raises(ImageDecodeError) as err:
+        decode_frame(**encode_frame(tensor))
+    assert err.value.reason == "non_finite"
+
+
 def test_compressed_png_and_jpeg():
     ok, png = cv2.imencode(".png", RGB[:, :, ::-1])  # cv2 writes BGR
     assert ok

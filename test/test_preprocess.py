@@ -68,6 +68,9 @@ def test_three_channel_spec_repeats_gray():
         (np.zeros((28, 28), np.uint8), {**SPEC, "std": [0.0]}, "std"),
         (np.zeros((28, 28), np.uint8), {"channels": 1, "size": 32}, "lacks"),
         (np.zeros((28, 28), np.uint8), {**SPEC, "content_size": 40}, "content_size"),
+        # a card is data from a file: wrong types are ValueErrors too (were TypeErrors)
+        (np.zeros((28, 28), np.uint8), {**SPEC, "size": None}, "wrong type"),
+        (np.zeros((28, 28), np.uint8), None, "wrong type"),
     ],
 )
 def test_bad_input_is_refused_with_a_reason(image, spec, message):

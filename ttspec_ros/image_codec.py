@@ -35,7 +35,7 @@ MAX_SIDE = 16384  # pixels; larger sides are treated as corrupt headers
 MAX_BYTES = 256 * 1024 * 1024
 
 REASONS = ("unsupported_encoding", "zero_size", "absurd_size", "wrong_step", "truncated",
-           "data_length", "undecodable")
+           "data_length", "undecodable", "non_finite")
 NATIVE_BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -159,4 +159,8 @@ def decode_frame(height: int, width: int, encoding: str, is_bigendian: int | boo
         raise ImageDecodeError("unsupported_encoding",
                                f"frames must be 32FC1 or 32FC3, got {encoding!r}")
     image = decode_image(height, width, encoding, is_bigendian, step, data)
+    if not np.isfinite(image).all():
+        # NaN never passes a threshold and argmax of NaN logits is class 0: an answer that
+        # looks real. Preprocessed frames are always finite, so this is a broken sender.
+        raise ImageDecodeError("non_finite", "frame holds NaN or infinite values")
     return np.ascontiguousarray(np.transpose(image, (2, 0, 1)))

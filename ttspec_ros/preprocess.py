@@ -16,6 +16,15 @@ import numpy as np
 _SPEC_KEYS = ("channels", "size", "content_size", "mean", "std")
 
 
+def check_input_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    """(channels, size, content_size, mean, std) of a model card's ``input`` spec; ValueError
+    saying what is wrong (wrong types too: a card is data from a file)."""
+    try:
+        return _check_spec(input_spec)
+    except (TypeError, AttributeError) as e:  # e.g. "size": null, a list for the spec
+        raise ValueError(f"input spec has a field of the wrong type ({e})") from e
+
+
 def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndarray]:
     missing = [k for k in _SPEC_KEYS if k not in input_spec]
     if missing:
@@ -101,7 +110,7 @@ def _pad_and_normalise(content: np.ndarray,
 
 def preprocess(image: np.ndarray, input_spec: Mapping) -> np.ndarray:
     """One frame (H,W) or (H,W,C), uint8/uint16 -> float32 (channels, size, size)."""
-    checked = _check_spec(input_spec)
+    checked = check_input_spec(input_spec)
     content_size = checked[2]
     gray = _to_content_size(_to_unit_gray(image, square=True), content_size)
     return _pad_and_normalise(gray, checked)
@@ -115,7 +124,7 @@ def preprocess_batch(images: np.ndarray, input_spec: Mapping) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"expected uint8 (N, H, W) images with H = W, got {images.dtype} "
                          f"{images.shape}")
-    checked = _check_spec(input_spec)
+    checked = check_input_spec(input_spec)
     content_size = checked[2]
     unit = images.astype(np.float32) / 255.0
     if unit.shape[1:] != (content_size, content_size):

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.revcol import NUM_EXITS, RevCol, RevColConfig
+from ttspec_ros.preprocess import check_input_spec
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEMO_STEM = WEIGHTS_DIR / "demo"
@@ -48,7 +49,6 @@ IMAGENET_INPUT = {
     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
 }
 DECODER_PREFIX = "decoder_blocks."
-INPUT_KEYS = ("channels", "size", "content_size", "mean", "std")
 
 
 # -- model card ---------------------------------------------------------------------------
@@ -102,9 +102,10 @@ class ModelCard:
                 f"{source}: {len(self.class_names)} class_names for a model with "
                 f"{config.num_classes} classes"
             )
-        missing = [k for k in INPUT_KEYS if k not in self.input]
-        if missing:
-            raise ValueError(f"{source}: input lacks {', '.join(missing)}")
+        try:
+            check_input_spec(self.input)  # what every consumer's preprocessing will need
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
         if int(self.input["channels"]) != config.in_chans:
             raise ValueError(
                 f"{source}: input.channels={self.input['channels']} but the architecture takes "
