@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from ttspec_ros.model_update import (
+    PUBLISHED_FILE,
     ModelUpdatePayload,
+    PublishedRecord,
     from_msg,
     load_payload,
     save_payload,
@@ -120,3 +122,26 @@ def test_file_round_trip_is_atomic(tmp_path) -> None:
     save_file({"a": np.zeros(1, np.float32)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a model update"):
         load_payload(tmp_path / "plain.safetensors")
+
+
+def test_published_record_round_trip_and_offsets(tmp_path) -> None:
+    assert PublishedRecord.load(tmp_path) is None
+    PublishedRecord("demo-1", 12, 9).save(tmp_path)
+    record = PublishedRecord.load(tmp_path)
+    assert record == PublishedRecord("demo-1", 12, 9)
+    # Resumed at the engines' published state: the same tensors keep their number.
+    assert record.offset_for(9) == 3
+    # Resumed older than published (a crash before the periodic save): above the last one.
+    assert record.offset_for(7) == 6 and 7 + record.offset_for(7) == 13
+    # Resumed newer than published (saved after it): above it as well, or as it is.
+    assert record.offset_for(11) == 2 and record.offset_for(20) == 0
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"model_id": "m", "version": 1}',
+                                  '{"model_id": "m", "version": -1, "engine_version": 0}',
+                                  '{"model_id": 3, "version": 1, "engine_version": 0}',
+                                  '{"model_id": "m", "version": true, "engine_version": 0}'])
+def test_malformed_published_record_is_refused(tmp_path, text) -> None:
+    (tmp_path / PUBLISHED_FILE).write_text(text)
+    with pytest.raises(ValueError, match="published-version record|versions integers"):
+        PublishedRecord.load(tmp_path)

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ttspec_ros import topics
-from ttspec_ros.image_codec import encode_image
+from ttspec_ros.image_codec import encode_frame, encode_image
 
 pytest.importorskip("rclpy")
 probe_mod = pytest.importorskip("ttspec_ros.nodes.probe")
@@ -31,20 +31,20 @@ N_IMAGES = 36
 STARTUP_S = 90.0
 
 
-def _tiny_model(stem, with_decoders=False):
+def _tiny_model(stem, with_decoders=False, seed=0, thresholds=(0.25, 0.25, 0.25)):
     from ttspec_ros.cascade import exit_costs
     from ttspec_ros.data import CLASS_NAMES
     from ttspec_ros.models.checkpoint import ModelCard, save_model
     from ttspec_ros.models.revcol import RevCol
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = RevCol((8, 16, 16, 32), (1, 1, 1, 1), 4, 10, in_chans=1,
                    with_decoders=with_decoders).eval()
     card = ModelCard(model_id="", architecture=model.config.to_dict(),
                      class_names=list(CLASS_NAMES),
                      input={"channels": 1, "size": 32, "content_size": 28, "mean": [0.286],
                             "std": [0.353]},
-                     thresholds=[0.25, 0.25, 0.25], exit_cost=exit_costs(model, 32))
+                     thresholds=list(thresholds), exit_cost=exit_costs(model, 32))
     return save_model(model, card, stem)
 
 
@@ -214,6 +214,13 @@ def test_camera_transport_and_rate_set_live(pipeline, data):
         assert probe.set_parameters(CAM, transport="raw")[0].successful
     before = probe.count(CAM, "dropped_rate_limit")
     assert probe.set_parameters(CAM, max_rate_hz=2.0)[0].successful
+    # A rejected image does not use up the period: the good one right after it passes.
+    time.sleep(0.6)
+    probe.clear()
+    probe.publish_image(_bad_images()["truncated"])
+    stamp, _ = probe.publish_image(encode_image(data[0][0], "rgb8"))
+    assert wait_for(lambda: any(p.header.stamp == stamp for p in _predictions(probe)), 3.0), \
+        probe.diag(CAM)
     _stream(probe, data[0][:8], rate_hz=8.0)  # 1 s at 8 Hz: about 2 pass
     assert len(_predictions(probe)) <= 4
     assert wait_for(lambda: probe.count(CAM, "dropped_rate_limit") >= before + 4, 3.0)
@@ -229,6 +236,7 @@ def test_adapter_parameters_set_live(pipeline):
     assert probe.set_parameters(ADA, batch_size=1)[0].successful
     assert not probe.set_parameters(ADA, learning_rate=0.0)[0].successful
     assert not probe.set_parameters(ADA, model="/elsewhere")[0].successful  # read-only
+    assert not probe.set_parameters(ADA, state_dir="/elsewhere")[0].successful
 
 
 def _bad_images() -> dict[str, dict]:
@@ -254,6 +262,21 @@ def test_malformed_images_are_rejected_counted_and_survived(pipeline, data):
     _stream(probe, data[0][:3])
     assert _predictions(probe), "no prediction after the malformed images"
     assert pipeline["procs"][CAM].alive()
+
+
+def test_bad_frames_are_rejected_by_the_classifier(pipeline, data):
+    """Frames straight on ``frames`` (another sender than our camera): NaN would be answered
+    as class 0 at the last exit, another size would fail inside the model."""
+    probe = pipeline["probe"]
+    nan = np.zeros((1, 32, 32), np.float32)
+    nan[0, 5, 5] = np.nan
+    for tensor in (nan, np.zeros((1, 16, 16), np.float32)):
+        probe.publish_frame(encode_frame(tensor))
+        time.sleep(0.3)  # one pending frame at most: let the worker take each
+    assert wait_for(lambda: probe.count(CLS, "rejected_non_finite") >= 1
+                    and probe.count(CLS, "rejected_wrong_shape") >= 1, 5.0), probe.diag(CLS)
+    _stream(probe, data[0][:3])
+    assert _predictions(probe), "no prediction after the bad frames"
 
 
 def test_mismatched_model_updates_are_rejected(pipeline):
@@ -301,6 +324,36 @@ def test_a_late_classifier_gets_the_latest_update(pipeline, tmp_path):
         assert wait_for(late_version, STARTUP_S, 0.2), late.log()[-2000:]
     finally:
         assert late.stop(signal.SIGINT) == 0
+
+
+def test_live_model_change_takes_the_new_card_and_keeps_each_models_adaptation(pipeline,
+                                                                               tmp_path):
+    probe = pipeline["probe"]
+
+    def thresholds():
+        return list(probe.get_parameters(CLS, "thresholds")["thresholds"])
+
+    def serving(model_id):
+        return wait_for(lambda: probe.diag(CLS)["model_id"] == model_id, 5.0)
+
+    adapted = int(probe.diag(CLS)["model_version"])
+    assert adapted > 0, "the adaptation tests before this one should have adapted the model"
+    assert thresholds() == [0.25] * 3  # the card's
+    other = _tiny_model(tmp_path / "other", seed=1, thresholds=(0.4, 0.4, 0.4))
+    assert probe.set_parameters(CLS, model=str(tmp_path / "other"))[0].successful
+    assert serving(other.model_id), probe.diag(CLS)
+    assert probe.diag(CLS)["model_version"] == "0"
+    # Thresholds still at the old card's defaults follow the new card.
+    assert wait_for(lambda: thresholds() == [0.4] * 3, 5.0), thresholds()
+    # Thresholds set by hand stay across a model change.
+    assert probe.set_parameters(CLS, thresholds=[0.5] * 3)[0].successful
+    assert probe.set_parameters(CLS, model=str(pipeline["stem"]))[0].successful
+    assert serving(pipeline["card"].model_id), probe.diag(CLS)
+    # Back on the adapted model: its latest update applies again (it was latched only once).
+    assert wait_for(lambda: int(probe.diag(CLS)["model_version"]) >= adapted, 5.0), \
+        probe.diag(CLS)
+    assert thresholds() == [0.5] * 3
+    assert probe.set_parameters(CLS, thresholds=[0.25] * 3)[0].successful
 
 
 def test_onnxruntime_classifier_classifies_and_applies_head_updates(pipeline, data, tmp_path):
@@ -438,6 +491,34 @@ def test_adapter_restart_resumes_and_the_classifier_keeps_running(pipeline, data
     assert wait_for(lambda: "resumed" in adapter.log(), 10.0), adapter.log()[-2000:]
 
 
+def _int(d: dict, key: str) -> int:
+    return int(d[key]) if d.get(key, "None") != "None" else -1
+
+
+def test_a_killed_adapter_numbers_its_updates_above_the_last_published(pipeline, data):
+    """Killed after publishing more than it saved: the resumed (older) heads must not come
+    back under a number the classifiers already hold with other heads."""
+    probe, adapter = pipeline["probe"], pipeline["procs"][ADA]
+    # enabled: the restarted adapter came up with the pipeline's enabled:=false
+    assert all(r.successful for r in probe.set_parameters(ADA, enabled=True, save_period_s=3600.0))
+    _stream(probe, data[0][:16])
+    assert wait_for(lambda: _int(probe.diag(ADA), "published_version")
+                    > _int(probe.diag(ADA), "saved_version"), 5.0), probe.diag(ADA)
+    time.sleep(1.0)  # the last change is published (publish_period_s 0.5)
+    probe.watch_updates()
+    latched = wait_for(lambda: list(probe.updates), 5.0)
+    assert latched
+    published = latched[-1].msg.version
+    assert adapter.stop(signal.SIGKILL) != 0  # no shutdown save
+    adapter.start()
+    probe.watch_updates()
+    first = wait_for(lambda: list(probe.updates), STARTUP_S, 0.2)
+    assert first, adapter.log()[-2000:]
+    assert first[0].msg.version > published, (first[0].msg.version, published)
+    assert wait_for(lambda: int(probe.diag(CLS)["model_version"]) == first[0].msg.version,
+                    5.0), probe.diag(CLS)
+
+
 def test_sigint_and_sigterm_shut_down_cleanly(pipeline):
     procs = pipeline["procs"]
     codes = {CAM: procs[CAM].stop(signal.SIGINT), CLS: procs[CLS].stop(signal.SIGTERM),
@@ -485,6 +566,17 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
         versions = [p.model_version for p in preds]
         assert versions[-1] > versions[0], versions
         assert wait_for(lambda: probe.count(ADA, "frames_adapted") >= 5, 5.0), probe.diag(ADA)
+        # Frames of another shape or with NaN are skipped; the training thread carries on.
+        nan = np.zeros((1, 32, 32), np.float32)
+        nan[0, 1, 1] = np.nan
+        for tensor in (np.zeros((3, 32, 32), np.float32), nan):
+            probe.publish_frame(encode_frame(tensor))
+            time.sleep(0.5)
+        assert wait_for(lambda: probe.count(ADA, "frames_rejected") >= 2, 5.0), probe.diag(ADA)
+        adapted = probe.count(ADA, "frames_adapted")
+        _stream(probe, noisy[:6])
+        assert wait_for(lambda: probe.count(ADA, "frames_adapted") > adapted, 5.0), \
+            probe.diag(ADA)
         assert probe.count(CLS, "updates_applied") >= 1 and \
             probe.count(CLS, "updates_rejected") == 0, probe.diag(CLS)
         probe.watch_updates()

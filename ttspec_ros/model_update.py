@@ -4,11 +4,13 @@ The adapter exports one, the classifier applies it (``Cascade.apply_update``). `
 ``from_msg`` convert to and from the generated ``ModelUpdate`` / ``NamedTensor`` messages,
 which are imported lazily (or passed in), so the core never imports rclpy. ``save_payload`` /
 ``load_payload`` keep one as a safetensors file (metadata: model id and version).
+``PublishedRecord`` is the adapter's note of the last version it published.
 """
 
 from __future__ import annotations
 
 import array
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ttspec_ros.files import atomic_write_bytes
+from ttspec_ros.files import atomic_write_bytes, write_json
 
 _MAX_UINT64 = 2**64 - 1
 
@@ -136,4 +138,53 @@ def load_payload(path: str | os.PathLike) -> ModelUpdatePayload:
     return ModelUpdatePayload(model_id=meta["model_id"], version=version, tensors=tensors)
 
 
-__all__ = ["ModelUpdatePayload", "to_msg", "from_msg", "save_payload", "load_payload"]
+PUBLISHED_FILE = "published.json"  # in an adapter's state_dir
+
+
+@dataclass(frozen=True)
+class PublishedRecord:
+    """The last update an adapter published: its version and the engines' version behind it.
+
+    State is saved every few seconds, updates go out more often: after a crash the resumed
+    engines are older than what classifiers hold. Kept beside the state, this record lets the
+    restarted adapter number its updates above the last published one instead of reusing
+    numbers for other tensors."""
+
+    model_id: str
+    version: int  # as published
+    engine_version: int  # the engines' own version sum at that moment
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        return write_json(Path(directory) / PUBLISHED_FILE, {
+            "model_id": self.model_id, "version": self.version,
+            "engine_version": self.engine_version})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> PublishedRecord | None:
+        """The record in ``directory`` (None if there is none); ValueError if it is malformed."""
+        path = Path(directory) / PUBLISHED_FILE
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            record = cls(d["model_id"], d["version"], d["engine_version"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a published-version record ({e})") from e
+        if not isinstance(record.model_id, str) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_UINT64
+                for v in (record.version, record.engine_version)):
+            raise ValueError(f"{path}: model_id must be a string and versions integers >= 0, "
+                             f"got {d}")
+        return record
+
+    def offset_for(self, engine_version: int) -> int:
+        """What to add to resumed engines at ``engine_version`` so that their updates never
+        reuse a published number: the same engine version holds the same tensors (they keep
+        their number); any other state is numbered above the last published one."""
+        if engine_version == self.engine_version:
+            return max(0, self.version - engine_version)
+        return max(0, self.version + 1 - engine_version)
+
+
+__all__ = ["ModelUpdatePayload", "PublishedRecord", "to_msg", "from_msg", "save_payload",
+           "load_payload"]

@@ -60,7 +60,8 @@ CLASSIFIER: tuple[ParamSpec, ...] = (
               min=-1.0, max=1.0, constraints="-1, or a value in [0, 1]"),
     ParamSpec("thresholds", "double_array", FROM_MODEL_CARD,
               "per-early-exit confidence thresholds (one per exit except the last), each in "
-              "[0, 1]; default: the model card's; used while threshold is -1",
+              "[0, 1]; default: the model card's, and while they equal the card's they follow "
+              "a live model change; used while threshold is -1",
               min=0.0, max=1.0, constraints="length = number of exits - 1"),
     ParamSpec("max_exit", "int", -1,
               "deepest exit to run: frames no earlier exit answered are answered there; "
@@ -111,7 +112,7 @@ ADAPTER: tuple[ParamSpec, ...] = (
               min=0.01, max=3600.0),
     ParamSpec("state_dir", "string", "",
               "directory for the adapter's state (saved atomically, resumed at start); "
-              "'' = not persisted"),
+              "'' = not persisted", read_only=True),
     ParamSpec("save_period_s", "double", 10.0, "save the state this often (seconds) when changed",
               min=0.1, max=86400.0),
     ParamSpec("strategy", "string", "specialize",

@@ -4,8 +4,11 @@ Samples are queued by the subscription callback and trained on by a worker threa
 executor never waits for an SGD step. A timer publishes the current heads at most every
 ``publish_period_s`` when they changed (reliable + transient local: a classifier that starts
 later still gets the latest). With ``state_dir`` the state is saved atomically every
-``save_period_s``, on ``~/save`` and at shutdown, and resumed (and republished) at start.
-Any number of classifiers running the same model may feed one adapter.
+``save_period_s``, on ``~/save`` and at shutdown, and resumed (and republished) at start;
+the last published version is recorded there too (``PublishedRecord``), so an adapter
+restarted after a crash numbers its updates above what the classifiers already hold.
+Any number of classifiers running the same model may feed one adapter. A failing step,
+publication or save is counted, logged and survived: the node keeps its last good state.
 
 With ``anchors_file`` (from ``ttspec make-anchors``) the Specializer runs with the forgetting
 guard (``ttspec_ros.specialize.AnchorGuard``): anchors are rehearsed with every step, and heads
@@ -38,7 +41,7 @@ from std_srvs.srv import Trigger
 
 from ttspec_ros import params, topics
 from ttspec_ros.image_codec import ImageDecodeError, decode_frame
-from ttspec_ros.model_update import ModelUpdatePayload, to_msg
+from ttspec_ros.model_update import ModelUpdatePayload, PublishedRecord, to_msg
 from ttspec_ros.msg import AdaptationSample, ModelUpdate
 from ttspec_ros.nodes import (
     Diagnostics,
@@ -85,6 +88,7 @@ class AdapterNode(Node):
         self._cond = threading.Condition()
         self._stop = False
         self._published_version: int | None = None
+        self._version_offset = 0  # PublishedRecord.offset_for after a resume
         self._saved_version: int | None = None
         self._save_lock = threading.Lock()
         resumed = self._resume(values["state_dir"])
@@ -102,8 +106,9 @@ class AdapterNode(Node):
         self._publish_timer = self.create_timer(values["publish_period_s"], self._publish)
         self._save_timer = self.create_timer(values["save_period_s"], self._periodic_save)
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._diagnostics = Diagnostics(self, self._diagnostic_values,
-                                        warn_on=("samples_rejected", "samples_dropped"))
+        self._diagnostics = Diagnostics(
+            self, self._diagnostic_values,
+            warn_on=("samples_rejected", "samples_dropped", "frames_rejected", "errors"))
         self._worker = threading.Thread(target=self._train, name="specializer", daemon=True)
         self._worker.start()
         self._ttt_worker = None
@@ -131,6 +136,8 @@ class AdapterNode(Node):
             model, card = load_model(values["model"] or None, with_decoders=uses_ttt)
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"adapter: cannot load model {values['model']!r}: {e}") from e
+        spec = card.input  # what a frame must look like (checked by load_model)
+        self._input_shape = (int(spec["channels"]), int(spec["size"]), int(spec["size"]))
         specializer = Specializer(
             early_head_tensors(model), model.num_exits, model_id=card.model_id,
             lr=values["learning_rate"], momentum=values["momentum"],
@@ -186,10 +193,17 @@ class AdapterNode(Node):
                 continue
             try:
                 engine.load(state_dir)
-            except (OSError, ValueError) as e:
+            except Exception as e:  # whatever a damaged file provokes
                 # Never overwrite a state we cannot read: the user decides what to do with it.
-                raise StartupError(f"adapter: cannot resume from {state_dir}: {e}") from e
+                raise StartupError(f"adapter: cannot resume from {state_dir}: "
+                                   f"{type(e).__name__}: {e}") from e
             resumed = True
+        try:
+            record = PublishedRecord.load(state_dir)
+        except ValueError as e:
+            raise StartupError(f"adapter: cannot resume from {state_dir}: {e}") from e
+        if record is not None and record.model_id == self.specializer.model_id:
+            self._version_offset = record.offset_for(self._version())
         if resumed:
             self._saved_version = self._version()
         return resumed
@@ -249,6 +263,9 @@ class AdapterNode(Node):
             except ValueError as e:
                 self._reject("samples_rejected", "last_rejection", "rejected sample", e)
                 continue
+            except Exception as e:  # the thread must outlive any one sample
+                self._failed("training on a sample", e)
+                continue
             self.stats.count("samples_used")
 
     # -- frames (test-time training)
@@ -268,12 +285,17 @@ class AdapterNode(Node):
             try:
                 x = decode_frame(msg.height, msg.width, msg.encoding, msg.is_bigendian,
                                  msg.step, msg.data)
+                if x.shape != self._input_shape:
+                    raise ValueError(f"frame is {x.shape}, the model takes {self._input_shape}")
                 started = time.perf_counter()
                 self._ttt_loss = self.ttt.adapt(torch.from_numpy(x))
                 self.stats.add("ttt_step_ms", (time.perf_counter() - started) * 1000.0)
             except (ImageDecodeError, ValueError, FloatingPointError) as e:
                 self._reject("frames_rejected", "last_frame_rejection",
                              "test-time training skipped a frame", e)
+                continue
+            except Exception as e:  # the thread must outlive any one frame
+                self._failed("test-time training on a frame", e)
                 continue
             self.stats.count("frames_adapted")
 
@@ -284,29 +306,59 @@ class AdapterNode(Node):
         if self._throttle(str(error)[:60]):
             self.get_logger().warning(f"{what}: {error}")
 
+    def _failed(self, what: str, error: Exception) -> None:
+        """An unexpected error in a worker or timer: count it, say what failed, carry on with
+        the last good state (an error escaping a timer would end the node)."""
+        self.stats.count("errors")
+        self.stats.note("last_error", f"{what}: {type(error).__name__}: {error}")
+        if self._throttle(f"{what}:{type(error).__name__}"):
+            self.get_logger().error(f"{what} failed: {type(error).__name__}: {error}")
+
     # -- outputs
-    def _version(self) -> int:
+    def _engine_version(self) -> int:
         """Both engines' versions only grow, so their sum grows whenever either changes."""
         return self.specializer.version + (self.ttt.version if self.ttt else 0)
 
-    def _payload(self) -> ModelUpdatePayload:
-        payload = self.specializer.export()
-        if self.ttt is None:
-            return payload
-        backbone = self.ttt.export_update()  # a consistent snapshot (the engine's lock)
-        heads = payload.tensors if self._specializing else {}
-        return ModelUpdatePayload(payload.model_id, payload.version + backbone.version,
-                                  {**heads, **backbone.tensors})
+    def _version(self) -> int:
+        return self._engine_version() + self._version_offset
+
+    def _payload(self) -> tuple[ModelUpdatePayload, int]:
+        """The update to publish and the engines' version it holds."""
+        heads = self.specializer.export()
+        version, tensors = heads.version, heads.tensors
+        if self.ttt is not None:
+            backbone = self.ttt.export_update()  # a consistent snapshot (the engine's lock)
+            version += backbone.version
+            tensors = {**(tensors if self._specializing else {}), **backbone.tensors}
+        return (ModelUpdatePayload(heads.model_id, version + self._version_offset, tensors),
+                version)
 
     def _publish(self) -> None:
-        payload = self._payload()
-        if payload.version == self._published_version:
+        try:
+            payload, engine_version = self._payload()
+            if payload.version == self._published_version:
+                return
+            self._record_published(payload, engine_version)
+            msg = to_msg(payload)
+            msg.header.stamp = self.get_clock().now().to_msg()
+            self._update_pub.publish(msg)
+        except Exception as e:  # classifiers keep the last published update
+            self._failed("publishing the model update", e)
             return
-        msg = to_msg(payload)
-        msg.header.stamp = self.get_clock().now().to_msg()
-        self._update_pub.publish(msg)
         self._published_version = payload.version
         self.stats.count("updates_published")
+
+    def _record_published(self, payload: ModelUpdatePayload, engine_version: int) -> None:
+        """Written before the update goes out: after a crash the record may be ahead of what
+        classifiers got (harmless), never behind."""
+        if not self._values["state_dir"]:
+            return
+        try:
+            PublishedRecord(payload.model_id, payload.version, engine_version).save(
+                self._values["state_dir"])
+        except OSError as e:  # publish anyway: classifiers need the update more
+            self.get_logger().error(f"recording the published version failed: {e}",
+                                    throttle_duration_sec=30.0)
 
     def _save(self) -> str:
         state_dir = self._values["state_dir"]
@@ -325,7 +377,7 @@ class AdapterNode(Node):
         if self._values["state_dir"] and self._version() != self._saved_version:
             try:
                 self._save()
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 self.get_logger().error(f"saving state failed: {e}", throttle_duration_sec=30.0)
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response):
@@ -339,7 +391,7 @@ class AdapterNode(Node):
         if self._values["state_dir"]:
             try:
                 self._save()
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 response.message += f" (saving failed: {e})"
         self.get_logger().info(response.message)
         return response
@@ -380,7 +432,7 @@ class AdapterNode(Node):
         if self._values["state_dir"] and self._version() != self._saved_version:
             try:
                 log.info(self._save())
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 log.error(f"saving state at shutdown failed: {e}")
 
 

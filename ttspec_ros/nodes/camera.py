@@ -108,28 +108,24 @@ class CameraNode(Node):
         return accept()
 
     # -- frames
-    def _rate_allows(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_pass < self._min_period_s:
+    def _rate_allows(self, arrived: float) -> bool:
+        if arrived - self._last_pass < self._min_period_s:
             self.stats.count("dropped_rate_limit")
             return False
-        self._last_pass = now
         return True
 
     def _on_image(self, msg: Image) -> None:
-        self.stats.count("received")
-        if not self._rate_allows():
-            return
         self._convert(msg.header, lambda: decode_image(
             msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data))
 
     def _on_compressed(self, msg: CompressedImage) -> None:
-        self.stats.count("received")
-        if not self._rate_allows():
-            return
         self._convert(msg.header, lambda: decode_compressed(msg.format, msg.data))
 
     def _convert(self, header: Any, decode: Any) -> None:
+        self.stats.count("received")
+        arrived = time.monotonic()
+        if not self._rate_allows(arrived):
+            return  # checked before decoding: a dropped frame costs nothing
         start = time.perf_counter()
         try:
             tensor = preprocess(decode(), self._input_spec)
@@ -140,6 +136,9 @@ class CameraNode(Node):
             self._reject("preprocess", str(e))
             return
         out = Image(header=header, **encode_frame(tensor))
+        # Only a frame passed on starts the next period: a rejected one must not make the
+        # rate limit drop the good frame after it.
+        self._last_pass = arrived
         self._frames_pub.publish(out)
         self.stats.count("published")
         self.stats.add("convert_ms", (time.perf_counter() - start) * 1000.0)

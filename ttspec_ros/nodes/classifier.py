@@ -4,6 +4,10 @@ The subscription callback only stores the newest frame (``LatestSlot``: one pend
 most, a replaced one counts as dropped); a worker thread runs the cascade, so the executor
 stays free for parameters, model updates and diagnostics. ``model_updates`` (reliable,
 transient local) are validated and applied by ``Cascade.apply_update`` between two frames.
+
+``model`` can change live: the new cascade gets the latest update received for its model id
+(a switch back to an adapted model keeps its adaptation, although the adapter's latched update
+arrived only once), and thresholds still at the old card's defaults become the new card's.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import array
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,7 @@ from sensor_msgs.msg import Image
 
 from ttspec_ros import params, topics
 from ttspec_ros.image_codec import ImageDecodeError, decode_frame
-from ttspec_ros.model_update import from_msg
+from ttspec_ros.model_update import ModelUpdatePayload, from_msg
 from ttspec_ros.msg import AdaptationSample, CascadePrediction, ModelUpdate
 from ttspec_ros.nodes import (
     Diagnostics,
@@ -41,6 +45,7 @@ from ttspec_ros.nodes import (
 )
 from ttspec_ros.specialize import pack_features
 
+KEPT_UPDATES = 4  # latest update of this many model ids, for a live switch back to one
 
 class LoadedModel:
     """A cascade with the card facts the node needs, swapped as one object on `model` change.
@@ -90,8 +95,7 @@ class ClassifierNode(Node):
         self.loaded = LoadedModel(values["model"], values["num_threads"], values["backend"],
                                   values["device"])
         rest = [s for s in params.CLASSIFIER if s not in first]
-        values.update(declare(self, rest, {
-            "thresholds": [float(t) for t in self.loaded.card.thresholds]}))
+        values.update(declare(self, rest, {"thresholds": _card_thresholds(self.loaded)}))
         reason = params.check_classifier(values, self.loaded.num_exits)
         if reason:
             raise StartupError(f"classifier: {reason}")
@@ -104,6 +108,7 @@ class ClassifierNode(Node):
         self.max_pending = 0
         self._slot = LatestSlot()
         self._stop = threading.Event()
+        self._updates: OrderedDict[str, ModelUpdatePayload] = OrderedDict()
 
         self._pred_pub = self.create_publisher(CascadePrediction, topics.PREDICTIONS,
                                                qos(topics.QOS_RELIABLE))
@@ -133,7 +138,9 @@ class ClassifierNode(Node):
 
     # -- parameters (applied live; refused with the reason, nothing changed)
     def _on_set_parameters(self, changes: list[Parameter]):
-        new = changed_values(topics.CLASSIFIER_NODE, changes)
+        # Values equal to the current ones change nothing (and a re-sent value is no new intent).
+        new = {k: v for k, v in changed_values(topics.CLASSIFIER_NODE, changes).items()
+               if _plain(self._values.get(k)) != v}
         if not new:
             return accept()
         merged = {**self._values, **new}
@@ -147,18 +154,50 @@ class ClassifierNode(Node):
                 loaded = LoadedModel(new["model"], threads, merged["backend"], merged["device"])
             except StartupError as e:
                 reason = str(e)
+        follow = (loaded is not self.loaded and "thresholds" not in new
+                  and list(self._values["thresholds"]) == _card_thresholds(self.loaded))
+        if follow:
+            merged["thresholds"] = _card_thresholds(loaded)
         if not reason:
             reason = params.check_classifier(merged, loaded.num_exits, list(new))
         if reason:
             self.get_logger().warning(f"refused parameters {new}: {reason}")
             return refuse(reason)
+        if loaded is not self.loaded:
+            self._reapply_update(loaded)
         self._values = merged
         self._threads_wanted = merged["num_threads"]
         # One assignment each: the worker reads a consistent model and settings per frame.
         self.loaded = loaded
         self._settings = self._settings_from(merged)
-        self.get_logger().info(f"parameters set: {new}")
+        if follow:
+            self._publish_parameter("thresholds", merged["thresholds"])
+        self.get_logger().info(f"parameters set: {new}"
+                               + (f", thresholds {merged['thresholds']} from the new model's "
+                                  "card" if follow else ""))
         return accept()
+
+    def _publish_parameter(self, name: str, value: Any) -> None:
+        """Make the parameter show ``value``, which the node already uses. A callback cannot
+        set parameters itself, so a one-shot timer does it once this change is done; the
+        callback then sees an unchanged value and accepts."""
+        def set_once() -> None:
+            self.destroy_timer(timer)
+            self.set_parameters([Parameter(name, value=value)])
+
+        timer = self.create_timer(0.0, set_once)
+
+    def _reapply_update(self, loaded: LoadedModel) -> None:
+        payload = self._updates.get(loaded.cascade.model_id)
+        if payload is None:
+            return
+        try:
+            self._check_and_apply(loaded, payload)
+        except ValueError as e:
+            self._update_rejected(payload.version, e)
+            return
+        self.get_logger().info(f"model {loaded.cascade.model_id}: applied its latest update "
+                               f"v{payload.version} again")
 
     # -- frames
     def _on_frame(self, msg: Image) -> None:
@@ -227,31 +266,47 @@ class ClassifierNode(Node):
     # -- model updates
     def _on_update(self, msg: ModelUpdate) -> None:
         self.stats.count("updates_received")
-        cascade = self.loaded.cascade
+        loaded = self.loaded
         try:
             payload = from_msg(msg)
-            if payload.model_id != cascade.model_id:
-                raise ValueError(f"update is for model {payload.model_id!r}, this classifier "
-                                 f"runs {cascade.model_id!r}")
-            backbone = (set(payload.tensors) & set(cascade.model.state_dict())) \
-                - set(cascade.updatable_tensor_names())
-            if backbone and not cascade.torch_backbone:
-                # Test-time training (adapter strategy ttt_online/both) changes the backbone;
-                # exported graphs/engines cannot take it, and half an update is no update.
-                raise ValueError(
-                    f"update changes {len(backbone)} backbone tensors (e.g. "
-                    f"{sorted(backbone)[0]!r}); backend {self.loaded.backend!r} runs a fixed "
-                    "graph, only head tensors (cls_blocks.*) can change: adapter strategies "
-                    "that train the backbone need classifier backend 'torch'")
-            cascade.apply_update(payload.tensors, payload.version)
+            if payload.model_id != loaded.cascade.model_id:
+                self._keep_update(payload)  # for a switch to that model
+            self._check_and_apply(loaded, payload)
         except ValueError as e:
-            self.stats.count("updates_rejected")
-            self.stats.note("last_update_rejection", str(e))
-            if self._throttle(str(e)):
-                self.get_logger().warning(f"rejected model update v{msg.version}: {e}")
+            self._update_rejected(msg.version, e)
             return
-        self.stats.count("updates_applied")
+        self._keep_update(payload)
         self.get_logger().debug(f"applied model update v{payload.version}")
+
+    def _keep_update(self, payload: ModelUpdatePayload) -> None:
+        self._updates[payload.model_id] = payload
+        self._updates.move_to_end(payload.model_id)
+        while len(self._updates) > KEPT_UPDATES:
+            self._updates.popitem(last=False)
+
+    def _check_and_apply(self, loaded: LoadedModel, payload: ModelUpdatePayload) -> None:
+        cascade = loaded.cascade
+        if payload.model_id != cascade.model_id:
+            raise ValueError(f"update is for model {payload.model_id!r}, this classifier "
+                             f"runs {cascade.model_id!r}")
+        backbone = (set(payload.tensors) & set(cascade.model.state_dict())) \
+            - set(cascade.updatable_tensor_names())
+        if backbone and not cascade.torch_backbone:
+            # Test-time training (adapter strategy ttt_online/both) changes the backbone;
+            # exported graphs/engines cannot take it, and half an update is no update.
+            raise ValueError(
+                f"update changes {len(backbone)} backbone tensors (e.g. "
+                f"{sorted(backbone)[0]!r}); backend {loaded.backend!r} runs a fixed "
+                "graph, only head tensors (cls_blocks.*) can change: adapter strategies "
+                "that train the backbone need classifier backend 'torch'")
+        cascade.apply_update(payload.tensors, payload.version)
+        self.stats.count("updates_applied")
+
+    def _update_rejected(self, version: int, error: ValueError) -> None:
+        self.stats.count("updates_rejected")
+        self.stats.note("last_update_rejection", str(error))
+        if self._throttle(str(error)):
+            self.get_logger().warning(f"rejected model update v{version}: {error}")
 
     # -- diagnostics
     def _diagnostic_values(self) -> tuple[str, dict]:
@@ -275,6 +330,15 @@ class ClassifierNode(Node):
         self._stop.set()
         self._slot.close()
         self._worker.join(timeout=5.0)
+
+
+def _plain(value: Any) -> Any:
+    """A parameter value as ``changed_values`` gives it (arrays as lists)."""
+    return list(value) if isinstance(value, array.array) else value
+
+
+def _card_thresholds(loaded: LoadedModel) -> list[float]:
+    return [float(t) for t in loaded.card.thresholds]
 
 
 # The executor thread hands each frame to the worker, which then waits for the GIL until the

@@ -158,7 +158,7 @@ class Probe:
         self._frames_sub = None
         self.watch_frames(watch_frames)
         self._update_sub = None
-        self._compressed_pub = None
+        self._sensor_pubs: dict[str, Any] = {}
         self.spin_error: Exception | None = None
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -255,16 +255,27 @@ class Probe:
         finally:
             self.node.destroy_publisher(pub)
 
+    def _sensor_publisher(self, msg_type: Any, topic: str) -> Any:
+        """A sensor-QoS publisher on ``topic`` (made on first use, once it has a match)."""
+        if topic not in self._sensor_pubs:
+            pub = self.node.create_publisher(msg_type, f"{self.ns}/{topic}",
+                                             qos(topics.QOS_SENSOR))
+            wait_for(lambda: pub.get_subscription_count() > 0, 5.0)
+            self._sensor_pubs[topic] = pub
+        return self._sensor_pubs[topic]
+
     def publish_compressed(self, data: bytes, format_: str) -> Any:
-        """One CompressedImage on image_raw/compressed (publisher made on first use)."""
-        if self._compressed_pub is None:
-            self._compressed_pub = self.node.create_publisher(
-                CompressedImage, f"{self.ns}/{topics.IMAGE_RAW_COMPRESSED}",
-                qos(topics.QOS_SENSOR))
-            wait_for(lambda: self._compressed_pub.get_subscription_count() > 0, 5.0)
+        """One CompressedImage on image_raw/compressed."""
         msg = CompressedImage(format=format_, data=data)
         msg.header.stamp = self.stamp()
-        self._compressed_pub.publish(msg)
+        self._sensor_publisher(CompressedImage, topics.IMAGE_RAW_COMPRESSED).publish(msg)
+        return msg.header.stamp
+
+    def publish_frame(self, fields: dict[str, Any]) -> Any:
+        """One Image straight on ``frames``, as if the camera node had sent it."""
+        msg = Image(**fields)
+        msg.header.stamp = self.stamp()
+        self._sensor_publisher(Image, topics.FRAMES).publish(msg)
         return msg.header.stamp
 
     # -- services
