@@ -425,16 +425,18 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     return ModelCard.from_dict(data, source=str(path))
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a safetensors file and the model id (``file_hash``) of the same bytes:
+    read once, so the id names what was loaded even if the file is replaced meanwhile."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
+    data = Path(path).read_bytes()  # FileNotFoundError as it is
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+        state = load(data)
+    except (SafetensorError, ValueError) as e:
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from e
+    return state, hashlib.sha256(data).hexdigest()[:MODEL_ID_HEX]
 
 
 def _compare_configs(card: RevColConfig, found: RevColConfig, source: str) -> None:
@@ -497,16 +499,16 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
                 raise FileNotFoundError(f"{p} not found (our format needs {weights.name} and "
                                         f"{card_path.name} side by side)")
         card = read_card(card_path)
-        state = read_safetensors(weights)
-        if _is_hash_id(card.model_id) and card.model_id != file_hash(weights):
+        state, weights_id = read_safetensors(weights)
+        if _is_hash_id(card.model_id) and card.model_id != weights_id:
             raise ValueError(
                 f"{card_path}: model_id {card.model_id} is not the hash of {weights.name} "
-                f"({file_hash(weights)}): the weights and the card are from different saves"
+                f"({weights_id}): the weights and the card are from different saves"
             )
         _compare_configs(card.config, infer_config(state, str(weights)), str(card_path))
         model = build_from_state_dict(state, card.config, with_decoders, str(weights))
         card = dataclasses.replace(card, architecture=model.config.to_dict(),
-                                   model_id=card.model_id or file_hash(weights))
+                                   model_id=card.model_id or weights_id)
         return model, card
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
