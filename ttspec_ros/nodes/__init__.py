@@ -239,9 +239,7 @@ def load_input_spec(model: str) -> dict[str, Any]:
     ``checkpoint.load_model`` makes one up."""
     import json
 
-    import numpy as np
-
-    from ttspec_ros.preprocess import preprocess
+    from ttspec_ros.preprocess import check_input_spec
 
     path = Path(model) if model else DEMO_STEM
     if path.suffix in ("", ".json", ".safetensors"):
@@ -254,7 +252,7 @@ def load_input_spec(model: str) -> dict[str, Any]:
         from ttspec_ros.models.checkpoint import load_model
 
         spec = load_model(path)[1].input
-    preprocess(np.zeros((2, 2), np.uint8), spec)  # raises ValueError saying what is wrong
+    check_input_spec(spec)  # raises ValueError saying what is wrong
     return dict(spec)
 
 
