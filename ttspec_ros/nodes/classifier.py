@@ -47,6 +47,7 @@ from ttspec_ros.specialize import pack_features
 
 KEPT_UPDATES = 4  # latest update of this many model ids, for a live switch back to one
 
+
 class LoadedModel:
     """A cascade with the card facts the node needs, swapped as one object on `model` change.
     The backbone runs on ``backend``/``device``; the heads stay in torch (updatable on every
