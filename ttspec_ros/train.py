@@ -83,7 +83,10 @@ class TrainConfig:
     flip: bool = True  # augmentation: random horizontal flip
     label_smoothing: float = 0.0  # of every exit's cross-entropy
     ema: float = 0.0  # >0: keep an exponential moving average of the weights (this decay per
-    # step, as the official recipe's model EMA) and evaluate and save it
+    # step, as the official recipe's model EMA) and evaluate and save it. Pilot (20 epochs,
+    # 5,000 training images held out, 1 thread; the same run's raw weights logged beside it):
+    # last exit raw 91.04 %, EMA 0.998 90.92 %, EMA 0.999 90.88 %. It led by ~1 point at
+    # epoch 8 and the cosine schedule's end caught up, so it stays off.
     threads: int = 2  # results depend on it (rounding)
     pool_size: int = data.DEFAULT_POOL_SIZE
     val_size: int = 0  # >0: hold out this many training images to select settings on
@@ -241,8 +244,11 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
                "train_recon": (sums[NUM_EXITS:] / steps).round(4).tolist()}
         if len(val_idx):
             x_val = torch.from_numpy(preprocess_batch(images[val_idx], spec))
+            y_val = torch.from_numpy(labels[val_idx].copy())
             row["val_accuracy"] = _accuracies(all_exit_logits(ema.module if ema else model, x_val),
-                                              torch.from_numpy(labels[val_idx].copy()))
+                                              y_val)
+            if ema is not None:  # the same run without the average: a paired comparison
+                row["val_accuracy_raw"] = _accuracies(all_exit_logits(model, x_val), y_val)
         history.append(row)
         log(f"epoch {row}")
 
