@@ -353,6 +353,9 @@ def test_malformed_card_fields_are_refused_with_value_errors(field, value, messa
     ({"std": [0.0, 0.5, 0.5]}, "std must be positive"),
     ({"content_size": 64}, "content_size"),
     ({"size": None}, "wrong type"),
+    ({"size": float("inf")}, "wrong type"),
+    ({"size": 10**300}, "size <= 4096"),
+    ({"std": [float("nan")] * 3}, "finite"),
 ])
 def test_card_input_spec_is_checked_as_preprocessing_needs_it(change, message):
     # Nodes build their preprocessing from it: a bad spec fails at load, naming the field.
@@ -360,3 +363,9 @@ def test_card_input_spec_is_checked_as_preprocessing_needs_it(change, message):
     card["input"].update(change)
     with pytest.raises(ValueError, match=message):
         ModelCard.from_dict(card)
+
+
+def test_one_threshold_for_all_exits_is_a_list_after_validation():
+    card = make_card(make_model()).to_dict()
+    card["thresholds"] = 0.5
+    assert ModelCard.from_dict(card).thresholds == [0.5, 0.5, 0.5]

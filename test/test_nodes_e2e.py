@@ -345,15 +345,24 @@ def test_live_model_change_takes_the_new_card_and_keeps_each_models_adaptation(p
     assert probe.diag(CLS)["model_version"] == "0"
     # Thresholds still at the old card's defaults follow the new card.
     assert wait_for(lambda: thresholds() == [0.4] * 3, 5.0), thresholds()
-    # Thresholds set by hand stay across a model change.
-    assert probe.set_parameters(CLS, thresholds=[0.5] * 3)[0].successful
-    assert probe.set_parameters(CLS, model=str(pipeline["stem"]))[0].successful
+    # Model and thresholds in one request (applied one after the other): the thresholds
+    # given win over the card's.
+    results = probe.set_parameters(CLS, model=str(pipeline["stem"]), thresholds=[0.5] * 3)
+    assert all(r.successful for r in results), results
     assert serving(pipeline["card"].model_id), probe.diag(CLS)
     # Back on the adapted model: its latest update applies again (it was latched only once).
     assert wait_for(lambda: int(probe.diag(CLS)["model_version"]) >= adapted, 5.0), \
         probe.diag(CLS)
+    time.sleep(0.5)
     assert thresholds() == [0.5] * 3
-    assert probe.set_parameters(CLS, thresholds=[0.25] * 3)[0].successful
+    # Thresholds set by hand stay across a model change.
+    assert probe.set_parameters(CLS, model=str(tmp_path / "other"))[0].successful
+    assert serving(other.model_id), probe.diag(CLS)
+    time.sleep(0.5)
+    assert thresholds() == [0.5] * 3
+    results = probe.set_parameters(CLS, model=str(pipeline["stem"]), thresholds=[0.25] * 3)
+    assert all(r.successful for r in results), results
+    assert serving(pipeline["card"].model_id), probe.diag(CLS)
 
 
 def test_onnxruntime_classifier_classifies_and_applies_head_updates(pipeline, data, tmp_path):

@@ -143,21 +143,19 @@ PUBLISHED_FILE = "published.json"  # in an adapter's state_dir
 
 @dataclass(frozen=True)
 class PublishedRecord:
-    """The last update an adapter published: its version and the engines' version behind it.
+    """The last version an adapter published, kept beside its state.
 
     State is saved every few seconds, updates go out more often: after a crash the resumed
-    engines are older than what classifiers hold. Kept beside the state, this record lets the
-    restarted adapter number its updates above the last published one instead of reusing
-    numbers for other tensors."""
+    engines are older than what classifiers hold. With this record the restarted adapter
+    numbers its updates above the last published one instead of reusing numbers for other
+    tensors."""
 
     model_id: str
-    version: int  # as published
-    engine_version: int  # the engines' own version sum at that moment
+    version: int
 
     def save(self, directory: str | os.PathLike) -> Path:
-        return write_json(Path(directory) / PUBLISHED_FILE, {
-            "model_id": self.model_id, "version": self.version,
-            "engine_version": self.engine_version})
+        return write_json(Path(directory) / PUBLISHED_FILE,
+                          {"model_id": self.model_id, "version": self.version})
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PublishedRecord | None:
@@ -167,22 +165,21 @@ class PublishedRecord:
             return None
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-            record = cls(d["model_id"], d["version"], d["engine_version"])
+            record = cls(d["model_id"], d["version"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a published-version record ({e})") from e
-        if not isinstance(record.model_id, str) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_UINT64
-                for v in (record.version, record.engine_version)):
-            raise ValueError(f"{path}: model_id must be a string and versions integers >= 0, "
+        if not isinstance(record.model_id, str) or isinstance(record.version, bool) \
+                or not isinstance(record.version, int) or not 0 <= record.version < _MAX_UINT64:
+            raise ValueError(f"{path}: model_id must be a string and version an integer >= 0, "
                              f"got {d}")
         return record
 
     def offset_for(self, engine_version: int) -> int:
-        """What to add to resumed engines at ``engine_version`` so that their updates never
-        reuse a published number: the same engine version holds the same tensors (they keep
-        their number); any other state is numbered above the last published one."""
-        if engine_version == self.engine_version:
-            return max(0, self.version - engine_version)
+        """What to add to resumed engines at ``engine_version`` so that their first update is
+        numbered above the last published one. Always above, even when the resumed tensors may
+        be the published ones: engine versions cannot tell (a load counts as a change, and a
+        crash between two engines' saves pairs states never published together), and a new
+        number for the same tensors is harmless."""
         return max(0, self.version + 1 - engine_version)
 
 

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 _SPEC_KEYS = ("channels", "size", "content_size", "mean", "std")
+MAX_SIZE = 4096  # px; a larger model input side is a corrupt card, not a model
 
 
 def check_input_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndarray]:
@@ -21,7 +22,7 @@ def check_input_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np
     saying what is wrong (wrong types too: a card is data from a file)."""
     try:
         return _check_spec(input_spec)
-    except (TypeError, AttributeError) as e:  # e.g. "size": null, a list for the spec
+    except (TypeError, AttributeError, OverflowError) as e:  # "size": null / Infinity, ...
         raise ValueError(f"input spec has a field of the wrong type ({e})") from e
 
 
@@ -33,12 +34,16 @@ def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndar
     content = int(input_spec["content_size"])
     if channels not in (1, 3):
         raise ValueError(f"input spec channels must be 1 or 3, got {channels}")
-    if not 0 < content <= size:
-        raise ValueError(f"input spec needs 0 < content_size <= size, got {content} and {size}")
+    if not 0 < content <= size <= MAX_SIZE:
+        raise ValueError(f"input spec needs 0 < content_size <= size <= {MAX_SIZE}, got "
+                         f"{content} and {size}")
     mean = np.asarray(input_spec["mean"], dtype=np.float32).reshape(-1)
     std = np.asarray(input_spec["std"], dtype=np.float32).reshape(-1)
     if mean.size not in (1, channels) or std.size not in (1, channels):
         raise ValueError(f"input spec mean/std must have 1 or {channels} values")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise ValueError(f"input spec mean/std must be finite, got {mean.tolist()} and "
+                         f"{std.tolist()}")
     if np.any(std <= 0):
         raise ValueError(f"input spec std must be positive, got {std.tolist()}")
     return channels, size, content, mean, std

@@ -114,7 +114,9 @@ class ModelCard:
         for key in ("mean", "std"):
             if len(self.input[key]) != config.in_chans:
                 raise ValueError(f"{source}: input.{key} needs {config.in_chans} values")
-        validate_thresholds(self.thresholds, NUM_EXITS, source=f"{source}: thresholds")
+        # One value per early exit from here on (a card may hold one number for all).
+        self.thresholds = validate_thresholds(self.thresholds, NUM_EXITS,
+                                              source=f"{source}: thresholds")
         costs = [float(c) for c in self.exit_cost]
         # Cumulative shares: every one in (0, 1], none smaller than the one before (NaN fails).
         if (len(costs) != NUM_EXITS or abs(costs[-1] - 1.0) > 1e-6

@@ -322,23 +322,21 @@ class AdapterNode(Node):
     def _version(self) -> int:
         return self._engine_version() + self._version_offset
 
-    def _payload(self) -> tuple[ModelUpdatePayload, int]:
-        """The update to publish and the engines' version it holds."""
+    def _payload(self) -> ModelUpdatePayload:
         heads = self.specializer.export()
         version, tensors = heads.version, heads.tensors
         if self.ttt is not None:
             backbone = self.ttt.export_update()  # a consistent snapshot (the engine's lock)
             version += backbone.version
             tensors = {**(tensors if self._specializing else {}), **backbone.tensors}
-        return (ModelUpdatePayload(heads.model_id, version + self._version_offset, tensors),
-                version)
+        return ModelUpdatePayload(heads.model_id, version + self._version_offset, tensors)
 
     def _publish(self) -> None:
         try:
-            payload, engine_version = self._payload()
+            payload = self._payload()
             if payload.version == self._published_version:
                 return
-            self._record_published(payload, engine_version)
+            self._record_published(payload)
             msg = to_msg(payload)
             msg.header.stamp = self.get_clock().now().to_msg()
             self._update_pub.publish(msg)
@@ -348,17 +346,16 @@ class AdapterNode(Node):
         self._published_version = payload.version
         self.stats.count("updates_published")
 
-    def _record_published(self, payload: ModelUpdatePayload, engine_version: int) -> None:
+    def _record_published(self, payload: ModelUpdatePayload) -> None:
         """Written before the update goes out: after a crash the record may be ahead of what
         classifiers got (harmless), never behind."""
         if not self._values["state_dir"]:
             return
         try:
-            PublishedRecord(payload.model_id, payload.version, engine_version).save(
-                self._values["state_dir"])
-        except OSError as e:  # publish anyway: classifiers need the update more
-            self.get_logger().error(f"recording the published version failed: {e}",
-                                    throttle_duration_sec=30.0)
+            PublishedRecord(payload.model_id, payload.version).save(self._values["state_dir"])
+        except Exception as e:  # publish anyway: classifiers need the update more
+            self._failed("recording the published version (a restart after a crash may "
+                         "reuse version numbers)", e)
 
     def _save(self) -> str:
         state_dir = self._values["state_dir"]
@@ -377,22 +374,26 @@ class AdapterNode(Node):
         if self._values["state_dir"] and self._version() != self._saved_version:
             try:
                 self._save()
-            except (OSError, ValueError) as e:
-                self.get_logger().error(f"saving state failed: {e}", throttle_duration_sec=30.0)
+            except Exception as e:  # the last saved state stays; the next period tries again
+                self._failed("saving the state", e)
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response):
         if self.ttt is not None:
             self.ttt.reset()  # its version stays: the specializer's reset makes a new one
         self.specializer.reset()
         self._publish()
-        response.success = True
+        # Reset here either way; success says whether classifiers got it (see errors if not).
+        response.success = self._published_version == self._version()
         response.message = f"{'heads' if self.ttt is None else 'heads and backbone'} reset to " \
-                           f"the original; published version {self._published_version}"
+                           f"the original; " + (
+                               f"published version {self._published_version}"
+                               if response.success else "publishing it failed (see errors)")
         if self._values["state_dir"]:
             try:
                 self._save()
-            except (OSError, ValueError) as e:
-                response.message += f" (saving failed: {e})"
+            except Exception as e:
+                self._failed("saving the state", e)
+                response.message += f" (saving failed: {type(e).__name__}: {e})"
         self.get_logger().info(response.message)
         return response
 
@@ -400,8 +401,9 @@ class AdapterNode(Node):
         try:
             response.message = self._save()
             response.success = True
-        except (OSError, ValueError) as e:
-            response.success, response.message = False, f"not saved: {e}"
+        except Exception as e:
+            self._failed("saving the state", e)
+            response.success, response.message = False, f"not saved: {type(e).__name__}: {e}"
         return response
 
     # -- diagnostics and shutdown
@@ -432,8 +434,8 @@ class AdapterNode(Node):
         if self._values["state_dir"] and self._version() != self._saved_version:
             try:
                 log.info(self._save())
-            except (OSError, ValueError) as e:
-                log.error(f"saving state at shutdown failed: {e}")
+            except Exception as e:  # the last saved state stays
+                log.error(f"saving state at shutdown failed: {type(e).__name__}: {e}")
 
 
 def main(args: list[str] | None = None) -> int:

@@ -181,10 +181,13 @@ class ClassifierNode(Node):
     def _publish_parameter(self, name: str, value: Any) -> None:
         """Make the parameter show ``value``, which the node already uses. A callback cannot
         set parameters itself, so a one-shot timer does it once this change is done; the
-        callback then sees an unchanged value and accepts."""
+        callback then sees an unchanged value and accepts. Skipped if the value changed
+        meanwhile (the parameter service applies a request's values one at a time, so
+        ``model`` and ``thresholds`` set together arrive as two changes before the timer)."""
         def set_once() -> None:
             self.destroy_timer(timer)
-            self.set_parameters([Parameter(name, value=value)])
+            if _plain(self._values.get(name)) == value:
+                self.set_parameters([Parameter(name, value=value)])
 
         timer = self.create_timer(0.0, set_once)
 
@@ -282,8 +285,10 @@ class ClassifierNode(Node):
     def _keep_update(self, payload: ModelUpdatePayload) -> None:
         self._updates[payload.model_id] = payload
         self._updates.move_to_end(payload.model_id)
-        while len(self._updates) > KEPT_UPDATES:
-            self._updates.popitem(last=False)
+        running = self.loaded.cascade.model_id
+        while len(self._updates) > KEPT_UPDATES:  # the oldest other model's goes first
+            oldest = next(k for k in self._updates if k != running)
+            del self._updates[oldest]
 
     def _check_and_apply(self, loaded: LoadedModel, payload: ModelUpdatePayload) -> None:
         cascade = loaded.cascade
