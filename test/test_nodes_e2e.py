@@ -264,17 +264,32 @@ def test_malformed_images_are_rejected_counted_and_survived(pipeline, data):
     assert pipeline["procs"][CAM].alive()
 
 
+def _send_until_counted(probe, tensor, node, key, timeout=10.0) -> bool:
+    """Publish a frame straight on ``frames`` until ``node`` counts it under ``key``: the
+    probe's new best-effort publisher may send before the subscriber has matched it, and a
+    frame sent then is lost (not a failure of the node)."""
+    before = probe.count(node, key)
+
+    def counted() -> bool:
+        probe.publish_frame(encode_frame(tensor))
+        return wait_for(lambda: probe.count(node, key) > before, 1.5)
+
+    return wait_for(counted, timeout, interval=0.0)
+
+
+def _nan_frame() -> np.ndarray:
+    tensor = np.zeros((1, 32, 32), np.float32)
+    tensor[0, 5, 5] = np.nan
+    return tensor
+
+
 def test_bad_frames_are_rejected_by_the_classifier(pipeline, data):
     """Frames straight on ``frames`` (another sender than our camera): NaN would be answered
     as class 0 at the last exit, another size would fail inside the model."""
     probe = pipeline["probe"]
-    nan = np.zeros((1, 32, 32), np.float32)
-    nan[0, 5, 5] = np.nan
-    for tensor in (nan, np.zeros((1, 16, 16), np.float32)):
-        probe.publish_frame(encode_frame(tensor))
-        time.sleep(0.3)  # one pending frame at most: let the worker take each
-    assert wait_for(lambda: probe.count(CLS, "rejected_non_finite") >= 1
-                    and probe.count(CLS, "rejected_wrong_shape") >= 1, 5.0), probe.diag(CLS)
+    assert _send_until_counted(probe, _nan_frame(), CLS, "rejected_non_finite"), probe.diag(CLS)
+    assert _send_until_counted(probe, np.zeros((1, 16, 16), np.float32), CLS,
+                               "rejected_wrong_shape"), probe.diag(CLS)
     _stream(probe, data[0][:3])
     assert _predictions(probe), "no prediction after the bad frames"
 
@@ -576,12 +591,8 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
         assert versions[-1] > versions[0], versions
         assert wait_for(lambda: probe.count(ADA, "frames_adapted") >= 5, 5.0), probe.diag(ADA)
         # Frames of another shape or with NaN are skipped; the training thread carries on.
-        nan = np.zeros((1, 32, 32), np.float32)
-        nan[0, 1, 1] = np.nan
-        for tensor in (np.zeros((3, 32, 32), np.float32), nan):
-            probe.publish_frame(encode_frame(tensor))
-            time.sleep(0.5)
-        assert wait_for(lambda: probe.count(ADA, "frames_rejected") >= 2, 5.0), probe.diag(ADA)
+        for tensor in (np.zeros((3, 32, 32), np.float32), _nan_frame()):
+            assert _send_until_counted(probe, tensor, ADA, "frames_rejected"), probe.diag(ADA)
         adapted = probe.count(ADA, "frames_adapted")
         _stream(probe, noisy[:6])
         assert wait_for(lambda: probe.count(ADA, "frames_adapted") > adapted, 5.0), \
