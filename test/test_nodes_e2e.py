@@ -493,6 +493,27 @@ def test_adapter_save_and_reset_services(pipeline):
     assert wait_for(lambda: any(u.msg.version > version for u in list(probe.updates)), 5.0)
 
 
+def test_a_failing_save_is_reported_and_survived(pipeline):
+    """A directory where the state file goes makes the save's rename fail: the service says
+    so, /diagnostics counts it, and the next save, once the path is free, works."""
+    probe = pipeline["probe"]
+    target = pipeline["state_dir"] / "specializer.safetensors"
+    kept = target.with_name("kept.safetensors")
+    target.rename(kept)
+    target.mkdir()
+    try:
+        errors = probe.count(ADA, "errors")
+        failed = probe.trigger(ADA, "save")
+        assert not failed.success and "not saved" in failed.message, failed
+        assert wait_for(lambda: probe.count(ADA, "errors") > errors, 5.0), probe.diag(ADA)
+        assert "saving the state" in probe.diag(ADA)["last_error"]
+    finally:
+        target.rmdir()
+        kept.rename(target)
+    assert probe.trigger(ADA, "save").success
+    assert pipeline["procs"][ADA].alive()
+
+
 def test_adapter_restart_resumes_and_the_classifier_keeps_running(pipeline, data):
     probe, adapter = pipeline["probe"], pipeline["procs"][ADA]
     assert adapter.stop(signal.SIGTERM) == 0
