@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttspec_ros.files import atomic_write_bytes
-from ttspec_ros.model_update import ModelUpdatePayload
+from ttspec_ros.model_update import ModelUpdatePayload, all_finite
 
 LAYER_NORM_EPS = 1e-6  # eps of the classifier LayerNorm (RevCol)
 STATE_FILE = "specializer.safetensors"
@@ -191,11 +191,6 @@ def _np(value: Any) -> np.ndarray:
 def _is_count(value: Any) -> bool:
     """An integer >= 0 as JSON gives it (bool is an int subclass, but no count)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _all_finite(arrays: Sequence[np.ndarray | Tensor]) -> bool:
-    # numpy, not torch.isfinite: on 1000-class heads torch's took ~20x longer (1 thread)
-    return all(bool(np.isfinite(_np(a)).all()) for a in arrays)
 
 
 # -- features ----------------------------------------------------------------------------
@@ -407,7 +402,7 @@ class AnchorGuard:
             raise RuntimeError("AnchorGuard.bind(heads) must be called first")
         # NaN confidences never reach a threshold, so NaN heads would send every anchor to
         # the last exit and look like perfect agreement.
-        if not _all_finite(heads.parameters()):
+        if not all_finite(heads.parameters()):
             return False
         now, ref = self.measure(heads), self.reference
         drop = ref["agreement"] - now["agreement"]
@@ -636,7 +631,7 @@ class Specializer:
         weights = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
         self._sgd(self._gradients(x, weights, targets,
                                   apply_weight_lr=None if self.momentum else self.lr), h)
-        if not _all_finite([v[:h] for v in self._views]):
+        if not all_finite([v[:h] for v in self._views]):
             # A step that overflowed is never kept (it could be exported or saved): back to
             # the last good heads, as a failed guard check does.
             self._roll_back()
@@ -714,7 +709,7 @@ class Specializer:
                                  strict=True):
                 if self.momentum:
                     tensors[f"momentum.{name}"] = buf.numpy().copy()
-            bad = next((k for k, v in tensors.items() if not _all_finite([v])), None)
+            bad = next((k for k, v in tensors.items() if not all_finite([v])), None)
             if bad is not None:
                 # it could never be loaded again, and saving it would replace a good state
                 raise ValueError(f"specializer state holds NaN or infinite values in {bad}; "
@@ -767,7 +762,7 @@ class Specializer:
                 if saved.shape != tuple(p.shape):
                     raise ValueError(f"momentum.{name} has shape {saved.shape}, expected "
                                      f"{tuple(p.shape)}")
-                if not _all_finite([saved]):
+                if not all_finite([saved]):
                     # the next step would turn the heads into NaN
                     raise ValueError(f"momentum.{name} holds NaN or infinite values")
             momentum.append(saved)

@@ -29,12 +29,11 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ttspec_ros.masking import DEFAULT_MASK_RATIO, masked_reconstruction_loss, random_patch_mask
-from ttspec_ros.model_update import ModelUpdatePayload, load_payload, save_payload
+from ttspec_ros.model_update import ModelUpdatePayload, all_finite, load_payload, save_payload
 from ttspec_ros.models.revcol import ChannelsFirstLayerNorm, RevCol
 
 MODES = ("episodic", "online")
@@ -234,7 +233,7 @@ class TestTimeTrainer:
                 self._optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self._optimizer.step()
-        if not all(bool(np.isfinite(p.detach().numpy()).all()) for p in self._params):
+        if not all_finite(self._params):
             raise FloatingPointError("a TTT step made parameters NaN or infinite")
         return float(loss.detach())
 
