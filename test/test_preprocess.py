@@ -76,3 +76,9 @@ def test_three_channel_spec_repeats_gray():
 def test_bad_input_is_refused_with_a_reason(image, spec, message):
     with pytest.raises(ValueError, match=message):
         preprocess(image, spec)
+
+
+def test_input_shape_is_what_preprocess_gives():
+    from ttspec_ros.preprocess import input_shape
+
+    assert input_shape(SPEC) == preprocess(np.zeros((40, 30), np.uint8), SPEC).shape == (1, 32, 32)

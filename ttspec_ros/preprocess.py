@@ -26,6 +26,12 @@ def check_input_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np
         raise ValueError(f"input spec has a field of the wrong type ({e})") from e
 
 
+def input_shape(input_spec: Mapping) -> tuple[int, int, int]:
+    """(channels, size, size): the model input ``preprocess`` gives for this spec."""
+    channels, size = check_input_spec(input_spec)[:2]
+    return channels, size, size
+
+
 def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndarray]:
     missing = [k for k in _SPEC_KEYS if k not in input_spec]
     if missing:

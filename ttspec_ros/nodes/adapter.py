@@ -56,6 +56,7 @@ from ttspec_ros.nodes import (
     refuse,
     run_node,
 )
+from ttspec_ros.preprocess import input_shape
 from ttspec_ros.specialize import (
     STATE_FILE,
     AnchorGuard,
@@ -136,8 +137,7 @@ class AdapterNode(Node):
             model, card = load_model(values["model"] or None, with_decoders=uses_ttt)
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"adapter: cannot load model {values['model']!r}: {e}") from e
-        spec = card.input  # what a frame must look like (checked by load_model)
-        self._input_shape = (int(spec["channels"]), int(spec["size"]), int(spec["size"]))
+        self._input_shape = input_shape(card.input)  # what a frame must look like
         specializer = Specializer(
             early_head_tensors(model), model.num_exits, model_id=card.model_id,
             lr=values["learning_rate"], momentum=values["momentum"],

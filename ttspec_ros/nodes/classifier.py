@@ -43,6 +43,7 @@ from ttspec_ros.nodes import (
     refuse,
     run_node,
 )
+from ttspec_ros.preprocess import input_shape
 from ttspec_ros.specialize import pack_features
 
 KEPT_UPDATES = 4  # latest update of this many model ids, for a live switch back to one
@@ -65,8 +66,7 @@ class LoadedModel:
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"cannot load model {model_path or '(bundled demo)'!r}: {e}"
                                ) from e
-        spec = card.input
-        self.input_shape = (int(spec["channels"]), int(spec["size"]), int(spec["size"]))
+        self.input_shape = input_shape(card.input)
         try:
             backbone = create_backbone(backend, model, device=device, num_threads=num_threads,
                                        image_size=self.input_shape[1])

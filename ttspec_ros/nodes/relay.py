@@ -20,6 +20,7 @@ from ttspec_ros import topics
 from ttspec_ros.image_codec import encode_frame
 from ttspec_ros.msg import CascadePrediction
 from ttspec_ros.nodes import load_input_spec, qos, run_node
+from ttspec_ros.preprocess import input_shape
 
 ROLES = (topics.CAMERA_NODE, topics.CLASSIFIER_NODE)
 
@@ -28,8 +29,7 @@ class RelayNode(Node):
     def __init__(self, role: str, model: str = "") -> None:
         super().__init__(f"{role}_relay")
         if role == topics.CAMERA_NODE:
-            spec = load_input_spec(model)
-            shape = (int(spec["channels"]), int(spec["size"]), int(spec["size"]))
+            shape = input_shape(load_input_spec(model))
             self._frame = encode_frame(np.zeros(shape, np.float32))
             self._pub = self.create_publisher(Image, topics.FRAMES, qos(topics.QOS_SENSOR))
             self.create_subscription(Image, topics.IMAGE_RAW, self._to_frame,
