@@ -75,17 +75,21 @@ def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] 
     return values
 
 
-def changed_values(node: str, changes: Iterable[Any]) -> dict[str, Any]:
-    """name -> value of the changed parameters that ``node`` declares from ttspec_ros.params
-    (arrays as lists). Others (use_sim_time, qos_overrides.*, declared by rclpy while the
-    node subscribes) are not ours to judge."""
+def plain_value(value: Any) -> Any:
+    """A parameter value with arrays as lists (rclpy gives array.array for double arrays)."""
     import array
 
+    return list(value) if isinstance(value, array.array) else value
+
+
+def changed_values(node: str, changes: Iterable[Any]) -> dict[str, Any]:
+    """name -> value (``plain_value``) of the changed parameters that ``node`` declares from
+    ttspec_ros.params. Others (use_sim_time, qos_overrides.*, declared by rclpy while the
+    node subscribes) are not ours to judge."""
     from ttspec_ros.params import NODE_PARAMS
 
     names = {s.name for s in NODE_PARAMS[node]}
-    return {p.name: list(p.value) if isinstance(p.value, array.array) else p.value
-            for p in changes if p.name in names}
+    return {p.name: plain_value(p.value) for p in changes if p.name in names}
 
 
 def refuse(reason: str) -> SetParametersResult:

@@ -315,12 +315,11 @@ class AdapterNode(Node):
             self.get_logger().error(f"{what} failed: {type(error).__name__}: {error}")
 
     # -- outputs
-    def _engine_version(self) -> int:
-        """Both engines' versions only grow, so their sum grows whenever either changes."""
-        return self.specializer.version + (self.ttt.version if self.ttt else 0)
-
     def _version(self) -> int:
-        return self._engine_version() + self._version_offset
+        """Both engines' versions only grow, so their sum (+ the resume offset) grows whenever
+        either changes."""
+        return (self.specializer.version + (self.ttt.version if self.ttt else 0)
+                + self._version_offset)
 
     def _payload(self) -> ModelUpdatePayload:
         heads = self.specializer.export()

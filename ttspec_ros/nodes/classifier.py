@@ -39,6 +39,7 @@ from ttspec_ros.nodes import (
     accept,
     changed_values,
     declare,
+    plain_value,
     qos,
     refuse,
     run_node,
@@ -141,7 +142,7 @@ class ClassifierNode(Node):
     def _on_set_parameters(self, changes: list[Parameter]):
         # Values equal to the current ones change nothing (and a re-sent value is no new intent).
         new = {k: v for k, v in changed_values(topics.CLASSIFIER_NODE, changes).items()
-               if _plain(self._values.get(k)) != v}
+               if plain_value(self._values.get(k)) != v}
         if not new:
             return accept()
         merged = {**self._values, **new}
@@ -186,7 +187,7 @@ class ClassifierNode(Node):
         ``model`` and ``thresholds`` set together arrive as two changes before the timer)."""
         def set_once() -> None:
             self.destroy_timer(timer)
-            if _plain(self._values.get(name)) == value:
+            if plain_value(self._values.get(name)) == value:
                 self.set_parameters([Parameter(name, value=value)])
 
         timer = self.create_timer(0.0, set_once)
@@ -336,11 +337,6 @@ class ClassifierNode(Node):
         self._stop.set()
         self._slot.close()
         self._worker.join(timeout=5.0)
-
-
-def _plain(value: Any) -> Any:
-    """A parameter value as ``changed_values`` gives it (arrays as lists)."""
-    return list(value) if isinstance(value, array.array) else value
 
 
 def _card_thresholds(loaded: LoadedModel) -> list[float]:
