@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
 import shutil
 
 import onnx
@@ -24,12 +25,14 @@ from ttspec_ros.backends.onnx_export import (
     load_manifest,
     relative_difference,
 )
-from ttspec_ros.backends.onnxruntime_backend import OnnxRuntimeBackbone
+from ttspec_ros.backends.onnxruntime_backend import OnnxRuntimeBackbone, _keep_carries_blocked
 from ttspec_ros.cascade import Cascade, TorchBackbone
 from ttspec_ros.models.checkpoint import ModelCard, save_model
 from ttspec_ros.models.revcol import RevCol
 
 SIZE = 32
+STATES = ["c0", "c1", "c2", "c3"]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def trained_like(model: RevCol) -> RevCol:
@@ -165,10 +168,70 @@ def test_onnxruntime_matches_torch_with_blocked_layout_and_two_columns_per_stage
     export_stages(model, 64, tmp_path, include_unsplit=False)
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     backbone = OnnxRuntimeBackbone(tmp_path, num_threads=1)
+    if X86:  # every carry's channels are a multiple of 16: all cross boundaries blocked
+        assert backbone.blocked_carries == [["x", *STATES], STATES, STATES, []]
     carry = image
     for i, expected in enumerate(torch_reference(model, image)):
         carry, pooled = backbone.run_stage(i, carry)
         assert relative_difference(pooled, expected) < 1e-4
+
+
+@pytest.mark.skipif(not X86, reason="ONNX Runtime's blocked NCHWc layout is for x86 CPUs only")
+def test_onnxruntime_keeps_carries_of_other_channel_counts_nchw(exported, image):
+    """The tiny model's x, c0 (8 channels) and c2 (24) are not a multiple of every block size:
+    they keep their reorders and cross as NCHW, beside blocked c1 and c3 (16, 32 channels)."""
+    model, out, _ = exported
+    backbone = OnnxRuntimeBackbone(out, num_threads=1)
+    assert backbone.blocked_carries == [["c1", "c3"]] * 3 + [[]]
+    carry = image
+    for i, expected in enumerate(torch_reference(model, image)):
+        carry, pooled = backbone.run_stage(i, carry)
+        assert relative_difference(pooled, expected) < 1e-4
+
+
+def _reorder_graph(inputs: list[str], outputs: list[str], plain_readers=()) -> onnx.ModelProto:
+    """A stand-in for an optimised stage graph: each input enters the blocked layout through a
+    ReorderInput (inputs in ``plain_readers`` are also read by a plain node), each output
+    leaves it through a ReorderOutput of 16 channels."""
+    nchwc, nodes = "com.microsoft.nchwc", []
+    for name in inputs:
+        nodes.append(onnx.helper.make_node("ReorderInput", [name], [f"{name}_b"], domain=nchwc))
+        if name in plain_readers:
+            nodes.append(onnx.helper.make_node("Relu", [name], [f"{name}_plain"]))
+    for name in outputs:
+        source = f"{inputs[0]}_b" if inputs else "image"
+        nodes.append(onnx.helper.make_node("Conv", [source], [f"{name}_b"], domain=nchwc))
+        nodes.append(onnx.helper.make_node("ReorderOutput", [f"{name}_b"], [name],
+                                           domain=nchwc, channels=16))
+    info = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 16, 4, 4])
+            for n in (inputs or ["image"])]
+    outs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 16, 4, 4])
+            for n in outputs]
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid(nchwc, 1)]
+    return onnx.helper.make_model(onnx.helper.make_graph(nodes, "stage", info, outs),
+                                  opset_imports=opsets)
+
+
+def test_carries_stay_blocked_only_where_every_side_can_drop_its_reorder():
+    """A carry read by anything besides its ReorderInput (stage 1's c2_in, stage 2's x) keeps
+    NCHW on both sides; the others lose both reorders and their nodes read the carry itself."""
+    carry_in = ["x", *(f"{n}_in" for n in STATES)]
+    graphs = [_reorder_graph([], ["x", *STATES]),
+              _reorder_graph(carry_in, STATES, plain_readers={"c2_in"}),
+              _reorder_graph(carry_in, [], plain_readers={"x"})]
+    assert _keep_carries_blocked(graphs) == [["c0", "c1", "c3"], ["c0", "c1", "c2", "c3"], []]
+
+    def reorders(graph):
+        return sorted((n.op_type, (n.output if n.op_type == "ReorderOutput" else n.input)[0])
+                      for n in graph.graph.node if n.op_type.startswith("Reorder"))
+
+    assert reorders(graphs[0]) == [("ReorderOutput", "c2"), ("ReorderOutput", "x")]
+    assert reorders(graphs[1]) == [("ReorderInput", "c2_in"), ("ReorderInput", "x")]
+    assert reorders(graphs[2]) == [("ReorderInput", "x")]
+    stage1_convs = {n.output[0] for n in graphs[1].graph.node if n.op_type == "Conv"}
+    assert stage1_convs == set(STATES)  # its blocked outputs are made in place
+    for graph in graphs:
+        onnx.checker.check_model(graph)  # still a well-formed graph
 
 
 def test_onnxruntime_stage_accepts_a_carry_in_other_buffers(exported, image):

@@ -9,9 +9,11 @@ Graph interface (static shapes, batch 1):
 - stage i > 0: ``x``, ``c0_in``..``c3_in`` -> ``c0``..``c3``, ``pooled``.
 - ``x`` is (1, C0, H/4, W/4) and the column features ``c0``..``c3`` are (1, C_l, H_l, W_l):
   everything crosses stage boundaries NCHW (``CARRY_LAYOUT``). Inside the graphs ONNX
-  Runtime keeps them in its blocked NCHWc layout (see ``export_form``); each boundary tensor
+  Runtime keeps them in its blocked NCHWc layout (see ``export_form``), so each boundary tensor
   costs one ReorderOutput in the stage that makes it and one ReorderInput in the next
-  (RevCol-T at 224: about 0.7 ms per boundary at 1 thread). NHWC carries measured the same.
+  (RevCol-T at 224: about 0.7 ms per boundary at 1 thread; NHWC carries measured the same).
+  The ONNX Runtime backend removes those pairs from its optimised graphs
+  (``onnxruntime_backend._keep_carries_blocked``); TensorRT builds from these graphs as they are.
 - unsplit: ``image`` -> ``pooled`` of the last exit (for measuring stage-boundary overhead).
 ``manifest.json`` beside the graphs records names, shapes, hashes and versions.
 
