@@ -422,6 +422,8 @@ def test_bench_backends_writes_the_issue_schema(checkpoint, tmp_path):
     assert meta["seed"] == 0 and meta["block"] == 2
     assert meta["models"]["demo"]["accuracy_vs_torch"]["onnxruntime"]["pooled_max_rel_diff"] < 1e-4
     assert "demo/onnxruntime/stage_overhead_pct_paired_median" in meta["summary"]
+    if X86:
+        assert meta["models"]["demo"]["onnxruntime_blocked_carries"][0] == ["c1", "c3"]
     if importlib.util.find_spec("tensorrt") is None:
         assert [s["backend"] for s in meta["models"]["demo"]["skipped"]] == ["tensorrt"]
 

@@ -218,6 +218,8 @@ def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: di
         "model_hash": manifest["model_hash"], "export_s": round(time.perf_counter() - t0, 2),
         "skipped": skipped,
     }
+    if "onnxruntime" in backbones:  # the carries that crossed boundaries without reorders
+        info["onnxruntime_blocked_carries"] = backbones["onnxruntime"].blocked_carries
     with torch.inference_mode():
         if "torch" in backbones:
             info["accuracy_vs_torch"] = _accuracy(backbones, model, image)
