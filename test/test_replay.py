@@ -195,6 +195,17 @@ def test_graph_arguments(tmp_path):
     for bad in ("adapter.learning_rate", "learning_rate=1.0", "planner.x=1"):
         with pytest.raises(ValueError, match="NODE.NAME=VALUE|unknown node"):
             replay.parse_param(bad)
+    # A name the node does not declare would be ignored by it, a wrong value would stop it.
+    with pytest.raises(ValueError, match="classifier has no parameter 'treshold'.*threshold"):
+        replay.parse_param("classifier.treshold=0.7")
+    with pytest.raises(ValueError, match=r"threshold = 1.5 is outside \[-1.0, 1.0\]"):
+        replay.parse_param("classifier.threshold=1.5")
+    with pytest.raises(ValueError, match="publish_samples must be bool"):
+        replay.parse_param("classifier.publish_samples=maybe")
+    # YAML integers for double parameters become doubles (rclpy refuses an integer there).
+    assert replay.parse_param("camera.max_rate_hz=10") == ("camera", "max_rate_hz", 10.0)
+    assert isinstance(replay.parse_param("camera.max_rate_hz=10")[2], float)
+    assert replay.parse_param("classifier.thresholds=[1, 0.5, 0]")[2] == [1.0, 0.5, 0.0]
     args = graph.ros_args(tmp_path / "o.yaml")
     assert args == ["--ros-args", "--params-file", str(tmp_path / "p.yaml"), "--params-file",
                     str(tmp_path / "o.yaml"), "-r", "__ns:=/ttspec"]
@@ -204,6 +215,44 @@ def test_graph_arguments(tmp_path):
     assert graph.executable("camera_node") == tmp_path / "lib" / "ttspec_ros" / "camera_node"
     env = graph.environment(170, tmp_path)
     assert env["ROS_DOMAIN_ID"] == "170" and env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+
+
+def test_graphs_stay_on_this_host_on_humble_too(monkeypatch, tmp_path):
+    """Humble reads only ROS_LOCALHOST_ONLY; later distributions the discovery range."""
+    graph = replay.GraphSpec(prefix=tmp_path, params_file=tmp_path / "p.yaml")
+    monkeypatch.delenv("ROS_LOCALHOST_ONLY", raising=False)
+    monkeypatch.setenv("ROS_DISTRO", "humble")
+    assert graph.environment(170, tmp_path)["ROS_LOCALHOST_ONLY"] == "1"
+    for distro in ("jazzy", "kilted"):
+        monkeypatch.setenv("ROS_DISTRO", distro)
+        env = graph.environment(170, tmp_path)
+        assert "ROS_LOCALHOST_ONLY" not in env
+        assert env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+
+
+def test_installed_nodes_are_found_in_a_sourced_workspace(monkeypatch, tmp_path):
+    """A colcon workspace's install prefix (on AMENT_PREFIX_PATH) comes before the
+    interpreter's: the nodes and params file the tools start are that workspace's."""
+    workspace = tmp_path / "install" / "ttspec_ros"
+    (workspace / "lib" / "ttspec_ros").mkdir(parents=True)
+    (workspace / "lib" / "ttspec_ros" / "camera_node").write_text("")
+    (workspace / "share" / "ttspec_ros" / "config").mkdir(parents=True)
+    (workspace / "share" / "ttspec_ros" / "config" / "ttspec.yaml").write_text("{}")
+    monkeypatch.setenv("AMENT_PREFIX_PATH", os.pathsep.join([str(tmp_path / "other"),
+                                                             str(workspace), "/opt/ros/humble"]))
+    assert replay.find_graph().prefix == workspace
+    assert replay.find_graph().params_file == workspace / "share/ttspec_ros/config/ttspec.yaml"
+    pytest.importorskip("rclpy")
+    from ttspec_ros.nodes.probe import NodeProcess
+
+    command = NodeProcess("classifier", {}, tmp_path).command()
+    assert command[0] == str(workspace / "lib" / "ttspec_ros" / "classifier_node")
+    assert command[command.index("--params-file") + 1] == str(
+        workspace / "share/ttspec_ros/config/ttspec.yaml")
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(tmp_path / "other"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    with pytest.raises(FileNotFoundError, match="colcon build"):
+        replay.find_graph()
 
 
 def test_run_settings_from_command_line():

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ttspec_ros import params as param_specs  # `params` names (node, name, value) here
 from ttspec_ros import topics
 from ttspec_ros.data import CLASS_NAMES, SUBSETS
 from ttspec_ros.files import write_json, write_text
@@ -46,7 +47,6 @@ GROUPS: dict[str, list[int]] = {
 DEFAULT_TAIL = 1000  # frames; the issue's "last 1,000 frames"
 DEFAULT_WINDOWS = 6
 DEFAULT_TIMEOUT_S = 10.0
-PARAMS_FILE_NAME = "ttspec.yaml"
 REPLAY_DOMAIN_BASE, REPLAY_DOMAIN_SPAN = 150, 80  # DDS domains 150..229
 
 
@@ -190,7 +190,7 @@ class GraphSpec:
         env = dict(os.environ)
         env.update({
             "ROS_DOMAIN_ID": str(domain_id),
-            "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+            **topics.localhost_discovery(),
             "ROS_LOG_DIR": str(log_dir / "ros"),
             "PYTHONUNBUFFERED": "1",
         })
@@ -210,25 +210,36 @@ def parse_param(text: str) -> tuple[str, str, object]:
     if node not in topics.EXECUTABLES:
         raise ValueError(f"parameter {text!r}: unknown node {node!r}; nodes are "
                          f"{', '.join(topics.EXECUTABLES)}")
-    return node, name, yaml.safe_load(value)
+    # Checked here: a node ignores an undeclared name in its params file, and a YAML integer
+    # for a double parameter would stop it at start.
+    try:
+        spec = param_specs.spec(node, name)
+    except KeyError:
+        names = ", ".join(s.name for s in param_specs.NODE_PARAMS[node])
+        raise ValueError(f"parameter {text!r}: {node} has no parameter {name!r}; its "
+                         f"parameters are {names}") from None
+    parsed = yaml.safe_load(value)
+    if spec.type in ("double", "double_array"):
+        parsed = _as_double(parsed)
+    reason = param_specs.check_value(spec, parsed)
+    if reason:
+        raise ValueError(f"parameter {text!r}: {reason}")
+    return node, name, parsed
+
+
+def _as_double(value: object) -> object:
+    """YAML integers (and lists of them) as floats; anything else as it is."""
+    if isinstance(value, list):
+        return [_as_double(v) for v in value]
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def find_graph(model: str = "", params_file: str | os.PathLike | None = None,
                params: Sequence[tuple[str, str, object]] = ()) -> GraphSpec:
-    """The install prefix of this package's executables (AMENT_PREFIX_PATH, then the running
-    interpreter's prefix) and its installed params file."""
-    prefixes = [Path(p) for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
-    prefixes.append(Path(sys.prefix))
-    exe = topics.EXECUTABLES[topics.CAMERA_NODE]
-    for prefix in prefixes:
-        if (prefix / "lib" / topics.PACKAGE / exe).is_file():
-            break
-    else:
-        raise FileNotFoundError(
-            f"the node executables (lib/{topics.PACKAGE}/{exe}) are not installed under "
-            f"{', '.join(map(str, prefixes))}; run `make env` (tools/setup_env.sh) first")
-    params_path = Path(params_file) if params_file else (
-        prefix / "share" / topics.PACKAGE / "config" / PARAMS_FILE_NAME)
+    """The install prefix of this package's executables (``topics.installed_prefix``) and its
+    installed params file."""
+    prefix = topics.installed_prefix()
+    params_path = Path(params_file) if params_file else topics.installed_params_file(prefix)
     if not params_path.is_file():
         raise FileNotFoundError(f"params file {params_path} not found")
     return GraphSpec(prefix=prefix, params_file=params_path, model=model, params=tuple(params))

@@ -2,12 +2,17 @@
 
 Names are relative so a namespace (the launch file's ``ttspec``) or a remap moves them; only
 ``/diagnostics`` is absolute, as the ROS diagnostics tools expect. ``TOPICS`` describes each
-topic's type, publisher, subscribers and QoS for the README and the tests.
+topic's type, publisher, subscribers and QoS for the README and the tests. Also here: where the
+executables and the params file are installed, and the environment that keeps the graphs our
+tools start on this host.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 NAMESPACE = "ttspec"
 PACKAGE = "ttspec_ros"
@@ -21,6 +26,39 @@ EXECUTABLES: dict[str, str] = {
     CLASSIFIER_NODE: "classifier_node",
     ADAPTER_NODE: "adapter_node",
 }
+
+PARAMS_FILE = "ttspec.yaml"  # share/ttspec_ros/config/<this>, the file the launch file loads
+
+
+def installed_prefix() -> Path:
+    """The install prefix holding lib/ttspec_ros/<executables>: the first of AMENT_PREFIX_PATH
+    (a sourced colcon workspace or ROS install) that has them, else the running interpreter's
+    prefix (a venv with the package installed)."""
+    prefixes = [Path(p) for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
+    prefixes.append(Path(sys.prefix))
+    exe = EXECUTABLES[CAMERA_NODE]
+    for prefix in prefixes:
+        if (prefix / "lib" / PACKAGE / exe).is_file():
+            return prefix
+    raise FileNotFoundError(
+        f"the node executables (lib/{PACKAGE}/{exe}) are not installed under "
+        f"{', '.join(map(str, prefixes))}; build the package (colcon build, then source "
+        "install/setup.bash) or run `make env` (tools/setup_env.sh)")
+
+
+def installed_params_file(prefix: Path) -> Path:
+    return prefix / "share" / PACKAGE / "config" / PARAMS_FILE
+
+
+def localhost_discovery() -> dict[str, str]:
+    """Environment that keeps DDS discovery on this host, for the node graphs our tools start.
+    Iron and later read ROS_AUTOMATIC_DISCOVERY_RANGE; Humble reads only ROS_LOCALHOST_ONLY,
+    which Jazzy deprecates and Kilted ignores, so that one is set on Humble only."""
+    env = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+    if os.environ.get("ROS_DISTRO") == "humble":
+        env["ROS_LOCALHOST_ONLY"] = "1"
+    return env
+
 
 # Topics
 IMAGE_RAW = "image_raw"

@@ -299,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     log_dir = out / "bench_ros_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    for name, value in topics.localhost_discovery().items():
+        os.environ.setdefault(name, value)
     os.environ.setdefault("ROS_LOG_DIR", str(log_dir / "ros"))
     from ttspec_ros.nodes.probe import NodeProcess, Probe, wait_for
 

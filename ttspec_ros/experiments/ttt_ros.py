@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ttspec_ros import topics
 from ttspec_ros.files import write_json
 
 STRATEGIES = ("none", "specialize", "ttt_online", "both")
@@ -55,7 +56,6 @@ def _stream_images(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndarr
 
 def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
                   args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    from ttspec_ros import topics
     from ttspec_ros.image_codec import encode_image
     from ttspec_ros.nodes.probe import NodeProcess, Probe, wait_for
 
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ROS_LOG_DIR", str(out / "ros_logs"))
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    for name, value in topics.localhost_discovery().items():
+        os.environ.setdefault(name, value)
     images, labels = _stream_images(args)
     runs = [_run_strategy(s, images, labels, args, out) for s in strategies]
     result = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "runs": runs}

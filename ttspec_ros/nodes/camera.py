@@ -72,7 +72,8 @@ class CameraNode(Node):
             # time (their parameters are read-only and already declared).
             self._sub = self.create_subscription(msg_type, topic, callback, self._qos[topic])
         else:
-            # Sensor-data QoS by default, overridable the standard way, e.g.
+            # Sensor-data QoS by default, overridable the standard way under the resolved
+            # (remapped) topic name, e.g. with the launch file's default camera_topic
             # -p qos_overrides./ttspec/image_raw.subscription.reliability:=reliable
             self._sub = self.create_subscription(
                 msg_type, topic, callback, qos(topics.QOS_SENSOR),

@@ -31,17 +31,6 @@ from ttspec_ros.msg import CascadePrediction, ModelUpdate
 from ttspec_ros.nodes import qos
 
 
-def installed_prefix() -> Path:
-    """The install prefix holding lib/ttspec_ros (the running interpreter's prefix)."""
-    import sys
-
-    return Path(sys.prefix)
-
-
-def params_file(prefix: Path | None = None) -> Path:
-    return (prefix or installed_prefix()) / "share" / topics.PACKAGE / "config" / "ttspec.yaml"
-
-
 class NodeProcess:
     """One installed node executable started the way the launch file starts it."""
 
@@ -56,8 +45,10 @@ class NodeProcess:
         self.starts = 0
 
     def command(self) -> list[str]:
-        exe = installed_prefix() / "lib" / topics.PACKAGE / topics.EXECUTABLES[self.node]
-        args = [str(exe), "--ros-args", "--params-file", str(params_file()),
+        prefix = topics.installed_prefix()
+        exe = prefix / "lib" / topics.PACKAGE / topics.EXECUTABLES[self.node]
+        args = [str(exe), "--ros-args", "--params-file",
+                str(topics.installed_params_file(prefix)),
                 "-r", f"__ns:=/{self.namespace}", "-r", f"__node:={self.node}"]
         for name, value in self.overrides.items():
             text = str(value).lower() if isinstance(value, bool) else str(value)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.srv import GetParameters
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -191,7 +191,8 @@ def _wait_for_graph(node: Collector, graph: NodeGraph, adapt: bool, timeout_s: f
             seen = set(node.diagnostics)
         ready = {
             "camera subscribed to our images": node.image_pub.get_subscription_count() >= 1,
-            "classifier predictions matched": node.pred_sub.get_publisher_count() >= 1,
+            "classifier predictions matched": node.count_publishers(
+                f"{ns}/{topics.PREDICTIONS}") >= 1,
             "frames topic connected": node.count_subscribers(f"{ns}/{topics.FRAMES}") >= 1
             and node.count_publishers(f"{ns}/{topics.FRAMES}") >= 1,
             "all nodes reporting": set(topics.EXECUTABLES) <= seen,
@@ -210,16 +211,20 @@ def _wait_for_graph(node: Collector, graph: NodeGraph, adapt: bool, timeout_s: f
 def _classifier_thresholds(node: Collector, timeout_s: float = 10.0) -> list[float] | None:
     from ttspec_ros import params
 
-    client = AsyncParameterClient(node, topics.CLASSIFIER_NODE)
-    if not client.wait_for_services(timeout_sec=timeout_s):
-        return None
-    future = client.get_parameters(["threshold", "thresholds"])
-    deadline = time.monotonic() + timeout_s
-    while not future.done() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not future.done() or future.result() is None:
-        return None
-    threshold, thresholds = future.result().values
+    # A plain service client: rclpy's AsyncParameterClient is Iron and later.
+    client = node.create_client(GetParameters, f"{topics.CLASSIFIER_NODE}/get_parameters")
+    try:
+        if not client.wait_for_service(timeout_sec=timeout_s):
+            return None
+        future = client.call_async(GetParameters.Request(names=["threshold", "thresholds"]))
+        deadline = time.monotonic() + timeout_s
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the executor thread spinning this node completes the future
+        if not future.done() or future.result() is None:
+            return None
+        threshold, thresholds = future.result().values
+    finally:
+        node.destroy_client(client)
     return params.effective_thresholds(threshold.double_value, list(thresholds.double_array_value))
 
 
@@ -231,7 +236,7 @@ def play(
     """One run: start the graph, play the frames, collect predictions, stop the graph."""
     env = graph.environment(domain_id, log_dir)
     overrides = graph.overrides(settings, compressed=stream.compressed)
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = env["ROS_AUTOMATIC_DISCOVERY_RANGE"]
+    os.environ.update(topics.localhost_discovery())  # this process joins the graph too
     os.environ.setdefault("ROS_LOG_DIR", env["ROS_LOG_DIR"])
     total = min(stream.image_count, max_frames) if max_frames else stream.image_count
 
