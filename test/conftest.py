@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_PREFIX = Path(sys.prefix)
 
 # Set before any test imports rclpy, and inherited by every node process a test starts.
-os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))  # unique per run
+# Unique per run, and below replay's 60..101 (replay.REPLAY_DOMAIN_BASE).
+os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 59))
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 if "ROS_LOG_DIR" not in os.environ:
     _log_dir = tempfile.mkdtemp(prefix="ttspec-roslog-")

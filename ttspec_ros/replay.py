@@ -47,7 +47,9 @@ GROUPS: dict[str, list[int]] = {
 DEFAULT_TAIL = 1000  # frames; the issue's "last 1,000 frames"
 DEFAULT_WINDOWS = 6
 DEFAULT_TIMEOUT_S = 10.0
-REPLAY_DOMAIN_BASE, REPLAY_DOMAIN_SPAN = 150, 80  # DDS domains 150..229
+# DDS domains 60..101: on Linux, domains above 101 put DDS ports in the ephemeral port range
+# (ROS 2 docs, 'The ROS_DOMAIN_ID'); the tests use 1..59 and robots mostly 0.
+REPLAY_DOMAIN_BASE, REPLAY_DOMAIN_SPAN = 60, 42
 
 
 @dataclass
@@ -246,7 +248,7 @@ def find_graph(model: str = "", params_file: str | os.PathLike | None = None,
 
 
 def pick_domain_id() -> int:
-    """A DDS domain of its own, away from a robot's usual 0 and from the tests' 1..100."""
+    """A DDS domain of its own, away from a robot's usual 0 and from the tests' 1..59."""
     return REPLAY_DOMAIN_BASE + os.getpid() % REPLAY_DOMAIN_SPAN
 
 

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="set a node parameter on every run, e.g. "
                              "adapter.learning_rate=0.01 (repeatable)")
     parser.add_argument("--domain-id", type=int, default=None,
-                        help="DDS domain of the replay graph (default: a private one, 150..229)")
+                        help="DDS domain of the replay graph (default: a private one, 60..101)")
 
 
 def run_settings(args: argparse.Namespace) -> list[replay.RunSettings]:
