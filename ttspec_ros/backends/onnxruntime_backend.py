@@ -248,7 +248,7 @@ def _keep_carries_blocked(graphs: list) -> list[list[str]]:
     overhead as the paired median (mean) against the unsplit graph: RevCol-T at 224 3.2 (3.3)
     -> 1.3 (1.6) %, the demo model 19 (14) -> 9.5 (5.0) %. The pooled features came out
     bit-identical to those of NCHW carries. The price is at start: each stage is optimised
-    twice over (RevCol-T at 224: 2.5 instead of 0.4 s for the four sessions).
+    twice over (RevCol-T at 224: 1.4 instead of 0.44 s for the four sessions).
     """
     num_stages = len(graphs)
     # (producing stage, output) -> [(reading stage, input)]: x comes from stage 0 to all others
