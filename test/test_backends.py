@@ -6,6 +6,7 @@ import importlib.util
 import json
 import platform
 import shutil
+import sys
 
 import onnx
 import pytest
@@ -359,6 +360,25 @@ def test_selection_errors_name_what_is_missing():
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="needs CUDA"):
             create_backbone("torch", model, device="cuda")
+
+
+def test_tensorrt_without_onnx_or_onnxruntime(monkeypatch, tmp_path):
+    """A TensorRT-only machine (a Jetson with JetPack's tensorrt and torch): without `onnx`
+    the backend is unavailable by name (not a bare ModuleNotFoundError out of the node); without
+    `onnxruntime` the graphs still export, their manifest just records no ORT version."""
+    from ttspec_ros.backends import tensorrt_backend
+
+    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "cuda_device", lambda device: device)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    with pytest.raises(BackendUnavailable, match="'tensorrt'.*needs the `onnx` package"):
+        create_backbone("tensorrt", make_tiny_model(), device="cuda", image_size=SIZE,
+                        cache_dir=tmp_path)
+    monkeypatch.setitem(sys.modules, "onnx", onnx)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    manifest = export_stages(make_tiny_model(), SIZE, tmp_path / "graphs", include_unsplit=False)
+    assert set(manifest["versions"]) == {"torch", "onnx"}
+    assert load_manifest(tmp_path / "graphs")["num_stages"] == 4
 
 
 def test_backbone_changing_strategy_needs_torch():

@@ -145,6 +145,7 @@ class _FakeTRT(types.ModuleType):
         super().__init__("tensorrt")
         fake = self
         self.deserialized = 0
+        self.streams: list[int] = []  # the stream handle of every execute_async_v3
 
         class Network:
             path = None
@@ -190,6 +191,8 @@ class _FakeTRT(types.ModuleType):
                 self.addresses[name] = address
 
             def execute_async_v3(self, stream):
+                fake.streams.append(stream)
+
                 def view(name):
                     shape = self.engine.shapes[name]
                     pointer = ctypes.cast(self.addresses[name], ctypes.POINTER(ctypes.c_float))
@@ -241,6 +244,11 @@ class _FakeTRT(types.ModuleType):
         self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, Runtime
 
 
+def gpu(name: str, sms: int = 16) -> types.SimpleNamespace:
+    """What torch.cuda.get_device_properties gives, for a fake device."""
+    return types.SimpleNamespace(name=name, major=8, minor=7, multi_processor_count=sms)
+
+
 @pytest.fixture()
 def fake_gpu(monkeypatch):
     """A stand-in tensorrt module and a 'CUDA device' that is the CPU."""
@@ -249,10 +257,21 @@ def fake_gpu(monkeypatch):
     fake = _FakeTRT()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(tensorrt_backend, "cuda_device", lambda device: torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: gpu("Fake GPU"))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream",
-                        lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    caller_stream = types.SimpleNamespace(cuda_stream=0)  # the legacy default stream
+
+    class Stream:  # the backend's own stream; records what it was made to wait for
+        def __init__(self, device=None):
+            self.cuda_stream, self.waited_for = 1234, []
+
+        def wait_stream(self, other):
+            self.waited_for.append(other)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller_stream)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    fake.caller_stream = caller_stream
     return fake
 
 
@@ -279,10 +298,17 @@ def test_backbone_builds_once_reuses_engines_and_refuses_foreign_ones(
         for i, expected in enumerate(torch_reference(model, image)):
             carry, pooled = first.run_stage(i, carry)
             assert relative_difference(pooled, expected) < 1e-4, (frame, i)
+    # Every stage ran on the backend's own stream (not the default stream, around which
+    # TensorRT 10 synchronises), after that stream waited for the caller's.
+    assert fake_gpu.streams == [1234] * 8
+    assert first._stream.waited_for == [fake_gpu.caller_stream] * 8
     again = TensorRTBackbone(graphs, cache_dir=tmp_path / "engines")
     assert again.builds == 0 and fake_gpu.deserialized == 8
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
-    with pytest.raises(StaleEngineError, match="foreign.*gpu_name: cached 'Fake GPU'"):
+    # Same name, another module of the family (Jetson Orins all report "Orin"): foreign.
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: gpu("Fake GPU", sms=4))
+    with pytest.raises(StaleEngineError,
+                       match=r"foreign.*gpu_name: cached 'Fake GPU \(sm_87, 16 SMs\)'"):
         TensorRTBackbone(graphs, cache_dir=tmp_path / "engines")
     assert fake_gpu.deserialized == 8
 

@@ -119,6 +119,13 @@ def _tensorrt_backbone(model, device: str, cache_dir, image_size, precision: str
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     import_tensorrt()  # fail before exporting anything
     cuda_device(device)
+    try:
+        import onnx  # noqa: F401  (engines are built from exported ONNX graphs)
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"backend 'tensorrt' builds its engines from ONNX graphs and needs the `onnx` "
+            f"package: {e}"
+        ) from e
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     graph_dir = ensure_exported(model, image_size, cache)
     return TensorRTBackbone(

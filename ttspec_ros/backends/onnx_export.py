@@ -312,8 +312,13 @@ def export_stages(
     model's device; the model itself is left as it is.
     """
     import onnx
-    import onnxruntime
 
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:  # a TensorRT-only machine (e.g. a Jetson) exports without it
+        ort_version = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = image_shape_for(model, image_size)
@@ -361,7 +366,7 @@ def export_stages(
         "unsplit": unsplit,
         "versions": {
             "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
+            **({"onnxruntime": ort_version} if ort_version else {}),
         },
     }
     write_json(out / MANIFEST, manifest)

@@ -1,7 +1,8 @@
 """Staged backbone on TensorRT (Jetson): one engine per cascade stage, cached on disk.
 
 Engines are built from the stage graphs of ``onnx_export`` (FP32 or FP16) and cached under a
-key of (graph sha256, TensorRT version, GPU name, precision). A cached engine is never rebuilt.
+key of (graph sha256, TensorRT version, GPU, precision); the GPU is its name, compute
+capability and SM count (``gpu_identity``). A cached engine is never rebuilt.
 Each engine has a JSON sidecar holding its key and sha256; an entry whose sidecar disagrees
 with what this process would build (another model export, TensorRT version or GPU, or a
 changed file) is refused before deserializing, because TensorRT engines are only valid for
@@ -192,6 +193,14 @@ def cuda_device(device: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def gpu_identity(device: torch.device) -> str:
+    """The cache key's GPU: name, compute capability and SM count. Every Jetson Orin module
+    reports the name "Orin"; an engine tuned on a 16-SM AGX Orin is not the one for a
+    4-SM Orin Nano."""
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"
+
+
 def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int) -> bytes:
     """Serialized engine for one static-shape ONNX graph."""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -256,10 +265,14 @@ class TensorRTBackbone:
         self.image_shape = list(self.manifest["image_shape"])
         self.model_hash = self.manifest["model_hash"]
         self.cache = EngineCache(cache_dir)
-        gpu_name = torch.cuda.get_device_name(self.device)
+        gpu_name = gpu_identity(self.device)
         self.builds = 0  # engines built by this instance (0 when all came from the cache)
 
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        with torch.cuda.device(self.device):
+            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            # A stream of our own: on the legacy default stream TensorRT 10 synchronises
+            # around every enqueueV3 (it warns so).
+            self._stream = torch.cuda.Stream(self.device)
         self._engines, self._contexts, self._outputs, self._inputs = [], [], [], []
         for entry in self.manifest["stages"]:
             graph = self.graph_dir / entry["file"]
@@ -274,8 +287,14 @@ class TensorRTBackbone:
             with torch.cuda.device(self.device):
                 engine = runtime.deserialize_cuda_engine(self.cache.get_or_build(name, key, build))
                 if engine is None:
-                    raise RuntimeError(f"TensorRT could not deserialize the engine for {graph}")
+                    engine_path, sidecar_path = self.cache.paths(name)
+                    raise RuntimeError(
+                        f"TensorRT {trt.__version__} could not deserialize {engine_path} (the "
+                        f"engine for {graph}); delete it and {sidecar_path} to rebuild")
                 context = engine.create_execution_context()
+                if context is None:
+                    raise RuntimeError(f"TensorRT could not create an execution context for "
+                                       f"{graph} (out of device memory?)")
                 inputs, outputs = [], {}
                 for j in range(engine.num_io_tensors):
                     tname = engine.get_tensor_name(j)
@@ -295,19 +314,23 @@ class TensorRTBackbone:
     def run_stage(self, i: int, carry: Tensor | dict[str, Tensor]) -> tuple[dict | None, Tensor]:
         if not 0 <= i < self.num_exits:
             raise IndexError(f"stage {i} out of range 0..{self.num_exits - 1}")
-        if i == 0:
-            self._image.copy_(check_image(carry, self.image_shape))
-            feeds = {"image": self._image}
-        else:
-            feeds = carry
-        context = self._contexts[i]
-        for name in self._inputs[i]:
-            context.set_tensor_address(name, feeds[name].data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution of stage {i} failed")
-        out = self._outputs[i]
-        pooled = out["pooled"].to("cpu", torch.float32)  # waits for the stream
+        # The device made current, as TensorRT enqueues on the current device (cuda:N, N > 0);
+        # our stream waits for the caller's, which may have made the carry.
+        with torch.cuda.device(self.device):
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                if i == 0:
+                    self._image.copy_(check_image(carry, self.image_shape))
+                    feeds = {"image": self._image}
+                else:
+                    feeds = carry
+                context = self._contexts[i]
+                for name in self._inputs[i]:
+                    context.set_tensor_address(name, feeds[name].data_ptr())
+                if not context.execute_async_v3(self._stream.cuda_stream):
+                    raise RuntimeError(f"TensorRT execution of stage {i} failed")
+                out = self._outputs[i]
+                pooled = out["pooled"].to("cpu", torch.float32)  # waits for the stream
         if i == self.num_exits - 1:
             return None, pooled  # the last engine outputs no carry (nothing follows it)
         next_carry = {"x": out["x"] if i == 0 else carry["x"]}
