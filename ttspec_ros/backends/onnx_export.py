@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -283,9 +284,12 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs, out
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        # `dynamo` came with torch 2.5 (JetPack 6.0 ships 2.3); newer releases default it to True.
+        legacy = ({"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters
+                  else {})
         torch.onnx.export(
-            module, args, buffer, dynamo=False, opset_version=OPSET,
-            input_names=list(inputs), output_names=list(outputs), do_constant_folding=True,
+            module, args, buffer, opset_version=OPSET, input_names=list(inputs),
+            output_names=list(outputs), do_constant_folding=True, **legacy,
         )
     atomic_write_bytes(path, buffer.getvalue())
 
