@@ -28,7 +28,7 @@ ARGUMENTS = {
                       "'' = params_file's value"),
     "state_dir": ("", "adapter state directory; '' = params_file's value"),
     "params_file": (os.path.join(get_package_share_directory(topics.PACKAGE), "config",
-                                 "ttspec.yaml"), "parameters of all three nodes"),
+                                 topics.PARAMS_FILE), "parameters of all three nodes"),
 }
 
 
