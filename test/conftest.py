@@ -10,18 +10,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ttspec_ros.topics import localhost_discovery
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_PREFIX = Path(sys.prefix)
 
 # Set before any test imports rclpy, and inherited by every node process a test starts.
 # Unique per run, and below replay's 60..101 (replay.REPLAY_DOMAIN_BASE).
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 59))
-os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.update(localhost_discovery())  # ROS_LOCALHOST_ONLY too on Humble
 if "ROS_LOG_DIR" not in os.environ:
     _log_dir = tempfile.mkdtemp(prefix="ttspec-roslog-")
     atexit.register(shutil.rmtree, _log_dir, ignore_errors=True)
     os.environ["ROS_LOG_DIR"] = _log_dir
-os.environ.setdefault("AMENT_PREFIX_PATH", str(VENV_PREFIX))
+# The venv first: a sourced workspace with another build of this package must not supply the
+# executables the tests start (topics.installed_prefix takes the first prefix that has them).
+os.environ["AMENT_PREFIX_PATH"] = os.pathsep.join(
+    p for p in (str(VENV_PREFIX), os.environ.get("AMENT_PREFIX_PATH", "")) if p
+)
 os.environ.setdefault("HOME", tempfile.gettempdir())
 # Node processes import the installed package; make them see the same sources as the tests.
 os.environ["PYTHONPATH"] = os.pathsep.join(

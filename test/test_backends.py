@@ -192,18 +192,18 @@ def test_onnxruntime_keeps_carries_of_other_channel_counts_nchw(exported, image)
 
 def _reorder_graph(inputs: list[str], outputs: list[str], plain_readers=()) -> onnx.ModelProto:
     """A stand-in for an optimised stage graph: each input enters the blocked layout through a
-    ReorderInput (inputs in ``plain_readers`` are also read by a plain node), each output
-    leaves it through a ReorderOutput of 16 channels."""
+    ReorderInput, each output leaves it through a ReorderOutput of 16 channels; inputs and
+    outputs in ``plain_readers`` are also read (as NCHW) by a plain node of the graph."""
     nchwc, nodes = "com.microsoft.nchwc", []
     for name in inputs:
         nodes.append(onnx.helper.make_node("ReorderInput", [name], [f"{name}_b"], domain=nchwc))
-        if name in plain_readers:
-            nodes.append(onnx.helper.make_node("Relu", [name], [f"{name}_plain"]))
     for name in outputs:
         source = f"{inputs[0]}_b" if inputs else "image"
         nodes.append(onnx.helper.make_node("Conv", [source], [f"{name}_b"], domain=nchwc))
         nodes.append(onnx.helper.make_node("ReorderOutput", [f"{name}_b"], [name],
                                            domain=nchwc, channels=16))
+    for name in plain_readers:
+        nodes.append(onnx.helper.make_node("Relu", [name], [f"{name}_plain"]))
     info = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 16, 4, 4])
             for n in (inputs or ["image"])]
     outs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 16, 4, 4])
@@ -214,23 +214,25 @@ def _reorder_graph(inputs: list[str], outputs: list[str], plain_readers=()) -> o
 
 
 def test_carries_stay_blocked_only_where_every_side_can_drop_its_reorder():
-    """A carry read by anything besides its ReorderInput (stage 1's c2_in, stage 2's x) keeps
-    NCHW on both sides; the others lose both reorders and their nodes read the carry itself."""
+    """A carry read by anything besides its ReorderInput (stage 1's c2_in, stage 2's x), or
+    whose NCHW form the making stage reads too (stage 1's c1), keeps NCHW on both sides; the
+    others lose both reorders and their nodes read the carry itself."""
     carry_in = ["x", *(f"{n}_in" for n in STATES)]
     graphs = [_reorder_graph([], ["x", *STATES]),
-              _reorder_graph(carry_in, STATES, plain_readers={"c2_in"}),
+              _reorder_graph(carry_in, STATES, plain_readers={"c2_in", "c1"}),
               _reorder_graph(carry_in, [], plain_readers={"x"})]
-    assert _keep_carries_blocked(graphs) == [["c0", "c1", "c3"], ["c0", "c1", "c2", "c3"], []]
+    assert _keep_carries_blocked(graphs) == [["c0", "c1", "c3"], ["c0", "c2", "c3"], []]
 
     def reorders(graph):
         return sorted((n.op_type, (n.output if n.op_type == "ReorderOutput" else n.input)[0])
                       for n in graph.graph.node if n.op_type.startswith("Reorder"))
 
     assert reorders(graphs[0]) == [("ReorderOutput", "c2"), ("ReorderOutput", "x")]
-    assert reorders(graphs[1]) == [("ReorderInput", "c2_in"), ("ReorderInput", "x")]
-    assert reorders(graphs[2]) == [("ReorderInput", "x")]
+    assert reorders(graphs[1]) == [("ReorderInput", "c2_in"), ("ReorderInput", "x"),
+                                   ("ReorderOutput", "c1")]
+    assert reorders(graphs[2]) == [("ReorderInput", "c1_in"), ("ReorderInput", "x")]
     stage1_convs = {n.output[0] for n in graphs[1].graph.node if n.op_type == "Conv"}
-    assert stage1_convs == set(STATES)  # its blocked outputs are made in place
+    assert stage1_convs == {"c0", "c1_b", "c2", "c3"}  # blocked outputs are made in place
     for graph in graphs:
         onnx.checker.check_model(graph)  # still a well-formed graph
 
@@ -362,20 +364,10 @@ def test_selection_errors_name_what_is_missing():
             create_backbone("torch", model, device="cuda")
 
 
-def test_tensorrt_without_onnx_or_onnxruntime(monkeypatch, tmp_path):
-    """A TensorRT-only machine (a Jetson with JetPack's tensorrt and torch): without `onnx`
-    the backend is unavailable by name (not a bare ModuleNotFoundError out of the node); without
-    `onnxruntime` the graphs still export, their manifest just records no ORT version."""
-    from ttspec_ros.backends import tensorrt_backend
-
-    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: None)
-    monkeypatch.setattr(tensorrt_backend, "cuda_device", lambda device: device)
-    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
-    with pytest.raises(BackendUnavailable, match="'tensorrt'.*needs the `onnx` package"):
-        create_backbone("tensorrt", make_tiny_model(), device="cuda", image_size=SIZE,
-                        cache_dir=tmp_path)
-    monkeypatch.setitem(sys.modules, "onnx", onnx)
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+def test_export_without_onnxruntime(monkeypatch, tmp_path):
+    """A TensorRT-only machine (a Jetson with JetPack's tensorrt and torch) exports the graphs
+    without `onnxruntime`; the manifest just records no ORT version."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises
     manifest = export_stages(make_tiny_model(), SIZE, tmp_path / "graphs", include_unsplit=False)
     assert set(manifest["versions"]) == {"torch", "onnx"}
     assert load_manifest(tmp_path / "graphs")["num_stages"] == 4

@@ -202,6 +202,11 @@ def test_graph_arguments(tmp_path):
         replay.parse_param("classifier.threshold=1.5")
     with pytest.raises(ValueError, match="publish_samples must be bool"):
         replay.parse_param("classifier.publish_samples=maybe")
+    # Parameters rclpy declares itself pass as they are.
+    assert replay.parse_param("camera.use_sim_time=true") == ("camera", "use_sim_time", True)
+    assert replay.parse_param(
+        "camera.qos_overrides./ttspec/image_raw.subscription.reliability=reliable") == (
+        "camera", "qos_overrides./ttspec/image_raw.subscription.reliability", "reliable")
     # YAML integers for double parameters become doubles (rclpy refuses an integer there).
     assert replay.parse_param("camera.max_rate_hz=10") == ("camera", "max_rate_hz", 10.0)
     assert isinstance(replay.parse_param("camera.max_rate_hz=10")[2], float)

@@ -99,10 +99,14 @@ def test_entry_without_valid_sidecar_is_refused(tmp_path):
 
 
 def test_entry_names_are_checked():
-    name = entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "a" * 64)
-    assert name == "ffffffffffffffff-224x224-stage2-fp16-gaaaaaaaaaaaa"
-    # The same model exported again into a different graph gets its own entry.
-    assert entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "b" * 64) != name
+    gpu = "Orin (sm_87, 16 SMs)"
+    name = entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "a" * 64, gpu)
+    assert name.startswith("ffffffffffffffff-224x224-stage2-fp16-gaaaaaaaaaaaa-gpu")
+    # The same model exported again into a different graph, or on another GPU (a cache
+    # directory shared by two robots), gets its own entry.
+    assert entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "b" * 64, gpu) != name
+    assert entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "a" * 64,
+                      "Orin (sm_87, 4 SMs)") != name
     with pytest.raises(ValueError, match="bad engine cache entry name"):
         EngineCache("/tmp").paths("../escape")
 
@@ -304,13 +308,39 @@ def test_backbone_builds_once_reuses_engines_and_refuses_foreign_ones(
     assert first._stream.waited_for == [fake_gpu.caller_stream] * 8
     again = TensorRTBackbone(graphs, cache_dir=tmp_path / "engines")
     assert again.builds == 0 and fake_gpu.deserialized == 8
-    # Same name, another module of the family (Jetson Orins all report "Orin"): foreign.
+    # Same name, another module of the family (Jetson Orins all report "Orin"): its own
+    # engines, built beside the first GPU's, which stay as they are.
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: gpu("Fake GPU", sms=4))
+    other = TensorRTBackbone(graphs, cache_dir=tmp_path / "engines")
+    assert other.builds == 4 and len(list((tmp_path / "engines").glob("*.json"))) == 8
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: gpu("Fake GPU"))
+    assert TensorRTBackbone(graphs, cache_dir=tmp_path / "engines").builds == 0
+    # Another TensorRT version finds this GPU's entries and refuses them, without rebuilding.
+    monkeypatch.setattr(fake_gpu, "__version__", "10.100.0")
     with pytest.raises(StaleEngineError,
-                       match=r"foreign.*gpu_name: cached 'Fake GPU \(sm_87, 16 SMs\)'"):
+                       match="foreign.*tensorrt_version: cached '10.99.0', here '10.100.0'"):
         TensorRTBackbone(graphs, cache_dir=tmp_path / "engines")
-    assert fake_gpu.deserialized == 8
+    assert fake_gpu.deserialized == 16
+
+
+def test_exported_graphs_need_no_onnx_package(fake_gpu, tmp_path, monkeypatch):
+    """Engines are built by TensorRT's own ONNX parser: with the graphs already in the cache,
+    a machine without the `onnx` package runs; without them it is told what is missing."""
+    import onnx
+    from test_backends import make_tiny_model
+
+    from ttspec_ros.backends import BackendUnavailable, create_backbone
+
+    model = make_tiny_model()
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    with pytest.raises(BackendUnavailable, match="holds none for this model.*`onnx` package"):
+        create_backbone("tensorrt", model, device="cuda", cache_dir=tmp_path, image_size=32)
+    monkeypatch.setitem(sys.modules, "onnx", onnx)
+    create_backbone("tensorrt", model, device="cuda", cache_dir=tmp_path, image_size=32)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    again = create_backbone("tensorrt", model, device="cuda", cache_dir=tmp_path, image_size=32)
+    assert again.builds == 0
 
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -212,6 +212,9 @@ def parse_param(text: str) -> tuple[str, str, object]:
     if node not in topics.EXECUTABLES:
         raise ValueError(f"parameter {text!r}: unknown node {node!r}; nodes are "
                          f"{', '.join(topics.EXECUTABLES)}")
+    parsed = yaml.safe_load(value)
+    if name == "use_sim_time" or name.startswith("qos_overrides."):
+        return node, name, parsed  # declared by rclpy, not by our nodes
     # Checked here: a node ignores an undeclared name in its params file, and a YAML integer
     # for a double parameter would stop it at start.
     try:
@@ -220,7 +223,6 @@ def parse_param(text: str) -> tuple[str, str, object]:
         names = ", ".join(s.name for s in param_specs.NODE_PARAMS[node])
         raise ValueError(f"parameter {text!r}: {node} has no parameter {name!r}; its "
                          f"parameters are {names}") from None
-    parsed = yaml.safe_load(value)
     if spec.type in ("double", "double_array"):
         parsed = _as_double(parsed)
     reason = param_specs.check_value(spec, parsed)

@@ -119,15 +119,14 @@ def _tensorrt_backbone(model, device: str, cache_dir, image_size, precision: str
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     import_tensorrt()  # fail before exporting anything
     cuda_device(device)
-    try:
-        import onnx  # noqa: F401  (engines are built from exported ONNX graphs)
-    except ImportError as e:
-        raise BackendUnavailable(
-            f"backend 'tensorrt' builds its engines from ONNX graphs and needs the `onnx` "
-            f"package: {e}"
-        ) from e
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    graph_dir = ensure_exported(model, image_size, cache)
+    try:
+        graph_dir = ensure_exported(model, image_size, cache)
+    except ImportError as e:  # graphs already exported in the cache need no `onnx`
+        raise BackendUnavailable(
+            f"backend 'tensorrt' builds its engines from ONNX graphs, and {cache} holds none "
+            f"for this model yet; exporting them needs the `onnx` package: {e}"
+        ) from e
     return TensorRTBackbone(
         graph_dir, cache_dir=cache / "engines", precision=precision, device=device
     )

@@ -11,7 +11,8 @@ therefore valid until the next ``run_stage(i)`` call, as with the TensorRT backe
 Carries cross stage boundaries in ONNX Runtime's blocked NCHWc layout (see
 ``_keep_carries_blocked``): the exported graphs carry NCHW, and ONNX Runtime's optimiser puts a
 reorder out of its blocked layout at every carry output and one back in at every carry input.
-Those reorders were most of the stage-boundary overhead; a carry is opaque to the caller.
+Those reorders were most of the overhead that remained after IO binding; a carry is opaque to
+the caller.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
 Carry = dict  # name -> onnxruntime.OrtValue; the next stage's inputs
 # A blocked carry must have the size of its NCHW form (the bound buffers are allocated from the
 # manifest's NCHW shapes): true when its channels are a multiple of the block size, which is
-# 8 (AVX2) or 16 (AVX-512) in ONNX Runtime's x86 kernels; others keep their reorders.
+# 16 with AVX-512 and 8 on other x86-64 CPUs in ONNX Runtime's kernels; others keep their
+# reorders.
 _BLOCK_MULTIPLE = 16
 
 
@@ -211,12 +213,14 @@ def _attributes(node) -> dict:
 
 def _reorder_outputs(graph) -> dict[str, object]:
     """Graph output name -> the ReorderOutput (blocked -> NCHW) that makes it, where the blocked
-    tensor has the output's size."""
+    tensor has the output's size and no node of the graph reads the NCHW output (ONNX Runtime
+    shares one ReorderOutput between a graph output and the graph's NCHW readers)."""
     producers = {name: node for node in graph.node for name in node.output}
+    read = {name for node in graph.node for name in node.input}
     found = {}
     for output in graph.output:
         node = producers.get(output.name)
-        if node is None or node.op_type != "ReorderOutput":
+        if node is None or node.op_type != "ReorderOutput" or output.name in read:
             continue
         attrs = _attributes(node)
         if not attrs.get("channels_last", 0) and attrs.get("channels", 1) % _BLOCK_MULTIPLE == 0:

@@ -154,12 +154,14 @@ class EngineCache:
 
 
 def entry_name(model_hash: str, image_shape: list[int], stage: int, precision: str,
-               graph_sha256: str) -> str:
-    # The graph's hash is part of the name: a graph exported again (a new EXPORT_VERSION, or
-    # another torch/onnx release) gets its own entry instead of a refusal that only deleting
-    # the cache would clear. What the name leaves out (TensorRT version, GPU) is still refused.
+               graph_sha256: str, gpu: str) -> str:
+    # The graph's hash and the GPU are part of the name: a graph exported again (a new
+    # EXPORT_VERSION, or another torch/onnx release) and another GPU sharing the cache
+    # directory get their own entries instead of a refusal that only deleting the cache would
+    # clear. What the name leaves out (the TensorRT version) is refused.
+    gpu_tag = hashlib.sha256(gpu.encode()).hexdigest()[:8]
     return (f"{model_hash[:16]}-{image_shape[2]}x{image_shape[3]}-stage{stage}-{precision}"
-            f"-g{graph_sha256[:12]}")
+            f"-g{graph_sha256[:12]}-gpu{gpu_tag}")
 
 
 def import_tensorrt():
@@ -278,19 +280,22 @@ class TensorRTBackbone:
             graph = self.graph_dir / entry["file"]
             key = EngineKey(file_sha256(graph), trt.__version__, gpu_name, precision)
             name = entry_name(self.model_hash, self.image_shape, entry["index"], precision,
-                              key.graph_sha256)
+                              key.graph_sha256, gpu_name)
 
             def build(graph: Path = graph) -> bytes:
                 self.builds += 1
                 return build_engine(trt, graph, precision, workspace_bytes)
 
             with torch.cuda.device(self.device):
+                built = self.builds
                 engine = runtime.deserialize_cuda_engine(self.cache.get_or_build(name, key, build))
                 if engine is None:
                     engine_path, sidecar_path = self.cache.paths(name)
+                    remedy = ("it was built just now" if self.builds > built else
+                              f"delete it and {sidecar_path} to rebuild")
                     raise RuntimeError(
                         f"TensorRT {trt.__version__} could not deserialize {engine_path} (the "
-                        f"engine for {graph}); delete it and {sidecar_path} to rebuild")
+                        f"engine for {graph}); {remedy}")
                 context = engine.create_execution_context()
                 if context is None:
                     raise RuntimeError(f"TensorRT could not create an execution context for "
