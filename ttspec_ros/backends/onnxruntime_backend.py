@@ -249,10 +249,11 @@ def _keep_carries_blocked(graphs: list) -> list[list[str]]:
     pass between them as they are. Returns each stage's carry outputs now blocked.
 
     ``ttspec bench-backends --repeats 80`` (2 threads, sleeping workers), stage-boundary
-    overhead as the paired median (mean) against the unsplit graph: RevCol-T at 224 3.2 (3.3)
-    -> 1.3 (1.6) %, the demo model 19 (14) -> 9.5 (5.0) %. The pooled features came out
-    bit-identical to those of NCHW carries. The price is at start: each stage is optimised
-    twice over (RevCol-T at 224: 1.4 instead of 0.44 s for the four sessions).
+    overhead as the paired median against the unsplit graph: RevCol-T at 224 3.2 -> 1.3 %
+    (the median of 7 runs, which ranged 0.2-2.8 %), the demo model 19 -> 9.5 %. The pooled
+    features came out bit-identical to those of NCHW carries. The price is at start: each
+    stage is optimised twice over (RevCol-T at 224: 1.4 instead of 0.44 s for the four
+    sessions).
     """
     num_stages = len(graphs)
     # (producing stage, output) -> [(reading stage, input)]: x comes from stage 0 to all others
