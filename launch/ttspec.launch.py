@@ -50,7 +50,10 @@ def _nodes(context) -> list[Node]:
     ]}
     return [
         Node(package=topics.PACKAGE, executable=topics.EXECUTABLES[name], name=name,
-             namespace=topics.NAMESPACE, parameters=[arg["params_file"], extra[name]],
+             namespace=topics.NAMESPACE,
+             # An empty override dict would reach rcl as an empty ros__parameters mapping:
+             # leave it out, so nothing given means exactly the params file.
+             parameters=[arg["params_file"]] + ([extra[name]] if extra[name] else []),
              remappings=remap.get(name, []), output="screen")
         for name in (topics.CAMERA_NODE, topics.CLASSIFIER_NODE, topics.ADAPTER_NODE)
     ]

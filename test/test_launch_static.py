@@ -99,10 +99,9 @@ def test_default_launch_starts_installed_nodes_with_installed_config(monkeypatch
         assert kw["package"] == topics.PACKAGE and kw["namespace"] == topics.NAMESPACE
         assert installed_executable(kw["executable"]).is_file()
         assert kw["executable"] == topics.EXECUTABLES[kw["name"]]
-        params_file, overrides = kw["parameters"]
+        [params_file] = kw["parameters"]  # nothing given: the config alone decides
         assert Path(params_file) == SHARE / "config" / "ttspec.yaml"
         assert Path(params_file).is_file()
-        assert overrides == {}  # nothing given: the config decides
 
 
 def test_launch_arguments_become_overrides_and_remaps(monkeypatch):
