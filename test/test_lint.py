@@ -52,7 +52,7 @@ def test_package_xml_declares_every_import() -> None:
     """rosdep installs what package.xml names: an import it misses fails only on a robot."""
     catkin_pkg = pytest.importorskip("catkin_pkg.package")
     pkg = catkin_pkg.parse_package(str(REPO / "package.xml"))
-    declared = {dep.name for dep in pkg.exec_depends + pkg.build_export_depends}
+    declared = {dep.name for dep in pkg.exec_depends}  # <depend> entries are in it too
     sources = [*(REPO / "ttspec_ros").rglob("*.py"), *(REPO / "launch").glob("*.py")]
     used: dict[str, str] = {}
     for path in sources:
