@@ -231,6 +231,20 @@ def test_card_whose_architecture_does_not_match_the_tensors_is_refused(tmp_path)
         load_model(tmp_path / "m")
 
 
+def test_stem_kernel_is_read_from_the_tensors_and_checked_against_the_card(tmp_path):
+    model = make_model(stem_kernel=8)
+    save_model(model, make_card(model), tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.stem_kernel == 8
+    assert_same_weights(loaded, model)
+    # A card written before the field existed means the official kernel 4.
+    card = json.loads((tmp_path / "m.json").read_text())
+    del card["architecture"]["stem_kernel"]
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"stem_kernel: card 4, tensors 8"):
+        load_model(tmp_path / "m")
+
+
 def test_inconsistent_card_is_refused(tmp_path):
     model = make_model()
     save_model(model, make_card(model), tmp_path / "m")

@@ -108,6 +108,28 @@ def test_kernel_size_sets_columns_but_decoders_keep_kernel_3():
     assert [tuple(t.shape) for t in logits] == [(1, 5)] * 4
 
 
+def test_stem_kernel_overlaps_patches_and_keeps_the_token_grid():
+    model = randomized(RevCol(**TINY, stem_kernel=8)).eval()
+    assert model.state_dict()["stem.0.weight"].shape == (8, 3, 8, 8)
+    image = torch.randn(1, 3, 32, 32)
+    assert model.stem(image).shape == (1, 8, 8, 8)  # one token per 4x4 pixels, as kernel 4
+    # Overlap: pixel x = 5 lies in the next patch, yet reaches the first token (kernel 8 at
+    # padding 2 sees x = -2..5); with the official kernel 4 only x = 0..3 reach it.
+    nudged = image.clone()
+    nudged[..., 0, 5] += 1.0
+    with torch.no_grad():
+        assert not torch.equal(model.stem[0](image)[..., 0, 0], model.stem[0](nudged)[..., 0, 0])
+        official = RevCol(**TINY).eval()
+        assert torch.equal(official.stem[0](image)[..., 0, 0],
+                           official.stem[0](nudged)[..., 0, 0])
+
+
+@pytest.mark.parametrize("stem_kernel", [3, 6 + 1, 0])
+def test_stem_kernel_must_overlap_symmetrically(stem_kernel):
+    with pytest.raises(ValueError, match="stem_kernel"):
+        RevCol(**TINY, stem_kernel=stem_kernel)
+
+
 # -- independent functional forward ---------------------------------------------------------
 def ln_channels_first(x, p, name):
     u = x.mean(1, keepdim=True)
@@ -170,8 +192,10 @@ def decoder(p, i, c3):
 
 
 def reference_forward(p, layers, num_columns, image):
-    x = ln_channels_first(F.conv2d(image, p["stem.0.weight"], p["stem.0.bias"], stride=4), p,
-                          "stem.1")
+    pad = (p["stem.0.weight"].shape[-1] - 4) // 2  # 0 for the official kernel = stride = 4
+    x = ln_channels_first(
+        F.conv2d(image, p["stem.0.weight"], p["stem.0.bias"], stride=4, padding=pad), p,
+        "stem.1")
     c = [0.0, 0.0, 0.0, 0.0]
     logits, images = [], []
     interval = num_columns // 4
@@ -203,9 +227,9 @@ def randomized(model: RevCol, seed: int = 0) -> RevCol:
     return model
 
 
-@pytest.mark.parametrize("num_columns", [4, 8])
-def test_forward_equals_independent_functional_forward(num_columns):
-    config = dict(TINY, num_columns=num_columns)
+@pytest.mark.parametrize(("num_columns", "stem_kernel"), [(4, 4), (8, 4), (4, 8)])
+def test_forward_equals_independent_functional_forward(num_columns, stem_kernel):
+    config = dict(TINY, num_columns=num_columns, stem_kernel=stem_kernel)
     model = randomized(RevCol(**config).double()).eval()
     params = {k: v.clone() for k, v in model.state_dict().items()}  # before any clamping
     image = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator()

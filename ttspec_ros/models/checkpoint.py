@@ -299,13 +299,14 @@ def infer_config(state: Mapping[str, Tensor], source: str = "state dict") -> Rev
         num_classes = _dim(state, "cls_blocks.0.classifier.1.weight", 2, 0, source)
         kernel_size = _dim(state, "subnet0.level0.blocks.0.dwconv.weight", 4, 3, source)
         in_chans = _dim(state, "stem.0.weight", 4, 1, source)
+        stem_kernel = _dim(state, "stem.0.weight", 4, 2, source)
     except KeyError as e:
         raise ValueError(
             f"{source}: not a RevCol state dict with intermediate heads (no tensor {e})"
         ) from e
     return RevColConfig(
         channels=channels, layers=layers, num_columns=num_columns, num_classes=num_classes,
-        kernel_size=kernel_size, in_chans=in_chans,
+        kernel_size=kernel_size, in_chans=in_chans, stem_kernel=stem_kernel,
         with_decoders=any(k.startswith(DECODER_PREFIX) for k in state),
     )
 
@@ -444,7 +445,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
 def _compare_configs(card: RevColConfig, found: RevColConfig, source: str) -> None:
     diffs = [
         f"{f}: card {getattr(card, f)!r}, tensors {getattr(found, f)!r}"
-        for f in ("channels", "layers", "num_columns", "num_classes", "kernel_size", "in_chans")
+        for f in ("channels", "layers", "num_columns", "num_classes", "kernel_size", "in_chans",
+                  "stem_kernel")
         if tuple_or(getattr(card, f)) != tuple_or(getattr(found, f))
     ]
     if diffs:

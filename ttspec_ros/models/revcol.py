@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NUM_EXITS = 4  # the official model has a head after every num_columns // 4 columns
-STEM_PATCH = 4  # stem conv kernel = stride = 4
+STEM_PATCH = 4  # stem conv stride (= kernel in the official model): one token per 4x4 pixels
 DECODER_KERNEL = 3  # the official decoders use kernel 3 whatever the columns use
 
 
@@ -266,6 +266,7 @@ class RevColConfig:
     in_chans: int = 3
     drop_path: float = 0.0
     with_decoders: bool = True
+    stem_kernel: int = STEM_PATCH
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -292,20 +293,30 @@ class RevCol(nn.Module):
         in_chans: int = 3,
         drop_path: float = 0.0,
         with_decoders: bool = True,
+        stem_kernel: int = STEM_PATCH,
     ) -> None:
         super().__init__()
         if len(channels) != 4 or len(layers) != 4:
             raise ValueError("RevCol needs 4 levels: channels and layers of length 4")
+        if stem_kernel < STEM_PATCH or (stem_kernel - STEM_PATCH) % 2:
+            raise ValueError(
+                f"stem_kernel must be {STEM_PATCH} or {STEM_PATCH} plus an even number (patches "
+                f"overlap symmetrically at stride {STEM_PATCH}), got {stem_kernel}"
+            )
         if num_columns < NUM_EXITS or num_columns % NUM_EXITS:
             raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
         self.config = RevColConfig(
             tuple(channels), tuple(layers), num_columns, num_classes, kernel_size, in_chans,
-            drop_path, with_decoders,
+            drop_path, with_decoders, stem_kernel,
         )
         self.num_columns = num_columns
         self.interval = num_columns // NUM_EXITS
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, channels[0], STEM_PATCH, stride=STEM_PATCH),
+            # A kernel above the stride overlaps neighbouring patches (padding keeps the
+            # token grid at size / 4): on 28-px Fashion-MNIST kernel 8 gave +0.7 point on the
+            # last exit's validation accuracy. The official model uses kernel = stride = 4.
+            nn.Conv2d(in_chans, channels[0], stem_kernel, stride=STEM_PATCH,
+                      padding=(stem_kernel - STEM_PATCH) // 2),
             ChannelsFirstLayerNorm(channels[0]),
         )
         dp_rates = torch.linspace(0, drop_path, sum(layers), device="cpu").tolist()
