@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
 import importlib.util
 import json
+import subprocess
 import sys
 import types
 
@@ -61,6 +63,36 @@ def test_cached_engine_is_never_rebuilt(tmp_path):
     assert len(calls) == 1
     sidecar = json.loads((tmp_path / "m-stage0-fp16.json").read_text())
     assert sidecar["key"] == KEY.to_dict()
+
+
+# Each process waits until both are ready, so both find no entry; a build takes a second and
+# returns different bytes each time, as TensorRT builds do.
+CONCURRENT_BUILDER = """
+import hashlib, os, sys, time
+from pathlib import Path
+from ttspec_ros.backends.tensorrt_backend import EngineCache, EngineKey
+cache_dir, me = Path(sys.argv[1]), sys.argv[2]
+(cache_dir / f"ready-{me}").touch()
+while len(list(cache_dir.glob("ready-*"))) < 2:
+    time.sleep(0.01)
+def build():
+    time.sleep(1.0)
+    with open(cache_dir / "builds.txt", "a") as f:
+        f.write(me + "\\n")
+    return os.urandom(64)
+key = EngineKey("a" * 64, "10.3.0", "Orin (nvgpu)", "fp16")
+print(hashlib.sha256(EngineCache(cache_dir).get_or_build("entry", key, build)).hexdigest())
+"""
+
+
+def test_concurrent_starts_build_once_and_share_the_engine(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILDER, str(tmp_path), str(i)],
+                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    digests = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert len((tmp_path / "builds.txt").read_text().split()) == 1
+    cached = EngineCache(tmp_path).load("entry", KEY)  # engine and sidecar belong together
+    assert digests[0] == digests[1] == hashlib.sha256(cached).hexdigest()
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ only touched by ``TensorRTBackbone``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -144,13 +145,25 @@ class EngineCache:
         write_json(sidecar_path, sidecar)
 
     def get_or_build(self, name: str, key: EngineKey, build: Callable[[], bytes]) -> bytes:
-        """Cached engine for ``key``; ``build`` runs only when there is no entry at all."""
+        """Cached engine for ``key``; ``build`` runs only when there is no entry at all, and
+        in one process at a time."""
         cached = self.load(name, key)
         if cached is not None:
             return cached
-        engine = build()
-        self.store(name, key, engine)
-        return engine
+        # Two nodes starting on one model (a classifier per camera) would both build, and
+        # TensorRT builds differ byte for byte: interleaved writes could leave one build's
+        # engine beside the other's sidecar, an entry refused as changed until deleted. An
+        # exclusive lock per entry makes the second wait and load the first one's engine.
+        # The lock file stays: unlinking it would let a third process lock a new inode.
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_dir / f"{name}.lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            cached = self.load(name, key)
+            if cached is not None:
+                return cached
+            engine = build()
+            self.store(name, key, engine)
+            return engine
 
 
 def entry_name(model_hash: str, image_shape: list[int], stage: int, precision: str,
