@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -290,3 +294,44 @@ def test_experiment_tiny_run(tmp_path):
     changed = replace(opts, parts=("a",), episodic=replace(opts.episodic, lr=0.2))
     rerun = run_experiment(tiny_model(), spec, changed, tmp_path)
     assert rerun["table"]["rows"][1]["standard_b2"] != 0.125
+
+
+# A parent that starts a child (which calls exit_with_parent) and then waits; the test kills
+# the parent with SIGKILL, so no clean-up of its own can end the child.
+ORPHAN_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", (
+    "import time\\n"
+    "from ttspec_ros.experiments.ttt_experiment import exit_with_parent\\n"
+    "exit_with_parent(0.05)\\n"
+    "print('ready', flush=True)\\n"
+    "time.sleep(120)\\n")], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "ready"
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_pool_workers_end_when_their_parent_is_killed():
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_PARENT], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the orphaned child kept running"
+    finally:
+        parent.kill()

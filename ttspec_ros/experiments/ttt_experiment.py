@@ -29,7 +29,9 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import platform
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -273,6 +275,27 @@ def _init_worker(config: dict, state: dict, input_spec: dict, opts: Options,
     _WORKER.update(model=model, src=DataSource(input_spec, opts), opts=opts)
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process once the process that started it is gone.
+
+    A pool worker outlives a parent killed by SIGTERM or SIGKILL (no clean-up runs), and
+    would go on holding a core and its memory; once orphaned it is re-parented, so its
+    parent pid changes."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_pool_worker(*init) -> None:
+    exit_with_parent()
+    _init_worker(*init)
+
+
 def _heldout(src: DataSource, name: str, opts: Options) -> tuple[torch.Tensor, np.ndarray]:
     if name == "clean":
         return src.test("clean", 0, opts.clean_images)
@@ -352,7 +375,7 @@ def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options,
 
     ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
-                             initializer=_init_worker, initargs=init) as pool:
+                             initializer=_init_pool_worker, initargs=init) as pool:
         futures = {pool.submit(run_task, t): t for t in todo}
         for f in as_completed(futures):
             done(futures[f], f.result())
