@@ -437,6 +437,19 @@ def test_onnxruntime_classifier_classifies_and_applies_head_updates(pipeline, da
         ort.stop(signal.SIGKILL)
 
 
+def test_sigusr1_prints_the_stacks_and_the_node_runs_on(pipeline, data):
+    cls = pipeline["procs"][CLS]
+    cls.proc.send_signal(signal.SIGUSR1)
+    # Every thread's stack, the main thread's spinning in rclpy (the dump is written a thread
+    # at a time, so wait for both).
+    assert wait_for(lambda: "most recent call first" in (log := cls.log()) and "rclpy" in log,
+                    10.0, 0.1), cls.log()[-2000:]
+    assert cls.alive()
+    probe = pipeline["probe"]
+    probe.clear()
+    assert _stream(probe, data[0][:5]) and _predictions(probe), "no predictions after SIGUSR1"
+
+
 def test_unavailable_backend_exits_with_one_clear_line(tmp_path, tiny):
     """No tensorrt package and no GPU here: the classifier says so and exits 1."""
     trt = NodeProcess(CLS, {"model": tiny[0], "backend": "tensorrt", "device": "cuda:0"},

@@ -7,6 +7,8 @@ Only this package imports rclpy; everything the nodes compute lives in the ROS-f
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import threading
 import time
 from collections import Counter
@@ -263,7 +265,10 @@ def load_input_spec(model: str) -> dict[str, Any]:
 def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:
     """Init rclpy, build the node, spin until SIGINT/SIGTERM, shut down without a traceback.
 
-    Nodes may define ``close()`` (stop threads, save state); it runs before destroy_node."""
+    Nodes may define ``close()`` (stop threads, save state); it runs before destroy_node.
+    SIGUSR1 prints every thread's stack to stderr: where a node is stuck, without stopping it
+    (``kill -USR1 <pid>``; the test harness does so before it kills a node that hangs)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     rclpy.init(args=args)
     node = None
     code = 0

@@ -82,6 +82,9 @@ class NodeProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                # Ask for the stacks (run_node's SIGUSR1 handler) so the log says where it hung.
+                self.proc.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
                 self.proc.kill()
                 self.proc.wait()
         return int(self.proc.returncode)
