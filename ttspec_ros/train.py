@@ -35,7 +35,7 @@ from torch import Tensor
 from ttspec_ros import data
 from ttspec_ros.cascade import exit_costs
 from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask
-from ttspec_ros.models.revcol import NUM_EXITS, STEM_PATCH, RevCol
+from ttspec_ros.models.revcol import NUM_EXITS, STEM_PATCH, RevCol, check_stem_kernel
 from ttspec_ros.preprocess import preprocess_batch
 
 INPUT_SIZE = 32  # 28-px content zero-padded so the 4-px stem and three 2x downsamplings fit
@@ -368,8 +368,10 @@ def run(args: argparse.Namespace) -> int:
     if args.input_size % INPUT_MULTIPLE or not 0 < args.content_size <= args.input_size:
         raise SystemExit(f"--input-size must be a multiple of {INPUT_MULTIPLE} and "
                          "0 < --content-size <= --input-size")
-    if args.stem_kernel < STEM_PATCH or (args.stem_kernel - STEM_PATCH) % 2:
-        raise SystemExit(f"--stem-kernel must be {STEM_PATCH} plus an even number >= 0")
+    try:
+        check_stem_kernel(args.stem_kernel)
+    except ValueError as e:
+        raise SystemExit(f"--stem-kernel: {e}") from None
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, channels=args.channels,
                       layers=args.layers, num_columns=args.num_columns,

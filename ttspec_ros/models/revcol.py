@@ -254,6 +254,14 @@ class SimDecoder(nn.Module):
 SIMPLE_DECODER_ABOVE = 1000  # official: more classes than this -> SimDecoder
 
 
+def check_stem_kernel(stem_kernel: int) -> None:
+    if stem_kernel < STEM_PATCH or (stem_kernel - STEM_PATCH) % 2:
+        raise ValueError(
+            f"stem_kernel must be {STEM_PATCH} or {STEM_PATCH} plus an even number (patches "
+            f"overlap symmetrically at stride {STEM_PATCH}), got {stem_kernel}"
+        )
+
+
 @dataclass(frozen=True)
 class RevColConfig:
     """Everything that decides the state-dict layout; stored in model cards."""
@@ -298,11 +306,7 @@ class RevCol(nn.Module):
         super().__init__()
         if len(channels) != 4 or len(layers) != 4:
             raise ValueError("RevCol needs 4 levels: channels and layers of length 4")
-        if stem_kernel < STEM_PATCH or (stem_kernel - STEM_PATCH) % 2:
-            raise ValueError(
-                f"stem_kernel must be {STEM_PATCH} or {STEM_PATCH} plus an even number (patches "
-                f"overlap symmetrically at stride {STEM_PATCH}), got {stem_kernel}"
-            )
+        check_stem_kernel(stem_kernel)
         if num_columns < NUM_EXITS or num_columns % NUM_EXITS:
             raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
         self.config = RevColConfig(
