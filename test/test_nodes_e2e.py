@@ -24,6 +24,7 @@ from ttspec_ros.image_codec import encode_frame, encode_image
 pytest.importorskip("rclpy")
 probe_mod = pytest.importorskip("ttspec_ros.nodes.probe")
 NodeProcess, Probe, wait_for = probe_mod.NodeProcess, probe_mod.Probe, probe_mod.wait_for
+MATCHED_FRAMES_READERS = pytest.importorskip("ttspec_ros.nodes").MATCHED_FRAMES_READERS
 
 CAM, CLS, ADA = topics.CAMERA_NODE, topics.CLASSIFIER_NODE, topics.ADAPTER_NODE
 RATE_HZ = 6.0  # keeps CPU modest on a shared 2-core machine
@@ -84,7 +85,8 @@ def pipeline(tmp_path_factory, tiny):
     probe = Probe()
     try:
         up = wait_for(lambda: all(probe.seen(n) for n in procs)
-                      and probe.image_pub.get_subscription_count() > 0, STARTUP_S, 0.2)
+                      and probe.image_pub.get_subscription_count() > 0
+                      and probe.count(CAM, MATCHED_FRAMES_READERS) > 0, STARTUP_S, 0.2)
         if not up:
             logs = "\n".join(f"--- {n}\n{p.log()[-2000:]}" for n, p in procs.items())
             pytest.fail(f"nodes did not come up in {STARTUP_S} s (diagnostics from "
@@ -448,6 +450,31 @@ def test_sigusr1_prints_the_stacks_and_the_node_runs_on(pipeline, data):
     probe = pipeline["probe"]
     probe.clear()
     assert _stream(probe, data[0][:5]) and _predictions(probe), "no predictions after SIGUSR1"
+
+
+def test_diagnostics_count_the_dds_matched_endpoints(pipeline):
+    """What the replay driver waits on before its first frame (the graph lists a reader
+    before the writer has matched it): each writer's matched readers, the best-effort
+    readers' matched writers, and they follow a reader that joins and leaves."""
+    from rclpy.subscription import Subscription
+
+    from ttspec_ros import nodes
+
+    probe = pipeline["probe"]
+    frames_readers = lambda: probe.count(CAM, nodes.MATCHED_FRAMES_READERS)  # noqa: E731
+    assert wait_for(lambda: frames_readers() >= 1, 5.0)  # the classifier
+    base = frames_readers()
+    for key in (nodes.MATCHED_PREDICTIONS_READERS, nodes.MATCHED_SAMPLES_READERS):
+        assert probe.count(CLS, key) >= 1, (key, probe.diag(CLS))  # the probe, the adapter
+    if hasattr(Subscription, "get_publisher_count"):  # Iron and later
+        assert probe.count(CAM, nodes.MATCHED_IMAGES_WRITERS) >= 1  # the probe
+        assert probe.count(CLS, nodes.MATCHED_FRAMES_WRITERS) >= 1  # the camera
+    probe.watch_frames(True)
+    try:
+        assert wait_for(lambda: frames_readers() == base + 1, 5.0), probe.diag(CAM)
+    finally:
+        probe.watch_frames(False)
+    assert wait_for(lambda: frames_readers() == base, 5.0), probe.diag(CAM)
 
 
 def test_unavailable_backend_exits_with_one_clear_line(tmp_path, tiny):

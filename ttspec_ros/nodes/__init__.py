@@ -117,6 +117,23 @@ def qos(name: str) -> QoSProfile:
     raise ValueError(f"unknown QoS name {name!r}")
 
 
+# Diagnostics keys: how many endpoints DDS has matched with a node's writers and best-effort
+# readers. The graph (count_subscribers) lists an endpoint before the other
+# side has matched it, and a message published then is lost; the replay driver waits on these.
+MATCHED_IMAGES_WRITERS = "images_matched_writers"
+MATCHED_FRAMES_READERS = "frames_matched_readers"
+MATCHED_FRAMES_WRITERS = "frames_matched_writers"
+MATCHED_PREDICTIONS_READERS = "predictions_matched_readers"
+MATCHED_SAMPLES_READERS = "samples_matched_readers"
+
+
+def matched_writers(subscription: Any) -> int | None:
+    """DDS-matched publishers of ``subscription``; None where rclpy cannot tell (Humble:
+    ``Subscription.get_publisher_count`` is Iron and later)."""
+    count = getattr(subscription, "get_publisher_count", None)
+    return None if count is None else int(count())
+
+
 class Stats:
     """Thread-safe counters and running means a node reports on /diagnostics."""
 

@@ -19,6 +19,8 @@ from sensor_msgs.msg import CompressedImage, Image
 from ttspec_ros import params, topics
 from ttspec_ros.image_codec import ImageDecodeError, decode_compressed, decode_image, encode_frame
 from ttspec_ros.nodes import (
+    MATCHED_FRAMES_READERS,
+    MATCHED_IMAGES_WRITERS,
     Diagnostics,
     StartupError,
     Stats,
@@ -27,6 +29,7 @@ from ttspec_ros.nodes import (
     changed_values,
     declare,
     load_input_spec,
+    matched_writers,
     qos,
     refuse,
     run_node,
@@ -153,6 +156,10 @@ class CameraNode(Node):
 
     def _diagnostic_values(self) -> tuple[str, dict]:
         values = self.stats.snapshot()
+        values[MATCHED_FRAMES_READERS] = str(self._frames_pub.get_subscription_count())
+        writers = matched_writers(self._sub)
+        if writers is not None:
+            values[MATCHED_IMAGES_WRITERS] = str(writers)
         return (f"{values.get('published', 0)} frames, {values.get('rejected', 0)} rejected",
                 values)
 

@@ -31,6 +31,9 @@ from ttspec_ros.image_codec import ImageDecodeError, decode_frame
 from ttspec_ros.model_update import ModelUpdatePayload, from_msg
 from ttspec_ros.msg import AdaptationSample, CascadePrediction, ModelUpdate
 from ttspec_ros.nodes import (
+    MATCHED_FRAMES_WRITERS,
+    MATCHED_PREDICTIONS_READERS,
+    MATCHED_SAMPLES_READERS,
     Diagnostics,
     LatestSlot,
     StartupError,
@@ -39,6 +42,7 @@ from ttspec_ros.nodes import (
     accept,
     changed_values,
     declare,
+    matched_writers,
     plain_value,
     qos,
     refuse,
@@ -116,8 +120,9 @@ class ClassifierNode(Node):
                                                qos(topics.QOS_RELIABLE))
         self._sample_pub = self.create_publisher(AdaptationSample, topics.ADAPTATION_SAMPLES,
                                                  qos(topics.QOS_RELIABLE))
-        self.create_subscription(Image, topics.FRAMES, self._on_frame, qos(topics.QOS_SENSOR),
-                                 qos_overriding_options=QoSOverridingOptions.with_default_policies())
+        self._frames_sub = self.create_subscription(
+            Image, topics.FRAMES, self._on_frame, qos(topics.QOS_SENSOR),
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self.create_subscription(ModelUpdate, topics.MODEL_UPDATES, self._on_update,
                                  qos(topics.QOS_LATCHED))
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -326,7 +331,12 @@ class ClassifierNode(Node):
             "pending": pending,
             "max_pending": self.max_pending,
             "thresholds": " ".join(f"{t:.3f}" for t in self._settings["thresholds"]),
+            MATCHED_PREDICTIONS_READERS: self._pred_pub.get_subscription_count(),
+            MATCHED_SAMPLES_READERS: self._sample_pub.get_subscription_count(),
         })
+        writers = matched_writers(self._frames_sub)
+        if writers is not None:
+            values[MATCHED_FRAMES_WRITERS] = writers
         for i in range(self.loaded.num_exits):
             values[f"exit_{i}"] = self.exit_histogram[i]
         msg = (f"{values.get('classified', 0)} classified, {values.get('dropped', 0)} dropped, "

@@ -31,10 +31,17 @@ from sensor_msgs.msg import CompressedImage, Image
 from ttspec_ros import replay, topics
 from ttspec_ros.bags import ImageStream
 from ttspec_ros.msg import CascadePrediction
-from ttspec_ros.nodes import qos
+from ttspec_ros.nodes import (
+    MATCHED_FRAMES_READERS,
+    MATCHED_FRAMES_WRITERS,
+    MATCHED_IMAGES_WRITERS,
+    MATCHED_PREDICTIONS_READERS,
+    MATCHED_SAMPLES_READERS,
+    qos,
+)
 
 STARTUP_TIMEOUT_S = 120.0  # three processes importing torch on a busy 2-core machine
-SETTLE_S = 0.5  # after discovery, before the first frame
+SETTLE_S = 0.5  # after matching: Humble cannot tell a best-effort reader's side (see below)
 DIAGNOSTICS_WAIT_S = 2.5  # diagnostics come about once a second
 QUIET_S = 3.0  # rate mode: no prediction for this long after the last frame = the end
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -181,25 +188,41 @@ class _Matcher:
         return index
 
 
+def _matched(values: dict[str, str], key: str) -> bool | None:
+    """Whether a node's diagnostics say DDS matched the endpoint (None: it does not say)."""
+    return None if key not in values else int(values[key]) >= 1
+
+
 def _wait_for_graph(node: Collector, graph: NodeGraph, adapt: bool, timeout_s: float) -> None:
-    """Until every node is up (diagnostics seen) and every hop of the graph is matched."""
+    """Until every node is up (diagnostics seen) and every hop of the graph is matched.
+
+    The graph's counts list an endpoint once it is announced, before the other side's DDS
+    entity has matched it, and a message sent in between is lost; so each hop is checked by
+    the matched counts of its writer and, for best-effort hops (the camera subscribes with
+    sensor-data QoS), of its reader too where rclpy tells (Iron and later). A reliable hop
+    needs only the writer's match: the writer resends what the reader has not acknowledged.
+    """
     deadline = time.monotonic() + timeout_s
-    ns = "/" + topics.NAMESPACE
     while True:
         graph.check_alive()
         with node.cond:
-            seen = set(node.diagnostics)
+            seen = {name: dict(values) for name, values in node.diagnostics.items()}
+        camera = seen.get(topics.CAMERA_NODE, {})
+        classifier = seen.get(topics.CLASSIFIER_NODE, {})
         ready = {
-            "camera subscribed to our images": node.image_pub.get_subscription_count() >= 1,
-            "classifier predictions matched": node.count_publishers(
-                f"{ns}/{topics.PREDICTIONS}") >= 1,
-            "frames topic connected": node.count_subscribers(f"{ns}/{topics.FRAMES}") >= 1
-            and node.count_publishers(f"{ns}/{topics.FRAMES}") >= 1,
-            "all nodes reporting": set(topics.EXECUTABLES) <= seen,
+            "all nodes reporting": set(topics.EXECUTABLES) <= set(seen),
+            "our images matched by the camera": node.image_pub.get_subscription_count() >= 1,
+            "camera matched our images": _matched(camera, MATCHED_IMAGES_WRITERS) is not False,
+            "camera's frames matched by the classifier": bool(
+                _matched(camera, MATCHED_FRAMES_READERS)),
+            "classifier matched the camera's frames": _matched(
+                classifier, MATCHED_FRAMES_WRITERS) is not False,
+            "classifier's predictions matched by us": bool(
+                _matched(classifier, MATCHED_PREDICTIONS_READERS)),
         }
         if adapt:
-            ready["adapter subscribed to samples"] = node.count_subscribers(
-                f"{ns}/{topics.ADAPTATION_SAMPLES}") >= 1
+            ready["adapter subscribed to samples"] = bool(
+                _matched(classifier, MATCHED_SAMPLES_READERS))
         if all(ready.values()):
             return
         if time.monotonic() > deadline:
