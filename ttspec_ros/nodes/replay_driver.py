@@ -213,7 +213,7 @@ def _wait_for_graph(node: Collector, graph: NodeGraph, adapt: bool, timeout_s: f
             "all nodes reporting": set(topics.EXECUTABLES) <= set(seen),
             "our images matched by the camera": node.image_pub.get_subscription_count() >= 1,
             "camera matched our images": _matched(camera, MATCHED_IMAGES_WRITERS) is not False,
-            "camera's frames matched by the classifier": bool(
+            "camera's frames matched by a reader": bool(
                 _matched(camera, MATCHED_FRAMES_READERS)),
             "classifier matched the camera's frames": _matched(
                 classifier, MATCHED_FRAMES_WRITERS) is not False,
