@@ -11,6 +11,7 @@ from ttspec_ros import train
 from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask
 from ttspec_ros.models.checkpoint import ModelCard, load_model
 from ttspec_ros.models.revcol import RevCol
+from ttspec_ros.ttt import card_norm_pix
 
 TINY = dict(channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), epochs=1, batch_size=32, limit=64,
             test_limit=40, threads=1)
@@ -108,10 +109,11 @@ def test_cli_writes_a_loadable_model(tmp_path):
     stem = tmp_path / "tiny"
     args = parser.parse_args(["--out", str(stem), "--channels", "8,8,8,8", "--layers", "1,1,1,1",
                               "--limit", "32", "--batch-size", "32", "--epochs", "1",
-                              "--test-limit", "20"])
+                              "--test-limit", "20", "--norm-pix"])
     assert train.run(args) == 0
     model, card = load_model(str(stem))
     assert card.input["size"] == 32 and card.input["channels"] == 1
+    assert card_norm_pix(card)  # test-time training will reconstruct the same target
     assert model.config.with_decoders and model.config.channels == (8, 8, 8, 8)
     with pytest.raises(SystemExit):
         train.run(parser.parse_args(["--out", str(stem), "--epochs", "0"]))

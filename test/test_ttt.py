@@ -17,7 +17,7 @@ import torch
 
 from ttspec_ros.model_update import ModelUpdatePayload
 from ttspec_ros.models.revcol import RevCol
-from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, select_parameters
+from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, card_norm_pix, select_parameters
 
 torch.set_num_threads(1)
 
@@ -66,6 +66,31 @@ def test_config_rejects_bad_values():
                 dict(mask_ratio=1.0), dict(optimizer="lbfgs")):
         with pytest.raises(ValueError):
             TTTConfig(**bad)
+
+
+def test_norm_pix_target_follows_the_model_card():
+    """The loss reconstructs what the decoders were trained on: per-patch normalised pixels
+    when the card's training config says norm_pix (same masks: same seed)."""
+    from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask
+    from ttspec_ros.models.checkpoint import ModelCard
+
+    m, x = tiny_model(), image()
+    cfg = TTTConfig(batch=4, seed=3)
+    plain = TestTimeTrainer(copy.deepcopy(m), cfg).loss(x)
+    normed = TestTimeTrainer(copy.deepcopy(m), replace(cfg, norm_pix=True)).loss(x)
+    target = x[None].expand(4, -1, -1, -1)
+    masked, mask = random_patch_mask(target, cfg.mask_ratio,
+                                     generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        h, st, ref = m.stem(masked), (0.0, 0.0, 0.0, 0.0), []
+        for i, decoder in enumerate(m.decoder_blocks):
+            st = m.run_exit(i, h, st)
+            ref.append(masked_reconstruction_loss(decoder(st[3]), target, mask, norm_pix=True))
+    assert torch.allclose(normed.detach(), torch.stack(ref).mean(), rtol=1e-5)
+    assert not torch.allclose(normed, plain)
+    card = ModelCard(model_id="", architecture={}, class_names=[], input={}, thresholds=[],
+                     exit_cost=[], training={"config": {"norm_pix": True}})
+    assert card_norm_pix(card) and not card_norm_pix(replace(card, training={}))
 
 
 def test_online_changes_only_selected_and_keeps_them():

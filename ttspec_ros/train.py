@@ -344,6 +344,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
                         help="augmentation: random horizontal flip")
     parser.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    parser.add_argument("--norm-pix", action=argparse.BooleanOptionalAction, default=d.norm_pix,
+                        help="reconstruct per-patch normalised pixels (MAE's norm_pix_loss); "
+                             "test-time training then uses the same target (model card)")
     parser.add_argument("--ema", type=float, default=d.ema,
                         help="decay per step of the weights' moving average that is saved "
                              "(0 = save the trained weights themselves)")
@@ -380,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
                       recon_fraction=args.recon_fraction, shift=args.shift, flip=args.flip,
                       input_size=args.input_size, content_size=args.content_size,
                       label_smoothing=args.label_smoothing, ema=args.ema,
-                      threads=args.threads,
+                      norm_pix=args.norm_pix, threads=args.threads,
                       val_size=args.val_size, limit=args.limit, test_limit=args.test_limit,
                       max_steps=args.max_steps,
                       recon_weights=[args.recon_scale * w for w in recon_weights()])

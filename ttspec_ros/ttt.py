@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ttspec_ros.masking import DEFAULT_MASK_RATIO, masked_reconstruction_loss, random_patch_mask
 from ttspec_ros.model_update import ModelUpdatePayload, all_finite, load_payload, save_payload
+from ttspec_ros.models.checkpoint import ModelCard
 from ttspec_ros.models.revcol import ChannelsFirstLayerNorm, RevCol
 
 MODES = ("episodic", "online")
@@ -58,6 +59,9 @@ class TTTConfig:
     anchor: float = 0.0  # adds anchor * sum((p - p_start)^2): keeps online drift bounded
     objective: str = "mae"
     seed: int = 0  # masks
+    # Reconstruction target normalised per patch (MAE's norm_pix_loss). The decoders answer
+    # the target they were trained for, so take it from the model card: ``card_norm_pix``.
+    norm_pix: bool = False
 
     def __post_init__(self) -> None:
         for key, allowed in (("mode", MODES), ("update", UPDATES), ("optimizer", OPTIMIZERS),
@@ -78,6 +82,13 @@ class TTTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def card_norm_pix(card: ModelCard) -> bool:
+    """Whether the model's decoders were trained on per-patch normalised targets (the card's
+    training config; cards without it mean plain pixels)."""
+    config = (card.training or {}).get("config") or {}
+    return bool(config.get("norm_pix", False))
 
 
 def reachable_columns(model: RevCol, objective: str) -> range:
@@ -173,7 +184,8 @@ class TestTimeTrainer:
         losses = []
         for i, decoder in enumerate(m.decoder_blocks):
             state = m.run_exit(i, x, state)
-            losses.append(masked_reconstruction_loss(decoder(state[3]), target, mask))
+            losses.append(masked_reconstruction_loss(decoder(state[3]), target, mask,
+                                                     norm_pix=self.config.norm_pix))
         return torch.stack(losses).mean()
 
     def loss(self, image: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ from ttspec_ros.experiments.make_corrupted import split_seed_of
 from ttspec_ros.files import save_figure, write_json
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.preprocess import preprocess_batch
-from ttspec_ros.ttt import TestTimeTrainer, TTTConfig
+from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, card_norm_pix
 
 PARTS = ("a", "b", "c", "d")
 EVAL_BATCH = 250
@@ -695,14 +695,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tent-episodic-lr", type=float, default=d.tent_episodic.lr)
 
 
-def options_from_args(args: argparse.Namespace, split_seed: int) -> Options:
+def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool = False
+                      ) -> Options:
+    """The run's options; ``norm_pix``: the model's reconstruction target (``card_norm_pix``)."""
     d = Options()
     ep = replace(d.episodic, lr=args.episodic_lr, update=args.episodic_update,
                  columns=args.episodic_columns, optimizer=args.episodic_optimizer,
-                 steps=args.episodic_steps, anchor=args.episodic_anchor, seed=args.seed)
+                 steps=args.episodic_steps, anchor=args.episodic_anchor, seed=args.seed,
+                 norm_pix=norm_pix)
     on = replace(d.online, lr=args.online_lr, update=args.online_update,
                  columns=args.online_columns, optimizer=args.online_optimizer,
-                 batch=args.online_batch, anchor=args.online_anchor, seed=args.seed)
+                 batch=args.online_batch, anchor=args.online_anchor, seed=args.seed,
+                 norm_pix=norm_pix)
     for key in ("images", "episodic_images", "clean_images", "stream", "eval_every", "workers",
                 "threads", "cost_images"):
         if getattr(args, key) < 1:
@@ -728,7 +732,7 @@ def run(args: argparse.Namespace) -> int:
     if model.decoder_blocks is None:
         raise ValueError(f"{args.model or 'the demo model'} has no reconstruction decoders")
     split_seed = split_seed_of(card) if args.split_seed is None else args.split_seed
-    opts = options_from_args(args, split_seed)
+    opts = options_from_args(args, split_seed, norm_pix=card_norm_pix(card))
     info = {"model_id": card.model_id, "path": args.model or "bundled demo",
             "input": dict(card.input)}
     started = time.time()

@@ -146,7 +146,7 @@ class AdapterNode(Node):
                               model.cls_blocks[0].classifier[1].in_features))
         if not uses_ttt:
             return specializer, None  # the network itself is dropped here
-        from ttspec_ros.ttt import TestTimeTrainer, TTTConfig
+        from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, card_norm_pix
 
         if model.decoder_blocks is None:
             raise StartupError(f"adapter: strategy {values['strategy']!r} needs a model with "
@@ -154,7 +154,7 @@ class AdapterNode(Node):
                                " has none")
         try:
             config = TTTConfig(mode="online", update=values["ttt_update"],
-                               lr=values["ttt_learning_rate"])
+                               lr=values["ttt_learning_rate"], norm_pix=card_norm_pix(card))
             return specializer, TestTimeTrainer(model, config, model_id=card.model_id)
         except ValueError as e:
             raise StartupError(f"adapter: test-time training: {e}") from e
