@@ -163,7 +163,7 @@ def all_exit_logits(model: RevCol, x: Tensor, batch_size: int = 500) -> Tensor:
 
 @torch.inference_mode()
 def reconstruction_losses(model: RevCol, x: Tensor, mask_ratio: float, seed: int,
-                          batch_size: int = 500) -> list[float]:
+                          batch_size: int = 500, norm_pix: bool = False) -> list[float]:
     """Mean masked-patch loss of each decoder on x, with masks from a fixed seed."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -172,7 +172,8 @@ def reconstruction_losses(model: RevCol, x: Tensor, mask_ratio: float, seed: int
         xb = x[i : i + batch_size]
         recons, mask, _ = masked_forward(model, xb, mask_ratio, g)
         for k, r in enumerate(recons):
-            totals[k] += float(masked_reconstruction_loss(r, xb, mask)) * len(xb)
+            totals[k] += float(masked_reconstruction_loss(r, xb, mask, norm_pix=norm_pix)
+                               ) * len(xb)
     return (totals / len(x)).round(5).tolist()
 
 
@@ -279,8 +280,9 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
                                      torch.from_numpy(test_labels.copy())),
         "test_images": len(x_test),
         "test_reconstruction_loss": reconstruction_losses(model, x_test, cfg.mask_ratio,
-                                                          cfg.seed),
-        "reconstruction_loss_note": "MSE on hidden 4x4 patches of normalised pixels, "
+                                                          cfg.seed, norm_pix=cfg.norm_pix),
+        "reconstruction_loss_note": "MSE on hidden 4x4 patches of normalised pixels"
+                                    f"{' (per-patch normalised target)' if cfg.norm_pix else ''}, "
                                     f"mask ratio {cfg.mask_ratio}, decoders 0-2",
     }
     if history and "val_accuracy" in history[-1]:
