@@ -279,6 +279,27 @@ def load_input_spec(model: str) -> dict[str, Any]:
     return dict(spec)
 
 
+# The longest a spinning node waits for work before it looks at the context (and Python at its
+# pending signals) again.
+SPIN_WAKE_S = 0.5
+
+
+def _spin(node: Node) -> None:
+    """rclpy.spin with a bounded wait. A SIGINT must wake rclpy's unbounded wait through its
+    signal guard condition; in full test-suite runs (3 of ~8 on 2026-12-03) both bench-ros
+    relays once sat in that wait for 20 s after SIGINT until killed (stacks from SIGUSR1),
+    never reproduced alone. Waking every SPIN_WAKE_S lets Python raise its pending
+    KeyboardInterrupt and the loop see a shut-down context, so a lost wake-up costs at most
+    that long."""
+    executor = rclpy.get_global_executor()
+    executor.add_node(node)
+    try:
+        while executor.context.ok():
+            executor.spin_once(timeout_sec=SPIN_WAKE_S)
+    finally:
+        executor.remove_node(node)
+
+
 def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:
     """Init rclpy, build the node, spin until SIGINT/SIGTERM, shut down without a traceback.
 
@@ -291,7 +312,7 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
     code = 0
     try:
         node = node_factory()
-        rclpy.spin(node)
+        _spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except StartupError as e:
