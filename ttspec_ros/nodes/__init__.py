@@ -118,8 +118,8 @@ def qos(name: str) -> QoSProfile:
 
 
 # Diagnostics keys: how many endpoints DDS has matched with a node's writers and best-effort
-# readers. The graph (count_subscribers) lists an endpoint before the other
-# side has matched it, and a message published then is lost; the replay driver waits on these.
+# readers. The graph (count_subscribers) lists an endpoint before the other side has matched
+# it, and a message published then is lost; the replay driver waits on these.
 MATCHED_IMAGES_WRITERS = "images_matched_writers"
 MATCHED_FRAMES_READERS = "frames_matched_readers"
 MATCHED_FRAMES_WRITERS = "frames_matched_writers"
@@ -286,9 +286,9 @@ SPIN_WAKE_S = 0.5
 
 def _spin(node: Node) -> None:
     """rclpy.spin with a bounded wait. A SIGINT must wake rclpy's unbounded wait through its
-    signal guard condition; in full test-suite runs (3 of ~8 on 2026-12-03) both bench-ros
-    relays once sat in that wait for 20 s after SIGINT until killed (stacks from SIGUSR1),
-    never reproduced alone. Waking every SPIN_WAKE_S lets Python raise its pending
+    signal guard condition; twice in about ten full test-suite runs (2026-12-03) bench-ros
+    relays sat in that wait 20 s after SIGINT until killed (stacks from SIGUSR1), never
+    reproduced alone. Waking every SPIN_WAKE_S lets Python raise its pending
     KeyboardInterrupt and the loop see a shut-down context, so a lost wake-up costs at most
     that long."""
     executor = rclpy.get_global_executor()
