@@ -24,7 +24,7 @@ from ttspec_ros.image_codec import encode_frame, encode_image
 pytest.importorskip("rclpy")
 probe_mod = pytest.importorskip("ttspec_ros.nodes.probe")
 NodeProcess, Probe, wait_for = probe_mod.NodeProcess, probe_mod.Probe, probe_mod.wait_for
-MATCHED_FRAMES_READERS = pytest.importorskip("ttspec_ros.nodes").MATCHED_FRAMES_READERS
+nodes = pytest.importorskip("ttspec_ros.nodes")
 
 CAM, CLS, ADA = topics.CAMERA_NODE, topics.CLASSIFIER_NODE, topics.ADAPTER_NODE
 RATE_HZ = 6.0  # keeps CPU modest on a shared 2-core machine
@@ -86,7 +86,7 @@ def pipeline(tmp_path_factory, tiny):
     try:
         up = wait_for(lambda: all(probe.seen(n) for n in procs)
                       and probe.image_pub.get_subscription_count() > 0
-                      and probe.count(CAM, MATCHED_FRAMES_READERS) > 0, STARTUP_S, 0.2)
+                      and probe.count(CAM, nodes.MATCHED_FRAMES_READERS) > 0, STARTUP_S, 0.2)
         if not up:
             logs = "\n".join(f"--- {n}\n{p.log()[-2000:]}" for n, p in procs.items())
             pytest.fail(f"nodes did not come up in {STARTUP_S} s (diagnostics from "
@@ -457,8 +457,6 @@ def test_diagnostics_count_the_dds_matched_endpoints(pipeline):
     before the writer has matched it): each writer's matched readers, the best-effort
     readers' matched writers, and they follow a reader that joins and leaves."""
     from rclpy.subscription import Subscription
-
-    from ttspec_ros import nodes
 
     probe = pipeline["probe"]
     frames_readers = lambda: probe.count(CAM, nodes.MATCHED_FRAMES_READERS)  # noqa: E731

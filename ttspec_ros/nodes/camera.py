@@ -156,10 +156,10 @@ class CameraNode(Node):
 
     def _diagnostic_values(self) -> tuple[str, dict]:
         values = self.stats.snapshot()
-        values[MATCHED_FRAMES_READERS] = str(self._frames_pub.get_subscription_count())
+        values[MATCHED_FRAMES_READERS] = self._frames_pub.get_subscription_count()
         writers = matched_writers(self._sub)
         if writers is not None:
-            values[MATCHED_IMAGES_WRITERS] = str(writers)
+            values[MATCHED_IMAGES_WRITERS] = writers
         return (f"{values.get('published', 0)} frames, {values.get('rejected', 0)} rejected",
                 values)
 

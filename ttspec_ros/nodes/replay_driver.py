@@ -217,7 +217,7 @@ def _wait_for_graph(node: Collector, graph: NodeGraph, adapt: bool, timeout_s: f
                 _matched(camera, MATCHED_FRAMES_READERS)),
             "classifier matched the camera's frames": _matched(
                 classifier, MATCHED_FRAMES_WRITERS) is not False,
-            "classifier's predictions matched by us": bool(
+            "classifier's predictions matched by a reader": bool(
                 _matched(classifier, MATCHED_PREDICTIONS_READERS)),
         }
         if adapt:
