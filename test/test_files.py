@@ -48,3 +48,25 @@ def test_save_figure_writes_png(tmp_path):
     path = files.save_figure(fig, tmp_path / "plot.png", dpi=50)
     plt.close(fig)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_rename_is_made_durable_by_syncing_the_directory(tmp_path, monkeypatch):
+    """fsync of the file makes its bytes durable; only fsync of the directory makes the rename
+    durable, so after a power cut the state file is the new one or the old one."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", None))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    files.atomic_write_bytes(tmp_path / "state.bin", b"new")
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]

@@ -9,7 +9,10 @@ The tests share one running pipeline and run in file order (module-scoped fixtur
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import cv2
@@ -728,15 +731,66 @@ def test_bench_ros_writes_its_json(tmp_path, tiny):
             == floor["latency_ms"]["end_to_end"]["p50"] > 0)
 
 
-def test_bad_configuration_exits_with_one_clear_line(tmp_path):
-    camera = NodeProcess(CAM, {"model": tmp_path / "missing"}, tmp_path).start()
-    camera.proc.wait(60)
-    assert camera.proc.returncode == 1
-    log = camera.log()
-    assert "Traceback" not in log and "missing.json" in log, log
+@pytest.mark.parametrize("node, overrides, words", [
+    (CAM, {"model": "no/such/model"}, "model.json"),
+    (CAM, {"transport": "compresed"}, "transport"),
+    # rclpy refuses these in declare_parameter (descriptor type and range)
+    (CAM, {"max_rate_hz": 5}, "max_rate_hz"),
+    (CAM, {"max_rate_hz": -1.0}, "max_rate_hz"),
+    (CLS, {"num_threads": 0}, "num_threads"),
+])
+def test_bad_configuration_exits_with_one_clear_line(tmp_path, tiny, node, overrides, words):
+    proc = NodeProcess(node, {"model": tiny[0], **overrides}, tmp_path).start()
+    proc.proc.wait(60)
+    assert proc.proc.returncode == 1
+    log = proc.log()
+    assert "Traceback" not in log and words in log, log
 
 
 # -- the nodes' small helpers, without processes ----------------------------------------------
+def test_the_camera_reads_a_dotted_stems_card_without_torch(tmp_path, tiny):
+    """``run.v1`` names run.v1.safetensors + run.v1.json (checkpoint.load_model's rule); the
+    camera reads that card as JSON and never imports torch for it."""
+    stem = tmp_path / "run.v1"
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(f"{tiny[0]}{suffix}", f"{stem}{suffix}")
+    code = ("import sys; from ttspec_ros.nodes import load_input_spec; "
+            f"spec = load_input_spec({str(stem)!r}); "
+            "assert 'torch' not in sys.modules, 'imported torch'; print(spec['size'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert (out.returncode, out.stdout.strip()) == (0, "32"), out.stderr
+
+
+def test_a_qos_override_on_one_topic_leaves_the_sensor_default_alone():
+    """rclpy writes qos_overrides.* into the profile it is handed. If ``nodes.qos`` shared one
+    profile object, an override on image_raw would change every later sensor-data endpoint of
+    the process (the camera's re-subscription after a transport switch, say)."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.qos import ReliabilityPolicy
+    from rclpy.qos_overriding_options import QoSOverridingOptions
+    from sensor_msgs.msg import Image
+
+    context = Context()
+    rclpy.init(context=context, args=[
+        "--ros-args", "-p", "qos_overrides./a.subscription.reliability:=reliable",
+        "-p", "qos_overrides./a.subscription.depth:=1"])
+    try:
+        node = rclpy.create_node("qos_override_check", context=context)
+        a = node.create_subscription(
+            Image, "/a", lambda _: None, nodes.qos(topics.QOS_SENSOR),
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
+        b = node.create_subscription(Image, "/b", lambda _: None, nodes.qos(topics.QOS_SENSOR))
+        assert (a.qos_profile.reliability, a.qos_profile.depth) == (
+            ReliabilityPolicy.RELIABLE, 1)
+        assert (b.qos_profile.reliability, b.qos_profile.depth) == (
+            ReliabilityPolicy.BEST_EFFORT, 5)
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+
+
 def test_latest_slot_keeps_one_frame_and_counts_replacements():
     from ttspec_ros.nodes import LatestSlot
 
@@ -779,3 +833,4 @@ def test_ttt_ros_writes_its_json(tmp_path):
     assert len(r["windows"]) == 2 and 0.0 <= r["accuracy"] <= 1.0
     assert int(r["adapter"]["frames_adapted"]) > 0
     assert r["exit_codes"] == {CAM: 0, CLS: 0, ADA: 0}
+

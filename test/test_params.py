@@ -126,13 +126,10 @@ def test_descriptors_carry_type_range_and_description():
     assert "compressed" in descriptor(params.spec("camera", "transport")).description
 
 
-def test_names_agree_with_cmake_and_checkpoint():
+def test_names_agree_with_cmake():
     cmake = (REPO / "CMakeLists.txt").read_text()
     pairs = dict(re.findall(r"(\w+_node):(\w+)", cmake))
     assert pairs == {exe: node for node, exe in topics.EXECUTABLES.items()}
-    from ttspec_ros.models.checkpoint import DEMO_STEM
-    from ttspec_ros.nodes import DEMO_STEM as NODES_DEMO_STEM
-    assert NODES_DEMO_STEM == DEMO_STEM
     names = [t.name for t in topics.TOPICS]
     assert len(names) == len(set(names))
 

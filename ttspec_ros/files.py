@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the target's directory, then ``os.replace``.
+"""Atomic file writes: a temp file in the target's directory, fsynced, ``os.replace``, then an
+fsync of the directory.
 
 A reader (a node loading state, a test reading a result, a user tailing an experiment) sees the
 old file or the new one, never half of one, and a crash mid-write leaves the old file intact.
@@ -34,7 +35,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
     return path
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync ``directory`` so the rename itself survives a power cut (the file's fsync covers
+    only its bytes)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -117,10 +117,11 @@ def read_model_card(model: str = "") -> Any:
     """The card of ``model`` ('' = bundled demo model); official checkpoints have none, so
     ``load_model`` makes one up (slow, but only for those)."""
     from ttspec_ros.models import checkpoint
+    from ttspec_ros.models.paths import is_our_format, model_files
 
     path = Path(model) if model else checkpoint.DEMO_STEM
-    if path.suffix in ("", checkpoint.CARD_SUFFIX, checkpoint.SAFETENSORS_SUFFIX):
-        return checkpoint.read_card(path.with_suffix(checkpoint.CARD_SUFFIX))
+    if is_our_format(path):
+        return checkpoint.read_card(model_files(path)[1])
     return checkpoint.load_model(path)[1]
 
 

@@ -52,7 +52,8 @@ def split_seed_of(card) -> int:
 
 def default_split_seed() -> int:
     """The split seed the bundled demo model was trained with (its pool was never trained on)."""
-    from ttspec_ros.models.checkpoint import CARD_SUFFIX, DEMO_STEM, read_card
+    from ttspec_ros.models.checkpoint import read_card
+    from ttspec_ros.models.paths import CARD_SUFFIX, DEMO_STEM
 
     card_path = DEMO_STEM.with_suffix(CARD_SUFFIX)
     return split_seed_of(read_card(card_path)) if card_path.exists() else DEFAULT_SPLIT_SEED

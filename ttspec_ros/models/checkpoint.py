@@ -35,13 +35,15 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.files import atomic_write_bytes, write_json
+from ttspec_ros.models.paths import (
+    DEMO_STEM,
+    SAFETENSORS_SUFFIX,
+    is_our_format,
+    model_files,
+)
 from ttspec_ros.models.revcol import NUM_EXITS, RevCol, RevColConfig
 from ttspec_ros.preprocess import check_input_spec
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEMO_STEM = WEIGHTS_DIR / "demo"
-SAFETENSORS_SUFFIX = ".safetensors"
-CARD_SUFFIX = ".json"
 MODEL_ID_HEX = 12  # model ids are the first 12 hex digits of the weights file's sha256
 DEFAULT_THRESHOLD = 0.9  # early-exit threshold for checkpoints that come without a card
 IMAGENET_INPUT = {
@@ -382,17 +384,6 @@ def _is_hash_id(model_id: str) -> bool:
     return re.fullmatch(rf"[0-9a-f]{{{MODEL_ID_HEX}}}", model_id) is not None
 
 
-def _pair(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights, card) paths of our format for ``X``, ``X.safetensors`` or ``X.json``.
-
-    Suffixes are appended, not substituted, so a dotted stem such as ``run.v1`` names
-    ``run.v1.safetensors`` and not ``run.safetensors``."""
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) else path
-    return (stem.with_name(stem.name + SAFETENSORS_SUFFIX),
-            stem.with_name(stem.name + CARD_SUFFIX))
-
-
 def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> ModelCard:
     """Write ``<stem>.safetensors`` and ``<stem>.json``; returns the card as written
     (architecture from the model; model_id = hash of the weights file unless the card names
@@ -405,7 +396,7 @@ def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> 
     ``load_model`` refuses because the card's id is not the weights' hash."""
     from safetensors.torch import save
 
-    weights, card_path = _pair(path_stem)
+    weights, card_path = model_files(path_stem)
     card = dataclasses.replace(card, architecture=model.config.to_dict())
     card.validate(f"model card for {weights}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -495,9 +486,8 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
             )
         path = DEMO_STEM
     path = Path(path)
-    weights, card_path = _pair(path)
-    if (path.suffix in (SAFETENSORS_SUFFIX, CARD_SUFFIX) or path.suffix == ""
-            or (not path.is_file() and (weights.exists() or card_path.exists()))):
+    weights, card_path = model_files(path)
+    if is_our_format(path):
         for p in (weights, card_path):
             if not p.exists():
                 raise FileNotFoundError(f"{p} not found (our format needs {weights.name} and "

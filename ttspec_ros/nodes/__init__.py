@@ -25,6 +25,7 @@ from rcl_interfaces.msg import (
     ParameterType,
     SetParametersResult,
 )
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import (
@@ -32,7 +33,6 @@ from rclpy.qos import (
     HistoryPolicy,
     QoSProfile,
     ReliabilityPolicy,
-    qos_profile_sensor_data,
 )
 
 from ttspec_ros import topics
@@ -69,11 +69,19 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
 
 def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] | None = None
             ) -> dict[str, Any]:
-    """Declare every spec (``defaults`` fills FROM_MODEL_CARD ones); -> name -> value."""
+    """Declare every spec (``defaults`` fills FROM_MODEL_CARD ones); -> name -> value.
+
+    An override of the wrong type or out of the descriptor's range raises StartupError:
+    rclpy refuses it in declare_parameter, and the user should read why, not a traceback."""
     values = {}
     for spec in specs:
         default = spec.default if spec.default is not None else (defaults or {})[spec.name]
-        values[spec.name] = node.declare_parameter(spec.name, default, descriptor(spec)).value
+        try:
+            values[spec.name] = node.declare_parameter(spec.name, default,
+                                                       descriptor(spec)).value
+        except ParameterException as e:
+            raise StartupError(f"{node.get_name()}: parameter {spec.name!r} refused: {e}"
+                               ) from e
     return values
 
 
@@ -103,9 +111,13 @@ def accept() -> SetParametersResult:
 
 
 def qos(name: str) -> QoSProfile:
-    """QoS profile for a ``topics.QOS_*`` name."""
-    if name == topics.QOS_SENSOR:
-        return qos_profile_sensor_data
+    """A new QoS profile for a ``topics.QOS_*`` name. Never a shared one: rclpy writes
+    qos_overrides.* into the profile it is handed, so sharing rclpy's qos_profile_sensor_data
+    would carry one topic's override to every later endpoint of the process."""
+    if name == topics.QOS_SENSOR:  # = rmw's sensor-data profile
+        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
+                          reliability=ReliabilityPolicy.BEST_EFFORT,
+                          durability=DurabilityPolicy.VOLATILE)
     if name == topics.QOS_LATCHED:
         return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                           reliability=ReliabilityPolicy.RELIABLE,
@@ -252,21 +264,18 @@ class LatestSlot:
             self._cond.notify_all()
 
 
-# checkpoint.DEMO_STEM without importing torch (test_params checks they agree)
-DEMO_STEM = Path(__file__).resolve().parent.parent / "weights" / "demo"
-
-
 def load_input_spec(model: str) -> dict[str, Any]:
     """The ``input`` spec of ``model``'s card ('' = bundled demo model). Our format's card is
     read as JSON so the camera never imports torch; official checkpoints have no card, so
     ``checkpoint.load_model`` makes one up."""
     import json
 
+    from ttspec_ros.models.paths import DEMO_STEM, is_our_format, model_files
     from ttspec_ros.preprocess import check_input_spec
 
     path = Path(model) if model else DEMO_STEM
-    if path.suffix in ("", ".json", ".safetensors"):
-        card_path = path.with_suffix(".json")
+    if is_our_format(path):
+        card_path = model_files(path)[1]
         try:
             spec = json.loads(card_path.read_text(encoding="utf-8"))["input"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:

@@ -41,6 +41,9 @@ class CameraNode(Node):
     def __init__(self) -> None:
         super().__init__(topics.CAMERA_NODE)
         values = declare(self, params.CAMERA)
+        reason = params.check_params(topics.CAMERA_NODE, values)
+        if reason:
+            raise StartupError(f"camera: {reason}")
         self.stats = Stats()
         self._throttle = Throttle()
         self._input_spec = self._load_input_spec(values["model"])

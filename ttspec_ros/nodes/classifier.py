@@ -98,15 +98,17 @@ class ClassifierNode(Node):
         reason = params.check_params(topics.CLASSIFIER_NODE, values)
         if reason:
             raise StartupError(f"classifier: {reason}")
-        self.loaded = LoadedModel(values["model"], values["num_threads"], values["backend"],
-                                  values["device"])
+        loaded = LoadedModel(values["model"], values["num_threads"], values["backend"],
+                             values["device"])
         rest = [s for s in params.CLASSIFIER if s not in first]
-        values.update(declare(self, rest, {"thresholds": _card_thresholds(self.loaded)}))
-        reason = params.check_classifier(values, self.loaded.num_exits)
+        values.update(declare(self, rest, {"thresholds": _card_thresholds(loaded)}))
+        reason = params.check_classifier(values, loaded.num_exits)
         if reason:
             raise StartupError(f"classifier: {reason}")
         self._values = values
-        self._settings = self._settings_from(values)
+        # The model and the settings the worker uses, swapped as one tuple: a frame never
+        # sees a new model with the old model's thresholds.
+        self._active = (loaded, self._settings_from(values))
         self._threads_wanted = values["num_threads"]
         self.stats = Stats()
         self._throttle = Throttle()
@@ -133,7 +135,15 @@ class ClassifierNode(Node):
         self.get_logger().info(
             f"classifier: model {self.loaded.cascade.model_id} ({self.loaded.num_exits} exits, "
             f"input {self.loaded.input_shape}), backend {values['backend']} on "
-            f"{values['device']}, thresholds {self._settings['thresholds']}")
+            f"{values['device']}, thresholds {self.settings['thresholds']}")
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self._active[0]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self._active[1]
 
     @staticmethod
     def _settings_from(values: dict[str, Any]) -> dict[str, Any]:
@@ -174,9 +184,7 @@ class ClassifierNode(Node):
             self._reapply_update(loaded)
         self._values = merged
         self._threads_wanted = merged["num_threads"]
-        # One assignment each: the worker reads a consistent model and settings per frame.
-        self.loaded = loaded
-        self._settings = self._settings_from(merged)
+        self._active = (loaded, self._settings_from(merged))
         if follow:
             self._publish_parameter("thresholds", merged["thresholds"])
         self.get_logger().info(f"parameters set: {new}"
@@ -232,7 +240,7 @@ class ClassifierNode(Node):
 
     def _classify(self, msg: Image, received: float) -> None:
         started = time.perf_counter()
-        loaded, settings = self.loaded, self._settings
+        loaded, settings = self._active
         try:
             x = decode_frame(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step,
                              msg.data)
@@ -324,20 +332,21 @@ class ClassifierNode(Node):
     def _diagnostic_values(self) -> tuple[str, dict]:
         pending = self._slot.pending()
         values = self.stats.snapshot()
+        loaded, settings = self._active
         values.update({
-            "model_id": self.loaded.cascade.model_id,
-            "model_version": self.loaded.cascade.version,
-            "backend": self.loaded.backend,
+            "model_id": loaded.cascade.model_id,
+            "model_version": loaded.cascade.version,
+            "backend": loaded.backend,
             "pending": pending,
             "max_pending": self.max_pending,
-            "thresholds": " ".join(f"{t:.3f}" for t in self._settings["thresholds"]),
+            "thresholds": " ".join(f"{t:.3f}" for t in settings["thresholds"]),
             MATCHED_PREDICTIONS_READERS: self._pred_pub.get_subscription_count(),
             MATCHED_SAMPLES_READERS: self._sample_pub.get_subscription_count(),
         })
         writers = matched_writers(self._frames_sub)
         if writers is not None:
             values[MATCHED_FRAMES_WRITERS] = writers
-        for i in range(self.loaded.num_exits):
+        for i in range(loaded.num_exits):
             values[f"exit_{i}"] = self.exit_histogram[i]
         msg = (f"{values.get('classified', 0)} classified, {values.get('dropped', 0)} dropped, "
                f"model v{values['model_version']}")
