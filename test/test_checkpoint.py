@@ -351,6 +351,8 @@ def test_tensor_with_the_wrong_number_of_dimensions_is_named(tmp_path):
     ("exit_cost", [None] * 4, "wrong type"),
     ("class_names", None, "wrong type"),
     ("thresholds", ["a", "b", "c"], "thresholds: need numbers"),
+    ("thresholds", "000", "thresholds: need numbers"),  # not three zeros
+    ("model_id", 123, "model_id must be a string"),
 ])
 def test_malformed_card_fields_are_refused_with_value_errors(field, value, message):
     card = make_card(make_model()).to_dict()

@@ -206,14 +206,27 @@ def _corrupt_momentum_nan(state: dict) -> None:
                                                        np.nan)
 
 
+def _heads_with_classes(k: int):
+    def corrupt(state: dict) -> None:
+        t = state["tensors"]
+        for i in range(3):
+            name = f"heads.cls_blocks.{i}.classifier.1"
+            t[f"{name}.weight"], t[f"{name}.bias"] = t[f"{name}.weight"][:k], t[f"{name}.bias"][:k]
+    return corrupt
+
+
 @pytest.mark.parametrize("corrupt, words", [
     (_corrupt_momentum_shape, "momentum.bias has shape"),
+    # heads of another class count (a partial copy) or one that would broadcast
+    (_heads_with_classes(3), "heads.*shape"),
+    (_heads_with_classes(1), "heads.*shape"),
     (_corrupt_momentum_nan, "momentum.weight holds NaN"),
     (lambda s: s["meta"].pop("version"), "version must be an integer"),
     (lambda s: s["meta"].update(version="7"), "version must be an integer"),
     (lambda s: s["meta"].update(counters={"steps": None}), "counters"),
     (lambda s: s.update(meta="not a dict"), "'meta' mapping"),
-], ids=["momentum-shape", "momentum-nan", "no-version", "str-version", "counters", "meta-type"])
+], ids=["momentum-shape", "heads-3-classes", "heads-1-class", "momentum-nan", "no-version",
+        "str-version", "counters", "meta-type"])
 def test_refused_state_changes_nothing(corrupt, words) -> None:
     state = _trained().state_dict()
     corrupt(state)
@@ -254,6 +267,36 @@ def test_a_step_that_overflows_the_heads_is_rolled_back(guarded: bool) -> None:
         expected = {k: v.numpy() for k, v in init.items()}
     for name, t in expected.items():
         np.testing.assert_array_equal(after.tensors[name], t)
+
+
+def test_anchor_labels_outside_the_heads_classes_are_refused_at_bind() -> None:
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((4, 32)).astype(np.float32) for _ in range(3)]
+    heads = StackedHeads.from_tensors(early_head_tensors(tiny_model()), 3)  # 5 classes
+    for labels in ([0, 1, 2, 5], [0, 1, 2, -1]):
+        guard = AnchorGuard(AnchorSet(feats, np.array(labels)), rehearsal_target="labels")
+        with pytest.raises(ValueError, match="labels must lie in"):
+            guard.bind(heads)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(tolerance=float("nan")), dict(class_tolerance=float("nan")),
+    dict(tolerance=-0.1), dict(cost_tolerance=float("nan"), exit_cost=[0.25, 0.5, 0.75, 1.0]),
+    dict(threshold=float("nan")), dict(threshold=1.5),
+])
+def test_guard_settings_that_would_disable_it_are_refused(settings) -> None:
+    """NaN fails every comparison: a NaN tolerance would pass every check, so never roll back."""
+    rng = np.random.default_rng(0)
+    anchors = AnchorSet([rng.standard_normal((4, 32)).astype(np.float32) for _ in range(3)],
+                        np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError):
+        AnchorGuard(anchors, **settings)
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0])
+def test_specializer_refuses_a_learning_rate_that_is_not_finite_and_positive(lr) -> None:
+    with pytest.raises(ValueError, match="lr"):
+        Specializer(early_head_tensors(tiny_model()), 4, lr=lr)
 
 
 def test_guard_fails_non_finite_heads() -> None:

@@ -62,8 +62,11 @@ def test_parameter_selection():
 
 
 def test_config_rejects_bad_values():
+    nan, inf = float("nan"), float("inf")
     for bad in (dict(mode="sometimes"), dict(update="heads"), dict(lr=0.0), dict(batch=0),
-                dict(mask_ratio=1.0), dict(optimizer="lbfgs")):
+                dict(mask_ratio=1.0), dict(optimizer="lbfgs"), dict(lr=inf), dict(lr=nan),
+                dict(anchor=nan), dict(anchor=inf), dict(weight_decay=nan),
+                dict(momentum=nan)):
         with pytest.raises(ValueError):
             TTTConfig(**bad)
 
@@ -103,6 +106,19 @@ def test_online_changes_only_selected_and_keeps_them():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= set(t.parameter_names)
     assert t.version == 2
+
+
+def test_a_non_finite_image_is_refused_and_keeps_the_last_update():
+    m = tiny_model()
+    t = TestTimeTrainer(m, TTTConfig(mode="online", update="norm", lr=0.05, batch=2))
+    t.adapt(image())
+    adapted, version = state(m), t.version
+    bad = image(2)
+    bad[0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        t.adapt(bad)
+    assert t.version == version
+    assert all(torch.equal(v, state(m)[k]) for k, v in adapted.items())
 
 
 def test_episodic_resets_and_differs_from_baseline():

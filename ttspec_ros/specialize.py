@@ -359,8 +359,16 @@ class AnchorGuard:
             [float(t) for t in threshold]  # type: ignore[union-attr]
         if len(self.thresholds) != h:
             raise ValueError(f"need {h} thresholds, got {len(self.thresholds)}")
+        if not all(0.0 <= t <= 1.0 for t in self.thresholds):  # NaN fails too
+            raise ValueError(f"guard thresholds must lie in [0, 1], got {self.thresholds}")
         self.rehearsal, self.check_every = int(rehearsal), int(check_every)
         self.tolerance, self.class_tolerance = float(tolerance), float(class_tolerance)
+        # A NaN tolerance fails every comparison in `passes`, which would then never roll back.
+        for name, value in (("tolerance", self.tolerance),
+                            ("class_tolerance", self.class_tolerance),
+                            ("cost_tolerance", cost_tolerance)):
+            if value is not None and not 0.0 <= value < math.inf:
+                raise ValueError(f"guard {name} must be finite and >= 0, got {value}")
         self.exit_cost = None if exit_cost is None else torch.tensor(exit_cost, dtype=torch.float64)
         if self.exit_cost is not None and self.exit_cost.numel() != h + 1:
             raise ValueError(f"exit_cost needs {h + 1} values (one per exit), got "
@@ -381,6 +389,10 @@ class AnchorGuard:
                 f"anchors are for {self._x.shape[0]} heads of width {self._x.shape[2]}, the "
                 f"specializer has {heads.num_heads} of width {heads.feature_dim}"
             )
+        k = heads.weight.shape[1]
+        if self._labels.numel() and not 0 <= int(self._labels.min()) <= int(self._labels.max()) < k:
+            raise ValueError(f"anchor labels must lie in [0, {k - 1}] for heads of {k} classes, "
+                             f"got {int(self._labels.min())}..{int(self._labels.max())}")
         self.reference = self.measure(heads)
         with torch.no_grad():
             self._targets = heads.logits(self._x).softmax(-1)  # (H, M, K) distillation targets
@@ -443,7 +455,7 @@ class Specializer:
                  guard: AnchorGuard | None = None, seed: int = 0) -> None:
         if num_exits < 2:
             raise ValueError(f"specialization needs at least 2 exits, got {num_exits}")
-        if not lr > 0 or not 0 <= momentum < 1:
+        if not 0 < lr < math.inf or not 0 <= momentum < 1:
             raise ValueError(f"need lr > 0 and 0 <= momentum < 1, got lr={lr}, "
                              f"momentum={momentum}")
         if batch_size < 1 or replay_size < 0 or not 0 <= min_confidence <= 1:
@@ -752,6 +764,11 @@ class Specializer:
         if any(a.shape != b.shape or not torch.equal(a, b)
                for a, b in zip(initial.parameters(), self._initial.parameters(), strict=True)):
             raise ValueError("state was saved for different original heads (another model?)")
+        for name, a, b in zip(("ln_weight", "ln_bias", "weight", "bias"), heads.parameters(),
+                              self._initial.parameters(), strict=True):
+            if a.shape != b.shape:  # copy_ would broadcast or stop half-way
+                raise ValueError(f"state's heads.{name} have shape {tuple(a.shape)}, these "
+                                 f"heads {tuple(b.shape)}")
         momentum: list[np.ndarray | None] = []  # None: the buffer starts at zero
         for name, p in zip(("ln_weight", "ln_bias", "weight", "bias"), heads.parameters(),
                            strict=True):

@@ -24,6 +24,7 @@ consistent snapshot (a ``ModelUpdatePayload`` named with the model's state-dict 
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -68,8 +69,8 @@ class TTTConfig:
                              ("objective", OBJECTIVES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"TTT {key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TTT lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TTT lr must be positive and finite, got {self.lr}")
         if self.steps < 1 or self.batch < 1 or self.columns < 1:
             raise ValueError(
                 f"TTT steps, batch and columns must be >= 1, got {self.steps}, {self.batch}, "
@@ -77,8 +78,10 @@ class TTTConfig:
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"TTT mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.weight_decay < 0 or self.anchor < 0 or not 0 <= self.momentum < 1:
-            raise ValueError("TTT weight_decay and anchor must be >= 0, momentum in [0, 1)")
+        if not (0 <= self.weight_decay < math.inf and 0 <= self.anchor < math.inf
+                and 0 <= self.momentum < 1):  # NaN fails every comparison
+            raise ValueError("TTT weight_decay and anchor must be finite and >= 0, momentum in "
+                             f"[0, 1), got {self.weight_decay}, {self.anchor}, {self.momentum}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,7 +175,10 @@ class TestTimeTrainer:
             image = image.unsqueeze(0)
         if image.ndim != 4 or image.shape[0] != 1:
             raise ValueError(f"expected one image (C,H,W) or (1,C,H,W), got {tuple(image.shape)}")
-        return image.float()
+        image = image.float()
+        if not torch.isfinite(image).all():  # its loss would be NaN and undo good updates
+            raise ValueError("image holds NaN or infinite values")
+        return image
 
     def _mae_loss(self, image: Tensor) -> Tensor:
         target = image.expand(self.config.batch, -1, -1, -1)

@@ -95,6 +95,8 @@ class ModelCard:
             raise ValueError(f"{source}: a field has the wrong type ({e})") from e
 
     def _validate(self, source: str) -> None:
+        if not isinstance(self.model_id, str):
+            raise ValueError(f"{source}: model_id must be a string, got {self.model_id!r}")
         try:
             config = self.config
         except (KeyError, TypeError) as e:
@@ -133,6 +135,8 @@ def validate_thresholds(thresholds, num_exits: int, source: str = "thresholds") 
     """A float (same for every early exit) or one value in [0, 1] per exit but the last."""
     if isinstance(thresholds, (int, float)):
         thresholds = [float(thresholds)] * (num_exits - 1)
+    if isinstance(thresholds, (str, bytes)):  # iterating would read one digit per exit
+        raise ValueError(f"{source}: need numbers, got {thresholds!r}")
     try:
         values = [float(t) for t in thresholds]
     except (TypeError, ValueError) as e:
