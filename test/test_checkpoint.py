@@ -352,6 +352,8 @@ def test_tensor_with_the_wrong_number_of_dimensions_is_named(tmp_path):
     ("class_names", None, "wrong type"),
     ("thresholds", ["a", "b", "c"], "thresholds: need numbers"),
     ("thresholds", "000", "thresholds: need numbers"),  # not three zeros
+    ("thresholds", True, "thresholds: need numbers"),  # not 1.0 for every exit
+    ("thresholds", [0.9, False, 0.9], "thresholds: need numbers"),
     ("model_id", 123, "model_id must be a string"),
 ])
 def test_malformed_card_fields_are_refused_with_value_errors(field, value, message):

@@ -133,14 +133,17 @@ class ModelCard:
 
 def validate_thresholds(thresholds, num_exits: int, source: str = "thresholds") -> list[float]:
     """A float (same for every early exit) or one value in [0, 1] per exit but the last."""
+    # A string would be read one digit per exit, and a bool (an int to Python) as 0 or 1.
+    if isinstance(thresholds, (str, bytes, bool)):
+        raise ValueError(f"{source}: need numbers, got {thresholds!r}")
     if isinstance(thresholds, (int, float)):
         thresholds = [float(thresholds)] * (num_exits - 1)
-    if isinstance(thresholds, (str, bytes)):  # iterating would read one digit per exit
-        raise ValueError(f"{source}: need numbers, got {thresholds!r}")
     try:
-        values = [float(t) for t in thresholds]
+        values = [float(t) for t in thresholds if not isinstance(t, bool)]
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: need numbers, got {thresholds!r}") from e
+    if len(values) != len(thresholds):
+        raise ValueError(f"{source}: need numbers, got {thresholds!r}")
     if len(values) != num_exits - 1:
         raise ValueError(
             f"{source}: need {num_exits - 1} values (one per exit but the last, which always "
