@@ -45,6 +45,9 @@ def test_scenario_bag_round_trip(shift_bags, storage):
     frames = list(stream.frames())
     assert [f.index for f in frames] == list(range(FRAMES))
     assert stream.encodings == {"rgb8": FRAMES}
+    # a second pass, stopped at 5 frames as replay --max-frames does: counts that pass only
+    assert [f.index for f in stream.frames(limit=5)] == list(range(5))
+    assert stream.encodings == {"rgb8": 5}
     # 30 Hz recording timing, header stamp = recording time
     assert set(np.diff([f.time_ns for f in frames]).tolist()) == {round(1e9 / 30)}
     assert all(f.stamp_ns == f.time_ns for f in frames)
@@ -146,6 +149,32 @@ def test_overwrite_refuses_a_regular_file_before_writing(tmp_path, monkeypatch):
             bags.make_scenario_bag("uniform", target, frames=3, overwrite=overwrite)
     assert target.read_text() == "not a bag"
     assert [p.name for p in tmp_path.iterdir()] == ["bag"]
+
+
+def test_force_replaces_only_a_bag_never_another_directory(tmp_path):
+    # `--out data --force` by mistake must not delete the user's files.
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "thesis.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a bag"):
+        bags.make_scenario_bag("uniform", target, frames=3, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["thesis.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bags.make_scenario_bag("uniform", empty, frames=3, overwrite=True)
+    assert (empty / "metadata.yaml").is_file()
+
+
+def test_a_negative_seed_is_refused_by_name():
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        bags.scenario_indices("uniform", 3, -1)
+
+
+@pytest.mark.parametrize("rate", [float("inf"), 2e9, 0.0, float("nan")])
+def test_a_rate_that_would_give_frames_one_stamp_is_refused(tmp_path, rate):
+    with pytest.raises(ValueError, match="distinct stamps"):
+        bags.make_scenario_bag("uniform", tmp_path / "bag", frames=3, rate_hz=rate)
+    assert not (tmp_path / "bag").exists()
 
 
 def _foreign_bag(path: Path, storage: str, compressed: bool, topic: str) -> None:

@@ -97,3 +97,17 @@ def test_make_corrupted_tiny(tmp_path):
                                           source="pool", indices=pool)
     np.testing.assert_array_equal(stack[2], expected)
     assert (tmp_path / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("counts, message", [
+    (["--test-images", "3", "--pool-images", "999999"], "pool has 6000 images, asked for 999999"),
+    (["--test-images", "-1", "--pool-images", "2"], "test has 10000 images, asked for -1"),
+])
+def test_make_corrupted_checks_both_counts_before_writing(tmp_path, capsys, counts, message):
+    from ttspec_ros.cli import main
+
+    out = tmp_path / "mc"
+    assert main(["make-corrupted", "--out", str(out), "--split-seed", "0", *counts]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing half-made

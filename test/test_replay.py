@@ -198,8 +198,16 @@ def test_graph_arguments(tmp_path):
     # A name the node does not declare would be ignored by it, a wrong value would stop it.
     with pytest.raises(ValueError, match="classifier has no parameter 'treshold'.*threshold"):
         replay.parse_param("classifier.treshold=0.7")
-    with pytest.raises(ValueError, match=r"threshold = 1.5 is outside \[-1.0, 1.0\]"):
-        replay.parse_param("classifier.threshold=1.5")
+    with pytest.raises(ValueError, match=r"thresholds = 1.5 is outside \[0.0, 1.0\]"):
+        replay.parse_param("classifier.thresholds=[1.5, 0, 0]")
+    # What each run sets is not overridden behind the run's name (a "t0.5" run at 0.9).
+    for owned, option in (("classifier.threshold=0.9", "--sweep-thresholds"),
+                          ("adapter.enabled=true", "--compare"),
+                          ("camera.transport=raw", "image type")):
+        with pytest.raises(ValueError, match=f"set by each run; use .*{option}"):
+            replay.parse_param(owned)
+    with pytest.raises(ValueError, match="not valid YAML"):
+        replay.parse_param("adapter.learning_rate=[1")
     with pytest.raises(ValueError, match="publish_samples must be bool"):
         replay.parse_param("classifier.publish_samples=maybe")
     # Parameters rclpy declares itself pass as they are.
@@ -361,6 +369,10 @@ def test_progress_bar_reports_eta():
     assert out.getvalue().count("\n") == 1
     bar.finish(100)
     assert "100/100" in out.getvalue().splitlines()[-1]
+    long = replay.Progress(10000, "run", stream=out, clock=lambda: now[0])
+    now[0] += 10.0
+    assert "ETA 2:46:30" in long.line(10)  # 1 fps, 9990 s to go (strftime gave 46:30)
+    assert "ETA 01:30" in long.line(1000)
 
 
 def test_replay_command_bad_bag(tmp_path, capsys):

@@ -40,6 +40,7 @@ DEFAULT_LABEL_TOPIC = "/camera/label"
 DEFAULT_FRAME_ID = "camera"
 DEFAULT_IMAGE_SIZE = 96  # px; 28 px digits upscaled so the camera node has to resize
 DEFAULT_RATE_HZ = 30.0
+MAX_RATE_HZ = 1e6  # a 1 us period: stamps stay distinct and far from rounding
 DEFAULT_FRAMES = 3000
 STORAGES = ("mcap", "sqlite3")
 # Fixed recording start keeps bags byte-reproducible for a given seed.
@@ -118,6 +119,8 @@ def scenario_indices(scenario: str, frames: int, seed: int) -> np.ndarray:
         raise ValueError(f"unknown scenario {scenario!r}; choose from {sorted(SCENARIOS)}")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
+    if seed < 0:  # numpy's message would not say which number
+        raise ValueError(f"seed must be >= 0, got {seed}")
     _, labels = load_fashion_mnist("test")
     rng = np.random.default_rng(seed)
     if scenario == "uniform":
@@ -164,8 +167,11 @@ def make_scenario_bag(
 
     if storage not in STORAGES:
         raise ValueError(f"unknown storage {storage!r}; choose from {list(STORAGES)}")
-    if not rate_hz > 0:
-        raise ValueError(f"rate must be > 0 Hz, got {rate_hz}")
+    # Labels are matched to frames by stamp: a period that rounds to 0 ns would give every
+    # frame the same stamp.
+    if not 0 < rate_hz <= MAX_RATE_HZ:
+        raise ValueError(f"rate must be in (0, {MAX_RATE_HZ:g}] Hz so that frames get distinct "
+                         f"stamps, got {rate_hz}")
     if image_size < 28:
         raise ValueError(f"image size must be >= 28 px (the source images), got {image_size}")
     out = Path(out)
@@ -175,6 +181,9 @@ def make_scenario_bag(
                               "it is not replaced (remove it or choose another --out)")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; remove it or pass --force to replace it")
+    if out.exists() and any(out.iterdir()) and not (out / "metadata.yaml").is_file():
+        raise FileExistsError(f"{out} is not empty and holds no metadata.yaml, so it is not a "
+                              "bag; --force only replaces a bag (choose another --out)")
 
     indices = scenario_indices(scenario, frames, seed)
     images, labels = load_fashion_mnist("test")
@@ -268,14 +277,17 @@ class ImageStream:
     label_topic: str | None
     labels: dict[int, int] = field(default_factory=dict)  # header stamp ns -> class id
     custom_data: dict[str, str] = field(default_factory=dict)
-    encodings: dict[str, int] = field(default_factory=dict)  # filled while reading frames
+    # Image encodings of the frames of the last frames() pass (every run plays the same ones).
+    encodings: dict[str, int] = field(default_factory=dict)
 
     @property
     def compressed(self) -> bool:
         return self.image_type == COMPRESSED_TYPE
 
-    def frames(self) -> Iterator[Frame]:
-        yield from _read_frames(self)
+    def frames(self, limit: int | None = None) -> Iterator[Frame]:
+        """The image frames in order, the first ``limit`` of them if given."""
+        self.encodings.clear()
+        yield from _read_frames(self, limit)
 
     def describe(self) -> dict:
         return {
@@ -421,14 +433,14 @@ def _read_labels(reader, path: Path, topic: str) -> dict[int, int]:
     return labels
 
 
-def _read_frames(stream: ImageStream) -> Iterator[Frame]:
+def _read_frames(stream: ImageStream, limit: int | None) -> Iterator[Frame]:
     store = typestore()
     reader = _open_reader(stream.path)
     try:
         conns = [c for c in reader.connections if c.topic == stream.image_topic]
         index = 0
         messages = reader.messages(connections=conns)
-        while True:
+        while limit is None or index < limit:
             try:
                 item = next(messages, None)
                 if item is None:

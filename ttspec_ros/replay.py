@@ -201,6 +201,14 @@ class GraphSpec:
         return env
 
 
+# Parameters that GraphSpec.overrides sets for every run, and the replay options that own them.
+RUN_OWNED_PARAMS = {
+    (topics.CLASSIFIER_NODE, "threshold"): "--threshold or --sweep-thresholds",
+    (topics.ADAPTER_NODE, "enabled"): "--adapt / --no-adapt or --compare",
+    (topics.CAMERA_NODE, "transport"): "a bag of CompressedImage (the bag's image type decides)",
+}
+
+
 def parse_param(text: str) -> tuple[str, str, object]:
     """``NODE.NAME=VALUE`` (value in YAML: 0.01, true, 3, text) -> (node, name, value)."""
     import yaml
@@ -213,7 +221,14 @@ def parse_param(text: str) -> tuple[str, str, object]:
     if node not in topics.EXECUTABLES:
         raise ValueError(f"parameter {text!r}: unknown node {node!r}; nodes are "
                          f"{', '.join(topics.EXECUTABLES)}")
-    parsed = yaml.safe_load(value)
+    owner = RUN_OWNED_PARAMS.get((node, name))
+    if owner:  # each run sets it, so a --param would silently change what the run is named
+        raise ValueError(f"parameter {text!r}: set by each run; use {owner}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ValueError(f"parameter {text!r}: the value is not valid YAML "
+                         f"({str(err).splitlines()[0]})") from None
     if name == "use_sim_time" or name.startswith("qos_overrides."):
         return node, name, parsed  # declared by rclpy, not by our nodes
     # Checked here: a node ignores an undeclared name in its params file, and a YAML integer
@@ -651,6 +666,13 @@ def write_report(out_dir: Path, report: dict, results: Sequence[RunResult],
 # --- progress ------------------------------------------------------------------------------------
 
 
+def _clock_text(seconds: float) -> str:
+    """MM:SS, or H:MM:SS from an hour on (strftime's %M:%S wraps at an hour)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes:02}:{secs:02}"
+
+
 class Progress:
     """One-line progress bar with rate and ETA on stderr (plain text; a line per 10 % if the
     stream is not a terminal)."""
@@ -671,7 +693,7 @@ class Progress:
         bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
-        eta_text = "--:--" if math.isnan(eta) else time.strftime("%M:%S", time.gmtime(eta))
+        eta_text = "--:--" if math.isnan(eta) else _clock_text(eta)
         return (f"{self.label} [{bar}] {done}/{self.total} {100 * frac:3.0f}% "
                 f"{rate:5.1f} fps ETA {eta_text}{'  ' + note if note else ''}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -115,11 +116,16 @@ def contact_sheet(images: np.ndarray, names: list[str], seed: int, path: Path) -
 def run(args: argparse.Namespace) -> int:
     split_seed = default_split_seed() if args.split_seed is None else args.split_seed
     out: Path = args.out
+    try:  # both counts checked before anything is written: no half-made dataset
+        selected = {source: source_images(source, count, split_seed)
+                    for source, count in (("test", args.test_images), ("pool", args.pool_images))}
+    except ValueError as err:
+        print(f"ttspec make-corrupted: {err}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     files, sources = [], {}
-    for source, count in (("test", args.test_images), ("pool", args.pool_images)):
-        images, labels, indices = source_images(source, count, split_seed)
+    for source, (images, labels, indices) in selected.items():
         sources[source] = {"count": int(len(images)), "indices_sha256": data.index_hash(indices),
                            "split": "test" if source == "test" else "train"}
         variants = {"clean": images[None]}

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             params=params,
             domain_id=args.domain_id,
             max_frames=args.max_frames, window=args.window, tail=args.tail)
-    except (BagError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (BagError, OSError, ValueError, RuntimeError) as err:
         print(f"ttspec replay: {err}", file=sys.stderr)
         return 2
     print(replay.summary_table(report))

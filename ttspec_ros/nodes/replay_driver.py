@@ -292,9 +292,7 @@ def play(
                 msg, at = node.predictions.popleft()
                 matcher.answer(msg, at)
 
-        for frame in stream.frames():
-            if frame.index >= total:
-                break
+        for frame in stream.frames(limit=total):
             outcomes.append(replay.Outcome(index=frame.index, stamp_ns=frame.stamp_ns,
                                            label=stream.labels.get(frame.stamp_ns)))
             if not settings.lockstep:
