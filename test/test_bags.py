@@ -165,6 +165,19 @@ def test_force_replaces_only_a_bag_never_another_directory(tmp_path):
     assert (empty / "metadata.yaml").is_file()
 
 
+@pytest.mark.parametrize("storage", bags.STORAGES)
+def test_the_same_seed_writes_the_same_bytes(tmp_path, storage):
+    # The bag's files are named after its directory, so both bags get the same name.
+    written = []
+    for parent, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / parent / "bag"
+        out.parent.mkdir()
+        bags.make_scenario_bag("uniform", out, frames=5, seed=seed, storage=storage)
+        written.append({f.name: f.read_bytes() for f in out.iterdir()})
+    assert written[0] == written[1]
+    assert written[0] != written[2]
+
+
 def test_a_negative_seed_is_refused_by_name():
     with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
         bags.scenario_indices("uniform", 3, -1)

@@ -300,6 +300,8 @@ def test_run_settings_from_command_line():
     ("--threshold", "1.5", r"--threshold: must be in \[0, 1\]"),
     ("--threshold", "-0.1", r"--threshold: must be in \[0, 1\]"),
     ("--threshold", "nan", r"--threshold: must be in \[0, 1\]"),
+    ("--domain-id", "233", "--domain-id: must be in 0..232"),
+    ("--domain-id", "-1", "--domain-id: must be in 0..232"),
 ])
 def test_replay_command_refuses_bad_numbers_while_parsing(tmp_path, capsys, option, value,
                                                           message):
@@ -352,6 +354,8 @@ def test_replay_bag_refuses_bad_counts_before_any_work(tmp_path):
         # the bag does not exist either: the count is checked first, before the bag is read
         with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a number of frames"):
             replay.replay_bag(tmp_path / "no-bag", out, [RunSettings(adapt=True)], **kwargs)
+    with pytest.raises(ValueError, match="domain id must be in 0..232"):
+        replay.replay_bag(tmp_path / "no-bag", out, [RunSettings(adapt=True)], domain_id=233)
     with pytest.raises(ValueError, match="no run settings"):
         replay.replay_bag(tmp_path / "no-bag", out, [])
     assert not out.exists()

@@ -50,6 +50,7 @@ DEFAULT_TIMEOUT_S = 10.0
 # DDS domains 60..101: on Linux, domains above 101 put DDS ports in the ephemeral port range
 # (ROS 2 docs, 'The ROS_DOMAIN_ID'); the tests use 1..59 and robots mostly 0.
 REPLAY_DOMAIN_BASE, REPLAY_DOMAIN_SPAN = 60, 42
+MAX_DOMAIN_ID = 232  # above it DDS port numbers overflow (Fast DDS exits the process)
 
 
 @dataclass
@@ -757,6 +758,9 @@ def replay_bag(
 
     # Before the bag is read and the first run starts, not in build_report after all runs.
     check_frame_counts(max_frames=max_frames, window=window, tail=tail)
+    if domain_id is not None and not 0 <= domain_id <= MAX_DOMAIN_ID:
+        raise ValueError(f"domain id must be in 0..{MAX_DOMAIN_ID} (DDS derives its ports "
+                         f"from it), got {domain_id}")
     if not runs:
         raise ValueError("no run settings given; nothing to replay")
     stream = bags.open_image_stream(bag, image_topic, label_topic, use_labels=use_labels)

@@ -36,6 +36,8 @@ _frames = _checked(int, lambda v: v >= 1, "a whole number of frames",
 _seconds = _checked(float, lambda v: v > 0 and math.isfinite(v), "a number of seconds",
                     "a finite number of seconds > 0")
 _threshold = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number", "in [0, 1] (a confidence)")
+_domain_id = _checked(int, lambda v: 0 <= v <= replay.MAX_DOMAIN_ID, "a whole number",
+                      f"in 0..{replay.MAX_DOMAIN_ID} (DDS derives its ports from it)")
 
 
 def _thresholds(text: str) -> list[float]:
@@ -84,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NODE.NAME=VALUE",
                         help="set a node parameter on every run, e.g. "
                              "adapter.learning_rate=0.01 (repeatable)")
-    parser.add_argument("--domain-id", type=int, default=None,
+    parser.add_argument("--domain-id", type=_domain_id, default=None,
                         help="DDS domain of the replay graph (default: a private one, 60..101)")
 
 

@@ -77,16 +77,20 @@ class NodeGraph:
         log_dir.mkdir(parents=True, exist_ok=True)
         overlay = log_dir / "overrides.yaml"
         overlay.write_text(graph.overlay_yaml(overrides), encoding="utf-8")
-        for node, executable in topics.EXECUTABLES.items():
-            cmd = [str(graph.executable(executable)), *graph.ros_args(overlay)]
-            log = log_dir / f"{node}.log"
-            self.logs[node] = log
-            with open(log, "wb") as f:
-                f.write((" ".join(cmd) + "\n").encode())
-                f.flush()
-                self.procs[node] = subprocess.Popen(
-                    cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                    preexec_fn=_die_with_parent)
+        try:
+            for node, executable in topics.EXECUTABLES.items():
+                cmd = [str(graph.executable(executable)), *graph.ros_args(overlay)]
+                log = log_dir / f"{node}.log"
+                self.logs[node] = log
+                with open(log, "wb") as f:
+                    f.write((" ".join(cmd) + "\n").encode())
+                    f.flush()
+                    self.procs[node] = subprocess.Popen(
+                        cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        env=env, preexec_fn=_die_with_parent)
+        except BaseException:  # the ones already started are not left running
+            self.stop()
+            raise
 
     def check_alive(self) -> None:
         for node, proc in self.procs.items():
@@ -263,19 +267,21 @@ def play(
     os.environ.setdefault("ROS_LOG_DIR", env["ROS_LOG_DIR"])
     total = min(stream.image_count, max_frames) if max_frames else stream.image_count
 
-    procs = NodeGraph(graph, overrides, env, log_dir)
+    # The driver's own node comes up first, so a failure there leaves no node process behind.
     context = Context()
     rclpy.init(context=context, domain_id=domain_id)
-    node = Collector(context, stream.compressed)
+    node: Collector | None = None
     executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, name="replay-spin", daemon=True)
-    spinner.start()
+    procs: NodeGraph | None = None
     outcomes: list[replay.Outcome] = []
     matcher = _Matcher(outcomes)
     codes: dict[str, int | None] = {}
-    launched = time.perf_counter()
     try:
+        node = Collector(context, stream.compressed)
+        executor.add_node(node)
+        threading.Thread(target=executor.spin, name="replay-spin", daemon=True).start()
+        procs = NodeGraph(graph, overrides, env, log_dir)
+        launched = time.perf_counter()
         _wait_for_graph(node, procs, settings.adapt, STARTUP_TIMEOUT_S)
         used_thresholds = _classifier_thresholds(node)
         time.sleep(SETTLE_S)
@@ -345,9 +351,11 @@ def play(
             final_counters = {k: dict(v) for k, v in node.diagnostics.items()}
     finally:
         executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown(context=context)
-        codes = procs.stop()
+        if procs is not None:
+            codes = procs.stop()
     return replay.RunResult(
         settings=settings, outcomes=outcomes, wall_s=wall, startup_s=startup,
         thresholds=used_thresholds,
