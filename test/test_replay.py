@@ -203,7 +203,9 @@ def test_graph_arguments(tmp_path):
     # What each run sets is not overridden behind the run's name (a "t0.5" run at 0.9).
     for owned, option in (("classifier.threshold=0.9", "--sweep-thresholds"),
                           ("adapter.enabled=true", "--compare"),
-                          ("camera.transport=raw", "image type")):
+                          ("camera.transport=raw", "image type"),
+                          ("classifier.model=/tmp/other", "--model"),
+                          ("adapter.model=/tmp/other", "--model")):
         with pytest.raises(ValueError, match=f"set by each run; use .*{option}"):
             replay.parse_param(owned)
     with pytest.raises(ValueError, match="not valid YAML"):

@@ -207,6 +207,8 @@ RUN_OWNED_PARAMS = {
     (topics.CLASSIFIER_NODE, "threshold"): "--threshold or --sweep-thresholds",
     (topics.ADAPTER_NODE, "enabled"): "--adapt / --no-adapt or --compare",
     (topics.CAMERA_NODE, "transport"): "a bag of CompressedImage (the bag's image type decides)",
+    # The report names the model it ran; a per-node model would also split the graph's models.
+    **{(node, "model"): "--model" for node in topics.EXECUTABLES},
 }
 
 
