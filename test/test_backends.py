@@ -466,3 +466,117 @@ def test_blocks_time_every_job_the_requested_times_and_pair_staged_with_unsplit(
             assert ("unsplit", "a", None) in (log[i - 1], log[i + 1])
     runs = [k[1] for i, k in enumerate(log) if i == 0 or log[i - 1][1] != k[1]]
     assert runs == ["a", "b", "a", "b"]  # blocks a b | b a | a b: the order rotates per round
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"\xff\xfe not json", "not valid JSON"),
+        (b"[]", "holds a JSON list"),
+        (b'{"format": 1}', "'stages' is not a non-empty list"),
+        (b'{"format": 1, "stages": "abc", "num_stages": 3}', "'stages' is not a non-empty list"),
+    ],
+)
+def test_malformed_manifest_is_refused_by_name_and_exported_again(
+    exported, tmp_path, content, reason
+):
+    """A manifest that is not one (truncated, another file, wrong types) is refused naming the
+    file and the reason (it crashed as AttributeError/TypeError before), and a cache directory
+    holding one is exported again instead of stopping the backend."""
+    model, out, _ = exported
+    graph_dir = tmp_path / f"onnx-{backbone_hash(model)[:16]}-{SIZE}x{SIZE}"
+    shutil.copytree(out, graph_dir)
+    (graph_dir / "manifest.json").write_bytes(content)
+    with pytest.raises(ValueError, match=f"manifest.json .*{reason}"):
+        load_manifest(graph_dir)
+    assert ensure_exported(model, SIZE, tmp_path) == graph_dir
+    assert load_manifest(graph_dir)["model_hash"] == backbone_hash(model)
+
+
+def test_manifest_fields_the_backends_read_are_checked(exported, tmp_path):
+    _, out, manifest = exported
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+
+    def refused(change, reason):
+        broken = json.loads(json.dumps(manifest))
+        change(broken)
+        (tmp_path / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=f"malformed: {reason}"):
+            load_manifest(tmp_path, verify_files=False)
+
+    refused(lambda m: m.update(num_stages=5), "num_stages is 5 but it lists 4 stages")
+    refused(lambda m: m["stages"][1].update(file="../stage1.onnx"), "stage 1 names file")
+    refused(lambda m: m["stages"][2].update(index=0), "stage 2 has index 0")
+    refused(lambda m: m["stages"][0]["outputs"].append(3), "stage 0 outputs are not a list")
+    refused(lambda m: m.update(image_shape=[1, 1, 32]), "image_shape")
+    refused(lambda m: m.update(unsplit=[]), "unsplit is not an object")
+
+
+def test_export_onnx_refuses_an_image_size_the_graphs_cannot_take(checkpoint, tmp_path):
+    _, stem = checkpoint
+    with pytest.raises(SystemExit, match="--image-size: image size must be positive multiples"):
+        cli.main(["export-onnx", "--model", str(stem), "--out", str(tmp_path),
+                  "--image-size", "30"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--threads", "0"], "--threads must be >= 1"),
+     (["--backends", "torch,openvino"], r"unknown --backends \['openvino'\]")],
+)
+def test_bench_backends_refuses_bad_arguments_before_any_work(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench-backends", "--out", str(tmp_path / "out"), "--models", "demo", *extra])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_export_time_leaves_out_building_the_backbones(checkpoint, tmp_path, monkeypatch):
+    """export_s is the export's time: building sessions and TensorRT engines (minutes) after
+    it was counted in too."""
+    import argparse
+    import time
+
+    from ttspec_ros.experiments import bench_backends
+
+    _, stem = checkpoint
+    clock = [0.0]
+
+    def perf_counter() -> float:
+        clock[0] += 0.001
+        return clock[0]
+
+    build = bench_backends._build_backbones
+
+    def slow_build(*a, **k):
+        clock[0] += 1000.0  # an engine build
+        return build(*a, **k)
+
+    monkeypatch.setattr(time, "perf_counter", perf_counter)
+    monkeypatch.setattr(bench_backends, "_build_backbones", slow_build)
+    args = argparse.Namespace(seed=0, threads=1, repeats=2, block=1, warmup=0, out=str(tmp_path),
+                              onnxruntime_spinning=False, tensorrt_precision="fp32",
+                              cache_dir=None)
+    meta = {"models": {}}
+    bench_backends.bench_model("demo", str(stem), args, ["torch"], tmp_path, meta)
+    assert meta["models"]["demo"]["export_s"] < 1000
+
+
+def test_bench_backends_runs_without_onnxruntime_when_not_asked_for_it(
+    checkpoint, tmp_path, monkeypatch
+):
+    """A Jetson may have tensorrt and no onnxruntime: the bench imported onnxruntime whatever
+    --backends said, so it could not run there at all."""
+    _, stem = checkpoint
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises
+    argv = ["bench-backends", "--out", str(tmp_path), "--models", "demo", "--demo-model",
+            str(stem), "--threads", "1", "--repeats", "2", "--block", "1", "--warmup", "0"]
+    with pytest.raises(SystemExit, match="onnxruntime needs the `onnxruntime` package"):
+        cli.main([*argv, "--backends", "torch,onnxruntime"])
+    assert cli.main([*argv, "--backends", "torch,tensorrt"]) == 0
+    meta = json.loads((tmp_path / "backends_meta.json").read_text())
+    assert meta["versions"]["onnxruntime"] is None
+    results = json.loads((tmp_path / "backends.json").read_text())["results"]
+    assert "torch" in {r["backend"] for r in results}
+    assert "onnxruntime" not in {r["backend"] for r in results}

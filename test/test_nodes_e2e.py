@@ -804,6 +804,22 @@ def test_latest_slot_keeps_one_frame_and_counts_replacements():
     assert slot.take(timeout=5.0) is None and time.monotonic() - start < 1.0
 
 
+def test_a_backend_that_cannot_write_its_cache_is_a_startup_error(monkeypatch):
+    """An OSError while building a backbone (TensorRT's engine cache in a read-only home)
+    is refused like any other bad setting: StartupError at start, the old model kept on a
+    live change."""
+    import ttspec_ros.backends
+    from ttspec_ros.nodes import StartupError
+    from ttspec_ros.nodes.classifier import LoadedModel
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/home/robot/.cache/ttspec_ros")
+
+    monkeypatch.setattr(ttspec_ros.backends, "create_backbone", unwritable)
+    with pytest.raises(StartupError, match="backend 'onnxruntime'.*Permission denied"):
+        LoadedModel("", None, backend="onnxruntime")
+
+
 def test_throttle_is_per_key():
     from ttspec_ros.nodes import Throttle
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import json
 import subprocess
 import sys
+import threading
 import types
 
 import numpy as np
@@ -23,6 +25,7 @@ from ttspec_ros.backends.tensorrt_backend import (
     StaleEngineError,
     entry_name,
 )
+from ttspec_ros.files import atomic_write_bytes
 
 KEY = EngineKey("a" * 64, "10.3.0", "Orin (nvgpu)", "fp16")
 ENGINE = b"serialized-engine-bytes"
@@ -143,9 +146,51 @@ def test_entry_names_are_checked():
         EngineCache("/tmp").paths("../escape")
 
 
-def test_cache_logic_does_not_import_tensorrt():
-    if importlib.util.find_spec("tensorrt") is None:
-        assert "tensorrt" not in sys.modules
+# `import tensorrt` made to fail: the cache logic must work without it (it asserted before
+# that an uninstalled package was not in sys.modules, which could not fail).
+NO_TENSORRT = """
+import sys
+sys.modules["tensorrt"] = None
+from ttspec_ros.backends.tensorrt_backend import EngineCache, EngineKey, entry_name
+key = EngineKey("a" * 64, "10.3.0", "Orin", "fp32")
+name = entry_name("f" * 64, [1, 1, 32, 32], 0, "fp32", "a" * 64, "Orin")
+cache = EngineCache(sys.argv[1])
+assert cache.get_or_build(name, key, lambda: b"engine") == b"engine"
+assert cache.load(name, key) == b"engine"
+"""
+
+
+def test_cache_logic_does_not_import_tensorrt(tmp_path):
+    run = subprocess.run([sys.executable, "-c", NO_TENSORRT, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_store_in_progress_elsewhere_is_waited_for_not_refused(tmp_path):
+    """Another process holds the entry's lock and has written the engine but not yet its
+    sidecar: a start at that moment waits for the lock and loads that engine (it refused the
+    entry as having no sidecar before, outside the lock)."""
+    cache = EngineCache(tmp_path)
+    engine_path, _ = cache.paths("entry")
+    build, calls = counting_builder(b"other")
+    outcome: dict = {}
+
+    def start() -> None:
+        try:
+            outcome["engine"] = EngineCache(tmp_path).get_or_build("entry", KEY, build)
+        except Exception as e:  # reported by the asserts below
+            outcome["error"] = e
+
+    with open(tmp_path / "entry.lock", "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        atomic_write_bytes(engine_path, ENGINE)  # store() half-way
+        thread = threading.Thread(target=start)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive(), outcome  # waits for the lock
+        cache.store("entry", KEY, ENGINE)  # the other process finishes its store
+    thread.join(10)
+    assert outcome == {"engine": ENGINE} and calls == []
 
 
 # -- TensorRTBackbone's control flow on a stand-in `tensorrt` ----------------------------

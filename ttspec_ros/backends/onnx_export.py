@@ -394,19 +394,67 @@ def _graph_entry(path: Path, stage: int, output_names: list[str], image_shape,
     }
 
 
+def _is_int_list(value, length: int | None = None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the fields the backends read, or None (a manifest is derived data,
+    but a malformed one must be refused by name rather than fail later as a KeyError)."""
+    stages = manifest.get("stages")
+    if not isinstance(stages, list) or not stages:
+        return "'stages' is not a non-empty list"
+    if manifest.get("num_stages") != len(stages):
+        return f"num_stages is {manifest.get('num_stages')!r} but it lists {len(stages)} stages"
+    if not _is_int_list(manifest.get("image_shape"), 4):
+        return f"image_shape {manifest.get('image_shape')!r} is not 4 integers"
+    if not isinstance(manifest.get("model_hash"), str):
+        return "model_hash is not a string"
+    unsplit = manifest.get("unsplit")
+    for label, entry in [*((f"stage {i}", e) for i, e in enumerate(stages)),
+                         *((("unsplit", unsplit),) if unsplit is not None else ())]:
+        if not isinstance(entry, dict):
+            return f"{label} is not an object"
+        if label.startswith("stage") and entry.get("index") != int(label.split()[1]):
+            return f"{label} has index {entry.get('index')!r}"
+        file = entry.get("file")
+        if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+            return f"{label} names file {file!r}, not a file of the graph directory"
+        if not isinstance(entry.get("sha256"), str):
+            return f"{label} has no sha256"
+        for side in ("inputs", "outputs"):
+            tensors = entry.get(side)
+            if not isinstance(tensors, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("name"), str)
+                and _is_int_list(t.get("shape")) for t in tensors
+            ):
+                return f"{label} {side} are not a list of {{name, shape}}"
+    return None
+
+
 def load_manifest(graph_dir: str | os.PathLike, *, verify_files: bool = True) -> dict:
     """Read ``manifest.json``; with ``verify_files`` check every graph's sha256 against it."""
     graph_dir = Path(graph_dir)
     path = graph_dir / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {graph_dir}; run `ttspec export-onnx` first")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e}); export the graphs again") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest "
+                         "object; export the graphs again")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(
             f"{path}: manifest format {manifest.get('format')!r}, this code reads "
             f"{MANIFEST_FORMAT}; export the graphs again"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ValueError(f"{path} is malformed: {problem}; export the graphs again")
     if verify_files:
         unsplit = [manifest["unsplit"]] if manifest.get("unsplit") else []
         for entry in [*manifest["stages"], *unsplit]:

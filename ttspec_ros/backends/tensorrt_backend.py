@@ -3,10 +3,12 @@
 Engines are built from the stage graphs of ``onnx_export`` (FP32 or FP16) and cached under a
 key of (graph sha256, TensorRT version, GPU, precision); the GPU is its name, compute
 capability and SM count (``gpu_identity``). A cached engine is never rebuilt.
-Each engine has a JSON sidecar holding its key and sha256; an entry whose sidecar disagrees
-with what this process would build (another model export, TensorRT version or GPU, or a
-changed file) is refused before deserializing, because TensorRT engines are only valid for
-the exact TensorRT version and GPU that built them.
+Entry names hold the model hash, image size, stage, precision, graph sha256 and GPU
+(``entry_name``), so another export or GPU gets entries of its own. Each engine has a JSON
+sidecar holding its key and sha256; an entry whose sidecar disagrees with what this process
+would build (in practice another TensorRT version, which the name leaves out) or whose
+engine file changed is refused before deserializing, because TensorRT engines are only valid
+for the exact TensorRT version and GPU that built them.
 
 The cache logic (``EngineKey``, ``EngineCache``) is plain Python; ``tensorrt`` and CUDA are
 only touched by ``TensorRTBackbone``.
@@ -65,8 +67,8 @@ class EngineKey:
 class EngineCache:
     """``name.engine`` + ``name.json`` (sidecar) per entry in ``cache_dir``.
 
-    Names are chosen by the caller (model hash, image size, stage, precision), so the same
-    model always maps to the same entry and a mismatching entry is reported, not ignored.
+    Names are chosen by the caller (``entry_name``), so the same graph on the same GPU always
+    maps to the same entry and a mismatching entry is reported, not ignored.
     """
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
@@ -147,7 +149,12 @@ class EngineCache:
     def get_or_build(self, name: str, key: EngineKey, build: Callable[[], bytes]) -> bytes:
         """Cached engine for ``key``; ``build`` runs only when there is no entry at all, and
         in one process at a time."""
-        cached = self.load(name, key)
+        try:
+            cached = self.load(name, key)
+        except StaleEngineError:
+            # Maybe another process's store() half-way (engine written, sidecar not yet): the
+            # check under its lock below decides, and refuses an entry that is still wrong.
+            cached = None
         if cached is not None:
             return cached
         # Two nodes starting on one model (a classifier per camera) would both build, and

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ttspec_ros.backends import BACKENDS
 from ttspec_ros.files import write_json
 
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> --model spec
@@ -209,13 +210,14 @@ def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: di
     graph_dir = work / label
     t0 = time.perf_counter()
     manifest = export_stages(model, size, graph_dir)
+    export_s = round(time.perf_counter() - t0, 2)  # the export alone, not session/engine builds
     skipped: list = []
     backbones = _build_backbones(backend_names, model, graph_dir, args, skipped)
     gen = torch.Generator().manual_seed(args.seed)
     image = torch.randn(manifest["image_shape"], generator=gen)
     info = {
         "description": description, "image_shape": manifest["image_shape"],
-        "model_hash": manifest["model_hash"], "export_s": round(time.perf_counter() - t0, 2),
+        "model_hash": manifest["model_hash"], "export_s": export_s,
         "skipped": skipped,
     }
     if "onnxruntime" in backbones:  # the carries that crossed boundaries without reorders
@@ -279,19 +281,32 @@ def _summary(results: list[dict], overhead: list[dict]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import onnx
-    import onnxruntime
 
     labels = [m for m in args.models.split(",") if m]
     unknown = set(labels) - set(MODELS)
     if unknown:
         raise SystemExit(f"unknown --models {sorted(unknown)}; known: {', '.join(MODELS)}")
     backend_names = [b for b in args.backends.split(",") if b]
+    unknown = set(backend_names) - set(BACKENDS)
+    if unknown:
+        raise SystemExit(f"unknown --backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
     if "torch" not in backend_names:
         raise SystemExit("--backends must include torch (the reference for accuracy)")
     if args.repeats < 2:
         raise SystemExit("--repeats must be >= 2 (a standard deviation needs two runs)")
     if args.block < 1:
         raise SystemExit("--block must be >= 1")
+    if args.threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    try:  # a TensorRT machine (Jetson) may have no onnxruntime: only its backend needs it
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError as e:
+        if "onnxruntime" in backend_names:
+            raise SystemExit(f"--backends onnxruntime needs the `onnxruntime` package: {e}"
+                             ) from None
+        ort_version = None
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -302,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         "onnxruntime_spinning": args.onnxruntime_spinning,
         "tensorrt_precision": args.tensorrt_precision,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+                     "onnxruntime": ort_version, "python": platform.python_version()},
         "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
         "models": {}, "skipped_models": [],
         "note": "latency = stages 0..exit + that exit's torch head; staged/unsplit = backbone "

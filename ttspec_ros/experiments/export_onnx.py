@@ -43,9 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ttspec_ros.backends.onnx_export import export_stages
+    from ttspec_ros.backends.onnx_export import export_stages, image_shape_for
 
     model, size, description = resolve_model(args.model, seed=args.seed)
+    try:
+        image_shape_for(model, args.image_size or size)
+    except ValueError as e:
+        raise SystemExit(f"--image-size: {e}") from None
     manifest = export_stages(model, args.image_size or size, Path(args.out))
     print(json.dumps({
         "model": description, "out": str(args.out), "opset": manifest["opset"],

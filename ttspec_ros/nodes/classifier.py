@@ -79,7 +79,7 @@ class LoadedModel:
                                    model_id=card.model_id)
         except BackendUnavailable as e:
             raise StartupError(f"backend {backend!r} is unavailable: {e}") from e
-        except (RuntimeError, ValueError) as e:  # e.g. a malformed device string
+        except (RuntimeError, ValueError, OSError) as e:  # a bad device, an unwritable cache
             raise StartupError(f"backend {backend!r} on device {device!r}: {e}") from e
         self.card = card
         self.path = model_path
