@@ -76,6 +76,36 @@ def test_bad_input_is_rejected(images):
                                    indices=np.arange(3))
 
 
+@pytest.mark.parametrize("severity", [True, 5.0, "5", None])
+def test_severity_must_be_an_integer_of_the_ladder(images, severity):
+    # True == 1 and 5.0 == 5 passed an ``in SEVERITIES`` check (5.0 then failed as an index)
+    with pytest.raises(ValueError, match="severity must be one of"):
+        corruptions.corrupt(images[0], "contrast", severity, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="severity must be one of"):
+        corruptions.corrupt_images(images[:2], "contrast", severity, seed=0, source="test")
+    np.testing.assert_array_equal(  # numpy integers are integers
+        corruptions.corrupt(images[0], "contrast", np.int64(5), np.random.default_rng(0)),
+        corruptions.corrupt(images[0], "contrast", 5, np.random.default_rng(0)))
+
+
+def test_negative_seed_or_index_is_refused_by_name():
+    for seed, index in ((-1, 0), (0, -3)):
+        with pytest.raises(ValueError, match="seed and image index must be >= 0"):
+            corruptions.image_rng(seed, "test", "contrast", 1, index)
+
+
+def test_contrast_keeps_each_channel_mean_as_imagenet_c():
+    """ImageNet-C's contrast pulls every channel towards its own mean, not the image's."""
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.integers(180, 256, (28, 28)), rng.integers(0, 60, (28, 28)),
+                  rng.integers(90, 150, (28, 28))], axis=-1).astype(np.uint8)
+    y = corruptions.corrupt(x, "contrast", 5, np.random.default_rng(0))
+    c = corruptions.SEVERITY_PARAMS["contrast"][4]
+    for ch in range(3):
+        assert abs(y[..., ch].mean() - x[..., ch].mean()) < 1.0
+        assert abs(y[..., ch].std() - c * x[..., ch].std()) < 1.0
+
+
 def test_make_corrupted_tiny(tmp_path):
     from ttspec_ros.cli import main
 
@@ -102,6 +132,9 @@ def test_make_corrupted_tiny(tmp_path):
 @pytest.mark.parametrize("counts, message", [
     (["--test-images", "3", "--pool-images", "999999"], "pool has 6000 images, asked for 999999"),
     (["--test-images", "-1", "--pool-images", "2"], "test has 10000 images, asked for -1"),
+    (["--test-images", "3", "--pool-images", "2", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--test-images", "3", "--pool-images", "2", "--split-seed", "-2"],
+     "--split-seed must be >= 0, got -2"),
 ])
 def test_make_corrupted_checks_both_counts_before_writing(tmp_path, capsys, counts, message):
     from ttspec_ros.cli import main

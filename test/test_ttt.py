@@ -376,3 +376,95 @@ def test_pool_workers_end_when_their_parent_is_killed():
         assert not _alive(child), "the orphaned child kept running"
     finally:
         parent.kill()
+
+
+def test_episodic_reset_also_forgets_the_optimizer_state():
+    """Image 2 of an episodic run is adapted exactly as by a fresh trainer (same masks): the
+    reset restores the parameters and drops the optimizer's moments/momentum."""
+    for optimizer in ("sgd", "adamw"):
+        cfg = TTTConfig(mode="episodic", update="norm", optimizer=optimizer, lr=0.05, steps=2,
+                        batch=2, seed=4)
+        t = TestTimeTrainer(tiny_model(), cfg)
+        t.adapt_and_predict(image(1))
+        masks = t._generator.get_state()
+        second = t.adapt_and_predict(image(2))
+        fresh = TestTimeTrainer(tiny_model(), cfg)
+        fresh._generator.set_state(masks)
+        expected = fresh.adapt_and_predict(image(2))
+        assert all(torch.equal(a, b) for a, b in zip(second, expected, strict=True)), optimizer
+
+
+def test_loss_holds_the_lock():
+    """loss() reads the parameters and draws masks: it waits while another thread adapts."""
+    t = TestTimeTrainer(tiny_model(), TTTConfig(batch=2))
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with t._lock:
+            held.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    finished = threading.Event()
+    worker = threading.Thread(target=lambda: (t.loss(image()), finished.set()))
+    worker.start()
+    try:
+        assert not finished.wait(0.3), "loss() ran while another thread held the lock"
+    finally:
+        release.set()
+        thread.join()
+        worker.join()
+    assert finished.is_set()
+
+
+def test_run_cache_fingerprint_covers_corruptions_and_preprocessing(monkeypatch):
+    """A cached run is reused only for the same corruption ladder and input preprocessing."""
+    from ttspec_ros import corruptions
+    from ttspec_ros.experiments import ttt_experiment as te
+
+    opts = te.Options()
+    task = te.plan_tasks(opts)[0]
+    weights = state(tiny_model())
+    spec = {"channels": 1, "size": 32, "content_size": 28, "mean": [0.29], "std": [0.35]}
+    base = te._task_fingerprint(task, opts, weights, spec)
+    assert te._task_fingerprint(task, opts, weights, spec) == base
+    assert te._task_fingerprint(task, opts, weights, {**spec, "std": [0.3]}) != base
+    ladder = {**corruptions.SEVERITY_PARAMS, "contrast": [0.5, 0.4, 0.3, 0.2, 0.1]}
+    monkeypatch.setattr(corruptions, "SEVERITY_PARAMS", ladder)
+    assert te._task_fingerprint(task, opts, weights, spec) != base
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threshold", "1.5"], "--threshold must be in [0, 1], got 1.5"),
+    (["--threshold", "nan"], "--threshold must be in [0, 1]"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--corruption-seed", "-1"], "--corruption-seed must be >= 0"),
+    (["--batches", "8", "0"], "--batches: TTT steps, batch and columns must be >= 1"),
+    (["--online-lr", "0"], "--online-*: TTT lr must be positive"),
+    (["--online-update", "columns", "--online-columns", "99"], "--online-*: update='columns'"),
+    (["--images", "10", "--episodic-images", "20"], "--episodic-images (20) must be at most"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_ttt_experiment_refuses_bad_options_with_one_line(tmp_path, capsys, flags, message):
+    from ttspec_ros.cli import main
+
+    out = tmp_path / "exp"
+    assert main(["ttt-experiment", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything ran or was written
+
+
+@pytest.mark.parametrize("flags", [["--severity", "7"], ["--corruption", "fog"],
+                                   ["--ttt-update", "heads"], ["--seed", "-1"],
+                                   ["--windows", "0"]])
+def test_ttt_ros_refuses_bad_options_before_starting_anything(tmp_path, flags):
+    from ttspec_ros.cli import main
+
+    out = tmp_path / "ros"
+    with pytest.raises(SystemExit) as exc:
+        main(["ttt-ros", "--out", str(out), *flags])
+    assert exc.value.code not in (0, None)
+    assert not out.exists()

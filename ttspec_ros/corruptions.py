@@ -22,9 +22,9 @@ all but zoom blur, most by motion blur; still monotone in severity: gaussian_noi
 - ``zoom_blur``: the mean of the image and 11 copies zoomed about the centre by factors evenly
   spaced up to z. ImageNet-C's z = 1.10 ... 1.30 barely blur a 28-px frame (a small RevCol
   keeps ~80 %); here z = 1.16 ... 1.80 (85, 77, 68, 60, 53 %).
-- ``contrast``: (x - mean) * c + mean, mean over the image. ImageNet-C's c = 0.4 ... 0.05; at
-  0.05 a 28-px uint8 frame keeps ~4 grey levels of spread (near chance), so here
-  c = 0.4, 0.3, 0.2, 0.15, 0.1 (69, 60, 48, 39, 29 %).
+- ``contrast``: (x - mean) * c + mean, mean over the image (per channel). ImageNet-C's
+  c = 0.4 ... 0.05; at 0.05 a 28-px uint8 frame keeps ~4 grey levels of spread (near chance), so
+  here c = 0.4, 0.3, 0.2, 0.15, 0.1 (69, 60, 48, 39, 29 %).
 - ``pixelate``: box-downsample to a side of s px, then nearest-neighbour (half-pixel exact) back
   up. ImageNet-C's factors 0.6 ... 0.25 of the side mean s = 17 ... 7 at 28 px; accuracy is not
   monotone in s (it depends on how the blocks meet the 4-px stem patches: s = 11 scores above
@@ -102,7 +102,8 @@ def gaussian_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -
 def contrast(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     x = _check(image)
     c = SEVERITY_PARAMS["contrast"][severity - 1]
-    mean = x.mean()
+    # ImageNet-C: the mean of each channel (a grey image's single mean, computed as before)
+    mean = x.mean(axis=(0, 1), keepdims=True) if x.ndim == 3 else x.mean()
     return _to_uint8((x - mean) * c + mean)
 
 
@@ -172,7 +173,9 @@ BLUR_CORRUPTIONS = ("motion_blur", "zoom_blur")
 def _check_name_severity(name: str, severity: int) -> None:
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
-    if severity not in SEVERITIES:
+    # not ``in`` alone: True == 1 and 5.0 == 5 would pass it (and 5.0 then fails as an index)
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
+            or severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
 
 
@@ -182,6 +185,9 @@ def _tag(text: str) -> int:
 
 def image_rng(seed: int, source: str, name: str, severity: int, index: int) -> np.random.Generator:
     """The generator that corrupts image ``index`` of ``source`` (e.g. "test", "pool")."""
+    if int(seed) < 0 or int(index) < 0:  # numpy's own message names neither
+        raise ValueError(f"corruption seed and image index must be >= 0, got seed {seed}, "
+                         f"index {index}")
     return np.random.default_rng([int(seed), _tag(source), _tag(name), int(severity), int(index)])
 
 

@@ -197,15 +197,16 @@ class TestTimeTrainer:
     def loss(self, image: Tensor) -> Tensor:
         """The self-supervised loss of one image (a fresh random mask batch each call)."""
         image = self._as_batch(image)
-        if self.config.objective == "entropy":
-            loss = entropy_loss(self.model.forward_exits(image))
-        else:
-            loss = self._mae_loss(image)
-        if self.config.anchor > 0:
-            drift = sum((p - p0).pow(2).sum() for p, p0 in zip(self._params, self._initial,
-                                                                strict=True))
-            loss = loss + self.config.anchor * drift
-        return loss
+        with self._lock:  # reads the parameters and draws masks from the shared generator
+            if self.config.objective == "entropy":
+                loss = entropy_loss(self.model.forward_exits(image))
+            else:
+                loss = self._mae_loss(image)
+            if self.config.anchor > 0:
+                drift = sum((p - p0).pow(2).sum() for p, p0 in zip(self._params, self._initial,
+                                                                    strict=True))
+                loss = loss + self.config.anchor * drift
+            return loss
 
     # -- public API ------------------------------------------------------------------------
     @property

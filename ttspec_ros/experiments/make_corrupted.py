@@ -116,6 +116,10 @@ def contact_sheet(images: np.ndarray, names: list[str], seed: int, path: Path) -
 def run(args: argparse.Namespace) -> int:
     split_seed = default_split_seed() if args.split_seed is None else args.split_seed
     out: Path = args.out
+    for flag, value in (("--seed", args.seed), ("--split-seed", split_seed)):
+        if value < 0:  # numpy's seeding refuses it mid-run, naming neither
+            print(f"ttspec make-corrupted: {flag} must be >= 0, got {value}", file=sys.stderr)
+            return 2
     try:  # both counts checked before anything is written: no half-made dataset
         selected = {source: source_images(source, count, split_seed)
                     for source, count in (("test", args.test_images), ("pool", args.pool_images))}

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ from ttspec_ros.experiments.make_corrupted import split_seed_of
 from ttspec_ros.files import save_figure, write_json
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.preprocess import preprocess_batch
-from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, card_norm_pix
+from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, card_norm_pix, select_parameters
 
 PARTS = ("a", "b", "c", "d")
 EVAL_BATCH = 250
@@ -323,11 +324,15 @@ DATA_OPTIONS = ("seed", "corruption_seed", "split_seed", "severity", "images", "
                 "clean_images", "stream", "eval_every", "threshold")
 
 
-def _task_fingerprint(task: Task, opts: Options, model_state: dict) -> str:
+def _task_fingerprint(task: Task, opts: Options, model_state: dict,
+                      input_spec: dict | None = None) -> str:
     """Everything a run's result depends on: the task (with its TTT config), the options that
-    decide its data and evaluation, and the weights."""
+    decide its data and evaluation, the corruption parameters, the preprocessing (the card's
+    input spec) and the weights."""
     fields = {k: v for k, v in opts.to_dict().items() if k in DATA_OPTIONS}
-    blob = json.dumps({"task": asdict(task), "options": fields}, sort_keys=True).encode()
+    blob = json.dumps({"task": asdict(task), "options": fields, "input": input_spec,
+                       "corruptions": corruptions.parameter_mapping()},
+                      sort_keys=True).encode()
     h = hashlib.sha256(blob)
     for name in sorted(model_state):
         h.update(name.encode())
@@ -344,7 +349,8 @@ def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options,
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     init = (model.config.to_dict(), state, input_spec, opts, threads)
     results: dict[str, dict] = {}
-    prints = {t.key: _task_fingerprint(t, opts, state) for t in tasks} if cache else {}
+    prints = ({t.key: _task_fingerprint(t, opts, state, input_spec) for t in tasks}
+              if cache else {})
     todo = []
     for t in tasks:
         path = _task_file(cache, t) if cache else None
@@ -644,7 +650,8 @@ def _plot_online(online: dict, out: Path) -> None:
         fig, axes = plt.subplots(1, len(sev), figsize=(3.2 * len(sev), 3), squeeze=False)
         for ax, (name, entry) in zip(axes[0], sev.items(), strict=True):
             curves = {k: entry[k]["curves"][name] for k in ("gradual", "shuffled")}
-            _plot_curve(curves, f"{name}: held-out at severity 5", ax=ax)
+            _plot_curve(curves, f"{name}: held-out at severity {online['options']['severity']}",
+                        ax=ax)
         fig.tight_layout()
         _save(fig, out / "severity_order.png")
         plt.close(fig)
@@ -699,18 +706,37 @@ def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool 
                       ) -> Options:
     """The run's options; ``norm_pix``: the model's reconstruction target (``card_norm_pix``)."""
     d = Options()
-    ep = replace(d.episodic, lr=args.episodic_lr, update=args.episodic_update,
-                 columns=args.episodic_columns, optimizer=args.episodic_optimizer,
-                 steps=args.episodic_steps, anchor=args.episodic_anchor, seed=args.seed,
-                 norm_pix=norm_pix)
-    on = replace(d.online, lr=args.online_lr, update=args.online_update,
-                 columns=args.online_columns, optimizer=args.online_optimizer,
-                 batch=args.online_batch, anchor=args.online_anchor, seed=args.seed,
-                 norm_pix=norm_pix)
     for key in ("images", "episodic_images", "clean_images", "stream", "eval_every", "workers",
                 "threads", "cost_images"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
+    for key in ("seed", "corruption_seed"):  # numpy seeding refuses negatives mid-run
+        if getattr(args, key) < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    if split_seed < 0:
+        raise ValueError(f"--split-seed must be >= 0, got {split_seed}")
+    if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.episodic_images > args.images:
+        raise ValueError(f"--episodic-images ({args.episodic_images}) must be at most --images "
+                         f"({args.images})")
+
+    def config(flags: str, base: TTTConfig, **changes) -> TTTConfig:
+        try:
+            return replace(base, **changes)
+        except ValueError as e:  # name the flags, not only the config field
+            raise ValueError(f"{flags}: {e}") from None
+
+    ep = config("--episodic-*", d.episodic, lr=args.episodic_lr, update=args.episodic_update,
+                columns=args.episodic_columns, optimizer=args.episodic_optimizer,
+                steps=args.episodic_steps, anchor=args.episodic_anchor, seed=args.seed,
+                norm_pix=norm_pix)
+    on = config("--online-*", d.online, lr=args.online_lr, update=args.online_update,
+                columns=args.online_columns, optimizer=args.online_optimizer,
+                batch=args.online_batch, anchor=args.online_anchor, seed=args.seed,
+                norm_pix=norm_pix)
+    for b in args.batches:  # what plan_tasks builds, checked before any run
+        config("--batches", ep, batch=b)
     return Options(
         seed=args.seed, corruption_seed=args.corruption_seed, split_seed=split_seed,
         severity=args.severity, images=args.images, episodic_images=args.episodic_images,
@@ -718,8 +744,10 @@ def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool 
         stream=args.stream, eval_every=args.eval_every, threshold=args.threshold,
         batches=tuple(args.batches), corruptions=tuple(args.corruptions),
         severity_corruptions=tuple(args.severity_corruptions), episodic=ep, online=on,
-        tent_online=replace(d.tent_online, lr=args.tent_online_lr, seed=args.seed),
-        tent_episodic=replace(d.tent_episodic, lr=args.tent_episodic_lr, seed=args.seed),
+        tent_online=config("--tent-online-lr", d.tent_online, lr=args.tent_online_lr,
+                           seed=args.seed),
+        tent_episodic=config("--tent-episodic-lr", d.tent_episodic, lr=args.tent_episodic_lr,
+                             seed=args.seed),
         parts=tuple(args.parts), cost_images=args.cost_images,
     )
 
@@ -727,12 +755,24 @@ def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool 
 def run(args: argparse.Namespace) -> int:
     from ttspec_ros.models.checkpoint import load_model
 
-    torch.set_num_threads(args.threads)
-    model, card = load_model(args.model)
-    if model.decoder_blocks is None:
-        raise ValueError(f"{args.model or 'the demo model'} has no reconstruction decoders")
-    split_seed = split_seed_of(card) if args.split_seed is None else args.split_seed
-    opts = options_from_args(args, split_seed, norm_pix=card_norm_pix(card))
+    torch.set_num_threads(max(1, args.threads))
+    try:  # bad options end here with one line, before anything is written or run
+        try:
+            model, card = load_model(args.model)
+        except OSError as e:
+            raise ValueError(f"cannot load model {args.model or 'the demo model'}: {e}") from e
+        if model.decoder_blocks is None:
+            raise ValueError(f"{args.model or 'the demo model'} has no reconstruction decoders")
+        split_seed = split_seed_of(card) if args.split_seed is None else args.split_seed
+        opts = options_from_args(args, split_seed, norm_pix=card_norm_pix(card))
+        for flags, cfg in (("--episodic-*", opts.episodic), ("--online-*", opts.online)):
+            try:  # e.g. --online-columns beyond the columns the loss reaches
+                select_parameters(model, cfg.update, cfg.columns, cfg.objective)
+            except ValueError as e:
+                raise ValueError(f"{flags}: {e}") from None
+    except ValueError as e:
+        print(f"ttspec ttt-experiment: {e}", file=sys.stderr)
+        return 2
     info = {"model_id": card.model_id, "path": args.model or "bundled demo",
             "input": dict(card.input)}
     started = time.time()

@@ -26,17 +26,21 @@ STRATEGIES = ("none", "specialize", "ttt_online", "both")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ttspec_ros import params
+    from ttspec_ros.corruptions import CORRUPTIONS, SEVERITIES
+
     parser.add_argument("--out", required=True, help="directory for ttt_ros.json")
     parser.add_argument("--model", default="", help="model path stem ('' = bundled demo model)")
     parser.add_argument("--strategies", default="none,specialize,ttt_online",
                         help=f"comma-separated, from {', '.join(STRATEGIES)} "
                              "(none = adapter disabled)")
-    parser.add_argument("--corruption", default="gaussian_noise")
-    parser.add_argument("--severity", type=int, default=5)
+    parser.add_argument("--corruption", default="gaussian_noise", choices=list(CORRUPTIONS))
+    parser.add_argument("--severity", type=int, default=5, choices=SEVERITIES)
     parser.add_argument("--frames", type=int, default=600, help="stream length")
     parser.add_argument("--rate", type=float, default=8.0, help="published frames per second")
     parser.add_argument("--windows", type=int, default=4, help="windows the stream is scored in")
-    parser.add_argument("--ttt-update", default="norm", help="adapter ttt_update")
+    parser.add_argument("--ttt-update", default="norm", help="adapter ttt_update",
+                        choices=params.spec(topics.ADAPTER_NODE, "ttt_update").choices)
     parser.add_argument("--ttt-lr", type=float, default=1e-2, help="adapter ttt_learning_rate")
     parser.add_argument("--seed", type=int, default=0, help="image order and corruption noise")
     parser.add_argument("--namespace", default="ttspec_tttros")
@@ -119,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
         raise SystemExit(f"--strategies: unknown {unknown}; choose from {STRATEGIES}")
-    if args.frames < args.windows or args.rate <= 0:
-        raise SystemExit("--frames must be >= --windows and --rate > 0")
+    if args.windows < 1 or args.frames < args.windows or not args.rate > 0:
+        raise SystemExit("--windows must be >= 1, --frames >= --windows and --rate > 0")
+    if args.seed < 0:  # numpy seeding refuses it, naming nothing
+        raise SystemExit(f"--seed must be >= 0, got {args.seed}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ROS_LOG_DIR", str(out / "ros_logs"))
