@@ -100,6 +100,18 @@ def test_splits_are_disjoint_stratified_and_seeded():
     assert card["train"]["size"] == s.train.size
 
 
+def test_the_split_a_card_records_is_the_one_rebuilt():
+    card = data.splits_card(3, 5000)
+    assert data.recorded_split({"splits": card}) == (3, 5000)
+    assert np.array_equal(data.recorded_pool({"splits": card}), data.splits(3, 5000).pool)
+    # No recorded seed: refused, not guessed (a guess could stream trained-on images).
+    for training in (None, {}, {"seed": 3}, {"splits": {"pool": card["pool"]}}):
+        with pytest.raises(ValueError, match="records no training.splits.seed"):
+            data.recorded_split(training)
+    with pytest.raises(ValueError, match="is not the split"):
+        data.recorded_pool({"splits": {**card, "seed": 4}})
+
+
 def test_pixel_stats_match_a_direct_computation():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)

@@ -44,7 +44,8 @@ def test_thresholds_are_the_issue_grid() -> None:
 
 
 def test_precomputed_rule_matches_the_cascade() -> None:
-    cascade_mod = pytest.importorskip("ttspec_ros.cascade")
+    from ttspec_ros import cascade as cascade_mod
+
     model = tiny_model()
     x = torch.randn(40, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     data = ExitFeatures.compute(model, x, batch_size=16)
@@ -108,8 +109,8 @@ def test_simulated_stream_feeds_every_frame() -> None:
 # -- the commands, on a tiny checkpoint ------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    checkpoint = pytest.importorskip("ttspec_ros.models.checkpoint")
-    pytest.importorskip("ttspec_ros.cascade")
+    from ttspec_ros.models import checkpoint
+
     return _save_tiny(checkpoint, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -238,3 +239,108 @@ def test_make_anchors_from_a_bag_of_camera_frames(tiny_checkpoint, tmp_path, cap
                        str(tmp_path / "missing")])
     assert mod.run(args) == 2
     assert capsys.readouterr().err.startswith("ttspec make-anchors: ")
+
+
+def test_pool_is_the_cards_recorded_split(tiny_checkpoint) -> None:
+    """The pool follows the card's recorded size and hash: with the default size a model
+    trained on another pool would be streamed images it was trained on."""
+    from types import SimpleNamespace
+
+    from ttspec_ros import data
+    from ttspec_ros.experiments.specialize_experiment import pool_images
+
+    split = data.splits(0, 5000)
+    card = SimpleNamespace(training={"seed": 0, "splits": data.splits_card(0, 5000)})
+    pool, images, labels = pool_images(card)
+    assert np.array_equal(pool, split.pool) and images.shape == (5000, 28, 28)
+    assert np.intersect1d(pool, split.train).size == 0
+    wrong = SimpleNamespace(training={"splits": {"seed": 0, "pool": {
+        "size": 6000, "sha256": data.index_hash(split.pool)}}})
+    with pytest.raises(ValueError, match="deployment pool"):
+        pool_images(wrong)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--threshold", "0.905"], "not on the reported grid"),
+    (["--latency-frames", "0"], "--latency-frames must be >= 1"),
+    (["--test-limit", "-3"], "--test-limit must be >= 0"),
+    (["--per-class", "601"], "exceeds the 600 deployment-pool images"),
+])
+def test_specialize_experiment_refuses_bad_options_up_front(tiny_checkpoint, tmp_path, extra,
+                                                            message) -> None:
+    from ttspec_ros.experiments import specialize_experiment as mod
+
+    args = _args(mod, ["--subset", "bags", "--out", str(tmp_path / "o"), "--model",
+                       tiny_checkpoint, *extra])
+    with pytest.raises(SystemExit, match=message):
+        mod.run(args)
+    assert not (tmp_path / "o" / "figure4.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--threshold", "1.5"], "--threshold must be in"),
+    (["--subset-frames", "-1"], "--subset-frames must be >= 0"),
+    (["--anchors-per-class", "600"], "nothing is left to stream"),
+])
+def test_forgetting_experiment_refuses_bad_options(tiny_checkpoint, tmp_path, extra, message
+                                                   ) -> None:
+    from ttspec_ros.experiments import forgetting_experiment as mod
+
+    args = _args(mod, ["--out", str(tmp_path), "--model", tiny_checkpoint, "--test-limit", "20",
+                       *extra])
+    with pytest.raises(SystemExit, match=message):
+        mod.run(args)
+
+
+def test_bench_update_refuses_zero_repeats(tiny_checkpoint, tmp_path) -> None:
+    from ttspec_ros.experiments import bench_update as mod
+
+    args = _args(mod, ["--out", str(tmp_path), "--models", "demo", "--demo-model",
+                       tiny_checkpoint, "--repeats", "0"])
+    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+        mod.run(args)
+
+
+@pytest.mark.parametrize("option", ["--candidates", "--per-class"])
+def test_make_anchors_refuses_non_positive_counts(tiny_checkpoint, tmp_path, capsys, option
+                                                  ) -> None:
+    from ttspec_ros.experiments import make_anchors as mod
+
+    out = tmp_path / "anchors.safetensors"
+    args = _args(mod, ["--out", str(out), "--model", tiny_checkpoint, option, "-5"])
+    assert mod.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ttspec make-anchors: {option} must be >= 1") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _without_timing(obj):
+    """The experiment JSON minus wall-clock fields (the only ones a seed does not fix)."""
+    if isinstance(obj, dict):
+        return {k: _without_timing(v) for k, v in obj.items()
+                if k not in ("runtime_s", "latency_ms", "exit_latency_ms")}
+    if isinstance(obj, list):
+        return [_without_timing(v) for v in obj]
+    return obj
+
+
+def test_same_seed_same_results(tiny_checkpoint, tmp_path) -> None:
+    from ttspec_ros.experiments import forgetting_experiment, specialize_experiment
+
+    runs = {}
+    for mod, name, argv in (
+        (specialize_experiment, "figure4.json",
+         ["--subset", "tops", "--preset", "tuned", "--per-class", "3", "--latency-frames", "1",
+          "--test-limit", "100", "--anchors-per-class", "2", "--seed", "5"]),
+        (forgetting_experiment, "forgetting.json",
+         ["--subset-frames", "20", "--mixed-frames", "10", "--eval-every", "10",
+          "--test-limit", "100", "--anchors-per-class", "2", "--seed", "5"]),
+    ):
+        for k in range(2):
+            out = tmp_path / f"{name}.{k}"
+            assert mod.run(_args(mod, ["--out", str(out), "--model", tiny_checkpoint, *argv])) == 0
+            runs.setdefault(name, []).append(json.loads((out / name).read_text()))
+    for first, second in runs.values():
+        assert first["seed"] == 5
+        assert _without_timing(first) == _without_timing(second)

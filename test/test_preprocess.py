@@ -71,6 +71,10 @@ def test_three_channel_spec_repeats_gray():
         # a card is data from a file: wrong types are ValueErrors too (were TypeErrors)
         (np.zeros((28, 28), np.uint8), {**SPEC, "size": None}, "wrong type"),
         (np.zeros((28, 28), np.uint8), None, "wrong type"),
+        # int() truncated these silently (a corrupt card ran as another input size)
+        (np.zeros((28, 28), np.uint8), {**SPEC, "size": 32.7}, "size must be an integer"),
+        (np.zeros((28, 28), np.uint8), {**SPEC, "channels": True}, "channels must be an integer"),
+        (np.zeros((28, 28), np.uint8), {**SPEC, "content_size": "28"}, "content_size must be"),
     ],
 )
 def test_bad_input_is_refused_with_a_reason(image, spec, message):

@@ -85,3 +85,39 @@ def test_threshold_rule_matches_the_cascade_frame_by_frame(tiny_model):
 def test_bad_arguments_are_refused(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="latency-images"):
         table1.evaluate(str(tiny_model), 1, 0, 1, 10, 0)
+
+
+def test_oracle_is_the_earliest_correct_exit_else_the_last(tiny_model):
+    from ttspec_ros.models.checkpoint import load_model
+    from ttspec_ros.preprocess import preprocess_batch
+
+    model, card = load_model(str(tiny_model))
+    images, labels = data.load_fashion_mnist("test")
+    x = torch.from_numpy(preprocess_batch(images[:200], card.input))
+    y = torch.from_numpy(labels[:200].copy())
+    acc = table1.accuracy_table(model, x, y, card.exit_cost)
+    with torch.inference_mode():
+        preds = [lg.argmax(1).tolist() for lg in model.forward_exits(x)]
+    exits = [next((i for i, p in enumerate(preds) if p[n] == int(y[n])), len(preds) - 1)
+             for n in range(len(y))]
+    right = [any(p[n] == int(y[n]) for p in preds) for n in range(len(y))]
+    assert acc["oracle"]["mean_exit"] == pytest.approx(sum(exits) / len(exits))
+    assert acc["oracle"]["accuracy"] == pytest.approx(sum(right) / len(right))
+    assert acc["oracle"]["relative_cost"] == pytest.approx(
+        sum(card.exit_cost[e] for e in exits) / len(exits))
+    assert 0 < sum(right) < len(right) and len(set(exits)) > 1  # the test means something
+
+
+def test_commands_refuse_bad_options_with_one_line(tiny_model, tmp_path, capsys):
+    from ttspec_ros.cli import main
+
+    assert main(["eval-exits", "--out", str(tmp_path), "--model", str(tiny_model),
+                 "--latency-images", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ttspec eval-exits: need --latency-images >= 2") and err.count("\n") == 1
+    assert main(["eval-exits", "--out", str(tmp_path), "--model", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("ttspec eval-exits: ")
+    assert main(["bench-exits", "--size", "30", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ttspec bench-exits: need repeats >= 2") and err.count("\n") == 1
+    assert not (tmp_path / "table1.json").exists() and not (tmp_path / "bench_exits.json").exists()

@@ -117,3 +117,18 @@ def test_cli_writes_a_loadable_model(tmp_path):
     assert model.config.with_decoders and model.config.channels == (8, 8, 8, 8)
     with pytest.raises(SystemExit):
         train.run(parser.parse_args(["--out", str(stem), "--epochs", "0"]))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-steps", "-1", "--max-steps must be >= 0"),  # ran no step, saved the untrained model
+    ("--limit", "-5", "--limit must be >= 0"),
+    ("--threads", "0", "--threads must be >= 1"),
+    ("--val-size", "54000", "--val-size must leave training images"),
+])
+def test_cli_refuses_bad_counts_before_training(tmp_path, option, value, message):
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    stem = tmp_path / "never"
+    with pytest.raises(SystemExit, match=message):
+        train.run(parser.parse_args(["--out", str(stem), option, value]))
+    assert not stem.with_suffix(".json").exists()

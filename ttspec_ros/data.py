@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -158,6 +159,31 @@ def splits_card(seed: int, pool_size: int = DEFAULT_POOL_SIZE) -> dict:
         "pool": {"size": int(s.pool.size), "sha256": index_hash(s.pool), "stratified": True},
         "test": {"size": SPLIT_SIZES["test"], "source_split": "test"},
     }
+
+
+def recorded_split(training: Mapping | None) -> tuple[int, int]:
+    """(seed, pool size) of the split a model card's ``training`` section records
+    (``splits_card``). Guessing would risk streaming images the model was trained on."""
+    recorded = training.get("splits") if isinstance(training, Mapping) else None
+    if not isinstance(recorded, Mapping) or "seed" not in recorded:
+        raise ValueError("the model card records no training.splits.seed; cannot tell which "
+                         "images are the deployment pool")
+    pool = recorded.get("pool") if isinstance(recorded.get("pool"), Mapping) else {}
+    return int(recorded["seed"]), int(pool.get("size", DEFAULT_POOL_SIZE))
+
+
+def recorded_pool(training: Mapping | None) -> np.ndarray:
+    """The deployment-pool indices of the split a model card records, checked against the
+    recorded sha256 when there is one."""
+    seed, size = recorded_split(training)
+    pool = splits(seed, size).pool
+    recorded = training["splits"].get("pool")
+    digest = recorded.get("sha256") if isinstance(recorded, Mapping) else None
+    if digest is not None and digest != index_hash(pool):
+        raise ValueError(f"the model card's deployment pool (sha256 {digest}) is not the split "
+                         f"data.splits(seed {seed}, size {size}) gives; cannot tell which images "
+                         "the model was not trained on")
+    return pool
 
 
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:

@@ -36,6 +36,12 @@ def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndar
     missing = [k for k in _SPEC_KEYS if k not in input_spec]
     if missing:
         raise ValueError(f"input spec lacks {missing}; expected keys {list(_SPEC_KEYS)}")
+    for key in ("channels", "size", "content_size"):
+        value = input_spec[key]
+        # int() would take true as 1, 32.7 as 32 and "32" as 32: a corrupt card, not a model
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"input spec has a field of the wrong type ({key} must be an "
+                             f"integer, got {value!r})")
     channels, size = int(input_spec["channels"]), int(input_spec["size"])
     content = int(input_spec["content_size"])
     if channels not in (1, 3):

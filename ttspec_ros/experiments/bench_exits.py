@@ -119,8 +119,12 @@ def measure(arch: str, size: int, repeats: int, warmup: int, threads: int, num_c
 
 
 def run(args: argparse.Namespace) -> int:
-    result = measure(args.arch, args.size, args.repeats, args.warmup, args.threads,
-                     args.num_classes, args.seed)
+    try:
+        result = measure(args.arch, args.size, args.repeats, args.warmup, args.threads,
+                         args.num_classes, args.seed)
+    except ValueError as err:  # bad options
+        print(f"ttspec bench-exits: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     path = write_json(out / "bench_exits.json", result)
     for e in result["forced_exits"]:

@@ -104,6 +104,10 @@ def bench_model(spec_name: str, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    for name, low in (("repeats", 1), ("warmup", 0), ("threads", 1), ("anchors_per_class", 1)):
+        if getattr(args, name) < low:  # --repeats 0 ended in a StatisticsError
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got "
+                             f"{getattr(args, name)}")
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]

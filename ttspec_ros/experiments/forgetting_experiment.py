@@ -73,10 +73,29 @@ def anchors_from(pool_data: ExitFeatures, candidates: np.ndarray, per_class: int
                      labels[picked]), picked
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad options with one line before any work (--eval-every 0 used to stop with a
+    ZeroDivisionError, a --threshold outside [0, 1] only after the whole unguarded run)."""
+    if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
+        raise SystemExit(f"ttspec forgetting-experiment: --threshold must be in [0, 1], got "
+                         f"{args.threshold}")
+    for name, low in (("eval_every", 1), ("anchors_per_class", 1), ("threads", 1), ("batch", 1),
+                      ("subset_frames", 0), ("mixed_frames", 0)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"ttspec forgetting-experiment: --{name.replace('_', '-')} must be "
+                             f">= {low}, got {getattr(args, name)}")
+    if args.subset_frames + args.mixed_frames < 1:
+        raise SystemExit("ttspec forgetting-experiment: the stream needs at least one frame")
+    if args.test_limit is not None and args.test_limit < 0:
+        raise SystemExit("ttspec forgetting-experiment: --test-limit must be >= 0, got "
+                         f"{args.test_limit}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ttspec_ros.models.checkpoint import load_model
     from ttspec_ros.preprocess import preprocess_batch
 
+    _check_args(args)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -105,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
     anchors, _ = anchors_from(pool_data, reserve, args.anchors_per_class, args.seed)
     rest = np.setdiff1d(np.arange(len(pool)), reserve)
     subset_pos = rest[np.isin(pool_labels[rest], classes)]
+    if (subset_pos.size == 0 and args.subset_frames) or (rest.size == 0 and args.mixed_frames):
+        raise SystemExit(f"ttspec forgetting-experiment: --anchors-per-class "
+                         f"{args.anchors_per_class} reserves the whole deployment pool for "
+                         "anchors; nothing is left to stream")
     order = np.concatenate([
         rng.choice(subset_pos, args.subset_frames, replace=True),
         rng.choice(rest, args.mixed_frames, replace=args.mixed_frames > rest.size),

@@ -42,13 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def split_seed_of(card) -> int:
-    """The data.splits seed a model card records (``training.splits.seed``, as written by
-    ``data.splits_card``). Guessing would risk streaming images the model was trained on."""
-    splits = card.training.get("splits") if isinstance(card.training, dict) else None
-    if not isinstance(splits, dict) or "seed" not in splits:
-        raise ValueError(f"model card {card.model_id!r} does not record training.splits.seed; "
-                         "pass --split-seed")
-    return int(splits["seed"])
+    """The data.splits seed a model card records (``data.recorded_split``)."""
+    try:
+        return data.recorded_split(card.training)[0]
+    except ValueError as e:
+        raise ValueError(f"model card {card.model_id!r}: {e}; pass --split-seed") from None
 
 
 def default_split_seed() -> int:

@@ -112,20 +112,14 @@ def settings_from(args: argparse.Namespace) -> dict:
 
 def split_seed(card) -> int:
     """The seed of the train/pool split the model was trained with (model card)."""
-    training = card.training or {}
-    splits = training.get("splits")
-    if isinstance(splits, dict) and "seed" in splits:
-        return int(splits["seed"])
-    if "seed" in training:
-        return int(training["seed"])
-    raise ValueError("model card's training section records no split seed; cannot tell which "
-                     "images are the deployment pool")
+    return data.recorded_split(card.training)[0]
 
 
 def pool_images(card) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pool indices into the train split, their images, their labels)."""
+    """(pool indices into the train split, their images, their labels): the pool the card
+    records, so that no image the model was trained on is streamed."""
+    pool = data.recorded_pool(card.training)
     images, labels = data.load_fashion_mnist("train")
-    pool = data.splits(split_seed(card)).pool
     return pool, images[pool], labels[pool]
 
 
@@ -158,11 +152,29 @@ def make_guard(model, card, pool_imgs: np.ndarray, candidates: np.ndarray, per_c
     return guard, info
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad options with one line before any work (an off-grid --threshold used to fail
+    only after the whole stream, --latency-frames 0 wrote NaN into the JSON)."""
+    if not any(abs(args.threshold - t) < 1e-9 for t in THRESHOLDS):
+        raise SystemExit(f"ttspec specialize-experiment: --threshold {args.threshold} is not on "
+                         "the reported grid 0.50..0.99 (step 0.01)")
+    for name in ("per_class", "anchors_per_class", "latency_frames", "threads", "batch"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"ttspec specialize-experiment: --{name.replace('_', '-')} must be "
+                             f">= 1, got {getattr(args, name)}")
+    if args.passes is not None and args.passes < 1:
+        raise SystemExit(f"ttspec specialize-experiment: --passes must be >= 1, got {args.passes}")
+    if args.test_limit is not None and args.test_limit < 0:
+        raise SystemExit("ttspec specialize-experiment: --test-limit must be >= 0, got "
+                         f"{args.test_limit}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ttspec_ros.cascade import Cascade
     from ttspec_ros.models.checkpoint import load_model
     from ttspec_ros.preprocess import preprocess, preprocess_batch
 
+    _check_args(args)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -179,6 +191,10 @@ def run(args: argparse.Namespace) -> int:
     # -- adaptation stream from the deployment pool
     rng = np.random.default_rng(args.seed)
     pool, pool_imgs, pool_labels = pool_images(card)
+    available = min(int((pool_labels == c).sum()) for c in classes)
+    if args.per_class > available:
+        raise SystemExit(f"ttspec specialize-experiment: --per-class {args.per_class} exceeds "
+                         f"the {available} deployment-pool images of each {args.subset} class")
     chosen = np.concatenate([
         rng.choice(np.flatnonzero(pool_labels == c), args.per_class, replace=False)
         for c in classes

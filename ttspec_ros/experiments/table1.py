@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -162,8 +163,12 @@ def evaluate(model_path: str | None, latency_images: int, warmup: int, threads: 
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate(args.model, args.latency_images, args.warmup, args.threads,
-                      args.test_limit, args.seed)
+    try:
+        result = evaluate(args.model, args.latency_images, args.warmup, args.threads,
+                          args.test_limit, args.seed)
+    except (FileNotFoundError, ValueError) as err:  # bad options, a missing or corrupt model
+        print(f"ttspec eval-exits: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "table1.json", result)
