@@ -90,7 +90,7 @@ def test_encode_image_round_trip():
 
 
 @pytest.mark.parametrize(("change", "reason"), [
-    ({"encoding": "yuv422"}, "unsupported_encoding"),
+    ({"encoding": "nv12"}, "unsupported_encoding"),
     ({"encoding": "RGB8"}, "unsupported_encoding"),
     ({"height": 0}, "zero_size"),
     ({"width": 0, "step": 0}, "zero_size"),
@@ -148,4 +148,53 @@ def test_png_header_claiming_too_many_pixels_is_an_image_decode_error():
     data[16:24] = (40000).to_bytes(4, "big") * 2  # IHDR width and height
     with pytest.raises(ImageDecodeError) as err:
         decode_compressed("png", bytes(data))
+    assert err.value.reason == "undecodable"
+
+
+# Flat colour patches: 4:2:2 and Bayer keep a flat colour exactly up to rounding.
+PATCHES = np.kron(np.array([[[200, 30, 40], [20, 180, 60]], [[30, 50, 210], [240, 240, 240]]],
+                           np.uint8), np.ones((4, 4, 1), np.uint8))  # 8x8x3 RGB
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize(("encoding", "to_yuv"), [
+    ("yuv422", cv2.COLOR_RGB2YUV_UYVY), ("uyvy", cv2.COLOR_RGB2YUV_UYVY),
+    ("yuv422_yuy2", cv2.COLOR_RGB2YUV_YUY2), ("yuyv", cv2.COLOR_RGB2YUV_YUY2),
+])
+def test_yuv422_encodings_come_back_as_rgb(encoding, to_yuv, pad):
+    packed = cv2.cvtColor(PATCHES, to_yuv)  # (H, W, 2) in the encoding's byte order
+    out = decode_image(**_fields(packed, encoding, pad))
+    assert out.shape == PATCHES.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - PATCHES).max() <= 3
+    # The other byte order gives other colours: the encoding names decide the order.
+    other = "yuv422_yuy2" if encoding in ("yuv422", "uyvy") else "yuv422"
+    assert np.abs(decode_image(**_fields(packed, other)).astype(int) - PATCHES).max() > 50
+
+
+def _mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
+    """The raw Bayer frame a sensor with ``pattern`` (e.g. "rggb": R G / G B) would give."""
+    channel = {"r": 0, "g": 1, "b": 2}
+    raw = np.empty(rgb.shape[:2], np.uint8)
+    for k, c in enumerate(pattern):
+        raw[k // 2::2, k % 2::2] = rgb[k // 2::2, k % 2::2, channel[c]]
+    return raw
+
+
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+def test_bayer_encodings_are_demosaiced_to_rgb(pattern):
+    image = np.kron(PATCHES[::4, ::4], np.ones((8, 8, 1), np.uint8))  # 16x16, 8-px patches
+    out = decode_image(**_fields(_mosaic(image, pattern), f"bayer_{pattern}8", pad=2))
+    assert out.shape == image.shape
+    inner = (slice(2, 6), slice(2, 6))  # away from patch edges, where demosaicing blends
+    for r in (0, 8):
+        for c in (0, 8):
+            block = out[r:r + 8, c:c + 8][inner].astype(int)
+            assert np.abs(block - image[r + 3, c + 3]).max() <= 2, (pattern, r, c)
+
+
+def test_yuv422_with_an_odd_width_is_refused():
+    fields = {"height": 2, "width": 3, "encoding": "yuv422", "is_bigendian": 0, "step": 6,
+              "data": bytes(12)}
+    with pytest.raises(ImageDecodeError, match="width must be even") as err:
+        decode_image(**fields)
     assert err.value.reason == "undecodable"

@@ -235,6 +235,28 @@ def test_camera_transport_and_rate_set_live(pipeline, data):
         probe.list_parameters(CAM)
 
 
+def test_yuv_and_bayer_camera_frames_are_answered(pipeline, data):
+    """USB/CSI drivers publish YUV 4:2:2, raw sensors Bayer mosaics: decoded, not rejected."""
+    probe = pipeline["probe"]
+    rgb = data[0][1]
+    h, w = rgb.shape[:2]
+    bayer = rgb[:, :, 1].copy()  # a grey image: every Bayer site holds the same value
+    frames = {"yuv422": cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_UYVY),
+              "yuv422_yuy2": cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_YUY2),
+              "bayer_rggb8": bayer}
+    for encoding, raw in frames.items():
+        fields = {"height": h, "width": w, "encoding": encoding, "is_bigendian": 0,
+                  "step": raw.strides[0], "data": raw.tobytes()}
+        stamps: list = []
+
+        def answered(fields=fields, stamps=stamps) -> bool:  # best effort: one may be lost
+            stamps.append(probe.publish_image(fields)[0])
+            return wait_for(lambda: any(p.header.stamp in stamps for p in _predictions(probe)),
+                            1.0)
+
+        assert wait_for(answered, 6.0, interval=0.0), (encoding, probe.diag(CAM))
+
+
 def test_adapter_parameters_set_live(pipeline):
     probe = pipeline["probe"]
     assert probe.set_parameters(ADA, batch_size=2)[0].successful
@@ -247,7 +269,7 @@ def test_adapter_parameters_set_live(pipeline):
 def _bad_images() -> dict[str, dict]:
     good = encode_image(np.zeros((40, 40, 3), np.uint8), "rgb8")
     return {
-        "unsupported_encoding": {**good, "encoding": "yuv422"},
+        "unsupported_encoding": {**good, "encoding": "nv12"},
         "wrong_step": {**good, "step": 100},
         "truncated": {**good, "data": good["data"][:-7]},
         "zero_size": {**good, "height": 0, "data": b""},

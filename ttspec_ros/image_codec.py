@@ -1,11 +1,12 @@
 """sensor_msgs/Image and CompressedImage fields <-> numpy, without ROS or cv_bridge.
 
 ``decode_image`` takes the message fields (height, width, encoding, is_bigendian, step, data)
-and returns (H, W) for mono8/mono16, (H, W, 3) RGB for rgb8/bgr8, (H, W, 4) RGBA for
-rgba8/bgra8 (colour order normalised so callers never care), or (H, W, C) float32 for the
-32FC1/32FC3 frames the camera node publishes. ``step`` (row stride, may include padding) and
-``is_bigendian`` are honoured. Malformed input raises ``ImageDecodeError`` whose ``reason`` is
-one of ``REASONS`` (the nodes count rejections per reason).
+and returns (H, W) for mono8/mono16, (H, W, 3) RGB for rgb8/bgr8 and for the YUV 4:2:2 and
+Bayer encodings in ``CONVERTED``, (H, W, 4) RGBA for rgba8/bgra8 (colour order normalised so
+callers never care), or (H, W, C) float32 for the 32FC1/32FC3 frames the camera node
+publishes. ``step`` (row stride, may include padding) and ``is_bigendian`` are honoured.
+Malformed input raises ``ImageDecodeError`` whose ``reason`` is one of ``REASONS`` (the nodes
+count rejections per reason).
 
 Frames (camera -> classifier) carry the preprocessed (C, S, S) float32 tensor as a
 ``32FC{C}`` image of S x S pixels, channels interleaved (the ROS layout), native byte order:
@@ -31,7 +32,16 @@ ENCODINGS: dict[str, tuple[int, np.dtype, bool]] = {
     "32FC1": (1, np.dtype(np.float32), False),
     "32FC3": (3, np.dtype(np.float32), False),
 }
-CAMERA_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16")
+# Camera encodings decoded to RGB by OpenCV, as cv_bridge does: packed YUV 4:2:2 (USB and
+# CSI cameras; sensor_msgs' "yuv422" is UYVY and "yuv422_yuy2" YUYV, Jazzy adds the aliases)
+# and raw 8-bit Bayer mosaics. encoding -> (bytes per pixel, cv2 conversion). OpenCV names a
+# Bayer pattern by the second row's first two pixels, so ROS's rggb is OpenCV's BG.
+CONVERTED: dict[str, tuple[int, str]] = {
+    "yuv422": (2, "COLOR_YUV2RGB_UYVY"), "uyvy": (2, "COLOR_YUV2RGB_UYVY"),
+    "yuv422_yuy2": (2, "COLOR_YUV2RGB_YUY2"), "yuyv": (2, "COLOR_YUV2RGB_YUY2"),
+    "bayer_rggb8": (1, "COLOR_BayerBG2RGB"), "bayer_bggr8": (1, "COLOR_BayerRG2RGB"),
+    "bayer_gbrg8": (1, "COLOR_BayerGR2RGB"), "bayer_grbg8": (1, "COLOR_BayerGB2RGB"),
+}
 MAX_SIDE = 16384  # pixels; larger sides are treated as corrupt headers
 MAX_BYTES = 256 * 1024 * 1024
 
@@ -67,13 +77,20 @@ def check_size(height: int, width: int, channels: int = 1, itemsize: int = 1) ->
 def decode_image(height: int, width: int, encoding: str, is_bigendian: int | bool, step: int,
                  data: Any) -> np.ndarray:
     """Image message fields -> array (a copy; see the module docstring for shapes)."""
-    if encoding not in ENCODINGS:
+    if encoding in CONVERTED:
+        channels, dtype, reverse = CONVERTED[encoding][0], np.dtype(np.uint8), False
+    elif encoding in ENCODINGS:
+        channels, dtype, reverse = ENCODINGS[encoding]
+    else:
         raise ImageDecodeError(
             "unsupported_encoding",
-            f"encoding {encoding!r} is not supported; use one of {list(ENCODINGS)}")
-    channels, dtype, reverse = ENCODINGS[encoding]
+            f"encoding {encoding!r} is not supported; use one of "
+            f"{[*ENCODINGS, *CONVERTED]}")
     height, width, step = int(height), int(width), int(step)
     check_size(height, width, channels, dtype.itemsize)
+    if encoding in CONVERTED and channels == 2 and width % 2:
+        raise ImageDecodeError("undecodable", f"{encoding} pairs pixels (4:2:2): its width "
+                               f"must be even, got {width}")
     row_bytes = width * channels * dtype.itemsize
     if step < row_bytes or step > MAX_BYTES:
         raise ImageDecodeError(
@@ -96,6 +113,12 @@ def decode_image(height: int, width: int, encoding: str, is_bigendian: int | boo
     else:
         image = rows
     image = image.reshape(height, width, channels)
+    if encoding in CONVERTED:
+        import cv2
+
+        code = getattr(cv2, CONVERTED[encoding][1])
+        return cv2.cvtColor(np.ascontiguousarray(image if channels == 2 else image[:, :, 0]),
+                            code)
     if reverse:
         image = image[:, :, [2, 1, 0, 3][:channels]]
     if channels == 1 and encoding.startswith("mono"):
