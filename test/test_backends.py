@@ -9,6 +9,7 @@ import shutil
 import sys
 
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -257,7 +258,11 @@ def test_onnxruntime_stage_accepts_a_carry_in_other_buffers(exported, image):
     assert relative_difference(pooled, expected[1]) < 1e-4
 
 
-def test_onnxruntime_spinning_is_opt_in_and_stops_after_each_run(exported, image):
+def test_onnxruntime_spins_boundedly_by_default_and_without_bound_on_request(
+    exported, image, monkeypatch
+):
+    from ttspec_ros.backends import onnxruntime_backend
+
     model, out, _ = exported
 
     def entry(options, key):
@@ -270,13 +275,24 @@ def test_onnxruntime_spinning_is_opt_in_and_stops_after_each_run(exported, image
         options = [b.session.get_session_options() for b in backbone._stages]
         return {
             (entry(o, "session.intra_op.allow_spinning"),
+             entry(o, "session.intra_op.spin_duration_us"),
              entry(o, "session.force_spinning_stop"))
             for o in options
         }
 
-    assert entries(OnnxRuntimeBackbone(out, num_threads=1)) == {("0", None)}
+    # Releases before 1.26 ignore spin_duration_us (they would spin without bound): sleep.
+    assert onnxruntime_backend.bounded_spin_us("1.25.1") == 0
+    assert onnxruntime_backend.bounded_spin_us("1.26.0") == onnxruntime_backend.SPIN_US > 0
+    assert onnxruntime_backend.bounded_spin_us("2.0.0") == onnxruntime_backend.SPIN_US
+    assert onnxruntime_backend.bounded_spin_us("custom") == 0
+    expected = onnxruntime_backend.bounded_spin_us(onnxruntime.__version__)
+    assert entries(OnnxRuntimeBackbone(out, num_threads=1)) == (
+        {("1", str(expected), None)} if expected else {("0", None, None)})
+    monkeypatch.setattr(onnxruntime_backend, "bounded_spin_us", lambda version: 0)
+    assert entries(OnnxRuntimeBackbone(out, num_threads=1)) == {("0", None, None)}
+    # Unbounded spinning (dedicated cores) stops when each run returns.
     spinning = OnnxRuntimeBackbone(out, num_threads=2, allow_spinning=True)
-    assert entries(spinning) == {("1", "1")}
+    assert entries(spinning) == {("1", None, "1")}
     carry = image
     for i, expected in enumerate(torch_reference(model, image)):
         carry, pooled = spinning.run_stage(i, carry)

@@ -27,6 +27,31 @@ from torch import Tensor
 
 from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
 
+# Bounded spinning, the default: an intra-op worker that has no work spins this long for the
+# next op before it sleeps, so the gaps between the ops of one run cost no wake-ups, and a
+# worker sleeps again within SPIN_US once a run ends. RevCol-T at 224, 2 threads, 2 cores,
+# unsplit graph, paired medians against sleeping workers:
+# - quiet machine: 58.7 vs 65.0 and 54.5 vs 58.9 ms (-7 to -10 %), the gain of unbounded
+#   spinning (59.7, 55.0 ms); 10, 25 and 100 us gave the same within noise;
+# - cores oversubscribed (3 busy processes on 2 cores): 192 / 178 vs 186 / 185 ms, where
+#   unbounded spinning took 253 / 243 ms;
+# - 10 Hz stream: 134 vs 124 ms of CPU per frame (+8 %) for 58.1 vs 67.5 ms latency; CPU in
+#   the 0.5 s after a run 0.1 ms either way.
+# ONNX Runtime reads the setting from 1.26 on; older releases would ignore it and spin without
+# bound during runs, so there workers sleep at once as before.
+SPIN_US = 50
+_SPIN_US_SINCE = (1, 26)
+
+
+def bounded_spin_us(ort_version: str) -> int:
+    """SPIN_US where this ONNX Runtime release bounds the spin, else 0 (sleep at once)."""
+    try:
+        major, minor = (int(part) for part in ort_version.split(".")[:2])
+    except ValueError:
+        return 0
+    return SPIN_US if (major, minor) >= _SPIN_US_SINCE else 0
+
+
 Carry = dict  # name -> onnxruntime.OrtValue; the next stage's inputs
 # A blocked carry must have the size of its NCHW form (the bound buffers are allocated from the
 # manifest's NCHW shapes): true when its channels are a multiple of the block size, which is
@@ -103,6 +128,7 @@ class OnnxRuntimeBackbone:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
         self.allow_spinning = allow_spinning
+        self.spin_us = bounded_spin_us(ort.__version__)
         # The image is copied into this array; the bound OrtValue shares its memory.
         self._image = np.zeros(self.image_shape, dtype=np.float32)
         self._image_value = ort.OrtValue.ortvalue_from_numpy(self._image)
@@ -146,24 +172,27 @@ class OnnxRuntimeBackbone:
                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
-        # Spinning (allow_spinning): intra-op workers wait busily for the next op instead of
-        # sleeping. Measured on RevCol-T at 224, 2 threads, 2 cores:
+        # Spinning: intra-op workers wait busily for the next op instead of sleeping.
+        # Measured on RevCol-T at 224, 2 threads, 2 cores:
         # - gain on a quiet machine: unsplit 102 ms spinning vs 115 ms sleeping (-11 %);
         # - plain ORT spinning does not stop when Run returns: the idle stage sessions' pools
         #   spun against the running one (staged 270 ms) and a process burnt ~40 ms CPU in
         #   the 200 ms after each frame, i.e. while a robot waits for the next camera frame.
-        #   "force_spinning_stop" (always set here with spinning) ends the spin when each
-        #   Run returns: idle CPU after a run 0.08 ms per 200 ms, and only the running
-        #   stage's pool spins;
-        # - during a run, spinning workers still take cores from other processes; with the
+        #   "force_spinning_stop" (set here with allow_spinning) ends the spin when each Run
+        #   returns: idle CPU after a run 0.08 ms per 200 ms;
+        # - during a run, unbounded spinning still takes cores from other processes; with the
         #   cores oversubscribed (load 5-7 on 2 cores) staged forwards took 477 ms spinning
         #   vs 226 ms sleeping. A robot shares its cores with the camera, adapter and the
-        #   rest of its stack, so sleeping is the default; spinning is for dedicated cores.
+        #   rest of its stack, so unbounded spinning (allow_spinning) is for dedicated cores.
+        # The default spins for at most SPIN_US between ops (see there).
+        spin_us = self.spin_us
         options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
+            "session.intra_op.allow_spinning", "1" if self.allow_spinning or spin_us else "0"
         )
         if self.allow_spinning:
             options.add_session_config_entry("session.force_spinning_stop", "1")
+        elif spin_us:
+            options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
         if self.num_threads is not None:
             options.intra_op_num_threads = int(self.num_threads)
         return ort.InferenceSession(model, sess_options=options,

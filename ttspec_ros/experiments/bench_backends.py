@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-model", default="demo",
                         help="what 'demo' means: 'demo' (bundled) or a checkpoint path")
     parser.add_argument("--onnxruntime-spinning", action="store_true",
-                        help="let ONNX Runtime's intra-op threads spin during a run (off by "
-                             "default, as in the classifier node; see onnxruntime_backend)")
+                        help="let ONNX Runtime's intra-op threads spin without bound during a "
+                             "run (by default they spin at most onnxruntime_backend.SPIN_US "
+                             "between ops, as in the classifier node)")
     parser.add_argument("--tensorrt-precision", default="fp32", choices=("fp32", "fp16"))
     parser.add_argument("--cache-dir", default=None,
                         help="TensorRT engine cache (default: <out>/cache)")
@@ -282,6 +283,8 @@ def _summary(results: list[dict], overhead: list[dict]) -> dict:
 def run(args: argparse.Namespace) -> int:
     import onnx
 
+    from ttspec_ros.backends.onnxruntime_backend import bounded_spin_us
+
     labels = [m for m in args.models.split(",") if m]
     unknown = set(labels) - set(MODELS)
     if unknown:
@@ -315,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "threads": args.threads, "repeats": args.repeats,
         "block": args.block, "warmup": args.warmup,
         "onnxruntime_spinning": args.onnxruntime_spinning,
+        "onnxruntime_spin_us": (None if ort_version is None or args.onnxruntime_spinning
+                                else bounded_spin_us(ort_version)),
         "tensorrt_precision": args.tensorrt_precision,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": ort_version, "python": platform.python_version()},
