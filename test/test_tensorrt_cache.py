@@ -448,3 +448,17 @@ def test_tensorrt_matches_torch_and_reuses_engines(tmp_path, precision, toleranc
     again = TensorRTBackbone(tmp_path / "graphs", cache_dir=tmp_path / "engines",
                              precision=precision)
     assert again.builds == 0
+
+
+@pytest.mark.parametrize("version", ["8.4.1.5", "7.1.3"])
+def test_tensorrt_before_8_5_is_refused_by_version(monkeypatch, version):
+    """JetPack 5.0.x ships TensorRT 8.4, which lacks the name-based tensor API the engines are
+    run with: refused at start by version, not as an AttributeError later."""
+    from ttspec_ros.backends import BackendUnavailable
+    from ttspec_ros.backends.tensorrt_backend import import_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    with pytest.raises(BackendUnavailable, match=f"needs TensorRT >= 8.5.*this is {version}"):
+        import_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.5.2.2"))
+    assert import_tensorrt().__version__ == "8.5.2.2"

@@ -69,6 +69,14 @@ def test_config_rejects_bad_values():
                 dict(momentum=nan)):
         with pytest.raises(ValueError):
             TTTConfig(**bad)
+    # Types from a params file or JSON: true is not 1 step, 1.5 is no step count.
+    for bad, words in ((dict(steps=1.5), "steps must be an integer"),
+                       (dict(batch=True), "batch must be an integer"),
+                       (dict(lr=True), "lr must be a number"),
+                       (dict(momentum="0.9"), "momentum must be a number")):
+        with pytest.raises(ValueError, match=words):
+            TTTConfig(**bad)
+    assert TTTConfig(steps=np.int64(2), lr=np.float32(0.01)).steps == 2
 
 
 def test_norm_pix_target_follows_the_model_card():

@@ -1,9 +1,10 @@
 """MAE-style random patch masking and the masked-patch reconstruction loss.
 
 Used by training (the decoders learn to fill in hidden patches) and by test-time training,
-which must use these exact functions. Patches are the stem's 4x4 patches, so a masked patch is
-exactly one stem token. Hidden pixels are set to 0 in the normalised input (= the training mean),
-the usual way to mask for a convolutional encoder.
+which must use these exact functions. Patches are the stem's 4x4 patches: with the default
+stem kernel 4 a masked patch is exactly one stem token (a larger stem kernel, which overlaps
+its neighbours, also sees the edges of neighbouring patches). Hidden pixels are set to 0 in
+the normalised input (= the training mean), the usual way to mask for a convolutional encoder.
 """
 
 from __future__ import annotations

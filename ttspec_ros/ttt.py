@@ -25,6 +25,7 @@ consistent snapshot (a ``ModelUpdatePayload`` named with the model's state-dict 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -69,6 +70,15 @@ class TTTConfig:
                              ("objective", OBJECTIVES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"TTT {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        # From params files and JSON: true would pass as 1 and 1.5 as steps until range() fails.
+        for key in ("columns", "steps", "batch", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"TTT {key} must be an integer, got {value!r}")
+        for key in ("lr", "mask_ratio", "momentum", "weight_decay", "anchor"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"TTT {key} must be a number, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TTT lr must be positive and finite, got {self.lr}")
         if self.steps < 1 or self.batch < 1 or self.columns < 1:

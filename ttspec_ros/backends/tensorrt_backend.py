@@ -184,6 +184,9 @@ def entry_name(model_hash: str, image_shape: list[int], stage: int, precision: s
             f"-g{graph_sha256[:12]}-gpu{gpu_tag}")
 
 
+TENSORRT_MIN = (8, 5)
+
+
 def import_tensorrt():
     try:
         import tensorrt
@@ -192,6 +195,17 @@ def import_tensorrt():
             "backend 'tensorrt' needs the `tensorrt` Python package (JetPack on Jetson, or "
             f"NVIDIA's tensorrt wheels with a CUDA GPU); it is not importable here: {e}"
         ) from e
+    # The engines are driven by tensor name (set_tensor_address, execute_async_v3), which
+    # came with TensorRT 8.5; JetPack 5.0.x ships 8.4, where they fail as AttributeErrors.
+    try:
+        version = tuple(int(part) for part in tensorrt.__version__.split(".")[:2])
+    except (AttributeError, ValueError):
+        version = TENSORRT_MIN
+    if version < TENSORRT_MIN:
+        raise BackendUnavailable(
+            f"backend 'tensorrt' needs TensorRT >= {'.'.join(map(str, TENSORRT_MIN))} (JetPack "
+            f"5.1 or later) for its name-based tensor API; this is {tensorrt.__version__}"
+        )
     return tensorrt
 
 
