@@ -151,10 +151,12 @@ def test_backbone_tensors_update_on_torch_only():
     assert cascade.updatable_tensor_names() == heads
     with pytest.raises(ValueError, match="only head tensors"):
         cascade.apply_update({"stem.1.weight": np.ones(8)}, version=1)
-    cascade.apply_update({"cls_blocks.3.classifier.0.weight": np.full(32, 2.0)}, version=1)
     x = image()
-    assert torch.equal(cascade.run(x, force_exit=3).logits,
-                       Cascade(model, 0.5).run(x, force_exit=3).logits)
+    before = cascade.run(x, force_exit=3).logits
+    cascade.apply_update({"cls_blocks.3.classifier.0.weight": np.full(32, 2.0)}, version=1)
+    after = cascade.run(x, force_exit=3)
+    assert after.model_version == 1 and not torch.equal(after.logits, before)
+    assert torch.equal(after.logits, Cascade(model, 0.5).run(x, force_exit=3).logits)
 
 
 def test_updates_are_atomic_between_frames():
@@ -212,7 +214,6 @@ def test_exit_costs_are_cumulative_shares():
     steps = np.diff([0.0, *costs])
     assert steps[1] == pytest.approx(steps[2]) and steps[2] == pytest.approx(steps[3])
     assert steps[0] != pytest.approx(steps[1])
-    assert Cascade(model, 0.5).exit_costs(32) == costs
     assert exit_costs(make_model(num_columns=8), 32)[1] == pytest.approx(0.5, abs=0.05)
 
 

@@ -147,6 +147,17 @@ def test_ema_requested_but_absent_falls_back_to_model_with_warning(tmp_path):
     assert_same_weights(loaded, model)
 
 
+def test_checkpoint_holding_only_state_dict_ema_loads_with_warning(tmp_path):
+    ema = make_model(seed=3)
+    path = tmp_path / "ema_only.pth"
+    torch.save({"state_dict_ema": ema.state_dict(), "epoch": 3}, path)
+    with pytest.warns(UserWarning, match="no 'model' entry"):
+        loaded, _ = load_model(path)
+    assert_same_weights(loaded, ema)
+    loaded, _ = load_model(path, use_ema=True)  # asked for: no warning needed
+    assert_same_weights(loaded, ema)
+
+
 @pytest.mark.parametrize("with_decoders", [True, False])
 def test_raw_state_dict_with_or_without_decoders(tmp_path, with_decoders):
     model = make_model(with_decoders=with_decoders)
@@ -269,6 +280,9 @@ def test_corrupt_files_are_refused_clearly(tmp_path):
     (tmp_path / "m.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_model(tmp_path / "m")
+    (tmp_path / "m.json").write_bytes(b"\xff\xfe{}")  # not UTF-8: named like bad JSON
+    with pytest.raises(ValueError, match=r"m\.json: model card is not valid JSON"):
+        load_model(tmp_path / "m")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00\x01 definitely not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
@@ -350,6 +364,8 @@ def test_tensor_with_the_wrong_number_of_dimensions_is_named(tmp_path):
     ("exit_cost", [0.5, 0.3, 0.7, 1.0], "exit_cost needs"),
     ("exit_cost", [None] * 4, "wrong type"),
     ("class_names", None, "wrong type"),
+    ("class_names", "abc", "class_names has the wrong type"),  # not three one-letter names
+    ("class_names", [0, 1, 2], "class_names has the wrong type"),  # predictions need strings
     ("thresholds", ["a", "b", "c"], "thresholds: need numbers"),
     ("thresholds", "000", "thresholds: need numbers"),  # not three zeros
     ("thresholds", True, "thresholds: need numbers"),  # not 1.0 for every exit

@@ -53,6 +53,29 @@ def test_payload_validates_input() -> None:
     assert p.tensors["a"].dtype == np.float32
 
 
+@pytest.mark.parametrize("value", [np.array([1 + 2j]), np.array([True]),
+                                   np.array([None]), np.array(["1.0"])])
+def test_payload_refuses_tensors_that_are_not_real_numbers(value) -> None:
+    # The float32 cast would drop imaginary parts, turn bools into 0/1 and parse strings.
+    with pytest.raises(ValueError, match="'a' has dtype"):
+        ModelUpdatePayload("m", 1, {"a": value})
+
+
+def test_payload_refuses_a_bool_version_and_unconvertible_tensors(tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    with pytest.raises(ValueError, match="version"):
+        ModelUpdatePayload("m", True, {})  # not version 1
+    with pytest.raises(ValueError, match="'a': not convertible"):
+        ModelUpdatePayload("m", 1, {"a": torch.zeros(2, dtype=torch.bfloat16)})
+    path = tmp_path / "bf16.safetensors"
+    save_file({"a": torch.zeros(2, dtype=torch.bfloat16)}, str(path),
+              metadata={"model_id": "m", "version": "1"})
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_payload(path)
+
+
 def test_payload_keeps_its_own_copy() -> None:
     import torch
 

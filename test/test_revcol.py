@@ -259,13 +259,13 @@ def test_reference_forward_is_sensitive_to_the_details_it_checks():
     finally:
         EPS = 1e-6
     assert (other_eps[-1] - base[-1]).abs().max() > 1e-7
-    unclamped = dict(params)
-    for k in unclamped:
-        if ".alpha" in k:
-            unclamped[k] = unclamped[k].clone()
-            unclamped[k].view(-1)[:2] = 0.5
-    changed, _ = reference_forward(unclamped, TINY["layers"], 4, image)
-    assert (changed[-1] - base[-1]).abs().max() > 1e-7
+    global clamped
+    real_clamp, clamped = clamped, lambda alpha: alpha  # the raw alphas (1e-5, -2e-4, ...)
+    try:
+        unclamped, _ = reference_forward(params, TINY["layers"], 4, image)
+    finally:
+        clamped = real_clamp
+    assert (unclamped[-1] - base[-1]).abs().max() > 1e-7
 
 
 def test_alpha_clamp_keeps_sign_and_minimum_magnitude():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -73,7 +73,8 @@ class Cascade:
     last (or one float for all). ``backbone`` defaults to ``TorchBackbone(model)``; the heads
     always come from ``model``."""
 
-    def __init__(self, model: RevCol, thresholds, num_threads: int | None = None, *,
+    def __init__(self, model: RevCol, thresholds: float | Sequence[float],
+                 num_threads: int | None = None, *,
                  backbone: StagedBackbone | None = None, model_id: str = "") -> None:
         self.model = model.eval()
         self.num_exits = model.num_exits
@@ -105,7 +106,7 @@ class Cascade:
         return list(self._targets) if self.torch_backbone else self.head_tensor_names()
 
     # -- inference ------------------------------------------------------------------------
-    def _image(self, image) -> Tensor:
+    def _image(self, image: Tensor | np.ndarray) -> Tensor:
         x = torch.as_tensor(image)
         if x.ndim == 3:
             x = x.unsqueeze(0)
@@ -128,7 +129,8 @@ class Cascade:
             return force_exit
         return self.num_exits - 1 if max_exit is None else max_exit
 
-    def run(self, image, *, thresholds=None, max_exit: int | None = None,
+    def run(self, image: Tensor | np.ndarray, *,
+            thresholds: float | Sequence[float] | None = None, max_exit: int | None = None,
             force_exit: int | None = None) -> CascadeResult:
         """Classify one preprocessed image. ``thresholds`` overrides the defaults for this
         frame; ``max_exit`` answers there at the latest; ``force_exit`` ignores thresholds and
@@ -193,10 +195,6 @@ class Cascade:
             for target, src in prepared:
                 target.copy_(src)
             self.version = int(version)
-
-    # -- compute shares ---------------------------------------------------------------------
-    def exit_costs(self, image_size: int | tuple[int, int]) -> list[float]:
-        return exit_costs(self.model, image_size)
 
 
 def exit_costs(model: RevCol, image_size: int | tuple[int, int]) -> list[float]:

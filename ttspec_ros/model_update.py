@@ -36,16 +36,26 @@ class ModelUpdatePayload:
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str):
             raise TypeError(f"model_id must be a str, got {type(self.model_id).__name__}")
-        if not isinstance(self.version, (int, np.integer)) or not 0 <= self.version <= _MAX_UINT64:
+        # A bool is an int to Python: True would pass as version 1.
+        if isinstance(self.version, (bool, np.bool_)) \
+                or not isinstance(self.version, (int, np.integer)) \
+                or not 0 <= self.version <= _MAX_UINT64:
             raise ValueError(f"version must be an integer in 0..2**64-1, got {self.version!r}")
         checked = {}
         for name, value in self.tensors.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+            try:
+                source = _as_numpy(value)
+            except TypeError as e:  # e.g. a bfloat16 tensor, which numpy has no type for
+                raise ValueError(f"tensor {name!r}: not convertible to float32 ({e})") from e
+            # Real numbers only: the cast would drop imaginary parts and turn bools into 0/1.
+            if source.dtype.kind not in "fiu":
+                raise ValueError(f"tensor {name!r} has dtype {source.dtype}, need real numbers")
             # A copy: a view of the caller's parameter or array would change after validation.
             # Left writable, as consumers turn them into tensors (torch.as_tensor warns on
             # read-only arrays).
-            t = np.array(_as_numpy(value), dtype=np.float32, order="C", copy=True)
+            t = np.array(source, dtype=np.float32, order="C", copy=True)
             if not all_finite([t]):
                 raise ValueError(f"tensor {name!r} holds NaN or infinite values")
             checked[name] = t
@@ -87,8 +97,9 @@ def to_msg(payload: ModelUpdatePayload, msg_module: ModuleType | None = None) ->
         nt = named_tensor_cls()
         nt.name = name
         nt.shape = array.array("I", [int(d) for d in t.shape])
-        # array('f', bytes) copies the buffer without a per-element Python loop.
-        nt.data = array.array("f", t.astype("<f4", copy=False).tobytes())
+        # array('f', bytes) copies the buffer without a per-element Python loop; array('f')
+        # is native-endian, so the bytes must be too.
+        nt.data = array.array("f", t.astype(np.float32, copy=False).tobytes())
         tensors.append(nt)
     msg.tensors = tensors
     return msg
@@ -133,7 +144,7 @@ def load_payload(path: str | os.PathLike) -> ModelUpdatePayload:
         with safe_open(str(path), framework="numpy") as f:
             meta: Mapping[str, str] = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except SafetensorError as e:
+    except (SafetensorError, TypeError) as e:  # TypeError: a dtype numpy lacks (bfloat16)
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if "model_id" not in meta or "version" not in meta:
         raise ValueError(f"{path}: not a model update (metadata lacks model_id/version)")

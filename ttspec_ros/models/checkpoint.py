@@ -26,7 +26,7 @@ import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,12 @@ class ModelCard:
             config = self.config
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: architecture is incomplete or malformed ({e})") from e
+        # Published as each prediction's class_name (a string field): a string here would be
+        # read one character per class, a number would fail every frame.
+        if not isinstance(self.class_names, (list, tuple)) \
+                or not all(isinstance(n, str) for n in self.class_names):
+            raise ValueError(f"{source}: class_names has the wrong type: need a list of "
+                             f"strings, got {self.class_names!r:.80}")
         if len(self.class_names) != config.num_classes:
             raise ValueError(
                 f"{source}: {len(self.class_names)} class_names for a model with "
@@ -131,7 +137,8 @@ class ModelCard:
             )
 
 
-def validate_thresholds(thresholds, num_exits: int, source: str = "thresholds") -> list[float]:
+def validate_thresholds(thresholds: float | Sequence[float], num_exits: int,
+                        source: str = "thresholds") -> list[float]:
     """A float (same for every early exit) or one value in [0, 1] per exit but the last."""
     # A string would be read one digit per exit, and a bool (an int to Python) as 0 or 1.
     if isinstance(thresholds, (str, bytes, bool)):
@@ -186,14 +193,15 @@ def _inert_global(module: str, name: str) -> type:
     return type("ForeignObject", (ForeignObject,), {"pickled_global": f"{module}.{name}"})
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> Tensor:
+def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any,
+                    *_ignored: Any) -> Tensor:
     # Stands in for torch._utils._rebuild_tensor_v2; drops backward hooks and metadata.
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError("tensor record without a tensor storage")
     return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_parameter(data, *_ignored) -> Tensor:
+def _rebuild_parameter(data: Any, *_ignored: Any) -> Tensor:
     if not isinstance(data, Tensor):
         raise pickle.UnpicklingError("parameter record without tensor data")
     return data
@@ -216,7 +224,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         return _ALLOWED_GLOBALS.get((module, name)) or _inert_global(module, name)
 
 
-def _restricted_load(file, **kwargs) -> Any:
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
     return RestrictedUnpickler(file, **kwargs).load()
 
 
@@ -258,7 +266,8 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
                        ) -> dict[str, Tensor]:
     """The state dict inside a loaded checkpoint: the object itself if it maps names to
     tensors, else its ``model`` entry (default) or, with ``use_ema``, its ``state_dict_ema``
-    entry when present (falling back to ``model`` with a warning when it is not)."""
+    entry when present. When only one of the two is there, that one is used, with a warning
+    if it is not the one asked for."""
     if not isinstance(obj, Mapping) or isinstance(obj, ForeignObject):
         raise ValueError(f"{source}: holds {_describe(obj)}, not a state dict")
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
@@ -270,6 +279,9 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
                 key = "state_dict_ema"
             else:
                 warnings.warn(f"{source}: no state_dict_ema entry; using 'model'", stacklevel=2)
+        elif "model" not in obj and "state_dict_ema" in obj:  # a release of the EMA weights only
+            key = "state_dict_ema"
+            warnings.warn(f"{source}: no 'model' entry; using state_dict_ema", stacklevel=2)
         if key not in obj:
             raise ValueError(
                 f"{source}: neither a state dict nor a checkpoint with a {key!r} state dict "
@@ -400,7 +412,9 @@ def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> 
     The weights go through ``atomic_write_bytes`` (temporary file, fsync, rename) before the
     card, so readers never see a partial file, a refused card leaves the old pair untouched,
     and a crash between the two renames leaves new weights beside an old card, which
-    ``load_model`` refuses because the card's id is not the weights' hash."""
+    ``load_model`` refuses because the card's id is not the weights' hash (for hash ids only:
+    a card naming a model id of its own cannot tell, and only a different architecture is
+    refused)."""
     from safetensors.torch import save
 
     weights, card_path = model_files(path_stem)
@@ -419,7 +433,7 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: model card is not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: model card must be a JSON object")

@@ -5,8 +5,9 @@ Module and parameter names follow the official state dict exactly, so official c
 load with ``strict=True``. The forward pass is the non-reversible form, which computes the
 same values as the reversible one (only training memory differs).
 
-Besides ``forward`` (official outputs), the model exposes the pieces the early-exit cascade
-runs one at a time: ``stem``, ``run_column``, ``pool`` and ``head``.
+Besides ``forward`` (the official forward's class outputs; ``forward_with_reconstruction``
+adds its reconstructions), the model exposes the pieces the early-exit cascade runs one at a
+time: ``stem``, ``run_column``, ``pool`` and ``head``.
 
 Generalisations that leave the official configurations unchanged: ``in_chans`` (the official
 stem and decoders assume 3 channels; here the decoders reconstruct ``in_chans`` channels) and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +178,8 @@ class SubNet(nn.Module):
         for i in range(4):
             self._clamp_abs(getattr(self, f"alpha{i}").data, 1e-3)
 
-    def forward(self, x: Tensor, c0, c1, c2, c3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, c0: Tensor | float, c1: Tensor | float, c2: Tensor | float,
+                c3: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         self.clamp_alphas()
         # Order matters: each level reads the *new* value below it and the *previous* above.
         c0 = self.alpha0 * c0 + self.level0(x, c1 if torch.is_tensor(c1) else None)
@@ -425,26 +428,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_preset(name: str, num_classes: int = 1000, **overrides) -> RevCol:
+def build_preset(name: str, num_classes: int = 1000, **overrides: Any) -> RevCol:
     if name not in PRESETS:
         raise ValueError(f"unknown RevCol preset {name!r}; known: {', '.join(PRESETS)}")
     kwargs = {**PRESETS[name], "num_classes": num_classes, **overrides}
     return RevCol(**kwargs)
 
 
-def revcol_tiny(**kw) -> RevCol:
+def revcol_tiny(**kw: Any) -> RevCol:
     return build_preset("revcol_tiny", **kw)
 
 
-def revcol_small(**kw) -> RevCol:
+def revcol_small(**kw: Any) -> RevCol:
     return build_preset("revcol_small", **kw)
 
 
-def revcol_base(**kw) -> RevCol:
+def revcol_base(**kw: Any) -> RevCol:
     return build_preset("revcol_base", **kw)
 
 
-def revcol_large(**kw) -> RevCol:
+def revcol_large(**kw: Any) -> RevCol:
     return build_preset("revcol_large", **kw)
 
 
