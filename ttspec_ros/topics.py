@@ -105,7 +105,8 @@ TOPICS: tuple[TopicInfo, ...] = (
               (ADAPTER_NODE,), QOS_RELIABLE,
               "pooled features + pseudo-label of frames answered after exit 0"),
     TopicInfo(MODEL_UPDATES, "ttspec_ros/ModelUpdate", (ADAPTER_NODE,), (CLASSIFIER_NODE,),
-              QOS_LATCHED, "adapted early heads; late joiners get the latest"),
+              QOS_LATCHED, "adapted tensors, all of them in each update (the last one to "
+              "arrive is applied); late joiners get the latest"),
     TopicInfo(DIAGNOSTICS, "diagnostic_msgs/DiagnosticArray",
               (CAMERA_NODE, CLASSIFIER_NODE, ADAPTER_NODE), ("(diagnostics tools)",),
               QOS_RELIABLE, "counters of every node, about 1 Hz"),
