@@ -72,7 +72,8 @@ def test_payload_refuses_a_bool_version_and_unconvertible_tensors(tmp_path) -> N
     path = tmp_path / "bf16.safetensors"
     save_file({"a": torch.zeros(2, dtype=torch.bfloat16)}, str(path),
               metadata={"model_id": "m", "version": "1"})
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    # numpy reads bfloat16 only once ml_dtypes is imported (onnx imports it): either way refused
+    with pytest.raises(ValueError, match="not a readable safetensors file|has dtype bfloat16"):
         load_payload(path)
 
 

@@ -51,7 +51,8 @@ class ModelUpdatePayload:
                 raise ValueError(f"tensor {name!r}: not convertible to float32 ({e})") from e
             # Real numbers only: the cast would drop imaginary parts and turn bools into 0/1.
             if source.dtype.kind not in "fiu":
-                raise ValueError(f"tensor {name!r} has dtype {source.dtype}, need real numbers")
+                raise ValueError(f"tensor {name!r} has dtype {source.dtype}, need float or "
+                                 "integer numbers")
             # A copy: a view of the caller's parameter or array would change after validation.
             # Left writable, as consumers turn them into tensors (torch.as_tensor warns on
             # read-only arrays).
