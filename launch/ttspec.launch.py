@@ -2,6 +2,7 @@
 
     ros2 launch ttspec_ros ttspec.launch.py camera_topic:=/camera/color/image_raw \
         model:=/path/to/model threshold:=0.8 state_dir:=/var/lib/ttspec
+    ros2 launch ttspec_ros ttspec.launch.py use_sim_time:=true  # with ros2 bag play --clock
 
 Every node reads config/ttspec.yaml (or params_file:=...); the launch arguments below override
 it when given. Topics, nodes and executables come from ttspec_ros.topics.
@@ -27,6 +28,8 @@ ARGUMENTS = {
     "threshold": ("", "early-exit confidence threshold in [0, 1] for every early exit; "
                       "'' = params_file's value"),
     "state_dir": ("", "adapter state directory; '' = params_file's value"),
+    "use_sim_time": ("", "true: every node runs on /clock (a bag played with "
+                         "`ros2 bag play --clock`); '' = params_file's value"),
     "params_file": (os.path.join(get_package_share_directory(topics.PACKAGE), "config",
                                  topics.PARAMS_FILE), "parameters of all three nodes"),
 }
@@ -44,6 +47,12 @@ def _nodes(context) -> list[Node]:
         extra[topics.CLASSIFIER_NODE]["threshold"] = float(arg["threshold"])
     if arg["state_dir"]:
         extra[topics.ADAPTER_NODE]["state_dir"] = arg["state_dir"]
+    if arg["use_sim_time"]:
+        sim = {"true": True, "false": False}.get(arg["use_sim_time"].lower())
+        if sim is None:
+            raise ValueError(f"use_sim_time must be true or false, got {arg['use_sim_time']!r}")
+        for overrides in extra.values():
+            overrides["use_sim_time"] = sim
     remap = {topics.CAMERA_NODE: [
         (topics.IMAGE_RAW, arg["camera_topic"]),
         (topics.IMAGE_RAW_COMPRESSED, arg["camera_topic"] + "/compressed"),

@@ -124,3 +124,16 @@ def test_launch_arguments_become_overrides_and_remaps(monkeypatch):
 def test_bad_threshold_argument_fails_loudly(monkeypatch):
     with pytest.raises(ValueError):
         _launch(monkeypatch, threshold="high")
+
+
+def test_use_sim_time_argument_reaches_every_node(monkeypatch):
+    """Bag replay with /clock: `use_sim_time:=true` must reach all three nodes (an undeclared
+    launch argument would be ignored without a word)."""
+    nodes, declared = _launch(monkeypatch)
+    assert declared["use_sim_time"] == ""
+    assert all(len(n.kwargs["parameters"]) == 1 for n in nodes)  # '' = the params file's
+    for text, value in (("true", True), ("False", False)):
+        nodes, _ = _launch(monkeypatch, use_sim_time=text)
+        assert [n.kwargs["parameters"][1] for n in nodes] == [{"use_sim_time": value}] * 3
+    with pytest.raises(ValueError, match="use_sim_time"):
+        _launch(monkeypatch, use_sim_time="yes")

@@ -230,9 +230,11 @@ def test_camera_transport_and_rate_set_live(pipeline, data):
     assert len(_predictions(probe)) <= 4
     assert wait_for(lambda: probe.count(CAM, "dropped_rate_limit") >= before + 4, 3.0)
     assert probe.set_parameters(CAM, max_rate_hz=0.0)[0].successful
-    # QoS of image_raw is overridable the standard way (read-only parameters).
-    assert "qos_overrides./ttspec/image_raw.subscription.reliability" in \
-        probe.list_parameters(CAM)
+    # QoS of image_raw is overridable the standard way (read-only parameters), and so is the
+    # frames publisher (a classifier reading frames reliably needs a reliable writer).
+    names = probe.list_parameters(CAM)
+    assert "qos_overrides./ttspec/image_raw.subscription.reliability" in names
+    assert "qos_overrides./ttspec/frames.publisher.reliability" in names
 
 
 def test_yuv_and_bayer_camera_frames_are_answered(pipeline, data):
@@ -634,6 +636,83 @@ def test_sigint_and_sigterm_shut_down_cleanly(pipeline):
     assert codes == {CAM: 0, CLS: 0, ADA: 0}
     for name, p in procs.items():
         assert "Traceback" not in p.log(), f"{name}:\n{p.log()[-3000:]}"
+
+
+def test_shutdown_under_load_and_a_second_sigint_stay_clean(tmp_path, tiny):
+    """Ctrl-C while frames stream in, pressed twice: the frame in flight when the context
+    goes is not logged as a failed frame, and the second SIGINT neither interrupts close()
+    with a KeyboardInterrupt nor kills the process (exit 0)."""
+    ns = "ttspec_stop"
+    cls = NodeProcess(CLS, {"model": tiny[0]}, tmp_path, namespace=ns).start()
+    probe = probe_mod.Probe(namespace=ns, name="ttspec_probe_stop")
+    try:
+        assert wait_for(lambda: probe.seen(CLS), STARTUP_S, 0.2), cls.log()[-2000:]
+        frame = encode_frame(np.random.default_rng(0).random((1, 32, 32), np.float32))
+
+        def flood(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                probe.publish_frame(frame)
+                time.sleep(0.001)
+
+        flood(1.5)
+        assert probe.count(CLS, "classified") > 0, probe.diag(CLS)
+        cls.proc.send_signal(signal.SIGINT)
+        flood(0.05)
+        code = cls.stop(signal.SIGINT)  # the second one
+        log = cls.log()
+        assert code == 0, log[-3000:]
+        assert "Traceback" not in log and "frame failed" not in log, log[-3000:]
+    finally:
+        probe.close()
+        cls.stop(signal.SIGKILL)
+
+
+def test_max_rate_hz_follows_the_bag_clock_with_use_sim_time(tmp_path, tiny, data):
+    """use_sim_time: the rate limit is timed by /clock, so a bag played faster or slower
+    passes the frames the robot's camera passed (wall time would drop all but one here)."""
+    from builtin_interfaces.msg import Time
+    from rosgraph_msgs.msg import Clock
+
+    ns = "ttspec_sim"
+    cam = NodeProcess(CAM, {"model": tiny[0], "use_sim_time": True, "max_rate_hz": 1.0},
+                      tmp_path, namespace=ns).start()
+    probe = probe_mod.Probe(namespace=ns, name="ttspec_probe_sim")
+    clock_pub = probe.node.create_publisher(Clock, "/clock", 10)
+    now = [1000.0]
+
+    def tick(dt: float) -> None:
+        now[0] += dt
+        sec = int(now[0])
+        for _ in range(2):  # the camera reads /clock best effort: a lost one would stall it
+            clock_pub.publish(Clock(clock=Time(sec=sec, nanosec=int((now[0] - sec) * 1e9))))
+            time.sleep(0.05)
+
+    def diag_after_tick(key: str, at_least: int) -> bool:
+        tick(1.0)  # the camera's diagnostics timer runs on /clock too
+        return probe.count(CAM, key) >= at_least
+
+    try:
+        assert wait_for(lambda: diag_after_tick(nodes.MATCHED_IMAGES_WRITERS, 1), STARTUP_S,
+                        0.0), cam.log()[-2000:]
+        image = encode_image(data[0][0], "rgb8")
+        for _ in range(6):  # 2 s apart on the bag clock, 0.1 s apart on the wall
+            probe.publish_image(image)
+            tick(2.0)
+        assert wait_for(lambda: diag_after_tick("received", 6), 10.0, 0.0), probe.diag(CAM)
+        # On wall time 1 of the 6 would pass; a /clock message arriving after its image (a
+        # loaded machine) may cost one.
+        d = probe.diag(CAM)
+        assert int(d["published"]) >= int(d["received"]) - 1, d
+        for _ in range(4):  # the bag clock stands still: within one period, so dropped
+            probe.publish_image(image)
+            time.sleep(0.1)
+        assert wait_for(lambda: diag_after_tick("dropped_rate_limit", 3), 10.0, 0.0), \
+            probe.diag(CAM)
+        assert cam.stop(signal.SIGINT) == 0 and "Traceback" not in cam.log()
+    finally:
+        probe.close()
+        cam.stop(signal.SIGKILL)
 
 
 def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_path):

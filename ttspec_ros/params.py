@@ -49,8 +49,9 @@ CAMERA: tuple[ParamSpec, ...] = (
               "'raw': sensor_msgs/Image on image_raw; 'compressed': sensor_msgs/CompressedImage "
               "on image_raw/compressed", choices=("raw", "compressed")),
     ParamSpec("max_rate_hz", "double", 0.0,
-              "most frames per second passed on to the classifier (0 = no limit); "
-              "frames arriving sooner are dropped and counted", min=0.0, max=1000.0),
+              "most frames per second passed on to the classifier (0 = no limit), timed by "
+              "the node's clock (with use_sim_time: the bag's /clock); frames arriving sooner "
+              "are dropped and counted", min=0.0, max=1000.0),
 )
 
 CLASSIFIER: tuple[ParamSpec, ...] = (
@@ -199,8 +200,10 @@ def check_classifier(values: Mapping[str, Any], num_exits: int, changed: Sequenc
         return (f"thresholds needs {num_exits - 1} values (one per early exit of this "
                 f"{num_exits}-exit model), got {len(thresholds)}")
     if "thresholds" in changed and "threshold" not in changed and threshold >= 0.0:
+        # The set_parameters service (ros2 param set/load) applies one value at a time, so
+        # "in the same call" works only with set_parameters_atomically.
         return (f"thresholds has no effect while threshold is {threshold}; set threshold to -1 "
-                "in the same call")
+                "first (or both in one set_parameters_atomically call)")
     if values["max_exit"] > num_exits - 1:
         return f"max_exit must be -1 or at most {num_exits - 1}, got {values['max_exit']}"
     if "num_threads" in changed and values["backend"] == "onnxruntime":

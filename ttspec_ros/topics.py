@@ -98,7 +98,7 @@ TOPICS: tuple[TopicInfo, ...] = (
               (CAMERA_NODE,), QOS_SENSOR, "JPEG/PNG frames, used with transport: compressed"),
     TopicInfo(FRAMES, "sensor_msgs/Image", (CAMERA_NODE,), (CLASSIFIER_NODE,), QOS_SENSOR,
               "preprocessed model input, encoding 32FC1/32FC3 (height x width x channels), "
-              "source header kept"),
+              "source header kept (QoS overridable: camera's publisher, classifier's reader)"),
     TopicInfo(PREDICTIONS, "ttspec_ros/CascadePrediction", (CLASSIFIER_NODE,), ("(users)",),
               QOS_RELIABLE, "one per classified frame, source header kept"),
     TopicInfo(ADAPTATION_SAMPLES, "ttspec_ros/AdaptationSample", (CLASSIFIER_NODE,),

@@ -313,6 +313,10 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
     """Init rclpy, build the node, spin until SIGINT/SIGTERM, shut down without a traceback.
 
     Nodes may define ``close()`` (stop threads, save state); it runs before destroy_node.
+    Once shutting down, further SIGINT/SIGTERM are ignored (a second Ctrl-C, launch's SIGTERM
+    after its timeout): they would cut ``close()`` short with a KeyboardInterrupt traceback, or
+    kill the process, and lose the adapter's final save; ``close()`` is bounded and SIGKILL
+    still works.
     SIGUSR1 prints every thread's stack to stderr: where a node is stuck, without stopping it
     (``kill -USR1 <pid>``; the test harness does so before it kills a node that hangs)."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -334,18 +338,24 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
         # SIGINT/SIGTERM arrived while the node was being built: rcl calls then fail with
         # "context is invalid"; that is a shutdown, not an error.
     finally:
+        _ignore_shutdown_signals()
         if node is not None:
             close = getattr(node, "close", None)
             if close is not None:
                 close()
             node.destroy_node()
         rclpy.try_shutdown()
+        _ignore_shutdown_signals()  # try_shutdown put back the handlers rclpy had replaced
     return code
+
+
+def _ignore_shutdown_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread: nothing to protect there
+            return
 
 
 class StartupError(RuntimeError):
     """Raised by a node constructor for bad configuration (message says what and why)."""
-
-
-def monotonic_ms() -> float:
-    return time.perf_counter() * 1000.0

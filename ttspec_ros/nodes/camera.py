@@ -49,7 +49,11 @@ class CameraNode(Node):
         self._input_spec = self._load_input_spec(values["model"])
         self._min_period_s = params.min_period_s(values["max_rate_hz"])
         self._last_pass = -float("inf")
-        self._frames_pub = self.create_publisher(Image, topics.FRAMES, qos(topics.QOS_SENSOR))
+        # Overridable like the classifier's subscription of frames: a reliable reader needs a
+        # reliable writer (e.g. qos_overrides./ttspec/frames.publisher.reliability:=reliable).
+        self._frames_pub = self.create_publisher(
+            Image, topics.FRAMES, qos(topics.QOS_SENSOR),
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self._sub = None
         self._qos: dict[str, Any] = {}
         self._subscribe(values["transport"])
@@ -115,8 +119,18 @@ class CameraNode(Node):
         return accept()
 
     # -- frames
+    def _now_s(self) -> float:
+        """The rate limit's time: the node's clock while it runs on ROS time (use_sim_time: a
+        replayed bag's /clock, so ``ros2 bag play -r 4`` passes what the robot passed), else
+        the monotonic clock (system time can jump)."""
+        clock = self.get_clock()
+        if clock.ros_time_is_active:
+            return clock.now().nanoseconds * 1e-9
+        return time.monotonic()
+
     def _rate_allows(self, arrived: float) -> bool:
-        if arrived - self._last_pass < self._min_period_s:
+        # A clock that went back (a looped bag, a switch of use_sim_time) starts a new period.
+        if 0.0 <= arrived - self._last_pass < self._min_period_s:
             self.stats.count("dropped_rate_limit")
             return False
         return True
@@ -130,7 +144,7 @@ class CameraNode(Node):
 
     def _convert(self, header: Any, decode: Any) -> None:
         self.stats.count("received")
-        arrived = time.monotonic()
+        arrived = self._now_s()
         if not self._rate_allows(arrived):
             return  # checked before decoding: a dropped frame costs nothing
         start = time.perf_counter()

@@ -234,6 +234,8 @@ class ClassifierNode(Node):
             try:
                 self._classify(*item)
             except Exception as e:  # keep serving frames; the log says what went wrong
+                if self._stop.is_set() or not self.context.ok():
+                    return  # shut down under this frame (publish fails): not a frame error
                 self.stats.count("errors")
                 self.get_logger().error(f"frame failed: {type(e).__name__}: {e}",
                                         throttle_duration_sec=5.0)
