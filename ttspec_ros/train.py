@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ttspec_ros import data
 from ttspec_ros.cascade import exit_costs
+from ttspec_ros.experiments import below_minimum
 from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask
 from ttspec_ros.models.revcol import NUM_EXITS, STEM_PATCH, RevCol, check_stem_kernel
 from ttspec_ros.preprocess import preprocess_batch
@@ -380,14 +381,12 @@ def run(args: argparse.Namespace) -> int:
     if args.input_size % INPUT_MULTIPLE or not 0 < args.content_size <= args.input_size:
         raise SystemExit(f"--input-size must be a multiple of {INPUT_MULTIPLE} and "
                          "0 < --content-size <= --input-size")
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     # A negative --max-steps ran no step at all and saved the untrained model; a negative
     # --limit / --test-limit / --val-size sliced images off the end instead.
-    for name in ("max_steps", "limit", "test_limit", "val_size"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got "
-                             f"{getattr(args, name)}")
+    reason = below_minimum(args, {"threads": 1, "max_steps": 0, "limit": 0, "test_limit": 0,
+                                  "val_size": 0})
+    if reason:
+        raise SystemExit(reason)
     train_size = data.SPLIT_SIZES["train"] - TrainConfig().pool_size
     if args.val_size >= train_size:
         raise SystemExit(f"--val-size must leave training images: below {train_size}, got "

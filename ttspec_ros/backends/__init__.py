@@ -15,6 +15,16 @@ from pathlib import Path
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
+def release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a library's version string ("1.26.0", "8.5.2.2"); None if it has
+    none (a custom build), so callers decide what an unknown release may do."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
 class BackendUnavailable(RuntimeError):
     """A backend cannot run here; the message names what is missing."""
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ttspec_ros.backends import release
 from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
 
 # Bounded spinning, the default: an intra-op worker that has no work spins this long for the
@@ -45,11 +46,8 @@ _SPIN_US_SINCE = (1, 26)
 
 def bounded_spin_us(ort_version: str) -> int:
     """SPIN_US where this ONNX Runtime release bounds the spin, else 0 (sleep at once)."""
-    try:
-        major, minor = (int(part) for part in ort_version.split(".")[:2])
-    except ValueError:
-        return 0
-    return SPIN_US if (major, minor) >= _SPIN_US_SINCE else 0
+    version = release(ort_version)
+    return SPIN_US if version is not None and version >= _SPIN_US_SINCE else 0
 
 
 Carry = dict  # name -> onnxruntime.OrtValue; the next stage's inputs

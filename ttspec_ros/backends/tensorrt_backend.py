@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ttspec_ros.backends import BackendUnavailable
+from ttspec_ros.backends import BackendUnavailable, release
 from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
 from ttspec_ros.backends.onnxruntime_backend import check_image
 from ttspec_ros.files import atomic_write_bytes, write_json
@@ -197,11 +197,8 @@ def import_tensorrt():
         ) from e
     # The engines are driven by tensor name (set_tensor_address, execute_async_v3), which
     # came with TensorRT 8.5; JetPack 5.0.x ships 8.4, where they fail as AttributeErrors.
-    try:
-        version = tuple(int(part) for part in tensorrt.__version__.split(".")[:2])
-    except (AttributeError, ValueError):
-        version = TENSORRT_MIN
-    if version < TENSORRT_MIN:
+    version = release(getattr(tensorrt, "__version__", ""))
+    if version is not None and version < TENSORRT_MIN:
         raise BackendUnavailable(
             f"backend 'tensorrt' needs TensorRT >= {'.'.join(map(str, TENSORRT_MIN))} (JetPack "
             f"5.1 or later) for its name-based tensor API; this is {tensorrt.__version__}"

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttspec_ros.experiments import below_minimum
 from ttspec_ros.files import write_json
 from ttspec_ros.specialize import AnchorGuard, AnchorSet, Specializer, early_head_tensors
 
@@ -104,10 +105,10 @@ def bench_model(spec_name: str, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name, low in (("repeats", 1), ("warmup", 0), ("threads", 1), ("anchors_per_class", 1)):
-        if getattr(args, name) < low:  # --repeats 0 ended in a StatisticsError
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got "
-                             f"{getattr(args, name)}")
+    reason = below_minimum(args, {"repeats": 1, "warmup": 0, "threads": 1,  # --repeats 0:
+                                  "anchors_per_class": 1})  # a StatisticsError at the end
+    if reason:
+        raise SystemExit(reason)
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]

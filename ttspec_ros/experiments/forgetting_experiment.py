@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ttspec_ros import data
+from ttspec_ros.experiments import below_minimum
 from ttspec_ros.experiments.exit_curves import ExitFeatures, curve, simulate_stream
 from ttspec_ros.experiments.specialize_experiment import PRESETS, pool_images, split_seed
 from ttspec_ros.files import save_figure, write_json
@@ -79,16 +80,13 @@ def _check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
         raise SystemExit(f"ttspec forgetting-experiment: --threshold must be in [0, 1], got "
                          f"{args.threshold}")
-    for name, low in (("eval_every", 1), ("anchors_per_class", 1), ("threads", 1), ("batch", 1),
-                      ("subset_frames", 0), ("mixed_frames", 0)):
-        if getattr(args, name) < low:
-            raise SystemExit(f"ttspec forgetting-experiment: --{name.replace('_', '-')} must be "
-                             f">= {low}, got {getattr(args, name)}")
+    reason = below_minimum(args, {"eval_every": 1, "anchors_per_class": 1, "threads": 1,
+                                  "batch": 1, "subset_frames": 0, "mixed_frames": 0,
+                                  "test_limit": 0})
+    if reason:
+        raise SystemExit(f"ttspec forgetting-experiment: {reason}")
     if args.subset_frames + args.mixed_frames < 1:
         raise SystemExit("ttspec forgetting-experiment: the stream needs at least one frame")
-    if args.test_limit is not None and args.test_limit < 0:
-        raise SystemExit("ttspec forgetting-experiment: --test-limit must be >= 0, got "
-                         f"{args.test_limit}")
 
 
 def run(args: argparse.Namespace) -> int:

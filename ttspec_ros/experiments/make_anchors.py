@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttspec_ros.experiments import below_minimum
 from ttspec_ros.specialize import build_anchor_set
 
 
@@ -43,11 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ttspec_ros.models.checkpoint import load_model
 
-    for name in ("per_class", "candidates", "threads"):
-        if getattr(args, name) < 1:  # a negative count sliced off the end, taking nearly all
-            print(f"ttspec make-anchors: --{name.replace('_', '-')} must be >= 1, got "
-                  f"{getattr(args, name)}", file=sys.stderr)
-            return 2
+    reason = below_minimum(args, {"per_class": 1, "candidates": 1, "threads": 1})
+    if reason:
+        print(f"ttspec make-anchors: {reason}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     model, card = load_model(args.model)
     rng = np.random.default_rng(args.seed)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ttspec_ros import data
+from ttspec_ros.experiments import below_minimum
 from ttspec_ros.experiments.exit_curves import (
     THRESHOLDS,
     ExitFeatures,
@@ -158,15 +159,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if not any(abs(args.threshold - t) < 1e-9 for t in THRESHOLDS):
         raise SystemExit(f"ttspec specialize-experiment: --threshold {args.threshold} is not on "
                          "the reported grid 0.50..0.99 (step 0.01)")
-    for name in ("per_class", "anchors_per_class", "latency_frames", "threads", "batch"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"ttspec specialize-experiment: --{name.replace('_', '-')} must be "
-                             f">= 1, got {getattr(args, name)}")
-    if args.passes is not None and args.passes < 1:
-        raise SystemExit(f"ttspec specialize-experiment: --passes must be >= 1, got {args.passes}")
-    if args.test_limit is not None and args.test_limit < 0:
-        raise SystemExit("ttspec specialize-experiment: --test-limit must be >= 0, got "
-                         f"{args.test_limit}")
+    reason = below_minimum(args, {"per_class": 1, "anchors_per_class": 1, "latency_frames": 1,
+                                  "threads": 1, "batch": 1, "passes": 1, "test_limit": 0})
+    if reason:
+        raise SystemExit(f"ttspec specialize-experiment: {reason}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ttspec_ros import corruptions, data
+from ttspec_ros.experiments import below_minimum
 from ttspec_ros.experiments.make_corrupted import split_seed_of
 from ttspec_ros.files import save_figure, write_json
 from ttspec_ros.models.revcol import RevCol
@@ -706,13 +707,13 @@ def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool 
                       ) -> Options:
     """The run's options; ``norm_pix``: the model's reconstruction target (``card_norm_pix``)."""
     d = Options()
-    for key in ("images", "episodic_images", "clean_images", "stream", "eval_every", "workers",
-                "threads", "cost_images"):
-        if getattr(args, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
-    for key in ("seed", "corruption_seed"):  # numpy seeding refuses negatives mid-run
-        if getattr(args, key) < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    reason = below_minimum(args, {
+        **dict.fromkeys(("images", "episodic_images", "clean_images", "stream", "eval_every",
+                         "workers", "threads", "cost_images"), 1),
+        "seed": 0, "corruption_seed": 0,  # numpy seeding refuses negatives mid-run
+    })
+    if reason:
+        raise ValueError(reason)
     if split_seed < 0:
         raise ValueError(f"--split-seed must be >= 0, got {split_seed}")
     if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
