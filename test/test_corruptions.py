@@ -144,3 +144,24 @@ def test_make_corrupted_checks_both_counts_before_writing(tmp_path, capsys, coun
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing half-made
+
+
+def test_the_deployment_pool_is_the_model_cards_split_size_included():
+    """A pool of another size than the card's holds images the model was trained on, so the
+    corrupted-data tools take both the seed and the size from the card."""
+    from types import SimpleNamespace
+
+    from ttspec_ros.experiments.make_corrupted import split_of
+    from ttspec_ros.experiments.ttt_experiment import DataSource, Options
+
+    card = SimpleNamespace(model_id="m", training={"splits": data.splits_card(3, 1000)})
+    assert split_of(card) == (3, 1000)
+    assert split_of(card, seed=5) == (5, 1000)  # --split-seed replaces the seed only
+    bare = SimpleNamespace(model_id="m", training={})
+    assert split_of(bare, seed=2) == (2, data.DEFAULT_POOL_SIZE)
+    with pytest.raises(ValueError, match="records no training.splits.seed.*pass --split-seed"):
+        split_of(bare)
+    spec = {"size": 32, "channels": 1, "content_size": 28, "mean": [0.5], "std": [0.5]}
+    source = DataSource(spec, Options(split_seed=3, pool_size=1000, stream=1000, images=1,
+                                      clean_images=1))
+    assert set(source.pool_indices) == set(data.splits(3, 1000).pool)

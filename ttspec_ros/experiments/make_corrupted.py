@@ -4,9 +4,10 @@ Writes, under ``--out``: ``{source}_{corruption}.npz`` (uint8 ``images`` (severi
 ``labels``, ``indices`` into the source split, ``severities``), ``{source}_clean.npz``,
 ``index.json`` (seeds, counts, files with sha256, the corruption parameter mapping) and
 ``contact_sheet.png`` (corruption x severity). Sources: ``test`` = the first N images of the
-10k test split, ``pool`` = the first N of the deployment pool (``data.splits(split_seed).pool``,
-indices into the training split). Every image is seeded by (seed, source, corruption, severity,
-index), so the same image gets the same corruption in any subset (``corruptions.image_rng``).
+10k test split, ``pool`` = the first N of the deployment pool of the demo model card's split
+(``data.splits(split_seed, pool_size).pool``, indices into the training split). Every image is
+seeded by (seed, source, corruption, severity, index), so the same image gets the same
+corruption in any subset (``corruptions.image_rng``).
 """
 
 from __future__ import annotations
@@ -36,30 +37,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="corruption seed")
     parser.add_argument("--split-seed", type=int, default=None,
                         help="seed of data.splits (default: the demo model card's, else "
-                             f"{DEFAULT_SPLIT_SEED})")
+                             f"{DEFAULT_SPLIT_SEED}; the pool size is the card's)")
     parser.add_argument("--corruptions", nargs="+", default=list(corruptions.CORRUPTIONS),
                         choices=list(corruptions.CORRUPTIONS))
 
 
-def split_seed_of(card) -> int:
-    """The data.splits seed a model card records (``data.recorded_split``)."""
+def split_of(card, seed: int | None = None) -> tuple[int, int]:
+    """(seed, pool size) of the deployment pool a model card records (``data.recorded_split``);
+    ``seed`` (``--split-seed``) replaces the recorded seed, not the size: a pool of another size
+    would hold images the model was trained on."""
     try:
-        return data.recorded_split(card.training)[0]
+        recorded_seed, size = data.recorded_split(card.training)
     except ValueError as e:
-        raise ValueError(f"model card {card.model_id!r}: {e}; pass --split-seed") from None
+        if seed is None:
+            raise ValueError(f"model card {card.model_id!r}: {e}; pass --split-seed") from None
+        return seed, data.DEFAULT_POOL_SIZE
+    return (recorded_seed if seed is None else seed), size
 
 
-def default_split_seed() -> int:
-    """The split seed the bundled demo model was trained with (its pool was never trained on)."""
+def default_split(seed: int | None = None) -> tuple[int, int]:
+    """``split_of`` the bundled demo model's card (its pool was never trained on)."""
     from ttspec_ros.models.checkpoint import read_card
     from ttspec_ros.models.paths import CARD_SUFFIX, DEMO_STEM
 
     card_path = DEMO_STEM.with_suffix(CARD_SUFFIX)
-    return split_seed_of(read_card(card_path)) if card_path.exists() else DEFAULT_SPLIT_SEED
+    if not card_path.exists():
+        return (DEFAULT_SPLIT_SEED if seed is None else seed), data.DEFAULT_POOL_SIZE
+    return split_of(read_card(card_path), seed)
 
 
-def source_images(source: str, count: int, split_seed: int) -> tuple[np.ndarray, np.ndarray,
-                                                                    np.ndarray]:
+def source_images(source: str, count: int, split_seed: int, pool_size: int = data.DEFAULT_POOL_SIZE
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, indices into the source's Fashion-MNIST split) of the first ``count``
     images of ``source`` ("test" or "pool"; count 0 = all)."""
     if source == "test":
@@ -67,7 +75,7 @@ def source_images(source: str, count: int, split_seed: int) -> tuple[np.ndarray,
         indices = np.arange(len(images))
     elif source == "pool":
         images, labels = data.load_fashion_mnist("train")
-        indices = data.splits(split_seed).pool
+        indices = data.splits(split_seed, pool_size).pool
     else:
         raise ValueError(f"unknown source {source!r}; use one of {SOURCES}")
     if count < 0 or count > len(indices):
@@ -112,14 +120,14 @@ def contact_sheet(images: np.ndarray, names: list[str], seed: int, path: Path) -
 
 
 def run(args: argparse.Namespace) -> int:
-    split_seed = default_split_seed() if args.split_seed is None else args.split_seed
+    split_seed, pool_size = default_split(args.split_seed)
     out: Path = args.out
     for flag, value in (("--seed", args.seed), ("--split-seed", split_seed)):
         if value < 0:  # numpy's seeding refuses it mid-run, naming neither
             print(f"ttspec make-corrupted: {flag} must be >= 0, got {value}", file=sys.stderr)
             return 2
     try:  # both counts checked before anything is written: no half-made dataset
-        selected = {source: source_images(source, count, split_seed)
+        selected = {source: source_images(source, count, split_seed, pool_size)
                     for source, count in (("test", args.test_images), ("pool", args.pool_images))}
     except ValueError as err:
         print(f"ttspec make-corrupted: {err}", file=sys.stderr)
@@ -152,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": "Fashion-MNIST-C (ttspec_ros)",
         "seed": args.seed,
         "split_seed": split_seed,
+        "pool_size": pool_size,
         "sources": sources,
         "corruptions": list(args.corruptions),
         "severities": list(corruptions.SEVERITIES),

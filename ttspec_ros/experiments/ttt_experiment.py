@@ -43,7 +43,7 @@ import torch
 
 from ttspec_ros import corruptions, data
 from ttspec_ros.experiments import below_minimum
-from ttspec_ros.experiments.make_corrupted import split_seed_of
+from ttspec_ros.experiments.make_corrupted import split_of
 from ttspec_ros.files import save_figure, write_json
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.preprocess import preprocess_batch
@@ -61,6 +61,7 @@ class Options:
     seed: int = 0
     corruption_seed: int = 0
     split_seed: int = 0
+    pool_size: int = data.DEFAULT_POOL_SIZE  # with split_seed: the model card's deployment pool
     severity: int = 5
     images: int = 500  # held-out test images per corruption (baseline, online, Tent online)
     # The first of those for episodic TTT (0.55 s per image at b8): with 100 the mean gain
@@ -113,7 +114,7 @@ class DataSource:
             raise ValueError(f"asked for {n} test images, the test split has {len(test_images)}")
         self.test_raw, self.test_labels = test_images[:n], test_labels[:n]
         train_images, train_labels = data.load_fashion_mnist("train")
-        pool = data.splits(opts.split_seed).pool
+        pool = data.splits(opts.split_seed, opts.pool_size).pool
         if opts.stream > len(pool):
             raise ValueError(f"--stream {opts.stream} exceeds the pool's {len(pool)} images")
         order = np.random.default_rng(opts.seed).permutation(pool)[: opts.stream]
@@ -321,8 +322,8 @@ def _task_file(cache: Path, task: Task) -> Path:
     return cache / (task.key.replace("/", "__") + ".json")
 
 
-DATA_OPTIONS = ("seed", "corruption_seed", "split_seed", "severity", "images", "episodic_images",
-                "clean_images", "stream", "eval_every", "threshold")
+DATA_OPTIONS = ("seed", "corruption_seed", "split_seed", "pool_size", "severity", "images",
+                "episodic_images", "clean_images", "stream", "eval_every", "threshold")
 
 
 def _task_fingerprint(task: Task, opts: Options, model_state: dict,
@@ -703,8 +704,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tent-episodic-lr", type=float, default=d.tent_episodic.lr)
 
 
-def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool = False
-                      ) -> Options:
+def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool = False,
+                      pool_size: int = data.DEFAULT_POOL_SIZE) -> Options:
     """The run's options; ``norm_pix``: the model's reconstruction target (``card_norm_pix``)."""
     d = Options()
     reason = below_minimum(args, {
@@ -740,8 +741,8 @@ def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool 
         config("--batches", ep, batch=b)
     return Options(
         seed=args.seed, corruption_seed=args.corruption_seed, split_seed=split_seed,
-        severity=args.severity, images=args.images, episodic_images=args.episodic_images,
-        clean_images=args.clean_images,
+        pool_size=pool_size, severity=args.severity, images=args.images,
+        episodic_images=args.episodic_images, clean_images=args.clean_images,
         stream=args.stream, eval_every=args.eval_every, threshold=args.threshold,
         batches=tuple(args.batches), corruptions=tuple(args.corruptions),
         severity_corruptions=tuple(args.severity_corruptions), episodic=ep, online=on,
@@ -764,8 +765,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot load model {args.model or 'the demo model'}: {e}") from e
         if model.decoder_blocks is None:
             raise ValueError(f"{args.model or 'the demo model'} has no reconstruction decoders")
-        split_seed = split_seed_of(card) if args.split_seed is None else args.split_seed
-        opts = options_from_args(args, split_seed, norm_pix=card_norm_pix(card))
+        split_seed, pool_size = split_of(card, args.split_seed)
+        if args.split_seed is None:
+            data.recorded_pool(card.training)  # the recorded pool's hash, checked
+        opts = options_from_args(args, split_seed, norm_pix=card_norm_pix(card),
+                                 pool_size=pool_size)
         for flags, cfg in (("--episodic-*", opts.episodic), ("--online-*", opts.online)):
             try:  # e.g. --online-columns beyond the columns the loss reaches
                 select_parameters(model, cfg.update, cfg.columns, cfg.objective)
