@@ -467,7 +467,7 @@ def test_ttt_experiment_refuses_bad_options_with_one_line(tmp_path, capsys, flag
 
 @pytest.mark.parametrize("flags", [["--severity", "7"], ["--corruption", "fog"],
                                    ["--ttt-update", "heads"], ["--seed", "-1"],
-                                   ["--windows", "0"]])
+                                   ["--windows", "0"], ["--frames", "10001"]])
 def test_ttt_ros_refuses_bad_options_before_starting_anything(tmp_path, flags):
     from ttspec_ros.cli import main
 

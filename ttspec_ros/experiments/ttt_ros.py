@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ttspec_ros import topics
+from ttspec_ros import data, topics
 from ttspec_ros.files import write_json
 
 STRATEGIES = ("none", "specialize", "ttt_online", "both")
@@ -48,9 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stream_images(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndarray]:
     from ttspec_ros.corruptions import corrupt, image_rng
-    from ttspec_ros.data import load_fashion_mnist
 
-    images, labels = load_fashion_mnist("test")
+    images, labels = data.load_fashion_mnist("test")
     order = np.random.default_rng(args.seed).permutation(len(images))[: args.frames]
     out = [corrupt(images[i], args.corruption, args.severity,
                    image_rng(args.seed, "test", args.corruption, args.severity, int(i)))
@@ -125,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--strategies: unknown {unknown}; choose from {STRATEGIES}")
     if args.windows < 1 or args.frames < args.windows or not args.rate > 0:
         raise SystemExit("--windows must be >= 1, --frames >= --windows and --rate > 0")
+    test_size = data.SPLIT_SIZES["test"]
+    if args.frames > test_size:  # the stream is a permutation of the test split, never repeated
+        raise SystemExit(f"--frames {args.frames} exceeds the test split's {test_size} images")
     if args.seed < 0:  # numpy seeding refuses it, naming nothing
         raise SystemExit(f"--seed must be >= 0, got {args.seed}")
     out = Path(args.out)
