@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from ttspec_ros import train
+from ttspec_ros import data, train
 from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask
 from ttspec_ros.models.checkpoint import ModelCard, load_model
 from ttspec_ros.models.revcol import RevCol
@@ -101,6 +101,11 @@ def test_tiny_training_changes_weights_and_is_deterministic():
     assert card["exit_cost"][-1] == 1.0 and card["exit_cost"] == sorted(card["exit_cost"])
     assert len(card["metrics"]["test_accuracy"]) == 4
     assert card["metrics"]["test_images"] == TINY["test_limit"]
+    # The normalisation is of the images trained on (here the first 64), nothing held out.
+    images, _ = data.load_fashion_mnist("train")
+    trained_on = data.splits(cfg.seed, cfg.pool_size).train[: TINY["limit"]]
+    mean, std = data.pixel_stats(images[trained_on])
+    assert card["input"]["mean"] == [mean] and card["input"]["std"] == [std]
 
 
 def test_cli_writes_a_loadable_model(tmp_path):

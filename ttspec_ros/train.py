@@ -203,7 +203,9 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
         train_idx, val_idx = np.sort(order[cfg.val_size :]), np.sort(order[: cfg.val_size])
     if cfg.limit:
         train_idx = train_idx[: cfg.limit]
-    mean, std = data.pixel_stats(images[split.train])
+    # Of the images trained on: held-out validation images must not shape the input either
+    # (without --val-size and --limit these are all of split.train, as for the demo model).
+    mean, std = data.pixel_stats(images[train_idx])
     spec = input_spec(mean, std, cfg.input_size, cfg.content_size)
     x_train = torch.from_numpy(preprocess_batch(images[train_idx], spec))
     y_train = torch.from_numpy(labels[train_idx].copy())
