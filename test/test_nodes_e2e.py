@@ -201,6 +201,9 @@ def test_invalid_parameters_are_refused_with_a_reason(pipeline, values, words):
 def test_camera_transport_and_rate_set_live(pipeline, data):
     probe = pipeline["probe"]
     assert not probe.set_parameters(CAM, transport="mjpeg")[0].successful
+    camera = pipeline["procs"][CAM]  # a refusal is logged too, not only returned to the caller
+    assert wait_for(lambda: "refused parameters {'transport': 'mjpeg'}" in camera.log(), 5.0,
+                    0.1), camera.log()[-2000:]
     assert probe.set_parameters(CAM, transport="compressed")[0].successful
     try:
         probe.clear()
@@ -760,6 +763,15 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
         _stream(probe, noisy[:6])
         assert wait_for(lambda: probe.count(ADA, "frames_adapted") > adapted, 5.0), \
             probe.diag(ADA)
+        # Disabled, frames are counted as ignored, not adapted.
+        assert probe.set_parameters(ADA, enabled=False)[0].successful
+        time.sleep(1.5)  # a frame taken before it finishes; diagnostics come at 1 Hz
+        adapted = probe.count(ADA, "frames_adapted")
+        _stream(probe, noisy[:4])
+        assert wait_for(lambda: probe.count(ADA, "frames_ignored_disabled") >= 1, 5.0), \
+            probe.diag(ADA)
+        assert probe.count(ADA, "frames_adapted") == adapted, probe.diag(ADA)
+        assert probe.set_parameters(ADA, enabled=True)[0].successful
         assert probe.count(CLS, "updates_applied") >= 1 and \
             probe.count(CLS, "updates_rejected") == 0, probe.diag(CLS)
         probe.watch_updates()

@@ -102,7 +102,9 @@ def changed_values(node: str, changes: Iterable[Any]) -> dict[str, Any]:
     return {p.name: plain_value(p.value) for p in changes if p.name in names}
 
 
-def refuse(reason: str) -> SetParametersResult:
+def refuse(node: Node, new: Mapping[str, Any], reason: str) -> SetParametersResult:
+    """Refuse a parameter change; the log says it too (a caller may not show the reason)."""
+    node.get_logger().warning(f"refused parameters {new}: {reason}")
     return SetParametersResult(successful=False, reason=reason)
 
 
@@ -196,28 +198,43 @@ class Throttle:
 
 
 class Diagnostics:
-    """Publishes one DiagnosticStatus for the node on /diagnostics every ``period_s``: WARN
-    while any ``warn_on`` counter grew since the previous report, else OK."""
+    """Publishes one DiagnosticStatus for the node on /diagnostics every ``period_s``:
+
+    - ERROR while an ``error_on`` counter grew since the previous report and no ``progress``
+      counter did: the node is failing at its job (every frame in the period failed);
+    - WARN while any ``warn_on`` or ``error_on`` counter grew (bad input, or failures between
+      successes);
+    - else OK."""
 
     def __init__(self, node: Node, values: Callable[[], tuple[str, Mapping[str, Any]]],
-                 warn_on: Iterable[str] = (), period_s: float = 1.0) -> None:
+                 warn_on: Iterable[str] = (), error_on: Iterable[str] = (),
+                 progress: Iterable[str] = (), period_s: float = 1.0) -> None:
         self._node = node
         self._values = values
         self._warn_on = tuple(warn_on)
-        self._previous: dict[str, str] = {}
+        self._error_on = tuple(error_on)
+        self._progress = tuple(progress)
+        self._previous: dict[str, int] = {}
         self._pub = node.create_publisher(DiagnosticArray, topics.DIAGNOSTICS,
                                           qos(topics.QOS_RELIABLE))
         self._timer = node.create_timer(period_s, self.publish)
 
     def publish(self) -> None:
         message, values = self._values()
-        grew = [k for k in self._warn_on
-                if int(values.get(k, 0)) > int(self._previous.get(k, 0))]
-        self._previous = {k: str(values.get(k, 0)) for k in self._warn_on}
-        if grew:
-            message += f" (new: {', '.join(grew)})"
+        counts = {k: int(values.get(k, 0))
+                  for k in (*self._warn_on, *self._error_on, *self._progress)}
+        grew = {k for k, n in counts.items() if n > self._previous.get(k, 0)}
+        self._previous = counts
+        failing = [k for k in self._error_on if k in grew]
+        warned = [k for k in (*self._warn_on, *self._error_on) if k in grew]
+        level = WARN if warned else OK
+        if failing and not grew.intersection(self._progress):
+            level = ERROR
+            message += f" (new: {', '.join(failing)}; none of {', '.join(self._progress)})"
+        elif warned:
+            message += f" (new: {', '.join(dict.fromkeys(warned))})"
         status = DiagnosticStatus(
-            level=bytes([WARN if grew else OK]), name=self._node.get_fully_qualified_name(),
+            level=bytes([level]), name=self._node.get_fully_qualified_name(),
             message=message, hardware_id=topics.PACKAGE,
             values=[KeyValue(key=str(k), value=str(v)) for k, v in values.items()])
         array = DiagnosticArray(status=[status])

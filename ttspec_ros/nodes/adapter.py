@@ -109,7 +109,8 @@ class AdapterNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(
             self, self._diagnostic_values,
-            warn_on=("samples_rejected", "samples_dropped", "frames_rejected", "errors"))
+            warn_on=("samples_rejected", "samples_dropped", "frames_rejected"),
+            error_on=("errors",), progress=("samples_used", "frames_adapted", "saves"))
         self._worker = threading.Thread(target=self._train, name="specializer", daemon=True)
         self._worker.start()
         self._ttt_worker = None
@@ -215,8 +216,7 @@ class AdapterNode(Node):
             return accept()
         reason = params.check_adapter(new)
         if reason:
-            self.get_logger().warning(f"refused parameters {new}: {reason}")
-            return refuse(reason)
+            return refuse(self, new, reason)
         spec = self.specializer
         # Plain attribute writes; the trainer reads them at its next step.
         for name, attr in (("learning_rate", "lr"), ("momentum", "momentum"),
@@ -280,7 +280,10 @@ class AdapterNode(Node):
         torch.set_num_threads(1)  # one core at most: the classifier shares the machine
         while not self._stop:
             msg = self._frames.take(timeout=0.2)
-            if msg is None or not self._values["enabled"]:
+            if msg is None:
+                continue
+            if not self._values["enabled"]:
+                self.stats.count("frames_ignored_disabled")  # as samples are: counts add up
                 continue
             try:
                 x = decode_frame(msg.height, msg.width, msg.encoding, msg.is_bigendian,

@@ -99,19 +99,20 @@ class CameraNode(Node):
             return accept()
         reason = params.check_params(topics.CAMERA_NODE, new)
         if reason:
-            return refuse(reason)
+            return refuse(self, new, reason)
         # What can fail comes first, so a refused change leaves everything as it was.
         spec = self._input_spec
         if "model" in new:
             try:
                 spec = self._load_input_spec(new["model"])
             except StartupError as e:
-                return refuse(str(e))
+                return refuse(self, new, str(e))
         if "transport" in new and new["transport"] != self.get_parameter("transport").value:
             try:
                 self._subscribe(new["transport"])
             except Exception as e:  # rclpy refused the subscription; the node keeps running
-                return refuse(f"cannot subscribe with transport {new['transport']!r}: {e}")
+                return refuse(self, new,
+                              f"cannot subscribe with transport {new['transport']!r}: {e}")
         self._input_spec = spec
         if "max_rate_hz" in new:
             self._min_period_s = params.min_period_s(new["max_rate_hz"])

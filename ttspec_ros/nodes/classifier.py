@@ -129,7 +129,8 @@ class ClassifierNode(Node):
                                  qos(topics.QOS_LATCHED))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values,
-                                        warn_on=("rejected", "errors", "updates_rejected"))
+                                        warn_on=("rejected", "updates_rejected"),
+                                        error_on=("errors",), progress=("classified",))
         self._worker = threading.Thread(target=self._work, name="cascade", daemon=True)
         self._worker.start()
         self.get_logger().info(
@@ -178,8 +179,7 @@ class ClassifierNode(Node):
         if not reason:
             reason = params.check_classifier(merged, loaded.num_exits, list(new))
         if reason:
-            self.get_logger().warning(f"refused parameters {new}: {reason}")
-            return refuse(reason)
+            return refuse(self, new, reason)
         if loaded is not self.loaded:
             self._reapply_update(loaded)
         self._values = merged
