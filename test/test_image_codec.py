@@ -151,6 +151,17 @@ def test_png_header_claiming_too_many_pixels_is_an_image_decode_error():
     assert err.value.reason == "undecodable"
 
 
+@pytest.mark.parametrize(("dtype", "channels"), [(np.float64, 3), (np.int8, 4), (np.int16, 3),
+                                                 (np.float32, 1)])
+def test_compressed_images_of_other_pixel_depths_are_an_image_decode_error(dtype, channels):
+    # A float64 or signed colour TIFF made cv2.cvtColor raise cv2.error: the camera node died.
+    ok, tiff = cv2.imencode(".tiff", np.ones((4, 4, channels), dtype))
+    assert ok
+    with pytest.raises(ImageDecodeError) as err:
+        decode_compressed("tiff", tiff.tobytes())
+    assert err.value.reason == "unsupported_encoding" and np.dtype(dtype).name in str(err.value)
+
+
 # Flat colour patches: 4:2:2 and Bayer keep a flat colour exactly up to rounding.
 PATCHES = np.kron(np.array([[[200, 30, 40], [20, 180, 60]], [[30, 50, 210], [240, 240, 240]]],
                            np.uint8), np.ones((4, 4, 1), np.uint8))  # 8x8x3 RGB

@@ -218,6 +218,13 @@ def test_camera_transport_and_rate_set_live(pipeline, data):
                             0.5)
 
         assert wait_for(answered, 10.0, interval=0.0)
+        # A float64 colour TIFF is refused by reason; the camera used to die of it (cv2.error).
+        ok, tiff = cv2.imencode(".tiff", np.ones((28, 28, 3), np.float64))
+        probe.publish_compressed(tiff.tobytes(), "tiff")
+        assert wait_for(lambda: probe.count(CAM, "rejected_unsupported_encoding") >= 1, 5.0), \
+            probe.diag(CAM)
+        stamps.clear()
+        assert wait_for(answered, 5.0, interval=0.0)  # and it still answers
     finally:  # later tests share this camera: never leave it on the compressed stream
         assert probe.set_parameters(CAM, transport="raw")[0].successful
     before = probe.count(CAM, "dropped_rate_limit")

@@ -145,6 +145,12 @@ def decode_compressed(format_: str, data: Any) -> np.ndarray:
         raise ImageDecodeError(
             "undecodable", f"cv2.imdecode could not decode {buf.size} bytes (format {format_!r})")
     check_size(image.shape[0], image.shape[1])
+    if image.dtype not in (np.uint8, np.uint16):
+        # e.g. a float or signed TIFF: cv2.cvtColor raises cv2.error on int8/int16/int32/
+        # float64 pixels (the camera node died of it), and the model's input takes neither.
+        raise ImageDecodeError(
+            "unsupported_encoding", f"compressed image ({format_!r}) decodes to {image.dtype} "
+            "pixels; only 8- or 16-bit unsigned images are taken")
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     elif image.ndim == 3 and image.shape[2] == 4:

@@ -58,7 +58,8 @@ class CameraNode(Node):
         self._qos: dict[str, Any] = {}
         self._subscribe(values["transport"])
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._diagnostics = Diagnostics(self, self._diagnostic_values, warn_on=("rejected",))
+        self._diagnostics = Diagnostics(self, self._diagnostic_values, warn_on=("rejected",),
+                                        error_on=("errors",), progress=("published",))
         self.get_logger().info(
             f"camera: {self._sub.topic_name} ({values['transport']}) -> "
             f"{self._frames_pub.topic_name}, input {dict(self._input_spec)}")
@@ -156,6 +157,12 @@ class CameraNode(Node):
             return
         except ValueError as e:  # preprocess refused the decoded image
             self._reject("preprocess", str(e))
+            return
+        except Exception as e:  # escaping, it would end the spin and the node: count, go on
+            self.stats.count("errors")
+            self.stats.note("last_error", f"{type(e).__name__}: {e}")
+            if self._throttle(f"error:{type(e).__name__}"):
+                self.get_logger().error(f"image failed: {type(e).__name__}: {e}")
             return
         out = Image(header=header, **encode_frame(tensor))
         # Only a frame passed on starts the next period: a rejected one must not make the
