@@ -1,58 +1,81 @@
-"""The /diagnostics levels, on a real rclpy node: ERROR only while the node fails at its job."""
+"""The /diagnostics levels, on a real rclpy node: ERROR while a job of the node is failing."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
 
-def test_levels_say_whether_the_node_is_failing_at_its_job() -> None:
+@pytest.fixture
+def node():
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("ttspec_diagnostics_test", context=context)
+    try:
+        yield node
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def reporter(node, counts: dict[str, int], **options) -> Callable[..., tuple[int, str]]:
+    """report(**grown) -> (level, message) of the status published after adding ``grown``."""
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
 
     from ttspec_ros import topics
-    from ttspec_ros.nodes import ERROR, OK, WARN, Diagnostics, qos
+    from ttspec_ros.nodes import Diagnostics, qos
 
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    try:
-        node = rclpy.create_node("ttspec_diagnostics_test", context=context)
-        counts = {"classified": 0, "errors": 0, "rejected": 0}
-        diagnostics = Diagnostics(node, lambda: ("frames", dict(counts)), warn_on=("rejected",),
-                                  error_on=("errors",), progress=("classified",),
-                                  period_s=3600.0)  # published by hand below
-        received: list[DiagnosticArray] = []
-        node.create_subscription(DiagnosticArray, topics.DIAGNOSTICS, received.append,
-                                 qos(topics.QOS_RELIABLE))
-        executor = SingleThreadedExecutor(context=context)
-        executor.add_node(node)
-        deadline = time.monotonic() + 10.0
-        while node.count_subscribers(topics.DIAGNOSTICS) == 0 and time.monotonic() < deadline:
+    diagnostics = Diagnostics(node, lambda: ("frames", dict(counts)), period_s=3600.0,
+                              **options)  # published by hand below
+    received: list[DiagnosticArray] = []
+    node.create_subscription(DiagnosticArray, topics.DIAGNOSTICS, received.append,
+                             qos(topics.QOS_RELIABLE))
+    executor = SingleThreadedExecutor(context=node.context)
+    executor.add_node(node)
+    deadline = time.monotonic() + 10.0
+    while node.count_subscribers(topics.DIAGNOSTICS) == 0 and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+
+    def report(**grown: int) -> tuple[int, str]:
+        for name, n in grown.items():
+            counts[name] = counts.get(name, 0) + n
+        before = len(received)
+        diagnostics.publish()
+        end = time.monotonic() + 10.0
+        while len(received) == before and time.monotonic() < end:
             executor.spin_once(timeout_sec=0.05)
+        assert len(received) == before + 1, "no /diagnostics message arrived"
+        status = received[-1].status[0]
+        return status.level[0], status.message
 
-        def report(**grown: int) -> tuple[int, str]:
-            for name, n in grown.items():
-                counts[name] += n
-            before = len(received)
-            diagnostics.publish()
-            end = time.monotonic() + 10.0
-            while len(received) == before and time.monotonic() < end:
-                executor.spin_once(timeout_sec=0.05)
-            assert len(received) == before + 1, "no /diagnostics message arrived"
-            status = received[-1].status[0]
-            return status.level[0], status.message
+    return report
 
-        assert report() == (OK, "frames")
-        level, message = report(errors=2)  # every frame of the period failed
-        assert level == ERROR and "errors" in message and "classified" in message
-        assert report(errors=1, classified=5)[0] == WARN  # failures between successes
-        assert report(rejected=1) == (WARN, "frames (new: rejected)")  # bad input only
-        assert report(classified=3) == (OK, "frames")
-        assert report(errors=1)[0] == ERROR
-        executor.shutdown()
-        node.destroy_node()
-    finally:
-        rclpy.shutdown(context=context)
+
+def test_a_failing_job_is_an_error_until_it_succeeds_again(node) -> None:
+    from ttspec_ros.nodes import ERROR, OK, WARN
+
+    report = reporter(node, {}, warn_on=("rejected",), jobs={"errors": "classified"})
+    assert report() == (OK, "frames")
+    level, message = report(errors=2)  # every frame of the period failed
+    assert level == ERROR and "errors, no classified since" in message
+    assert report()[0] == ERROR  # no frame since: still failing
+    assert report(classified=1) == (OK, "frames")
+    assert report(errors=1, classified=5) == (WARN, "frames (new: errors)")  # between successes
+    assert report(rejected=1) == (WARN, "frames (new: rejected)")  # bad input only
+    assert report(classified=3) == (OK, "frames")
+
+
+def test_one_failing_job_is_not_hidden_by_another_that_works(node) -> None:
+    from ttspec_ros.nodes import ERROR, OK
+
+    report = reporter(node, {}, jobs={"sample_errors": "samples_used",
+                                      "publish_errors": "updates_published"})
+    level, message = report(publish_errors=1, samples_used=20)
+    assert level == ERROR and "publish_errors, no updates_published since" in message
+    assert report(samples_used=20)[0] == ERROR
+    assert report(updates_published=1, samples_used=20) == (OK, "frames")

@@ -772,10 +772,17 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
             probe.diag(ADA)
         # Disabled, frames are counted as ignored, not adapted.
         assert probe.set_parameters(ADA, enabled=False)[0].successful
-        time.sleep(1.5)  # a frame taken before it finishes; diagnostics come at 1 Hz
+
+        def settled() -> bool:  # a frame taken before the switch is done and reported (1 Hz)
+            before = probe.count(ADA, "frames_adapted")
+            time.sleep(1.2)
+            return probe.count(ADA, "frames_adapted") == before
+
+        assert wait_for(settled, 10.0, 0.0), probe.diag(ADA)
         adapted = probe.count(ADA, "frames_adapted")
+        ignored = probe.count(ADA, "frames_ignored_disabled")
         _stream(probe, noisy[:4])
-        assert wait_for(lambda: probe.count(ADA, "frames_ignored_disabled") >= 1, 5.0), \
+        assert wait_for(lambda: probe.count(ADA, "frames_ignored_disabled") > ignored, 5.0), \
             probe.diag(ADA)
         assert probe.count(ADA, "frames_adapted") == adapted, probe.diag(ADA)
         assert probe.set_parameters(ADA, enabled=True)[0].successful

@@ -439,6 +439,7 @@ def test_run_cache_fingerprint_covers_corruptions_and_preprocessing(monkeypatch)
     base = te._task_fingerprint(task, opts, weights, spec)
     assert te._task_fingerprint(task, opts, weights, spec) == base
     assert te._task_fingerprint(task, opts, weights, {**spec, "std": [0.3]}) != base
+    assert te._task_fingerprint(task, replace(opts, pool_size=1000), weights, spec) != base
     ladder = {**corruptions.SEVERITY_PARAMS, "contrast": [0.5, 0.4, 0.3, 0.2, 0.1]}
     monkeypatch.setattr(corruptions, "SEVERITY_PARAMS", ladder)
     assert te._task_fingerprint(task, opts, weights, spec) != base
@@ -454,6 +455,7 @@ def test_run_cache_fingerprint_covers_corruptions_and_preprocessing(monkeypatch)
     (["--online-update", "columns", "--online-columns", "99"], "--online-*: update='columns'"),
     (["--images", "10", "--episodic-images", "20"], "--episodic-images (20) must be at most"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--stream", "6001"], "--stream 6001 exceeds the deployment pool's 6000 images"),
 ])
 def test_ttt_experiment_refuses_bad_options_with_one_line(tmp_path, capsys, flags, message):
     from ttspec_ros.cli import main

@@ -87,7 +87,8 @@ CLASSIFIER: tuple[ParamSpec, ...] = (
 ADAPTER: tuple[ParamSpec, ...] = (
     ParamSpec(MODEL.name, MODEL.type, MODEL.default,
               MODEL.description + "; must be the classifiers' model", read_only=True),
-    ParamSpec("enabled", "bool", True, "train on incoming samples (false: count and ignore)"),
+    ParamSpec("enabled", "bool", True,
+              "train on incoming samples and frames (false: count and ignore them)"),
     ParamSpec("learning_rate", "double", 1e-4, "SGD learning rate of the early heads",
               min=0.0, max=1.0, constraints="> 0"),
     ParamSpec("momentum", "double", 0.0, "SGD momentum", min=0.0, max=0.99),

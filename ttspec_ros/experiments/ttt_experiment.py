@@ -717,6 +717,9 @@ def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool 
         raise ValueError(reason)
     if split_seed < 0:
         raise ValueError(f"--split-seed must be >= 0, got {split_seed}")
+    if args.stream > pool_size:
+        raise ValueError(f"--stream {args.stream} exceeds the deployment pool's {pool_size} "
+                         "images")
     if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.episodic_images > args.images:

@@ -200,39 +200,45 @@ class Throttle:
 class Diagnostics:
     """Publishes one DiagnosticStatus for the node on /diagnostics every ``period_s``:
 
-    - ERROR while an ``error_on`` counter grew since the previous report and no ``progress``
-      counter did: the node is failing at its job (every frame in the period failed);
-    - WARN while any ``warn_on`` or ``error_on`` counter grew (bad input, or failures between
-      successes);
+    - ERROR while a job is failing: ``jobs`` maps a job's failure counter to its success
+      counter; the job fails from a report period in which failures grew and successes did
+      not, until its successes grow again (a dead update publisher stays ERROR while samples
+      still train);
+    - WARN while any ``warn_on`` or failure counter grew since the previous report (bad input,
+      or failures between successes);
     - else OK."""
 
     def __init__(self, node: Node, values: Callable[[], tuple[str, Mapping[str, Any]]],
-                 warn_on: Iterable[str] = (), error_on: Iterable[str] = (),
-                 progress: Iterable[str] = (), period_s: float = 1.0) -> None:
+                 warn_on: Iterable[str] = (), jobs: Mapping[str, str] | None = None,
+                 period_s: float = 1.0) -> None:
         self._node = node
         self._values = values
         self._warn_on = tuple(warn_on)
-        self._error_on = tuple(error_on)
-        self._progress = tuple(progress)
+        self._jobs = dict(jobs or {})
         self._previous: dict[str, int] = {}
+        self._failing: dict[str, None] = {}  # failure counters of failing jobs, in order
         self._pub = node.create_publisher(DiagnosticArray, topics.DIAGNOSTICS,
                                           qos(topics.QOS_RELIABLE))
         self._timer = node.create_timer(period_s, self.publish)
 
     def publish(self) -> None:
         message, values = self._values()
-        counts = {k: int(values.get(k, 0))
-                  for k in (*self._warn_on, *self._error_on, *self._progress)}
+        names = dict.fromkeys((*self._warn_on, *self._jobs, *self._jobs.values()))
+        counts = {k: int(values.get(k, 0)) for k in names}
         grew = {k for k, n in counts.items() if n > self._previous.get(k, 0)}
         self._previous = counts
-        failing = [k for k in self._error_on if k in grew]
-        warned = [k for k in (*self._warn_on, *self._error_on) if k in grew]
-        level = WARN if warned else OK
-        if failing and not grew.intersection(self._progress):
-            level = ERROR
-            message += f" (new: {', '.join(failing)}; none of {', '.join(self._progress)})"
-        elif warned:
-            message += f" (new: {', '.join(dict.fromkeys(warned))})"
+        for failure, success in self._jobs.items():
+            if success in grew:
+                self._failing.pop(failure, None)
+            elif failure in grew:
+                self._failing[failure] = None
+        new = [k for k in dict.fromkeys((*self._warn_on, *self._jobs)) if k in grew]
+        if self._failing:
+            message += " (failing: " + ", ".join(
+                f"{f}, no {self._jobs[f]} since" for f in self._failing) + ")"
+        if new:
+            message += f" (new: {', '.join(new)})"
+        level = ERROR if self._failing else WARN if new else OK
         status = DiagnosticStatus(
             level=bytes([level]), name=self._node.get_fully_qualified_name(),
             message=message, hardware_id=topics.PACKAGE,

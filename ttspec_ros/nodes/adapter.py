@@ -110,7 +110,8 @@ class AdapterNode(Node):
         self._diagnostics = Diagnostics(
             self, self._diagnostic_values,
             warn_on=("samples_rejected", "samples_dropped", "frames_rejected"),
-            error_on=("errors",), progress=("samples_used", "frames_adapted", "saves"))
+            jobs={"sample_errors": "samples_used", "ttt_errors": "frames_adapted",
+                  "publish_errors": "updates_published", "save_errors": "saves"})
         self._worker = threading.Thread(target=self._train, name="specializer", daemon=True)
         self._worker.start()
         self._ttt_worker = None
@@ -264,7 +265,7 @@ class AdapterNode(Node):
                 self._reject("samples_rejected", "last_rejection", "rejected sample", e)
                 continue
             except Exception as e:  # the thread must outlive any one sample
-                self._failed("training on a sample", e)
+                self._failed("training on a sample", e, "sample_errors")
                 continue
             self.stats.count("samples_used")
 
@@ -298,7 +299,7 @@ class AdapterNode(Node):
                              "test-time training skipped a frame", e)
                 continue
             except Exception as e:  # the thread must outlive any one frame
-                self._failed("test-time training on a frame", e)
+                self._failed("test-time training on a frame", e, "ttt_errors")
                 continue
             self.stats.count("frames_adapted")
 
@@ -309,10 +310,12 @@ class AdapterNode(Node):
         if self._throttle(str(error)[:60]):
             self.get_logger().warning(f"{what}: {error}")
 
-    def _failed(self, what: str, error: Exception) -> None:
-        """An unexpected error in a worker or timer: count it, say what failed, carry on with
-        the last good state (an error escaping a timer would end the node)."""
+    def _failed(self, what: str, error: Exception, job: str) -> None:
+        """An unexpected error in a worker or timer: count it (``errors`` and the job's
+        failure counter), say what failed, carry on with the last good state (an error
+        escaping a timer would end the node)."""
         self.stats.count("errors")
+        self.stats.count(job)
         self.stats.note("last_error", f"{what}: {type(error).__name__}: {error}")
         if self._throttle(f"{what}:{type(error).__name__}"):
             self.get_logger().error(f"{what} failed: {type(error).__name__}: {error}")
@@ -343,7 +346,7 @@ class AdapterNode(Node):
             msg.header.stamp = self.get_clock().now().to_msg()
             self._update_pub.publish(msg)
         except Exception as e:  # classifiers keep the last published update
-            self._failed("publishing the model update", e)
+            self._failed("publishing the model update", e, "publish_errors")
             return
         self._published_version = payload.version
         self.stats.count("updates_published")
@@ -357,7 +360,7 @@ class AdapterNode(Node):
             PublishedRecord(payload.model_id, payload.version).save(self._values["state_dir"])
         except Exception as e:  # publish anyway: classifiers need the update more
             self._failed("recording the published version (a restart after a crash may "
-                         "reuse version numbers)", e)
+                         "reuse version numbers)", e, "save_errors")
 
     def _save(self) -> str:
         state_dir = self._values["state_dir"]
@@ -377,7 +380,7 @@ class AdapterNode(Node):
             try:
                 self._save()
             except Exception as e:  # the last saved state stays; the next period tries again
-                self._failed("saving the state", e)
+                self._failed("saving the state", e, "save_errors")
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response):
         if self.ttt is not None:
@@ -394,7 +397,7 @@ class AdapterNode(Node):
             try:
                 self._save()
             except Exception as e:
-                self._failed("saving the state", e)
+                self._failed("saving the state", e, "save_errors")
                 response.message += f" (saving failed: {type(e).__name__}: {e})"
         self.get_logger().info(response.message)
         return response
@@ -404,7 +407,7 @@ class AdapterNode(Node):
             response.message = self._save()
             response.success = True
         except Exception as e:
-            self._failed("saving the state", e)
+            self._failed("saving the state", e, "save_errors")
             response.success, response.message = False, f"not saved: {type(e).__name__}: {e}"
         return response
 

@@ -59,7 +59,7 @@ class CameraNode(Node):
         self._subscribe(values["transport"])
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values, warn_on=("rejected",),
-                                        error_on=("errors",), progress=("published",))
+                                        jobs={"errors": "published"})
         self.get_logger().info(
             f"camera: {self._sub.topic_name} ({values['transport']}) -> "
             f"{self._frames_pub.topic_name}, input {dict(self._input_spec)}")

@@ -130,7 +130,7 @@ class ClassifierNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values,
                                         warn_on=("rejected", "updates_rejected"),
-                                        error_on=("errors",), progress=("classified",))
+                                        jobs={"errors": "classified"})
         self._worker = threading.Thread(target=self._work, name="cascade", daemon=True)
         self._worker.start()
         self.get_logger().info(
