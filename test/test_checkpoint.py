@@ -242,6 +242,20 @@ def test_card_whose_architecture_does_not_match_the_tensors_is_refused(tmp_path)
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("value", [None, "0.1", 1e308, 10**30, -0.1, True])
+def test_card_drop_path_of_a_wrong_type_or_range_is_a_value_error(tmp_path, value):
+    # The tensors do not record it, so only this check stands between the card and torch
+    # (torch.linspace raised TypeError/OverflowError/RuntimeError, which the nodes' model
+    # loading does not turn into a one-line refusal).
+    model = make_model()
+    save_model(model, make_card(model), tmp_path / "m")
+    card = json.loads((tmp_path / "m.json").read_text())
+    card["architecture"]["drop_path"] = value
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"drop_path must be a number in \[0, 1\)"):
+        load_model(tmp_path / "m")
+
+
 def test_stem_kernel_is_read_from_the_tensors_and_checked_against_the_card(tmp_path):
     model = make_model(stem_kernel=8)
     save_model(model, make_card(model), tmp_path / "m")

@@ -310,6 +310,10 @@ class RevCol(nn.Module):
         if len(channels) != 4 or len(layers) != 4:
             raise ValueError("RevCol needs 4 levels: channels and layers of length 4")
         check_stem_kernel(stem_kernel)
+        # From a card (not in the tensors): a wrong type failed deep in torch.linspace
+        if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) \
+                or not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
         if num_columns < NUM_EXITS or num_columns % NUM_EXITS:
             raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
         self.config = RevColConfig(
