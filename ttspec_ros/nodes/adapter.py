@@ -140,12 +140,16 @@ class AdapterNode(Node):
         except (OSError, ValueError, KeyError) as e:
             raise StartupError(f"adapter: cannot load model {values['model']!r}: {e}") from e
         self._input_shape = input_shape(card.input)  # what a frame must look like
-        specializer = Specializer(
-            early_head_tensors(model), model.num_exits, model_id=card.model_id,
-            lr=values["learning_rate"], momentum=values["momentum"],
-            batch_size=values["batch_size"], min_confidence=values["min_confidence"],
-            guard=self._guard(values, card, model.num_exits - 1,
-                              model.cls_blocks[0].classifier[1].in_features))
+        guard = self._guard(values, card, model.num_exits - 1,
+                            model.cls_blocks[0].classifier[1].in_features)
+        try:
+            specializer = Specializer(
+                early_head_tensors(model), model.num_exits, model_id=card.model_id,
+                lr=values["learning_rate"], momentum=values["momentum"],
+                batch_size=values["batch_size"], min_confidence=values["min_confidence"],
+                guard=guard)
+        except ValueError as e:  # the guard binds to the heads here (e.g. anchor labels)
+            raise StartupError(f"adapter: anchors_file {values['anchors_file']}: {e}") from e
         if not uses_ttt:
             return specializer, None  # the network itself is dropped here
         from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, card_norm_pix
