@@ -156,13 +156,14 @@ def test_onnxruntime_stages_match_torch(exported, image):
     assert relative_difference(backbone.run_unsplit(image), expected) < 1e-4
 
 
-def test_onnxruntime_matches_torch_with_blocked_layout_and_two_columns_per_stage(tmp_path):
+@pytest.mark.parametrize("stem", [{"stem_kernel": 8}, {"stem_width": 16}])
+def test_onnxruntime_matches_torch_with_blocked_layout_and_two_columns_per_stage(tmp_path, stem):
     """Channels that are multiples of 16 (ONNX Runtime runs these convs in its NCHWc layout,
-    unlike most of the tiny model's), two columns per stage, an overlapping (padded) stem, and
-    alphas the model clamps (tiny, negative, zero) on the way."""
+    unlike most of the tiny model's), two columns per stage, an overlapping (padded) stem or
+    the conv stem, and alphas the model clamps (tiny, negative, zero) on the way."""
     torch.manual_seed(3)
     model = trained_like(RevCol((16, 32, 48, 64), (1, 1, 1, 1), 8, 10, in_chans=3,
-                                with_decoders=False, stem_kernel=8))
+                                with_decoders=False, **stem))
     with torch.no_grad():
         model.subnet1.alpha0[0, :3, 0, 0] = torch.tensor([1e-5, -0.3, 0.0])
         model.subnet5.alpha3[0, :2, 0, 0] = torch.tensor([-1e-4, -0.7])

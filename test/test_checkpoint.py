@@ -270,6 +270,19 @@ def test_stem_kernel_is_read_from_the_tensors_and_checked_against_the_card(tmp_p
         load_model(tmp_path / "m")
 
 
+def test_conv_stem_is_read_from_the_tensors_and_checked_against_the_card(tmp_path):
+    model = make_model(stem_width=12)
+    save_model(model, make_card(model), tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.stem_width == 12 and loaded.config.stem_kernel == 4
+    assert_same_weights(loaded, model)
+    card = json.loads((tmp_path / "m.json").read_text())
+    del card["architecture"]["stem_width"]  # a card without it means the patchify stem
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"stem_width: card 0, tensors 12"):
+        load_model(tmp_path / "m")
+
+
 def test_inconsistent_card_is_refused(tmp_path):
     model = make_model()
     save_model(model, make_card(model), tmp_path / "m")

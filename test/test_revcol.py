@@ -124,6 +124,23 @@ def test_stem_kernel_overlaps_patches_and_keeps_the_token_grid():
                            official.stem[0](nudged)[..., 0, 0])
 
 
+def test_conv_stem_keeps_the_token_grid_and_the_official_stem_names():
+    model = randomized(RevCol(**TINY, stem_width=12)).eval()
+    sd = model.state_dict()
+    assert sd["stem.0.weight"].shape == (12, 3, 3, 3) and sd["stem.3.weight"].shape == (8, 12, 3, 3)
+    assert model.stem(torch.randn(1, 3, 32, 32)).shape == (1, 8, 8, 8)
+    assert [tuple(t.shape) for t in model.forward_exits(torch.randn(1, 3, 32, 32))] == \
+        [(1, TINY["num_classes"])] * 4
+    assert "stem.3.weight" not in RevCol(**TINY).state_dict()  # the official stem is unchanged
+
+
+@pytest.mark.parametrize("options", [{"stem_width": -1}, {"stem_width": True},
+                                     {"stem_width": 8, "stem_kernel": 8}])
+def test_conv_stem_options_are_checked(options):
+    with pytest.raises(ValueError, match="stem_width"):
+        RevCol(**TINY, **options)
+
+
 @pytest.mark.parametrize("stem_kernel", [3, 6 + 1, 0])
 def test_stem_kernel_must_overlap_symmetrically(stem_kernel):
     with pytest.raises(ValueError, match="stem_kernel"):

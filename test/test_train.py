@@ -129,6 +129,7 @@ def test_cli_writes_a_loadable_model(tmp_path):
     ("--limit", "-5", "--limit must be >= 0"),
     ("--threads", "0", "--threads must be >= 1"),
     ("--val-size", "54000", "--val-size must leave training images"),
+    ("--stem-width", "-1", "--stem-width must be >= 0"),
 ])
 def test_cli_refuses_bad_counts_before_training(tmp_path, option, value, message):
     parser = argparse.ArgumentParser()

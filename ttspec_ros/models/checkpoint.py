@@ -41,7 +41,7 @@ from ttspec_ros.models.paths import (
     is_our_format,
     model_files,
 )
-from ttspec_ros.models.revcol import NUM_EXITS, RevCol, RevColConfig
+from ttspec_ros.models.revcol import NUM_EXITS, STEM_PATCH, RevCol, RevColConfig
 from ttspec_ros.preprocess import check_input_spec
 
 MODEL_ID_HEX = 12  # model ids are the first 12 hex digits of the weights file's sha256
@@ -320,7 +320,10 @@ def infer_config(state: Mapping[str, Tensor], source: str = "state dict") -> Rev
         num_classes = _dim(state, "cls_blocks.0.classifier.1.weight", 2, 0, source)
         kernel_size = _dim(state, "subnet0.level0.blocks.0.dwconv.weight", 4, 3, source)
         in_chans = _dim(state, "stem.0.weight", 4, 1, source)
-        stem_kernel = _dim(state, "stem.0.weight", 4, 2, source)
+        # The conv stem (stem_width > 0) has a second conv at stem.3; the official one not.
+        conv_stem = "stem.3.weight" in state
+        stem_width = _dim(state, "stem.0.weight", 4, 0, source) if conv_stem else 0
+        stem_kernel = STEM_PATCH if conv_stem else _dim(state, "stem.0.weight", 4, 2, source)
     except KeyError as e:
         raise ValueError(
             f"{source}: not a RevCol state dict with intermediate heads (no tensor {e})"
@@ -328,7 +331,7 @@ def infer_config(state: Mapping[str, Tensor], source: str = "state dict") -> Rev
     return RevColConfig(
         channels=channels, layers=layers, num_columns=num_columns, num_classes=num_classes,
         kernel_size=kernel_size, in_chans=in_chans, stem_kernel=stem_kernel,
-        with_decoders=any(k.startswith(DECODER_PREFIX) for k in state),
+        stem_width=stem_width, with_decoders=any(k.startswith(DECODER_PREFIX) for k in state),
     )
 
 
@@ -458,7 +461,7 @@ def _compare_configs(card: RevColConfig, found: RevColConfig, source: str) -> No
     diffs = [
         f"{f}: card {getattr(card, f)!r}, tensors {getattr(found, f)!r}"
         for f in ("channels", "layers", "num_columns", "num_classes", "kernel_size", "in_chans",
-                  "stem_kernel")
+                  "stem_kernel", "stem_width")
         if tuple_or(getattr(card, f)) != tuple_or(getattr(found, f))
     ]
     if diffs:

@@ -278,6 +278,7 @@ class RevColConfig:
     drop_path: float = 0.0
     with_decoders: bool = True
     stem_kernel: int = STEM_PATCH
+    stem_width: int = 0  # 0: the official patchify stem; > 0: a conv stem (see RevCol)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -293,6 +294,36 @@ class RevColConfig:
         return cls(**known)
 
 
+def make_stem(in_chans: int, dim: int, stem_kernel: int = STEM_PATCH, stem_width: int = 0
+              ) -> nn.Sequential:
+    """The stem: /4 from pixels to the token grid.
+
+    ``stem_width`` 0 is the official one: a ``stem_kernel`` conv at stride 4 (kernel 4 =
+    non-overlapping patches; a larger kernel overlaps neighbouring patches, padding keeps the
+    grid at size / 4), then LayerNorm. ``stem_width`` > 0 is a small conv stem for tiny
+    images (two 3x3 stride-2 convs, ``stem_width`` channels between, as in Xiao et al. 2021,
+    "Early convolutions help transformers see better"). Pilot, demo recipe otherwise (20
+    epochs, 5,000 training images held out, 1 thread, seed 0), test exits 0-3: stem_width 16
+    90.8 / 91.2 / 91.4 / 91.3 %, patchify 88.5 / 89.5 / 89.8 / 90.0 %, for about the same
+    training time (a 3x3 conv at full resolution before the 4x4 patchify, not kept: 91.3 /
+    91.7 / 91.8 / 92.0 % at ~25 % more time). Every exit gains, the early ones most: the exits
+    then spread by 0.6-0.8 point instead of 1.5, which leaves the cascade little to decide, so
+    the demo model keeps the patchify stem."""
+    if stem_width == 0:
+        return nn.Sequential(
+            nn.Conv2d(in_chans, dim, stem_kernel, stride=STEM_PATCH,
+                      padding=(stem_kernel - STEM_PATCH) // 2),
+            ChannelsFirstLayerNorm(dim),
+        )
+    return nn.Sequential(
+        nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1),
+        ChannelsFirstLayerNorm(stem_width),
+        nn.GELU(),
+        nn.Conv2d(stem_width, dim, 3, stride=2, padding=1),
+        ChannelsFirstLayerNorm(dim),
+    )
+
+
 class RevCol(nn.Module):
     def __init__(
         self,
@@ -305,11 +336,17 @@ class RevCol(nn.Module):
         drop_path: float = 0.0,
         with_decoders: bool = True,
         stem_kernel: int = STEM_PATCH,
+        stem_width: int = 0,
     ) -> None:
         super().__init__()
         if len(channels) != 4 or len(layers) != 4:
             raise ValueError("RevCol needs 4 levels: channels and layers of length 4")
         check_stem_kernel(stem_kernel)
+        if isinstance(stem_width, bool) or not isinstance(stem_width, int) or stem_width < 0 \
+                or (stem_width and stem_kernel != STEM_PATCH):
+            raise ValueError(f"stem_width must be an integer >= 0 (0: the patchify stem), and "
+                             f"the conv stem takes no stem_kernel; got stem_width "
+                             f"{stem_width!r}, stem_kernel {stem_kernel}")
         # From a card (not in the tensors): a wrong type failed deep in torch.linspace
         if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) \
                 or not 0.0 <= drop_path < 1.0:
@@ -318,18 +355,11 @@ class RevCol(nn.Module):
             raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
         self.config = RevColConfig(
             tuple(channels), tuple(layers), num_columns, num_classes, kernel_size, in_chans,
-            drop_path, with_decoders, stem_kernel,
+            drop_path, with_decoders, stem_kernel, stem_width,
         )
         self.num_columns = num_columns
         self.interval = num_columns // NUM_EXITS
-        self.stem = nn.Sequential(
-            # A kernel above the stride overlaps neighbouring patches (padding keeps the
-            # token grid at size / 4): on 28-px Fashion-MNIST kernel 8 gave +0.7 point on the
-            # last exit's validation accuracy. The official model uses kernel = stride = 4.
-            nn.Conv2d(in_chans, channels[0], stem_kernel, stride=STEM_PATCH,
-                      padding=(stem_kernel - STEM_PATCH) // 2),
-            ChannelsFirstLayerNorm(channels[0]),
-        )
+        self.stem = make_stem(in_chans, channels[0], stem_kernel, stem_width)
         dp_rates = torch.linspace(0, drop_path, sum(layers), device="cpu").tolist()
         for k in range(num_columns):
             self.add_module(
