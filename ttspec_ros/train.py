@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     # A negative --max-steps ran no step at all and saved the untrained model; a negative
     # --limit / --test-limit / --val-size sliced images off the end instead.
     reason = below_minimum(args, {"threads": 1, "max_steps": 0, "limit": 0, "test_limit": 0,
-                                  "val_size": 0})
+                                  "val_size": 0, "stem_width": 0})
     if reason:
         raise SystemExit(reason)
     train_size = data.SPLIT_SIZES["train"] - TrainConfig().pool_size
@@ -401,9 +401,9 @@ def run(args: argparse.Namespace) -> int:
         check_stem_kernel(args.stem_kernel)
     except ValueError as e:
         raise SystemExit(f"--stem-kernel: {e}") from None
-    if args.stem_width < 0 or (args.stem_width and args.stem_kernel != STEM_PATCH):
-        raise SystemExit(f"--stem-width must be >= 0 and takes no --stem-kernel, got "
-                         f"{args.stem_width} with kernel {args.stem_kernel}")
+    if args.stem_width and args.stem_kernel != STEM_PATCH:
+        raise SystemExit(f"--stem-width (the conv stem) takes no --stem-kernel, got kernel "
+                         f"{args.stem_kernel}")
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, channels=args.channels,
                       layers=args.layers, num_columns=args.num_columns,
