@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ttspec_ros.cascade import Cascade, TorchBackbone, exit_costs
+from ttspec_ros.cascade import Cascade, NonFiniteOutput, TorchBackbone, exit_costs
 from ttspec_ros.models.revcol import RevCol
 
 torch.set_num_threads(1)
@@ -79,6 +79,27 @@ def test_first_exit_reaching_its_threshold_answers():
     r = cascade.run(x, max_exit=1)  # thresholds 1.0: answers at max_exit anyway
     assert r.exit_index == 1 and r.exit_confidences == conf[:2]
     assert cascade.run(x, thresholds=0.0, force_exit=2).exit_index == 2  # force ignores them
+
+
+def test_threshold_one_never_answers_even_on_a_saturated_softmax():
+    model = make_model()
+    with torch.no_grad():  # exit 0's softmax rounds to exactly 1.0 in float32
+        model.cls_blocks[0].classifier[1].bias[2] = 1e3
+    cascade = Cascade(model, 1.0)
+    x = image()
+    assert cascade.run(x, force_exit=0).exit_confidences == [1.0]
+    assert cascade.run(x).exit_index == 3
+    assert cascade.run(x, thresholds=[0.999, 1.0, 1.0]).exit_index == 0
+
+
+def test_non_finite_logits_give_no_answer():
+    model = make_model()
+    cascade = Cascade(model, 0.0)
+    with torch.no_grad():  # as an overflowing fp16 engine would (updates refuse this)
+        model.cls_blocks[1].classifier[1].weight[0, 0] = float("inf")
+    assert cascade.run(image()).exit_index == 0  # exit 0 answers before the bad exit
+    with pytest.raises(NonFiniteOutput, match="exit 1"):
+        cascade.run(image(), force_exit=1)
 
 
 def test_features_are_the_pooled_head_inputs_and_usable_for_training():

@@ -9,6 +9,7 @@ import pathlib
 import pickle
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
@@ -389,7 +390,12 @@ def test_tensor_with_the_wrong_number_of_dimensions_is_named(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("exit_cost", [0.2, 0.5, 0.7, float("nan")], "exit_cost needs"),
     ("exit_cost", [0.5, 0.3, 0.7, 1.0], "exit_cost needs"),
-    ("exit_cost", [None] * 4, "wrong type"),
+    ("exit_cost", [None] * 4, "exit_cost: need numbers"),
+    ("exit_cost", ["0.25", "0.5", "0.75", "1"], "exit_cost: need numbers"),  # kept as text
+    ("exit_cost", [0.25, 0.5, 0.75, 10**400], "wrong type"),  # no float holds it
+    ("thresholds", [0.9, np.True_, 0.9], "thresholds: need numbers"),
+    ("training", ["x"], "training must be an object"),
+    ("metrics", "x", "metrics must be an object"),
     ("class_names", None, "wrong type"),
     ("class_names", "abc", "class_names has the wrong type"),  # not three one-letter names
     ("class_names", [0, 1, 2], "class_names has the wrong type"),  # predictions need strings
@@ -417,6 +423,7 @@ def test_malformed_card_fields_are_refused_with_value_errors(field, value, messa
     ({"size": float("inf")}, "wrong type"),
     ({"size": 10**300}, "size <= 4096"),
     ({"std": [float("nan")] * 3}, "finite"),
+    ({"size": 36, "content_size": 28}, "not a multiple of 32"),  # every frame would fail
 ])
 def test_card_input_spec_is_checked_as_preprocessing_needs_it(change, message):
     # Nodes build their preprocessing from it: a bad spec fails at load, naming the field.
@@ -430,3 +437,5 @@ def test_one_threshold_for_all_exits_is_a_list_after_validation():
     card = make_card(make_model()).to_dict()
     card["thresholds"] = 0.5
     assert ModelCard.from_dict(card).thresholds == [0.5, 0.5, 0.5]
+    card["thresholds"] = [np.float32(0.5), 0.5, 1]  # numpy and integer numbers are numbers
+    assert ModelCard.from_dict(card).thresholds == [0.5, 0.5, 1.0]

@@ -283,6 +283,7 @@ def test_anchor_labels_outside_the_heads_classes_are_refused_at_bind() -> None:
     dict(tolerance=float("nan")), dict(class_tolerance=float("nan")),
     dict(tolerance=-0.1), dict(cost_tolerance=float("nan"), exit_cost=[0.25, 0.5, 0.75, 1.0]),
     dict(threshold=float("nan")), dict(threshold=1.5),
+    dict(threshold=["0.9", "0.9", "0.9"]), dict(threshold=[0.9, True, 0.9]),  # the card's rule
 ])
 def test_guard_settings_that_would_disable_it_are_refused(settings) -> None:
     """NaN fails every comparison: a NaN tolerance would pass every check, so never roll back."""
@@ -378,6 +379,8 @@ def test_anchor_file_records_its_model_and_refuses_another(tmp_path) -> None:
     loaded.check_matches("m1", 3, dim)
     with pytest.raises(ValueError, match="come from model 'm1', not 'm2'"):
         loaded.check_matches("m2", 3, dim)
+    with pytest.raises(ValueError, match="no images"):
+        build_anchor_set(model, torch.zeros(0, 1, 32, 32))
     with pytest.raises(ValueError, match="do not fit 2 early heads"):
         loaded.check_matches("m1", 2, dim)
     with pytest.raises(ValueError, match=f"do not fit 3 early heads of {dim + 1} inputs"):

@@ -26,6 +26,18 @@ from ttspec_ros.models.revcol import RevCol
 HEAD_PREFIX = "cls_blocks."
 
 
+def reaches_threshold(confidence: Any, threshold: float) -> Any:
+    """The exit rule: an early exit answers when its max softmax reaches the threshold, and
+    threshold 1.0 means never. float32 softmax rounds to exactly 1.0 once the top logit leads
+    by ~17, so with plain ``>=`` a user disabling early exits with 1.0 would still get some.
+    Works elementwise on floats, numpy arrays and tensors."""
+    return (confidence >= threshold) & (threshold < 1.0)
+
+
+class NonFiniteOutput(RuntimeError):
+    """An exit's logits held NaN or inf: the frame has no answer."""
+
+
 @runtime_checkable
 class StagedBackbone(Protocol):
     """A backbone run one exit at a time. Stage 0 takes the image tensor (1, C, H, W); later
@@ -149,10 +161,14 @@ class Cascade:
                 # Heads run where the model's parameters are, whatever the backbone's device.
                 pooled = pooled.to(self.model.cls_blocks[i].classifier[1].weight.device)
                 logits = self.model.head(i, pooled)[0]
+                if not torch.isfinite(logits).all():
+                    # NaN never reaches a threshold and its argmax is class 0: no answer at
+                    # all is better than a made-up one (an fp16 engine can overflow).
+                    raise NonFiniteOutput(f"exit {i} produced non-finite logits")
                 confidence, class_id = torch.softmax(logits, dim=0).max(dim=0)
                 confidences.append(float(confidence))
                 features.append(pooled[0])
-                if force_exit is None and i < last and confidences[-1] >= th[i]:
+                if force_exit is None and i < last and reaches_threshold(confidences[-1], th[i]):
                     break
             latency_ms = (time.perf_counter() - start) * 1e3
             version = self.version

@@ -57,12 +57,14 @@ CAMERA: tuple[ParamSpec, ...] = (
 CLASSIFIER: tuple[ParamSpec, ...] = (
     MODEL,
     ParamSpec("threshold", "double", -1.0,
-              "confidence every early exit needs to answer; -1 = use 'thresholds'",
+              "confidence every early exit needs to answer (1 = none answers early); "
+              "-1 = use 'thresholds'",
               min=-1.0, max=1.0, constraints="-1, or a value in [0, 1]"),
     ParamSpec("thresholds", "double_array", FROM_MODEL_CARD,
               "per-early-exit confidence thresholds (one per exit except the last), each in "
-              "[0, 1]; default: the model card's, and while they equal the card's they follow "
-              "a live model change; used while threshold is -1",
+              "[0, 1], 1 = that exit never answers; default: the model card's, and while "
+              "they equal the card's they follow a live model change; used while threshold "
+              "is -1",
               min=0.0, max=1.0, constraints="length = number of exits - 1"),
     ParamSpec("max_exit", "int", -1,
               "deepest exit to run: frames no earlier exit answered are answered there; "

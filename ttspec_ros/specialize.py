@@ -60,8 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttspec_ros.cascade import reaches_threshold
 from ttspec_ros.files import atomic_write_bytes
 from ttspec_ros.model_update import ModelUpdatePayload, all_finite
+from ttspec_ros.models.checkpoint import validate_thresholds
 
 LAYER_NORM_EPS = 1e-6  # eps of the classifier LayerNorm (RevCol)
 STATE_FILE = "specializer.safetensors"
@@ -302,6 +304,8 @@ def build_anchor_set(model: nn.Module, images: Tensor | np.ndarray, per_class: i
     """Anchors from unlabeled preprocessed images: early-exit features + the last exit's class.
 
     With ``per_class``, keep at most that many anchors of each last-exit class (seeded)."""
+    if len(images) == 0:
+        raise ValueError("no images to build anchors from")
     feats = pooled_features(model, images, batch_size)
     with torch.inference_mode():
         labels = model.head(model.num_exits - 1, feats[-1]).argmax(1).numpy()
@@ -316,15 +320,16 @@ def build_anchor_set(model: nn.Module, images: Tensor | np.ndarray, per_class: i
 
 def cascade_answers(head_probs: Sequence[Tensor], last_pred: Tensor, thresholds: Sequence[float]
                     ) -> tuple[Tensor, Tensor]:
-    """The cascade's rule on precomputed probabilities: first early exit i whose max softmax
-    reaches thresholds[i] answers, else the last exit. -> (exit index (N,), class (N,))."""
+    """The cascade's rule (``reaches_threshold``) on precomputed probabilities: the first
+    early exit i whose max softmax reaches thresholds[i] answers, else the last exit.
+    -> (exit index (N,), class (N,))."""
     n = last_pred.shape[0]
     exit_index = torch.full((n,), len(head_probs), dtype=torch.long)
     pred = last_pred.clone()
     undecided = torch.ones(n, dtype=torch.bool)
     for i, p in enumerate(head_probs):
         conf, cls = p.max(1)
-        take = undecided & (conf >= thresholds[i])
+        take = undecided & reaches_threshold(conf, thresholds[i])
         exit_index[take] = i
         pred[take] = cls[take]
         undecided &= ~take
@@ -355,12 +360,7 @@ class AnchorGuard:
             raise ValueError("cost_tolerance needs exit_cost")
         self.anchors = anchors
         h = len(anchors.features)
-        self.thresholds = [float(threshold)] * h if np.isscalar(threshold) else \
-            [float(t) for t in threshold]  # type: ignore[union-attr]
-        if len(self.thresholds) != h:
-            raise ValueError(f"need {h} thresholds, got {len(self.thresholds)}")
-        if not all(0.0 <= t <= 1.0 for t in self.thresholds):  # NaN fails too
-            raise ValueError(f"guard thresholds must lie in [0, 1], got {self.thresholds}")
+        self.thresholds = validate_thresholds(threshold, h + 1, source="guard thresholds")
         self.rehearsal, self.check_every = int(rehearsal), int(check_every)
         self.tolerance, self.class_tolerance = float(tolerance), float(class_tolerance)
         # A NaN tolerance fails every comparison in `passes`, which would then never roll back.

@@ -36,11 +36,16 @@ from ttspec_ros import data
 from ttspec_ros.cascade import exit_costs
 from ttspec_ros.experiments import below_minimum
 from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask
-from ttspec_ros.models.revcol import NUM_EXITS, STEM_PATCH, RevCol, check_stem_kernel
+from ttspec_ros.models.revcol import (
+    INPUT_MULTIPLE,
+    NUM_EXITS,
+    STEM_PATCH,
+    RevCol,
+    check_stem_kernel,
+)
 from ttspec_ros.preprocess import preprocess_batch
 
 INPUT_SIZE = 32  # 28-px content zero-padded so the 4-px stem and three 2x downsamplings fit
-INPUT_MULTIPLE = 32  # the stem (4 px) and three 2x downsamplings need sides divisible by 32
 SHIFT = 2  # augmentation: random translation of up to SHIFT px (pad-and-crop)
 DEFAULT_THRESHOLDS = [0.9, 0.9, 0.9]
 # Scales the reconstruction weights (1 = the official weighting). An earlier demo model used 0.5

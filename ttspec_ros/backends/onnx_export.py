@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.checkpoint import file_sha256
 from ttspec_ros.models.revcol import (
+    INPUT_MULTIPLE,
     ChannelsFirstLayerNorm,
     ConvNextBlock,
     RevCol,
@@ -297,8 +298,9 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs, out
 def image_shape_for(model: RevCol, image_size: int | tuple[int, int]) -> tuple[int, int, int, int]:
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     # stem /4, then three /2 downsamplings: every level needs whole pixels.
-    if h % 32 or w % 32 or h <= 0 or w <= 0:
-        raise ValueError(f"image size must be positive multiples of 32, got {h}x{w}")
+    if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE or h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive multiples of {INPUT_MULTIPLE}, "
+                         f"got {h}x{w}")
     return (1, model.config.in_chans, h, w)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ttspec_ros.cascade import Cascade, exit_costs
 from ttspec_ros.files import write_json
-from ttspec_ros.models.revcol import PRESETS, build_preset
+from ttspec_ros.models.revcol import INPUT_MULTIPLE, PRESETS, build_preset
 
 TARGET_OVERHEAD_RATIO = 1.02  # issue 3: forced last exit through the cascade / plain forward
 
@@ -52,9 +52,10 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 def measure(arch: str, size: int, repeats: int, warmup: int, threads: int, num_classes: int,
             seed: int) -> dict:
-    if repeats < 2 or warmup < 0 or threads < 1 or size < 32 or size % 32:
+    if repeats < 2 or warmup < 0 or threads < 1 or size < INPUT_MULTIPLE or size % INPUT_MULTIPLE:
         raise ValueError("need repeats >= 2, warmup >= 0, threads >= 1 and a size that is a "
-                         "positive multiple of 32 (four stride-2 levels after a stride-4 stem)")
+                         f"positive multiple of {INPUT_MULTIPLE} (three stride-2 levels after "
+                         "a stride-4 stem)")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     # Decoders built only to time the official forward; the cascade never runs them.

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ttspec_ros.cascade import reaches_threshold
 from ttspec_ros.specialize import Specializer, StackedHeads, cascade_answers, pooled_features
 
 THRESHOLDS = tuple(round(0.50 + 0.01 * i, 2) for i in range(50))  # 0.50 .. 0.99
@@ -117,7 +118,7 @@ def simulate_stream(spec: Specializer, data: ExitFeatures, order: Sequence[int],
         with torch.inference_mode():
             for i in range(h):
                 c, k = heads.logits_of(i, feats[i][None]).softmax(1)[0].max(0)
-                if float(c) >= threshold:
+                if reaches_threshold(float(c), threshold):
                     exit_index, cls, conf = i, int(k), float(c)
                     break
         if spec.add_sample(exit_index, cls, conf, feats[:exit_index]):

@@ -47,6 +47,7 @@ from ttspec_ros.experiments.make_corrupted import split_of
 from ttspec_ros.files import save_figure, write_json
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.preprocess import preprocess_batch
+from ttspec_ros.specialize import cascade_answers
 from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, card_norm_pix, select_parameters
 
 PARTS = ("a", "b", "c", "d")
@@ -147,20 +148,12 @@ class DataSource:
 # -- metrics -------------------------------------------------------------------------------
 def cascade_decisions(logits: Sequence[torch.Tensor], threshold: float) -> tuple[np.ndarray,
                                                                                 np.ndarray]:
-    """(class, exit index) per image: the first exit whose top softmax >= threshold, else the
-    last exit (the cascade's rule with one threshold for every early exit)."""
+    """(class, exit index) per image by the cascade's rule, one threshold for every early
+    exit."""
     probs = [lg.softmax(dim=1) for lg in logits]
-    n = probs[0].shape[0]
-    pred = probs[-1].argmax(1).numpy().copy()
-    exit_index = np.full(n, len(probs) - 1)
-    decided = np.zeros(n, dtype=bool)
-    for i, p in enumerate(probs[:-1]):
-        conf, cls = p.max(1)
-        take = (conf.numpy() >= threshold) & ~decided
-        pred[take] = cls.numpy()[take]
-        exit_index[take] = i
-        decided |= take
-    return pred, exit_index
+    exit_index, pred = cascade_answers(probs[:-1], probs[-1].argmax(1),
+                                       [threshold] * (len(probs) - 1))
+    return pred.numpy(), exit_index.numpy()
 
 
 def metrics(logits: Sequence[torch.Tensor], labels: np.ndarray, threshold: float) -> dict:

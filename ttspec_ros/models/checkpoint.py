@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import pickle
 import re
@@ -26,11 +27,12 @@ import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,7 +43,7 @@ from ttspec_ros.models.paths import (
     is_our_format,
     model_files,
 )
-from ttspec_ros.models.revcol import NUM_EXITS, STEM_PATCH, RevCol, RevColConfig
+from ttspec_ros.models.revcol import INPUT_MULTIPLE, NUM_EXITS, STEM_PATCH, RevCol, RevColConfig
 from ttspec_ros.preprocess import check_input_spec
 
 MODEL_ID_HEX = 12  # model ids are the first 12 hex digits of the weights file's sha256
@@ -91,12 +93,17 @@ class ModelCard:
         """Internal consistency; raises ValueError saying which field is wrong and why."""
         try:
             self._validate(source)
-        except (TypeError, AttributeError) as e:  # e.g. "channels": null, a list for a dict
+        except (TypeError, AttributeError, OverflowError) as e:
+            # e.g. "channels": null, a list for a dict, a 400-digit integer for a float
             raise ValueError(f"{source}: a field has the wrong type ({e})") from e
 
     def _validate(self, source: str) -> None:
         if not isinstance(self.model_id, str):
             raise ValueError(f"{source}: model_id must be a string, got {self.model_id!r}")
+        for key in ("architecture", "input", "training", "metrics"):
+            if not isinstance(getattr(self, key), Mapping):  # read with .get() by consumers
+                raise ValueError(f"{source}: {key} must be an object, got "
+                                 f"{getattr(self, key)!r:.80}")
         try:
             config = self.config
         except (KeyError, TypeError) as e:
@@ -116,6 +123,9 @@ class ModelCard:
             check_input_spec(self.input)  # what every consumer's preprocessing will need
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
+        if self.input["size"] % INPUT_MULTIPLE:
+            raise ValueError(f"{source}: input.size={self.input['size']} is not a multiple of "
+                             f"{INPUT_MULTIPLE} (the stem and three 2x downsamplings)")
         if int(self.input["channels"]) != config.in_chans:
             raise ValueError(
                 f"{source}: input.channels={self.input['channels']} but the architecture takes "
@@ -127,7 +137,7 @@ class ModelCard:
         # One value per early exit from here on (a card may hold one number for all).
         self.thresholds = validate_thresholds(self.thresholds, NUM_EXITS,
                                               source=f"{source}: thresholds")
-        costs = [float(c) for c in self.exit_cost]
+        costs = real_numbers(self.exit_cost, f"{source}: exit_cost")
         # Cumulative shares: every one in (0, 1], none smaller than the one before (NaN fails).
         if (len(costs) != NUM_EXITS or abs(costs[-1] - 1.0) > 1e-6
                 or not all(0.0 < a <= b <= 1.0 + 1e-6 for a, b in pairwise(costs))):
@@ -135,22 +145,30 @@ class ModelCard:
                 f"{source}: exit_cost needs {NUM_EXITS} non-decreasing cumulative shares in "
                 f"(0, 1] ending at 1.0, got {self.exit_cost}"
             )
+        self.exit_cost = costs  # floats, as every consumer computes with them
+
+
+def is_real(value: object) -> bool:
+    """A number that is not a bool: Python and numpy floats and integers (np.float32 too)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def real_numbers(values: object, source: str) -> list[float]:
+    """A list of numbers as floats; ValueError for strings (read one character per entry),
+    bools (an int to Python), scalars and nested lists."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise ValueError(f"{source}: need numbers (a list), got {values!r:.80}")
+    values = list(values)
+    if not all(is_real(v) for v in values):
+        raise ValueError(f"{source}: need numbers, got {values!r:.80}")
+    return [float(v) for v in values]
 
 
 def validate_thresholds(thresholds: float | Sequence[float], num_exits: int,
                         source: str = "thresholds") -> list[float]:
-    """A float (same for every early exit) or one value in [0, 1] per exit but the last."""
-    # A string would be read one digit per exit, and a bool (an int to Python) as 0 or 1.
-    if isinstance(thresholds, (str, bytes, bool)):
-        raise ValueError(f"{source}: need numbers, got {thresholds!r}")
-    if isinstance(thresholds, (int, float)):
-        thresholds = [float(thresholds)] * (num_exits - 1)
-    try:
-        values = [float(t) for t in thresholds if not isinstance(t, bool)]
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: need numbers, got {thresholds!r}") from e
-    if len(values) != len(thresholds):
-        raise ValueError(f"{source}: need numbers, got {thresholds!r}")
+    """A number (same for every early exit) or one value in [0, 1] per exit but the last."""
+    values = ([float(thresholds)] * (num_exits - 1) if is_real(thresholds)
+              else real_numbers(thresholds, source))
     if len(values) != num_exits - 1:
         raise ValueError(
             f"{source}: need {num_exits - 1} values (one per exit but the last, which always "

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 NUM_EXITS = 4  # the official model has a head after every num_columns // 4 columns
 STEM_PATCH = 4  # stem conv stride (= kernel in the official model): one token per 4x4 pixels
+# The stem (4 px) and three 2x downsamplings need input sides divisible by this.
+INPUT_MULTIPLE = STEM_PATCH * 2 ** 3
 DECODER_KERNEL = 3  # the official decoders use kernel 3 whatever the columns use
 
 
