@@ -139,6 +139,14 @@ def test_pickle_that_is_only_a_payload_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_state_dict_keys_that_are_not_names_are_refused(tmp_path):
+    state = dict(make_model().state_dict())
+    state[7] = state.pop("subnet0.alpha0")  # str methods on the keys would raise otherwise
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="state dict key 7 is not a tensor name"):
+        load_model(tmp_path / "bad.pth")
+
+
 def test_ema_requested_but_absent_falls_back_to_model_with_warning(tmp_path):
     model = make_model()
     path = tmp_path / "ckpt.pth"

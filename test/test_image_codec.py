@@ -15,6 +15,7 @@ from ttspec_ros.image_codec import (
     decode_image,
     encode_frame,
     encode_image,
+    header_size,
 )
 
 RNG = np.random.default_rng(0)
@@ -141,14 +142,24 @@ def test_bad_compressed_images(data, reason):
     assert err.value.reason == reason
 
 
-def test_png_header_claiming_too_many_pixels_is_an_image_decode_error():
-    # cv2.imdecode raises cv2.error (not a ValueError) on it; the camera node used to die.
-    ok, png = cv2.imencode(".png", np.zeros((4, 4), np.uint8))
-    data = bytearray(png.tobytes())
-    data[16:24] = (40000).to_bytes(4, "big") * 2  # IHDR width and height
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_header_claiming_too_many_pixels_is_refused_before_decoding(ext):
+    # cv2.imdecode would allocate what the header claims (up to 2^30 pixels) or raise
+    # cv2.error (the camera node used to die of it): the header is read first.
+    ok, encoded = cv2.imencode(ext, np.zeros((4, 4), np.uint8))
+    data = bytearray(encoded.tobytes())
+    if ext == ".png":
+        data[16:24] = (40000).to_bytes(4, "big") * 2  # IHDR width and height
+        claimed = (40000, 40000)
+    else:
+        sof = data.index(b"\xff\xc0")  # baseline start of frame: height, width at +5, +7
+        data[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") * 2
+        claimed = (20000, 20000)
+    assert header_size(np.frombuffer(bytes(data), np.uint8)) == claimed
     with pytest.raises(ImageDecodeError) as err:
-        decode_compressed("png", bytes(data))
-    assert err.value.reason == "undecodable"
+        decode_compressed(ext[1:], bytes(data))
+    assert err.value.reason == "absurd_size"
+    assert header_size(encoded) == (4, 4)  # a real header reads right
 
 
 @pytest.mark.parametrize(("dtype", "channels"), [(np.float64, 3), (np.int8, 4), (np.int16, 3),

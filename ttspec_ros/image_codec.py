@@ -126,6 +126,40 @@ def decode_image(height: int, width: int, encoding: str, is_bigendian: int | boo
     return np.array(image, copy=True, order="C")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (they carry the size); C4, C8 and CC share the range but are not
+JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def header_size(buf: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) a PNG or JPEG header claims, read before decoding so that a small
+    file claiming a huge image is refused without allocating it (OpenCV's own cap is 2^30
+    pixels); None for other formats or a header this does not understand."""
+    if bytes(buf[:8]) == PNG_SIGNATURE and buf.size >= 24 and bytes(buf[12:16]) == b"IHDR":
+        width, height = (int.from_bytes(bytes(buf[k : k + 4]), "big") for k in (16, 20))
+        return height, width
+    if bytes(buf[:2]) != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= buf.size:  # walk the segments up to the first start of frame
+        if buf[i] != 0xFF:
+            return None
+        marker = int(buf[i + 1])
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in JPEG_SOF:
+            if i + 9 > buf.size:
+                return None
+            height, width = (int.from_bytes(bytes(buf[k : k + 2]), "big") for k in (i + 5, i + 7))
+            return (height, width) if height else None  # 0: the height comes later (DNL)
+        i += 2 + (int(buf[i + 2]) << 8 | int(buf[i + 3]))
+    return None
+
+
 def decode_compressed(format_: str, data: Any) -> np.ndarray:
     """CompressedImage (JPEG, PNG, ... anything cv2.imdecode reads) -> (H, W) or RGB(A)."""
     import cv2
@@ -135,6 +169,9 @@ def decode_compressed(format_: str, data: Any) -> np.ndarray:
         raise ImageDecodeError("zero_size", f"compressed image ({format_!r}) has no data")
     if buf.size > MAX_BYTES:
         raise ImageDecodeError("absurd_size", f"compressed image has {buf.size} bytes")
+    claimed = header_size(buf)
+    if claimed is not None:
+        check_size(*claimed)
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as e:  # e.g. a header claiming more pixels than OpenCV's limit

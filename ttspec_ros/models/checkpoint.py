@@ -311,6 +311,9 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise ValueError(f"{source}: state dict entry {not_tensors[0]!r} is not a tensor")
+    not_names = [k for k in state if not isinstance(k, str)]
+    if not_names:
+        raise ValueError(f"{source}: state dict key {not_names[0]!r} is not a tensor name")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)

@@ -137,8 +137,9 @@ class AdapterNode(Node):
         try:
             # Decoders only when test-time training needs them (its loss is reconstruction).
             model, card = load_model(values["model"] or None, with_decoders=uses_ttt)
-        except (OSError, ValueError, KeyError) as e:
-            raise StartupError(f"adapter: cannot load model {values['model']!r}: {e}") from e
+        except Exception as e:  # a one-line reason, whatever a bad file raises
+            raise StartupError(f"adapter: cannot load model {values['model']!r}: "
+                               f"{type(e).__name__}: {e}") from e
         self._input_shape = input_shape(card.input)  # what a frame must look like
         guard = self._guard(values, card, model.num_exits - 1,
                             model.cls_blocks[0].classifier[1].in_features)

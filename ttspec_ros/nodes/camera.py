@@ -68,9 +68,9 @@ class CameraNode(Node):
     def _load_input_spec(model: str) -> dict[str, Any]:
         try:
             return load_input_spec(model)
-        except (OSError, ValueError) as e:
-            raise StartupError(f"camera: cannot read the model card of model {model!r}: {e}"
-                               ) from e
+        except Exception as e:  # whatever a bad file raises, a live change must not end the node
+            raise StartupError(f"camera: cannot read the model card of model {model!r}: "
+                               f"{type(e).__name__}: {e}") from e
 
     def _subscribe(self, transport: str) -> None:
         """Subscribe for ``transport``; the old subscription goes once the new one exists."""

@@ -68,9 +68,9 @@ class LoadedModel:
         try:
             # Decoders serve test-time training only; inference and head updates need none.
             model, card = load_model(model_path or None, with_decoders=False)
-        except (OSError, ValueError, KeyError) as e:
-            raise StartupError(f"cannot load model {model_path or '(bundled demo)'!r}: {e}"
-                               ) from e
+        except Exception as e:  # whatever a bad file raises, a live change must not end the node
+            raise StartupError(f"cannot load model {model_path or '(bundled demo)'!r}: "
+                               f"{type(e).__name__}: {e}") from e
         self.input_shape = input_shape(card.input)
         try:
             backbone = create_backbone(backend, model, device=device, num_threads=num_threads,
@@ -79,8 +79,9 @@ class LoadedModel:
                                    model_id=card.model_id)
         except BackendUnavailable as e:
             raise StartupError(f"backend {backend!r} is unavailable: {e}") from e
-        except (RuntimeError, ValueError, OSError) as e:  # a bad device, an unwritable cache
-            raise StartupError(f"backend {backend!r} on device {device!r}: {e}") from e
+        except Exception as e:  # a bad device, an unwritable cache, ONNX Runtime's own errors
+            raise StartupError(f"backend {backend!r} on device {device!r}: "
+                               f"{type(e).__name__}: {e}") from e
         self.card = card
         self.path = model_path
         self.backend = backend
