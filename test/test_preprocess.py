@@ -53,11 +53,24 @@ def test_camera_frame_rgb_any_size_uses_luma_crop_and_area_resize():
     assert np.array_equal(preprocess(mono[:, :, None], SPEC), preprocess(mono, SPEC))
 
 
-def test_three_channel_spec_repeats_gray():
+def test_three_channel_spec_repeats_gray_and_keeps_colour():
     spec = {**SPEC, "channels": 3, "mean": [0.1, 0.2, 0.3], "std": [1.0, 1.0, 1.0]}
     out = preprocess(np.full((28, 28), 255, np.uint8), spec)
     assert out.shape == (3, 32, 32)
     assert out[:, 10, 10].tolist() == pytest.approx([0.9, 0.8, 0.7])
+    # an RGB model (ImageNet RevCol) sees colour, not its luma three times
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out = preprocess(frame, spec)
+    crop = frame[:, 8:56].astype(np.float32) / 255
+    expected = cv2.resize(crop, (28, 28), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
+    assert np.allclose(out[:, 2:30, 2:30], expected - np.array([0.1, 0.2, 0.3])[:, None, None],
+                       atol=1e-5)
+    rgba = np.concatenate([frame, np.zeros((48, 64, 1), np.uint8)], axis=2)  # alpha ignored
+    assert np.array_equal(preprocess(rgba, spec), out)
+    red = np.zeros((28, 28, 3), np.uint8)
+    red[..., 0] = 255
+    assert preprocess(red, spec)[:, 10, 10].tolist() == pytest.approx([0.9, -0.2, -0.3])
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """Image -> model input: the one preprocessing used by training, the camera node and replay.
 
-A frame (any size, mono or RGB, uint8 or uint16) becomes grayscale (cv2 luma), is centre-cropped
-to a square and resized to ``content_size`` with INTER_AREA, zero-padded to ``size`` (zero =
-black, the Fashion-MNIST background) and normalised with the training mean/std. The input spec
+A frame (any size, mono or RGB, uint8 or uint16) becomes grayscale (cv2 luma) for a 1-channel
+model and RGB for a 3-channel one (a mono frame repeated), is centre-cropped to a square and
+resized to ``content_size`` with INTER_AREA, zero-padded to ``size`` (zero = black, the
+Fashion-MNIST background) and normalised with the training mean/std. The input spec
 is the model card's ``input`` dict: {channels, size, content_size, mean, std}.
 """
 
@@ -61,10 +62,11 @@ def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndar
     return channels, size, content, mean, std
 
 
-def _to_unit_gray(image: np.ndarray, square: bool = False) -> np.ndarray:
-    """(H,W) / (H,W,1) / (H,W,3) RGB / (H,W,4) RGBA uint8 or uint16 -> (H,W) float32 in [0,1],
-    centre-cropped to a square first if ``square`` (per-pixel steps commute with the crop, so
-    converting only the kept pixels gives the same values for less work)."""
+def _to_unit(image: np.ndarray, channels: int, square: bool = False) -> np.ndarray:
+    """(H,W) / (H,W,1) / (H,W,3) RGB / (H,W,4) RGBA uint8 or uint16 -> float32 in [0,1]:
+    (H,W) grayscale for a 1-channel model, (H,W,3) RGB for a 3-channel one; centre-cropped
+    to a square first if ``square`` (per-pixel steps commute with the crop, so converting
+    only the kept pixels gives the same values for less work)."""
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
     if image.dtype == np.uint8:
@@ -82,9 +84,13 @@ def _to_unit_gray(image: np.ndarray, square: bool = False) -> np.ndarray:
         )
     if square:
         image = _center_square(image)
-    if image.ndim == 3:
+    if channels == 1 and image.ndim == 3:
         code = cv2.COLOR_RGB2GRAY if image.shape[2] == 3 else cv2.COLOR_RGBA2GRAY
         image = cv2.cvtColor(np.ascontiguousarray(image), code)
+    elif channels == 3 and image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif channels == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]  # RGBA: the colour, without alpha
     # One pass, same float32 division as astype(float32) / scale.
     return np.divide(image, np.float32(scale), dtype=np.float32)
 
@@ -97,28 +103,28 @@ def _center_square(gray: np.ndarray) -> np.ndarray:
     return gray[top : top + side, left : left + side]
 
 
-def _to_content_size(gray: np.ndarray, content_size: int) -> np.ndarray:
-    """Square unit-range grayscale (s, s) -> (content_size, content_size); shared by
+def _to_content_size(unit: np.ndarray, content_size: int) -> np.ndarray:
+    """Square unit-range (s, s) grayscale or (s, s, 3) RGB -> content_size a side; shared by
     ``preprocess`` and ``preprocess_batch`` so both resize alike."""
-    if gray.shape == (content_size, content_size):
-        return gray
-    return cv2.resize(gray, (content_size, content_size), interpolation=cv2.INTER_AREA)
+    if unit.shape[:2] == (content_size, content_size):
+        return unit
+    return cv2.resize(unit, (content_size, content_size), interpolation=cv2.INTER_AREA)
 
 
 def _pad_and_normalise(content: np.ndarray,
                        checked: tuple[int, int, int, np.ndarray, np.ndarray]) -> np.ndarray:
-    """Content-sized unit-range grayscale (..., c, c) -> normalised (..., C, size, size) float32."""
+    """Content-sized unit-range (..., K, c, c), K = 1 (grayscale) or the model's channels ->
+    normalised (..., C, size, size) float32."""
     channels, size, content_size, mean, std = checked
-    if content.shape[-2:] != (content_size, content_size):
-        raise ValueError(
-            f"content must be {content_size}x{content_size}, got {content.shape[-2:]}"
-        )
-    lead = content.shape[:-2]
-    out = np.zeros(lead + (1, size, size), dtype=np.float32)
+    if content.shape[-2:] != (content_size, content_size) or content.shape[-3] not in (1,
+                                                                                     channels):
+        raise ValueError(f"content must be (1 or {channels}) x {content_size}x{content_size}, "
+                         f"got {content.shape[-3:]}")
+    out = np.zeros(content.shape[:-2] + (size, size), dtype=np.float32)
     off = (size - content_size) // 2
-    out[..., 0, off : off + content_size, off : off + content_size] = content
-    if channels == 3:
-        out = np.repeat(out, 3, axis=-3)
+    out[..., off : off + content_size, off : off + content_size] = content
+    if out.shape[-3] != channels:  # a grayscale image for a 3-channel model
+        out = np.repeat(out, channels, axis=-3)
     shape = (channels, 1, 1)
     mean_b = np.broadcast_to(mean.reshape(-1, 1, 1), shape)
     std_b = np.broadcast_to(std.reshape(-1, 1, 1), shape)
@@ -128,9 +134,10 @@ def _pad_and_normalise(content: np.ndarray,
 def preprocess(image: np.ndarray, input_spec: Mapping) -> np.ndarray:
     """One frame (H,W) or (H,W,C), uint8/uint16 -> float32 (channels, size, size)."""
     checked = check_input_spec(input_spec)
-    content_size = checked[2]
-    gray = _to_content_size(_to_unit_gray(image, square=True), content_size)
-    return _pad_and_normalise(gray, checked)
+    channels, content_size = checked[0], checked[2]
+    unit = _to_content_size(_to_unit(image, channels, square=True), content_size)
+    # (c, c) grayscale or (c, c, 3) RGB -> (K, c, c)
+    return _pad_and_normalise(unit[None] if unit.ndim == 2 else unit.transpose(2, 0, 1), checked)
 
 
 def preprocess_batch(images: np.ndarray, input_spec: Mapping) -> np.ndarray:
@@ -146,4 +153,4 @@ def preprocess_batch(images: np.ndarray, input_spec: Mapping) -> np.ndarray:
     unit = images.astype(np.float32) / 255.0
     if unit.shape[1:] != (content_size, content_size):
         unit = np.stack([_to_content_size(im, content_size) for im in unit])
-    return _pad_and_normalise(unit, checked)
+    return _pad_and_normalise(unit[:, None], checked)
