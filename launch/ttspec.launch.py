@@ -3,6 +3,8 @@
     ros2 launch ttspec_ros ttspec.launch.py camera_topic:=/camera/color/image_raw \
         model:=/path/to/model threshold:=0.8 state_dir:=/var/lib/ttspec
     ros2 launch ttspec_ros ttspec.launch.py use_sim_time:=true  # with ros2 bag play --clock
+    ros2 launch ttspec_ros ttspec.launch.py namespace:=ttspec_left \
+        camera_topic:=/left/image_raw  # a second pipeline beside the first
 
 Every node reads config/ttspec.yaml (or params_file:=...); the launch arguments below override
 it when given. Topics, nodes and executables come from ttspec_ros.topics.
@@ -21,6 +23,8 @@ from launch_ros.actions import Node
 from ttspec_ros import topics
 
 ARGUMENTS = {
+    "namespace": (topics.NAMESPACE,
+                  "namespace of the three nodes and their topics (one per camera pipeline)"),
     "camera_topic": (topics.IMAGE_RAW,
                      "image topic the camera node reads (remaps image_raw; the compressed "
                      "stream is <camera_topic>/compressed)"),
@@ -59,7 +63,7 @@ def _nodes(context) -> list[Node]:
     ]}
     return [
         Node(package=topics.PACKAGE, executable=topics.EXECUTABLES[name], name=name,
-             namespace=topics.NAMESPACE,
+             namespace=arg["namespace"],
              # An empty override dict would reach rcl as an empty ros__parameters mapping:
              # leave it out, so nothing given means exactly the params file.
              parameters=[arg["params_file"]] + ([extra[name]] if extra[name] else []),

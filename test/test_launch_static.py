@@ -121,6 +121,11 @@ def test_launch_arguments_become_overrides_and_remaps(monkeypatch):
         assert params.check_params(name, overrides) is None
 
 
+def test_namespace_argument_moves_every_node(monkeypatch):
+    nodes, _ = _launch(monkeypatch, namespace="ttspec_left")
+    assert [n.kwargs["namespace"] for n in nodes] == ["ttspec_left"] * 3
+
+
 def test_bad_threshold_argument_fails_loudly(monkeypatch):
     with pytest.raises(ValueError):
         _launch(monkeypatch, threshold="high")

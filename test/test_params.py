@@ -103,6 +103,10 @@ def test_classifier_consistency():
 def test_adapter_learning_rate_must_be_positive():
     assert "> 0" in params.check_adapter({"learning_rate": 0.0})
     assert params.check_adapter({"learning_rate": 0.01}) is None
+    assert "needs strategy specialize" in params.check_adapter(
+        {"anchors_file": "/a.safetensors", "strategy": "both"})
+    assert params.check_adapter({"anchors_file": "/a.safetensors", "strategy": "specialize"}) \
+        is None
 
 
 def test_effective_thresholds_and_rate():

@@ -101,7 +101,8 @@ ADAPTER: tuple[ParamSpec, ...] = (
     ParamSpec("anchors_file", "string", "",
               "forgetting guard: anchor set of this model from `ttspec make-anchors` (every "
               "step rehearses anchors; heads that lose agreement with the last exit on them "
-              "are rolled back, and only checked heads are published); '' = no guard",
+              "are rolled back, and only checked heads are published); '' = no guard; "
+              "strategy specialize only",
               read_only=True),
     ParamSpec("guard_rehearsal", "int", 2, "forgetting guard: anchors rehearsed per step",
               min=0, max=64, read_only=True),
@@ -223,6 +224,10 @@ def check_adapter(values: Mapping[str, Any]) -> str | None:
     for name in ("learning_rate", "ttt_learning_rate"):
         if name in values and not values[name] > 0.0:
             return f"{name} must be > 0, got {values[name]}"
+    if values.get("anchors_file") and strategy_uses_ttt(values.get("strategy", "")):
+        return (f"anchors_file needs strategy specialize, not {values['strategy']}: test-time "
+                "training changes the backbone, and the anchors' features come from the "
+                "original one, so the guard would check a model no classifier runs")
     return None
 
 
