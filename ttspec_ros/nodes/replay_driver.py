@@ -30,6 +30,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from ttspec_ros import replay, topics
 from ttspec_ros.bags import ImageStream
+from ttspec_ros.files import write_text
 from ttspec_ros.msg import CascadePrediction
 from ttspec_ros.nodes import (
     MATCHED_FRAMES_READERS,
@@ -76,7 +77,7 @@ class NodeGraph:
         self.logs: dict[str, Path] = {}
         log_dir.mkdir(parents=True, exist_ok=True)
         overlay = log_dir / "overrides.yaml"
-        overlay.write_text(graph.overlay_yaml(overrides), encoding="utf-8")
+        write_text(overlay, graph.overlay_yaml(overrides))
         try:
             for node, executable in topics.EXECUTABLES.items():
                 cmd = [str(graph.executable(executable)), *graph.ros_args(overlay)]
