@@ -102,8 +102,9 @@ def test_training_checkpoint_loads_without_running_pickled_code(tmp_path):
     assert card.architecture == model.config.to_dict() | {"drop_path": 0.0}
     assert card.exit_cost[-1] == 1.0 and card.exit_cost == sorted(card.exit_cost)
 
-    loaded_ema, _ = load_model(path, use_ema=True)
+    loaded_ema, ema_card = load_model(path, use_ema=True)
     assert_same_weights(loaded_ema, ema)
+    assert ema_card.model_id == card.model_id + "-ema"  # the other weights take other updates
     assert not marker.exists()
 
     # The objects themselves come back inert: the class is recorded, never imported.

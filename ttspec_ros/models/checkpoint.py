@@ -520,7 +520,8 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
     (both files needed); anything else = an official pickled checkpoint (raw state dict or a
     training checkpoint; ``use_ema`` picks ``state_dict_ema`` over ``model`` when present),
     for which a card is made up (architecture from the tensors, generic class names,
-    ImageNet input spec, threshold 0.9, model_id = hash of the file).
+    ImageNet input spec, threshold 0.9, model_id = hash of the file, + "-ema" for the EMA
+    weights of a file that holds both sets).
     ``with_decoders``: None keeps what the file has; False drops the decoders.
     """
     if path is None:
@@ -551,9 +552,13 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
         return model, card
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    state = extract_state_dict(read_pickled_checkpoint(path), use_ema, str(path))
+    checkpoint = read_pickled_checkpoint(path)
+    state = extract_state_dict(checkpoint, use_ema, str(path))
     model = build_from_state_dict(state, None, with_decoders, str(path))
-    return model, _default_card(model, file_hash(path))
+    # The id decides which anchors and updates a model takes: one file's two weight sets
+    # need two ids (extract_state_dict took the EMA set exactly when this holds).
+    both = isinstance(checkpoint, Mapping) and {"model", "state_dict_ema"} <= checkpoint.keys()
+    return model, _default_card(model, file_hash(path) + ("-ema" if both and use_ema else ""))
 
 
 __all__ = [
