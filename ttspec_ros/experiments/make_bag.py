@@ -19,7 +19,8 @@ from ttspec_ros import bags
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", required=True, choices=sorted(bags.SCENARIOS),
-                        help="; ".join(f"{k}: {v}" for k, v in bags.SCENARIOS.items()))
+                        help="; ".join(f"{k}: {v}" for k, v in bags.SCENARIOS.items()
+                                      ).replace("%", "%%"))  # argparse %-formats help
     parser.add_argument("--out", required=True, help="bag directory to create")
     parser.add_argument("--storage", choices=bags.STORAGES, default="mcap",
                         help="rosbag2 storage plugin (default mcap)")
