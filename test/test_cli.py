@@ -15,3 +15,104 @@ def test_every_subcommand_prints_its_help(command, capsys):
         cli.main([command, "--help"])
     assert exited.value.code == 0
     assert f"usage: ttspec {command}" in capsys.readouterr().out
+
+
+def _refused(argv: list[str], capsys, *expected: str) -> str:
+    """``ttspec argv`` is refused: exit status 2 and one line naming the command and the
+    reason (tracebacks and argparse usage screens are what this replaced)."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ttspec {argv[0]}: "), err
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+# Each command that loads a model, with the option naming it; OUT is where it would write.
+MODEL_COMMANDS = [
+    ["eval-exits", "--out", "OUT", "--model", "MODEL"],
+    ["export-onnx", "--out", "OUT", "--model", "MODEL"],
+    ["bench-update", "--out", "OUT", "--models", "demo", "--demo-model", "MODEL"],
+    ["bench-backends", "--out", "OUT", "--models", "demo", "--demo-model", "MODEL",
+     "--backends", "torch"],
+    ["specialize-experiment", "--out", "OUT", "--subset", "bags", "--model", "MODEL"],
+    ["forgetting-experiment", "--out", "OUT", "--model", "MODEL"],
+    ["make-anchors", "--out", "OUT.safetensors", "--model", "MODEL"],
+    ["ttt-experiment", "--out", "OUT", "--model", "MODEL"],
+]
+
+
+def _bad_models(tmp_path):
+    (tmp_path / "dir.safetensors").mkdir()  # read as IsADirectoryError, a traceback
+    (tmp_path / "dir.json").write_text("{}")
+    (tmp_path / "card.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "card.json").write_text("{}")
+    return {"missing": (tmp_path / "nope", "nope.safetensors not found"),
+            "directory": (tmp_path / "dir.safetensors", "dir.safetensors not found as a file"),
+            "bad card": (tmp_path / "card", "missing field(s) model_id")}
+
+
+@pytest.mark.parametrize("bad", ["missing", "directory", "bad card"])
+@pytest.mark.parametrize("argv", MODEL_COMMANDS, ids=lambda a: a[0])
+def test_a_bad_model_is_refused_in_one_line_and_nothing_is_written(argv, bad, tmp_path,
+                                                                    capsys):
+    model, message = _bad_models(tmp_path)[bad]
+    out = tmp_path / "out"
+    argv = [str(model) if a == "MODEL" else a.replace("OUT", str(out)) for a in argv]
+    _refused(argv, capsys, message)
+    assert not list(tmp_path.glob("out*"))  # export-onnx, bench-update, ... left an empty --out
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval-exits", "--out", "FILE"],
+    ["bench-exits", "--out", "FILE/sub"],
+    ["train", "--out", "FILE/stem"],  # noticed only after the whole training run
+    ["make-anchors", "--out", "DIR"],
+    ["demo", "--out", "FILE"],
+    ["export-onnx", "--out", "FILE/graphs"],
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(argv, tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    argv = [a.replace("FILE", str(tmp_path / "file")).replace("DIR", str(tmp_path))
+            for a in argv]
+    _refused(argv, capsys, "output ")
+    assert (tmp_path / "file").read_text() == "a regular file"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "nan", "--lr must be > 0"),
+    ("--lr", "-1e-3", "--lr must be > 0"),
+    ("--weight-decay", "inf", "--weight-decay must be >= 0 and finite"),
+    ("--ema", "1.5", "--ema must be in [0, 1)"),
+    ("--mask-ratio", "1.5", "--mask-ratio must be in (0, 1)"),
+    ("--label-smoothing", "5", "--label-smoothing must be in [0, 1)"),
+    ("--drop-path", "2", "--drop-path must be in [0, 1)"),
+    ("--shift", "-3", "--shift must be >= 0"),
+    ("--channels", "0,32,64,128", "--channels and --layers must be >= 1"),
+])
+def test_train_refuses_bad_numbers_before_training(option, value, message, tmp_path, capsys):
+    _refused(["train", "--out", str(tmp_path / "m"), f"{option}={value}"], capsys, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["bench-update", "bench-backends"])
+def test_benchmarks_refuse_an_empty_model_list(command, tmp_path, capsys):
+    # they ran nothing and wrote empty results with exit status 0
+    _refused([command, "--out", str(tmp_path / "o"), "--models", ","], capsys,
+             "--models names no model")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command, option", [
+    ("bench-update", "--seed"), ("specialize-experiment", "--seed"), ("make-anchors", "--seed"),
+    ("forgetting-experiment", "--seed"), ("bench-ros", "--seed"), ("train", "--seed"),
+    ("ttt-experiment", "--corruption-seed"), ("make-corrupted", "--split-seed"),
+])
+def test_a_negative_seed_is_refused_while_parsing(command, option, capsys):
+    # numpy's generators refused it mid-run with a traceback naming no option
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--out", "never", "--subset", "bags", f"{option}=-1"])
+    assert exited.value.code == 2
+    assert f"argument {option}: a seed must be >= 0, got -1" in capsys.readouterr().err

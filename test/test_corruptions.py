@@ -132,9 +132,6 @@ def test_make_corrupted_tiny(tmp_path):
 @pytest.mark.parametrize("counts, message", [
     (["--test-images", "3", "--pool-images", "999999"], "pool has 6000 images, asked for 999999"),
     (["--test-images", "-1", "--pool-images", "2"], "test has 10000 images, asked for -1"),
-    (["--test-images", "3", "--pool-images", "2", "--seed", "-1"], "--seed must be >= 0, got -1"),
-    (["--test-images", "3", "--pool-images", "2", "--split-seed", "-2"],
-     "--split-seed must be >= 0, got -2"),
 ])
 def test_make_corrupted_checks_both_counts_before_writing(tmp_path, capsys, counts, message):
     from ttspec_ros.cli import main

@@ -237,8 +237,8 @@ def test_make_anchors_from_a_bag_of_camera_frames(tiny_checkpoint, tmp_path, cap
     assert anchors.labels.size == 20 and len(anchors.features) == 3
     args = _args(mod, ["--out", str(out), "--model", tiny_checkpoint, "--bag",
                        str(tmp_path / "missing")])
-    assert mod.run(args) == 2
-    assert capsys.readouterr().err.startswith("ttspec make-anchors: ")
+    with pytest.raises(ValueError, match="missing does not exist"):  # one line via cli.main
+        mod.run(args)
 
 
 def test_pool_is_the_cards_recorded_split(tiny_checkpoint) -> None:
@@ -272,7 +272,7 @@ def test_specialize_experiment_refuses_bad_options_up_front(tiny_checkpoint, tmp
 
     args = _args(mod, ["--subset", "bags", "--out", str(tmp_path / "o"), "--model",
                        tiny_checkpoint, *extra])
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         mod.run(args)
     assert not (tmp_path / "o" / "figure4.json").exists()
 
@@ -289,7 +289,7 @@ def test_forgetting_experiment_refuses_bad_options(tiny_checkpoint, tmp_path, ex
 
     args = _args(mod, ["--out", str(tmp_path), "--model", tiny_checkpoint, "--test-limit", "20",
                        *extra])
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         mod.run(args)
 
 
@@ -298,7 +298,7 @@ def test_bench_update_refuses_zero_repeats(tiny_checkpoint, tmp_path) -> None:
 
     args = _args(mod, ["--out", str(tmp_path), "--models", "demo", "--demo-model",
                        tiny_checkpoint, "--repeats", "0"])
-    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+    with pytest.raises(ValueError, match="--repeats must be >= 1"):
         mod.run(args)
 
 
@@ -309,9 +309,8 @@ def test_make_anchors_refuses_non_positive_counts(tiny_checkpoint, tmp_path, cap
 
     out = tmp_path / "anchors.safetensors"
     args = _args(mod, ["--out", str(out), "--model", tiny_checkpoint, option, "-5"])
-    assert mod.run(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"ttspec make-anchors: {option} must be >= 1") and err.count("\n") == 1
+    with pytest.raises(ValueError, match=f"{option} must be >= 1"):
+        mod.run(args)
     assert not out.exists()
 
 

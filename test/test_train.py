@@ -120,7 +120,7 @@ def test_cli_writes_a_loadable_model(tmp_path):
     assert card.input["size"] == 32 and card.input["channels"] == 1
     assert card_norm_pix(card)  # test-time training will reconstruct the same target
     assert model.config.with_decoders and model.config.channels == (8, 8, 8, 8)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--epochs"):
         train.run(parser.parse_args(["--out", str(stem), "--epochs", "0"]))
 
 
@@ -135,6 +135,6 @@ def test_cli_refuses_bad_counts_before_training(tmp_path, option, value, message
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     stem = tmp_path / "never"
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         train.run(parser.parse_args(["--out", str(stem), option, value]))
     assert not stem.with_suffix(".json").exists()

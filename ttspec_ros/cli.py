@@ -1,7 +1,10 @@
 """The ``ttspec`` command: one subcommand per module, imported only when it runs.
 
 Each module named in COMMANDS provides ``add_arguments(parser)`` and ``run(args) -> int``
-and a one-line module docstring used as the subcommand's help.
+and a one-line module docstring used as the subcommand's help. A command refuses a bad option
+or input (a missing or corrupt model, an unwritable --out) by raising ValueError or OSError
+with a message naming it, before it writes anything; ``main`` prints that message on one line
+and exits 2, as argparse does for its own errors.
 """
 
 from __future__ import annotations
@@ -60,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[argv[0]])
     cmd = argparse.ArgumentParser(prog=f"ttspec {argv[0]}", description=module.__doc__)
     module.add_arguments(cmd)
-    return int(module.run(cmd.parse_args(argv[1:])) or 0)
+    args = cmd.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except (OSError, ValueError) as err:  # the refusal of bad input; a traceback would bury it
+        print(f"ttspec {argv[0]}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

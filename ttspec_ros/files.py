@@ -39,6 +39,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, *, directory: bool = True) -> Path:
+    """Refuse, before any work, an output that could not be written at the end: ``path`` (a
+    directory, or with ``directory=False`` a file) must not be the other kind, and its nearest
+    existing ancestor must be a directory this process may create entries in. Creates nothing,
+    so a refused run leaves no empty directory behind. Raises OSError naming the path."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise (NotADirectoryError if directory else IsADirectoryError)(
+            f"output {path} exists and is not a {'directory' if directory else 'file'}")
+    ancestor = path if directory and path.exists() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"output {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"output {path}: {ancestor} is not writable")
+    return path
+
+
 def _sync_directory(directory: Path) -> None:
     """fsync ``directory`` so the rename itself survives a power cut (the file's fsync covers
     only its bytes)."""

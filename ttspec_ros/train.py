@@ -34,7 +34,8 @@ from torch import Tensor
 
 from ttspec_ros import data
 from ttspec_ros.cascade import exit_costs
-from ttspec_ros.experiments import below_minimum
+from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.files import check_writable
 from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask
 from ttspec_ros.models.revcol import (
     INPUT_MULTIPLE,
@@ -340,7 +341,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True,
                         help="output stem: writes STEM.safetensors and STEM.json "
                              "(the demo model: ttspec_ros/weights/demo)")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=seed_option, default=d.seed)
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
@@ -388,26 +389,44 @@ def run(args: argparse.Namespace) -> int:
     from ttspec_ros.models.checkpoint import ModelCard, save_model
 
     if args.epochs < 1 or args.batch_size < 1 or not 0 < args.recon_fraction <= 1:
-        raise SystemExit("--epochs and --batch-size must be >= 1, --recon-fraction in (0, 1]")
+        raise ValueError("--epochs and --batch-size must be >= 1, --recon-fraction in (0, 1]")
     if args.input_size % INPUT_MULTIPLE or not 0 < args.content_size <= args.input_size:
-        raise SystemExit(f"--input-size must be a multiple of {INPUT_MULTIPLE} and "
+        raise ValueError(f"--input-size must be a multiple of {INPUT_MULTIPLE} and "
                          "0 < --content-size <= --input-size")
     # A negative --max-steps ran no step at all and saved the untrained model; a negative
     # --limit / --test-limit / --val-size sliced images off the end instead.
     reason = below_minimum(args, {"threads": 1, "max_steps": 0, "limit": 0, "test_limit": 0,
-                                  "val_size": 0, "stem_width": 0})
+                                  "val_size": 0, "stem_width": 0, "shift": 0})
     if reason:
-        raise SystemExit(reason)
+        raise ValueError(reason)
+    # Written so that NaN fails too; a NaN or negative rate trained to a NaN model unnoticed.
+    for name, ok, rule in (
+        ("lr", 0 < args.lr < math.inf, "> 0 and finite"),
+        ("weight_decay", 0 <= args.weight_decay < math.inf, ">= 0 and finite"),
+        ("recon_scale", 0 <= args.recon_scale < math.inf, ">= 0 and finite"),
+        ("drop_path", 0 <= args.drop_path < 1, "in [0, 1)"),
+        ("ema", 0 <= args.ema < 1, "in [0, 1)"),
+        ("mask_ratio", 0 < args.mask_ratio < 1, "in (0, 1)"),
+        ("label_smoothing", 0 <= args.label_smoothing < 1, "in [0, 1)"),
+    ):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got "
+                             f"{getattr(args, name)}")
+    if min(args.channels) < 1 or min(args.layers) < 1:
+        raise ValueError(f"--channels and --layers must be >= 1, got {args.channels} and "
+                         f"{args.layers}")
+    for suffix in (".safetensors", ".json"):  # refused now, not after the training run
+        check_writable(f"{args.out}{suffix}", directory=False)
     train_size = data.SPLIT_SIZES["train"] - TrainConfig().pool_size
     if args.val_size >= train_size:
-        raise SystemExit(f"--val-size must leave training images: below {train_size}, got "
+        raise ValueError(f"--val-size must leave training images: below {train_size}, got "
                          f"{args.val_size}")
     try:
         check_stem_kernel(args.stem_kernel)
     except ValueError as e:
-        raise SystemExit(f"--stem-kernel: {e}") from None
+        raise ValueError(f"--stem-kernel: {e}") from None
     if args.stem_width and args.stem_kernel != STEM_PATCH:
-        raise SystemExit(f"--stem-width (the conv stem) takes no --stem-kernel, got kernel "
+        raise ValueError(f"--stem-width (the conv stem) takes no --stem-kernel, got kernel "
                          f"{args.stem_kernel}")
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, channels=args.channels,

@@ -15,3 +15,12 @@ def below_minimum(args: argparse.Namespace, minimums: Mapping[str, int]) -> str 
         if value is not None and value < low:
             return f"--{name.replace('_', '-')} must be >= {low}, got {value}"
     return None
+
+
+def seed_option(text: str) -> int:
+    """argparse type of every seed option: numpy's generators refuse negative seeds, mid-run
+    and naming no option, so they are refused while parsing."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed must be >= 0, got {value}")
+    return value

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ttspec_ros.backends import BACKENDS
-from ttspec_ros.files import write_json
+from ttspec_ros.experiments import seed_option
+from ttspec_ros.files import check_writable, write_json
 
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> --model spec
 
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block", type=int, default=5,
                         help="consecutive repeats of one backend before switching to the next")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per measurement")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     parser.add_argument("--demo-model", default="demo",
                         help="what 'demo' means: 'demo' (bundled) or a checkpoint path")
     parser.add_argument("--onnxruntime-spinning", action="store_true",
@@ -287,33 +288,34 @@ def run(args: argparse.Namespace) -> int:
 
     labels = [m for m in args.models.split(",") if m]
     unknown = set(labels) - set(MODELS)
+    if not labels:
+        raise ValueError(f"--models names no model; known: {', '.join(MODELS)}")
     if unknown:
-        raise SystemExit(f"unknown --models {sorted(unknown)}; known: {', '.join(MODELS)}")
+        raise ValueError(f"unknown --models {sorted(unknown)}; known: {', '.join(MODELS)}")
     backend_names = [b for b in args.backends.split(",") if b]
     unknown = set(backend_names) - set(BACKENDS)
     if unknown:
-        raise SystemExit(f"unknown --backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown --backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
     if "torch" not in backend_names:
-        raise SystemExit("--backends must include torch (the reference for accuracy)")
+        raise ValueError("--backends must include torch (the reference for accuracy)")
     if args.repeats < 2:
-        raise SystemExit("--repeats must be >= 2 (a standard deviation needs two runs)")
+        raise ValueError("--repeats must be >= 2 (a standard deviation needs two runs)")
     if args.block < 1:
-        raise SystemExit("--block must be >= 1")
+        raise ValueError("--block must be >= 1")
     if args.threads < 1:
-        raise SystemExit("--threads must be >= 1")
+        raise ValueError("--threads must be >= 1")
     try:  # a TensorRT machine (Jetson) may have no onnxruntime: only its backend needs it
         import onnxruntime
 
         ort_version = onnxruntime.__version__
     except ImportError as e:
         if "onnxruntime" in backend_names:
-            raise SystemExit(f"--backends onnxruntime needs the `onnxruntime` package: {e}"
+            raise ValueError(f"--backends onnxruntime needs the `onnxruntime` package: {e}"
                              ) from None
         ort_version = None
+    out = check_writable(args.out)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "seed": args.seed, "threads": args.threads, "repeats": args.repeats,
         "block": args.block, "warmup": args.warmup,
@@ -338,13 +340,15 @@ def run(args: argparse.Namespace) -> int:
             try:
                 r, o = bench_model(label, spec, args, backend_names, Path(tmp), meta)
             except (FileNotFoundError, ImportError) as e:
-                if label != "demo":
+                if spec != "demo":  # a model asked for by path or preset must run
                     raise
                 reason = f"{type(e).__name__}: {e}"
                 meta["skipped_models"].append({"model": label, "reason": reason})
                 continue
             results += r
             overhead += o
+    if not results:
+        raise FileNotFoundError(f"no model was benchmarked: {meta['skipped_models']}")
     meta["load_average_end"] = list(os.getloadavg())
     meta["summary"] = _summary(results, overhead)
     write_json(out / "backends.json", {"results": results, "stage_overhead": overhead})

@@ -9,12 +9,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from ttspec_ros.cascade import Cascade, exit_costs
-from ttspec_ros.files import write_json
+from ttspec_ros.experiments import seed_option
+from ttspec_ros.files import check_writable, write_json
 from ttspec_ros.models.revcol import INPUT_MULTIPLE, PRESETS, build_preset
 
 TARGET_OVERHEAD_RATIO = 1.02  # issue 3: forced last exit through the cascade / plain forward
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per configuration")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0, help="weights and input")
+    parser.add_argument("--seed", type=seed_option, default=0, help="weights and input")
 
 
 def _stats(samples: list[tuple[float, float]]) -> dict:
@@ -120,13 +120,9 @@ def measure(arch: str, size: int, repeats: int, warmup: int, threads: int, num_c
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = measure(args.arch, args.size, args.repeats, args.warmup, args.threads,
-                         args.num_classes, args.seed)
-    except ValueError as err:  # bad options
-        print(f"ttspec bench-exits: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    out = check_writable(args.out)
+    result = measure(args.arch, args.size, args.repeats, args.warmup, args.threads,
+                     args.num_classes, args.seed)
     path = write_json(out / "bench_exits.json", result)
     for e in result["forced_exits"]:
         print(f"exit {e['exit']}: {e['latency_ms']:.1f} ± {e['latency_std_ms']:.1f} ms "

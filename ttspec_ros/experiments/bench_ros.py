@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ttspec_ros import topics
+from ttspec_ros.experiments import seed_option
 from ttspec_ros.files import write_json
 
 TARGET_OVERHEAD_P50_MS = 2.0
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap on the phase 2 rate (Hz), for very fast models")
     parser.add_argument("--size", type=int, default=224, help="published image side (px)")
     parser.add_argument("--num-threads", type=int, default=1, help="classifier num_threads")
-    parser.add_argument("--seed", type=int, default=0, help="image order")
+    parser.add_argument("--seed", type=seed_option, default=0, help="image order")
     parser.add_argument("--namespace", default="ttspec_bench")
     parser.add_argument("--floor-seconds", type=float, default=10.0,
                         help="length of the transport-floor phase at --rate: the same two hops "

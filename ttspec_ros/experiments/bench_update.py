@@ -15,13 +15,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ttspec_ros.experiments import below_minimum
-from ttspec_ros.files import write_json
+from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.files import check_writable, write_json
 from ttspec_ros.specialize import AnchorGuard, AnchorSet, Specializer, early_head_tensors
 
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> model spec
@@ -39,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--anchors-per-class", type=int, default=50,
                         help="anchor-set size per class for the guarded step (random features)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
 
 
 def _ms(fn: Callable[[], object]) -> float:
@@ -108,14 +107,15 @@ def run(args: argparse.Namespace) -> int:
     reason = below_minimum(args, {"repeats": 1, "warmup": 0, "threads": 1,  # --repeats 0:
                                   "anchors_per_class": 1})  # a StatisticsError at the end
     if reason:
-        raise SystemExit(reason)
+        raise ValueError(reason)
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
+    if not names:
+        raise ValueError(f"--models names no model; choose from {list(MODELS)}")
     if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    out = check_writable(args.out)
     report = {
         "what": "median ms of one worst-case update step (every earlier head, batch 1) vs one "
                 "batch-1 cascade inference through every exit",

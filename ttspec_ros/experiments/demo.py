@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ttspec_ros import bags, replay, topics
+from ttspec_ros.files import check_writable
 
 # Sized for `make demo` < 10 min on 2 shared cores including set-up. Measured on a fresh clone
 # (load ~5 from other jobs): set-up 335 s, demo with 2000 frames 144 s (interim 16-128 model);
@@ -74,6 +75,7 @@ def summary(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    check_writable(args.out)
     bag = args.out / f"{DEMO_SCENARIO}-{args.frames}"
     try:
         if not (bag / "metadata.yaml").is_file():

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ttspec_ros.experiments import seed_option
+from ttspec_ros.files import check_writable
 from ttspec_ros.models.revcol import PRESETS, RevCol, build_preset
 
 
@@ -39,17 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="input height = width (default: the model card's input size; 224 "
                              "for presets)")
-    parser.add_argument("--seed", type=int, default=0, help="weights seed for presets")
+    parser.add_argument("--seed", type=seed_option, default=0, help="weights seed for presets")
 
 
 def run(args: argparse.Namespace) -> int:
     from ttspec_ros.backends.onnx_export import export_stages, image_shape_for
 
+    if args.image_size is not None and args.image_size < 1:  # 0 meant the card's size
+        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+    check_writable(args.out)
     model, size, description = resolve_model(args.model, seed=args.seed)
     try:
         image_shape_for(model, args.image_size or size)
     except ValueError as e:
-        raise SystemExit(f"--image-size: {e}") from None
+        raise ValueError(f"--image-size: {e}") from None
     manifest = export_stages(model, args.image_size or size, Path(args.out))
     print(json.dumps({
         "model": description, "out": str(args.out), "opset": manifest["opset"],

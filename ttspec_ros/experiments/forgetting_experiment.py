@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ttspec_ros import data
-from ttspec_ros.experiments import below_minimum
+from ttspec_ros.experiments import below_minimum, seed_option
 from ttspec_ros.experiments.exit_curves import ExitFeatures, curve, simulate_stream
 from ttspec_ros.experiments.specialize_experiment import PRESETS, pool_images, split_seed
-from ttspec_ros.files import save_figure, write_json
+from ttspec_ros.files import check_writable, save_figure, write_json
 from ttspec_ros.specialize import (
     AnchorGuard,
     AnchorSet,
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard-tolerance", type=float, default=tuned["guard_tolerance"])
     parser.add_argument("--guard-class-tolerance", type=float,
                         default=tuned["guard_class_tolerance"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=250, help="feature-extraction batch size")
     parser.add_argument("--test-limit", type=int, default=None,
@@ -78,15 +78,15 @@ def _check_args(args: argparse.Namespace) -> None:
     """Refuse bad options with one line before any work (--eval-every 0 used to stop with a
     ZeroDivisionError, a --threshold outside [0, 1] only after the whole unguarded run)."""
     if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
-        raise SystemExit(f"ttspec forgetting-experiment: --threshold must be in [0, 1], got "
+        raise ValueError(f"--threshold must be in [0, 1], got "
                          f"{args.threshold}")
     reason = below_minimum(args, {"eval_every": 1, "anchors_per_class": 1, "threads": 1,
                                   "batch": 1, "subset_frames": 0, "mixed_frames": 0,
                                   "test_limit": 0})
     if reason:
-        raise SystemExit(f"ttspec forgetting-experiment: {reason}")
+        raise ValueError(f"{reason}")
     if args.subset_frames + args.mixed_frames < 1:
-        raise SystemExit("ttspec forgetting-experiment: the stream needs at least one frame")
+        raise ValueError("the stream needs at least one frame")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +96,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(args.out)
     classes = list(data.SUBSETS[args.subset])
     model, card = load_model(args.model)
     model.eval()
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     rest = np.setdiff1d(np.arange(len(pool)), reserve)
     subset_pos = rest[np.isin(pool_labels[rest], classes)]
     if (subset_pos.size == 0 and args.subset_frames) or (rest.size == 0 and args.mixed_frames):
-        raise SystemExit(f"ttspec forgetting-experiment: --anchors-per-class "
+        raise ValueError(f"--anchors-per-class "
                          f"{args.anchors_per_class} reserves the whole deployment pool for "
                          "anchors; nothing is left to stream")
     order = np.concatenate([

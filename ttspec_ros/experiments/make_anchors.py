@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ttspec_ros.experiments import below_minimum
+from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.files import check_writable
 from ttspec_ros.specialize import build_anchor_set
 
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most this many anchors per last-exit class")
     parser.add_argument("--candidates", type=int, default=1000,
                         help="images (randomly chosen) to label before capping per class")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     parser.add_argument("--threads", type=int, default=1)
 
 
@@ -46,20 +46,15 @@ def run(args: argparse.Namespace) -> int:
 
     reason = below_minimum(args, {"per_class": 1, "candidates": 1, "threads": 1})
     if reason:
-        print(f"ttspec make-anchors: {reason}", file=sys.stderr)
-        return 2
+        raise ValueError(reason)
+    check_writable(args.out, directory=False)
     torch.set_num_threads(args.threads)
     model, card = load_model(args.model)
     rng = np.random.default_rng(args.seed)
-    try:
-        if args.bag:
-            x, source = _bag_inputs(args.bag, args.image_topic, card.input, args.candidates,
-                                    rng)
-        else:
-            x, source = _array_inputs(args, card, rng)
-    except (FileNotFoundError, ValueError) as err:  # bags.BagError is a ValueError
-        print(f"ttspec make-anchors: {err}", file=sys.stderr)
-        return 2
+    if args.bag:
+        x, source = _bag_inputs(args.bag, args.image_topic, card.input, args.candidates, rng)
+    else:
+        x, source = _array_inputs(args, card, rng)
     anchors = build_anchor_set(model, x, per_class=args.per_class, seed=args.seed,
                                model_id=card.model_id)
     path = anchors.save(Path(args.out))

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from ttspec_ros import bags
+from ttspec_ros.experiments import seed_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"number of images (default {bags.DEFAULT_FRAMES})")
     parser.add_argument("--rate", type=float, default=bags.DEFAULT_RATE_HZ,
                         help=f"recorded frame rate in Hz (default {bags.DEFAULT_RATE_HZ:g})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image draw (default 0)")
+    parser.add_argument("--seed", type=seed_option, default=0,
+                        help="seed of the image draw (default 0)")
     parser.add_argument("--image-size", type=int, default=bags.DEFAULT_IMAGE_SIZE,
                         help=f"image side in px (default {bags.DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--force", action="store_true", help="replace an existing bag")
@@ -36,14 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    try:
-        description = bags.make_scenario_bag(
-            args.scenario, args.out, frames=args.frames, rate_hz=args.rate, seed=args.seed,
-            storage=args.storage, image_size=args.image_size, overwrite=args.force,
-        )
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"ttspec make-bag: {err}", file=sys.stderr)
-        return 2
+    description = bags.make_scenario_bag(
+        args.scenario, args.out, frames=args.frames, rate_hz=args.rate, seed=args.seed,
+        storage=args.storage, image_size=args.image_size, overwrite=args.force,
+    )
     description["seconds"] = round(time.perf_counter() - started, 2)
     print(json.dumps(description, indent=2))
     return 0

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ttspec_ros import corruptions, data
-from ttspec_ros.files import atomic_write_bytes, save_figure, write_json
+from ttspec_ros.experiments import seed_option
+from ttspec_ros.files import atomic_write_bytes, check_writable, save_figure, write_json
 
 SOURCES = ("test", "pool")
 DEFAULT_SPLIT_SEED = 0
@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first N images of the test split (0 = all 10000)")
     parser.add_argument("--pool-images", type=int, default=2000,
                         help="first N images of the deployment pool (0 = all)")
-    parser.add_argument("--seed", type=int, default=0, help="corruption seed")
-    parser.add_argument("--split-seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed_option, default=0, help="corruption seed")
+    parser.add_argument("--split-seed", type=seed_option, default=None,
                         help="seed of data.splits (default: the demo model card's, else "
                              f"{DEFAULT_SPLIT_SEED}; the pool size is the card's)")
     parser.add_argument("--corruptions", nargs="+", default=list(corruptions.CORRUPTIONS),
@@ -121,17 +121,12 @@ def contact_sheet(images: np.ndarray, names: list[str], seed: int, path: Path) -
 
 def run(args: argparse.Namespace) -> int:
     split_seed, pool_size = default_split(args.split_seed)
-    out: Path = args.out
-    for flag, value in (("--seed", args.seed), ("--split-seed", split_seed)):
-        if value < 0:  # numpy's seeding refuses it mid-run, naming neither
-            print(f"ttspec make-corrupted: {flag} must be >= 0, got {value}", file=sys.stderr)
-            return 2
-    try:  # both counts checked before anything is written: no half-made dataset
-        selected = {source: source_images(source, count, split_seed, pool_size)
-                    for source, count in (("test", args.test_images), ("pool", args.pool_images))}
-    except ValueError as err:
-        print(f"ttspec make-corrupted: {err}", file=sys.stderr)
-        return 2
+    out = check_writable(args.out)
+    if split_seed < 0:  # a model card's (the options' are checked while parsing)
+        raise ValueError(f"the model card's split seed must be >= 0, got {split_seed}")
+    # both counts checked before anything is written: no half-made dataset
+    selected = {source: source_images(source, count, split_seed, pool_size)
+                for source, count in (("test", args.test_images), ("pool", args.pool_images))}
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     files, sources = [], {}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ttspec_ros import data
-from ttspec_ros.experiments import below_minimum
+from ttspec_ros.experiments import below_minimum, seed_option
 from ttspec_ros.experiments.exit_curves import (
     THRESHOLDS,
     ExitFeatures,
@@ -28,7 +28,7 @@ from ttspec_ros.experiments.exit_curves import (
     measure_exit_latency,
     row_at,
 )
-from ttspec_ros.files import save_figure, write_json
+from ttspec_ros.files import check_writable, save_figure, write_json
 from ttspec_ros.specialize import (
     GUARD_CLASS_TOLERANCE,
     GUARD_TOLERANCE,
@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anchors-per-class", type=int, default=50,
                         help="guard anchors per last-exit class, from pool images not streamed")
     parser.add_argument("--per-class", type=int, default=100, help="stream images per class")
-    parser.add_argument("--seed", type=int, default=0, help="stream order and sampling seed")
+    parser.add_argument("--seed", type=seed_option, default=0,
+                        help="stream order and sampling seed")
     parser.add_argument("--latency-frames", type=int, default=200,
                         help="frames per forced exit for the per-exit latency")
     parser.add_argument("--threads", type=int, default=1,
@@ -157,12 +158,12 @@ def _check_args(args: argparse.Namespace) -> None:
     """Refuse bad options with one line before any work (an off-grid --threshold used to fail
     only after the whole stream, --latency-frames 0 wrote NaN into the JSON)."""
     if not any(abs(args.threshold - t) < 1e-9 for t in THRESHOLDS):
-        raise SystemExit(f"ttspec specialize-experiment: --threshold {args.threshold} is not on "
+        raise ValueError(f"--threshold {args.threshold} is not on "
                          "the reported grid 0.50..0.99 (step 0.01)")
     reason = below_minimum(args, {"per_class": 1, "anchors_per_class": 1, "latency_frames": 1,
                                   "threads": 1, "batch": 1, "passes": 1, "test_limit": 0})
     if reason:
-        raise SystemExit(f"ttspec specialize-experiment: {reason}")
+        raise ValueError(f"{reason}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,8 +174,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(args.out)
     settings = settings_from(args)
     classes = list(data.SUBSETS[args.subset])
     model, card = load_model(args.model)
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     pool, pool_imgs, pool_labels = pool_images(card)
     available = min(int((pool_labels == c).sum()) for c in classes)
     if args.per_class > available:
-        raise SystemExit(f"ttspec specialize-experiment: --per-class {args.per_class} exceeds "
+        raise ValueError(f"--per-class {args.per_class} exceeds "
                          f"the {available} deployment-pool images of each {args.subset} class")
     chosen = np.concatenate([
         rng.choice(np.flatnonzero(pool_labels == c), args.per_class, replace=False)

@@ -14,16 +14,15 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ttspec_ros import data
 from ttspec_ros.cascade import Cascade
-from ttspec_ros.files import write_json, write_text
+from ttspec_ros.experiments import seed_option
+from ttspec_ros.files import check_writable, write_json, write_text
 from ttspec_ros.models.checkpoint import load_model
 from ttspec_ros.preprocess import preprocess_batch
 from ttspec_ros.specialize import cascade_answers, pooled_features
@@ -41,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--test-limit", type=int, default=0,
                         help="use only the first N test images for accuracy (smoke tests)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the timed images")
+    parser.add_argument("--seed", type=seed_option, default=0, help="picks the timed images")
 
 
 def accuracy_table(model, images: torch.Tensor, labels: torch.Tensor,
@@ -163,14 +162,9 @@ def evaluate(model_path: str | None, latency_images: int, warmup: int, threads: 
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = evaluate(args.model, args.latency_images, args.warmup, args.threads,
-                          args.test_limit, args.seed)
-    except (FileNotFoundError, ValueError) as err:  # bad options, a missing or corrupt model
-        print(f"ttspec eval-exits: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(args.out)
+    result = evaluate(args.model, args.latency_images, args.warmup, args.threads,
+                      args.test_limit, args.seed)
     write_json(out / "table1.json", result)
     write_text(out / "table1.md", _markdown(result))
     print(_markdown(result), end="")

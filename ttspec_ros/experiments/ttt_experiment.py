@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -42,9 +41,9 @@ import numpy as np
 import torch
 
 from ttspec_ros import corruptions, data
-from ttspec_ros.experiments import below_minimum
+from ttspec_ros.experiments import below_minimum, seed_option
 from ttspec_ros.experiments.make_corrupted import split_of
-from ttspec_ros.files import save_figure, write_json
+from ttspec_ros.files import check_writable, save_figure, write_json
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.preprocess import preprocess_batch
 from ttspec_ros.specialize import cascade_answers
@@ -665,9 +664,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", type=int, default=d.stream,
                         help="deployment-pool images per online stream")
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--corruption-seed", type=int, default=d.corruption_seed)
-    parser.add_argument("--split-seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed_option, default=d.seed)
+    parser.add_argument("--corruption-seed", type=seed_option, default=d.corruption_seed)
+    parser.add_argument("--split-seed", type=seed_option, default=None,
                         help="data.splits seed (default: the model card's)")
     parser.add_argument("--severity", type=int, default=d.severity, choices=corruptions.SEVERITIES)
     parser.add_argument("--threshold", type=float, default=d.threshold)
@@ -754,26 +753,24 @@ def run(args: argparse.Namespace) -> int:
     from ttspec_ros.models.checkpoint import load_model
 
     torch.set_num_threads(max(1, args.threads))
-    try:  # bad options end here with one line, before anything is written or run
-        try:
-            model, card = load_model(args.model)
-        except OSError as e:
-            raise ValueError(f"cannot load model {args.model or 'the demo model'}: {e}") from e
-        if model.decoder_blocks is None:
-            raise ValueError(f"{args.model or 'the demo model'} has no reconstruction decoders")
-        split_seed, pool_size = split_of(card, args.split_seed)
-        if args.split_seed is None:
-            data.recorded_pool(card.training)  # the recorded pool's hash, checked
-        opts = options_from_args(args, split_seed, norm_pix=card_norm_pix(card),
-                                 pool_size=pool_size)
-        for flags, cfg in (("--episodic-*", opts.episodic), ("--online-*", opts.online)):
-            try:  # e.g. --online-columns beyond the columns the loss reaches
-                select_parameters(model, cfg.update, cfg.columns, cfg.objective)
-            except ValueError as e:
-                raise ValueError(f"{flags}: {e}") from None
-    except ValueError as e:
-        print(f"ttspec ttt-experiment: {e}", file=sys.stderr)
-        return 2
+    # bad options end here, before anything is written or run
+    check_writable(args.out)
+    try:
+        model, card = load_model(args.model)
+    except OSError as e:
+        raise ValueError(f"cannot load model {args.model or 'the demo model'}: {e}") from e
+    if model.decoder_blocks is None:
+        raise ValueError(f"{args.model or 'the demo model'} has no reconstruction decoders")
+    split_seed, pool_size = split_of(card, args.split_seed)
+    if args.split_seed is None:
+        data.recorded_pool(card.training)  # the recorded pool's hash, checked
+    opts = options_from_args(args, split_seed, norm_pix=card_norm_pix(card),
+                             pool_size=pool_size)
+    for flags, cfg in (("--episodic-*", opts.episodic), ("--online-*", opts.online)):
+        try:  # e.g. --online-columns beyond the columns the loss reaches
+            select_parameters(model, cfg.update, cfg.columns, cfg.objective)
+        except ValueError as e:
+            raise ValueError(f"{flags}: {e}") from None
     info = {"model_id": card.model_id, "path": args.model or "bundled demo",
             "input": dict(card.input)}
     started = time.time()

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from ttspec_ros import data, topics
-from ttspec_ros.files import write_json
+from ttspec_ros.experiments import seed_option
+from ttspec_ros.files import check_writable, write_json
 
 STRATEGIES = ("none", "specialize", "ttt_online", "both")
 
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttt-update", default="norm", help="adapter ttt_update",
                         choices=params.spec(topics.ADAPTER_NODE, "ttt_update").choices)
     parser.add_argument("--ttt-lr", type=float, default=1e-2, help="adapter ttt_learning_rate")
-    parser.add_argument("--seed", type=int, default=0, help="image order and corruption noise")
+    parser.add_argument("--seed", type=seed_option, default=0,
+                        help="image order and corruption noise")
     parser.add_argument("--namespace", default="ttspec_tttros")
 
 
@@ -121,15 +123,13 @@ def run(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
-        raise SystemExit(f"--strategies: unknown {unknown}; choose from {STRATEGIES}")
+        raise ValueError(f"--strategies: unknown {unknown}; choose from {STRATEGIES}")
     if args.windows < 1 or args.frames < args.windows or not args.rate > 0:
-        raise SystemExit("--windows must be >= 1, --frames >= --windows and --rate > 0")
+        raise ValueError("--windows must be >= 1, --frames >= --windows and --rate > 0")
     test_size = data.SPLIT_SIZES["test"]
     if args.frames > test_size:  # the stream is a permutation of the test split, never repeated
-        raise SystemExit(f"--frames {args.frames} exceeds the test split's {test_size} images")
-    if args.seed < 0:  # numpy seeding refuses it, naming nothing
-        raise SystemExit(f"--seed must be >= 0, got {args.seed}")
-    out = Path(args.out)
+        raise ValueError(f"--frames {args.frames} exceeds the test split's {test_size} images")
+    out = check_writable(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ROS_LOG_DIR", str(out / "ros_logs"))
     for name, value in topics.localhost_discovery().items():

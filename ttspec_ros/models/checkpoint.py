@@ -535,9 +535,9 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
     weights, card_path = model_files(path)
     if is_our_format(path):
         for p in (weights, card_path):
-            if not p.exists():
-                raise FileNotFoundError(f"{p} not found (our format needs {weights.name} and "
-                                        f"{card_path.name} side by side)")
+            if not p.is_file():  # a directory of that name too: it read as IsADirectoryError
+                raise FileNotFoundError(f"{p} not found as a file (our format needs "
+                                        f"{weights.name} and {card_path.name} side by side)")
         card = read_card(card_path)
         state, weights_id = read_safetensors(weights)
         if _is_hash_id(card.model_id) and card.model_id != weights_id:
@@ -550,8 +550,8 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
         card = dataclasses.replace(card, architecture=model.config.to_dict(),
                                    model_id=card.model_id or weights_id)
         return model, card
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found as a file")
     checkpoint = read_pickled_checkpoint(path)
     state = extract_state_dict(checkpoint, use_ema, str(path))
     model = build_from_state_dict(state, None, with_decoders, str(path))
