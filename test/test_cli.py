@@ -116,3 +116,28 @@ def test_a_negative_seed_is_refused_while_parsing(command, option, capsys):
         cli.main([command, "--out", "never", "--subset", "bags", f"{option}=-1"])
     assert exited.value.code == 2
     assert f"argument {option}: a seed must be >= 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["specialize-experiment", "forgetting-experiment"])
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "nan", "lr must be > 0 and finite, got nan"),
+    ("--momentum", "5", "momentum must be in [0, 1), got 5.0"),
+    ("--batch-size", "0", "batch_size must be >= 1, got 0"),
+    ("--min-confidence", "2", "min_confidence must be in [0, 1], got 2.0"),
+    ("--guard-rehearsal", "-1", "guard rehearsal must be >= 0, got -1"),
+    ("--guard-tolerance", "nan", "guard tolerance must be finite and >= 0, got nan"),
+    ("--guard-class-tolerance", "inf", "guard class_tolerance must be finite and >= 0"),
+])
+def test_specialization_settings_are_refused_before_the_model_loads(command, option, value,
+                                                                    message, tmp_path, capsys):
+    # they were checked only when the Specializer was built, after the model, the pool and the
+    # test features: the missing model below would have been named instead
+    _refused([command, "--out", str(tmp_path / "o"), "--subset", "bags",
+              "--model", str(tmp_path / "missing"), f"{option}={value}"], capsys, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_specialize_experiment_refuses_a_negative_replay_size(tmp_path, capsys):
+    _refused(["specialize-experiment", "--out", str(tmp_path / "o"), "--subset", "bags",
+              "--model", str(tmp_path / "missing"), "--replay-size=-1"], capsys,
+             "replay_size must be >= 0, got -1")

@@ -336,6 +336,23 @@ def cascade_answers(head_probs: Sequence[Tensor], last_pred: Tensor, thresholds:
     return exit_index, pred
 
 
+def check_guard_settings(*, rehearsal: int = 2, check_every: int = 10,
+                         tolerance: float = GUARD_TOLERANCE,
+                         class_tolerance: float = GUARD_CLASS_TOLERANCE,
+                         cost_tolerance: float | None = None) -> None:
+    """Raise ValueError naming the first bad `AnchorGuard` setting. Callers that build the guard
+    only after loading a model and its data (the experiments) check their options with it
+    first."""
+    for name, value in (("rehearsal", rehearsal), ("check_every", check_every)):
+        if value < 0:
+            raise ValueError(f"guard {name} must be >= 0, got {value}")
+    # A NaN tolerance fails every comparison in `passes`, which would then never roll back.
+    for name, tol in (("tolerance", tolerance), ("class_tolerance", class_tolerance),
+                      ("cost_tolerance", cost_tolerance)):
+        if tol is not None and not 0.0 <= tol < math.inf:
+            raise ValueError(f"guard {name} must be finite and >= 0, got {tol}")
+
+
 class AnchorGuard:
     """Rehearsal of anchors plus check-and-rollback against the original heads (see module doc).
 
@@ -354,8 +371,8 @@ class AnchorGuard:
             raise ValueError(f"rehearsal_target must be 'original' or 'labels', got "
                              f"{rehearsal_target!r}")
         self.rehearsal_target = rehearsal_target
-        if rehearsal < 0 or check_every < 0:
-            raise ValueError("rehearsal and check_every must be >= 0")
+        check_guard_settings(rehearsal=rehearsal, check_every=check_every, tolerance=tolerance,
+                             class_tolerance=class_tolerance, cost_tolerance=cost_tolerance)
         if cost_tolerance is not None and exit_cost is None:
             raise ValueError("cost_tolerance needs exit_cost")
         self.anchors = anchors
@@ -363,12 +380,6 @@ class AnchorGuard:
         self.thresholds = validate_thresholds(threshold, h + 1, source="guard thresholds")
         self.rehearsal, self.check_every = int(rehearsal), int(check_every)
         self.tolerance, self.class_tolerance = float(tolerance), float(class_tolerance)
-        # A NaN tolerance fails every comparison in `passes`, which would then never roll back.
-        for name, value in (("tolerance", self.tolerance),
-                            ("class_tolerance", self.class_tolerance),
-                            ("cost_tolerance", cost_tolerance)):
-            if value is not None and not 0.0 <= value < math.inf:
-                raise ValueError(f"guard {name} must be finite and >= 0, got {value}")
         self.exit_cost = None if exit_cost is None else torch.tensor(exit_cost, dtype=torch.float64)
         if self.exit_cost is not None and self.exit_cost.numel() != h + 1:
             raise ValueError(f"exit_cost needs {h + 1} values (one per exit), got "
@@ -442,6 +453,22 @@ class AnchorGuard:
 
 
 # -- the specializer -------------------------------------------------------------------------
+def check_specializer_settings(*, lr: float = 1e-4, momentum: float = 0.0, batch_size: int = 1,
+                               min_confidence: float = 0.0, replay_size: int = 0) -> None:
+    """Raise ValueError naming the first bad `Specializer` setting (see
+    `check_guard_settings` for why it stands alone)."""
+    if not 0 < lr < math.inf:  # NaN fails too
+        raise ValueError(f"lr must be > 0 and finite, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    if replay_size < 0:
+        raise ValueError(f"replay_size must be >= 0, got {replay_size}")
+
+
 class Specializer:
     """Trains early heads 0..k-1 on exit k's pseudo-labels; thread-safe; exports updates.
 
@@ -455,11 +482,8 @@ class Specializer:
                  guard: AnchorGuard | None = None, seed: int = 0) -> None:
         if num_exits < 2:
             raise ValueError(f"specialization needs at least 2 exits, got {num_exits}")
-        if not 0 < lr < math.inf or not 0 <= momentum < 1:
-            raise ValueError(f"need lr > 0 and 0 <= momentum < 1, got lr={lr}, "
-                             f"momentum={momentum}")
-        if batch_size < 1 or replay_size < 0 or not 0 <= min_confidence <= 1:
-            raise ValueError("need batch_size >= 1, replay_size >= 0, 0 <= min_confidence <= 1")
+        check_specializer_settings(lr=lr, momentum=momentum, batch_size=batch_size,
+                                   min_confidence=min_confidence, replay_size=replay_size)
         self.num_exits = int(num_exits)
         self.model_id = model_id
         self.lr, self.momentum, self.batch_size = float(lr), float(momentum), int(batch_size)

@@ -29,6 +29,8 @@ from ttspec_ros.specialize import (
     AnchorSet,
     Specializer,
     StackedHeads,
+    check_guard_settings,
+    check_specializer_settings,
     early_head_tensors,
 )
 
@@ -87,6 +89,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{reason}")
     if args.subset_frames + args.mixed_frames < 1:
         raise ValueError("the stream needs at least one frame")
+    check_specializer_settings(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size,
+                               min_confidence=args.min_confidence)
+    check_guard_settings(rehearsal=args.guard_rehearsal, tolerance=args.guard_tolerance,
+                         class_tolerance=args.guard_class_tolerance)
 
 
 def run(args: argparse.Namespace) -> int:

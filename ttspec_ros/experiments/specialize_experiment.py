@@ -36,6 +36,8 @@ from ttspec_ros.specialize import (
     Specializer,
     StackedHeads,
     build_anchor_set,
+    check_guard_settings,
+    check_specializer_settings,
     early_head_tensors,
 )
 
@@ -164,6 +166,11 @@ def _check_args(args: argparse.Namespace) -> None:
                                   "threads": 1, "batch": 1, "passes": 1, "test_limit": 0})
     if reason:
         raise ValueError(f"{reason}")
+    s = settings_from(args)  # the preset with the options given (built only after the stream)
+    check_specializer_settings(lr=s["lr"], momentum=s["momentum"], batch_size=s["batch_size"],
+                               min_confidence=s["min_confidence"], replay_size=s["replay_size"])
+    check_guard_settings(rehearsal=s["guard_rehearsal"], tolerance=s["guard_tolerance"],
+                         class_tolerance=s["guard_class_tolerance"])
 
 
 def run(args: argparse.Namespace) -> int:
