@@ -141,3 +141,28 @@ def test_specialize_experiment_refuses_a_negative_replay_size(tmp_path, capsys):
     _refused(["specialize-experiment", "--out", str(tmp_path / "o"), "--subset", "bags",
               "--model", str(tmp_path / "missing"), "--replay-size=-1"], capsys,
              "replay_size must be >= 0, got -1")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench-ros", "--rate", "0"], "--rate must be > 0, got 0.0"),  # ZeroDivisionError
+    (["bench-ros", "--rate", "nan"], "--rate must be a finite number > 0, got nan"),
+    (["bench-ros", "--seconds", "inf"], "--seconds must be a finite number >= 0"),
+    (["bench-ros", "--size", "0"], "--size must be >= 1, got 0"),
+    (["bench-ros", "--size", "100000"], "--size must be at most 1024 px"),
+    (["bench-ros", "--adapt-lr", "nan"], "--adapt-lr must be > 0, or negative"),
+    (["bench-ros", "--adapt-classes", "hats"], "--adapt-classes 'hats' is not one of"),
+    (["bench-ros", "--num-threads", "0"], "--num-threads: num_threads = 0 is outside"),
+    (["bench-ros", "--namespace", "9lives"], "namespace '9lives' is not a ROS namespace"),
+    (["bench-ros", "--model", "MISSING"], "missing.safetensors not found as a file"),
+    (["ttt-ros", "--rate", "inf"], "--rate > 0 and finite"),
+    (["ttt-ros", "--ttt-lr", "nan"], "adapter: ttt_learning_rate must be finite, got nan"),
+    (["ttt-ros", "--namespace", "a//b"], "namespace 'a//b' is not a ROS namespace"),
+    (["ttt-ros", "--model", "MISSING"], "missing.safetensors not found as a file"),
+])
+def test_ros_benchmarks_refuse_bad_options_before_a_node_starts(argv, message, tmp_path,
+                                                               capsys):
+    # each was noticed only once the nodes ran (a traceback, or two minutes of waiting for
+    # nodes that had refused to start), or never (a NaN rate)
+    argv = [a.replace("MISSING", str(tmp_path / "missing")) for a in argv]
+    _refused([*argv, "--out", str(tmp_path / "o")], capsys, message)
+    assert not (tmp_path / "o").exists()

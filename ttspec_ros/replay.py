@@ -118,11 +118,11 @@ def read_model_card(model: str = "") -> Any:
     """The card of ``model`` ('' = bundled demo model); official checkpoints have none, so
     ``load_model`` makes one up (slow, but only for those)."""
     from ttspec_ros.models import checkpoint
-    from ttspec_ros.models.paths import is_our_format, model_files
+    from ttspec_ros.models.paths import is_our_format
 
     path = Path(model) if model else checkpoint.DEMO_STEM
     if is_our_format(path):
-        return checkpoint.read_card(model_files(path)[1])
+        return checkpoint.read_card(checkpoint.existing_model_files(path)[1])
     return checkpoint.load_model(path)[1]
 
 

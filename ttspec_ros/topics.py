@@ -10,6 +10,7 @@ tools start on this host.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,19 @@ EXECUTABLES: dict[str, str] = {
 }
 
 PARAMS_FILE = "ttspec.yaml"  # share/ttspec_ros/config/<this>, the file the launch file loads
+
+
+_NAME_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def relative_namespace(text: str) -> str:
+    """``text`` as the relative namespace our tools start nodes in (a leading / dropped), or
+    ValueError: rcl refuses any other name only when the node starts, in its log."""
+    ns = text[1:] if text.startswith("/") else text
+    if not all(_NAME_TOKEN.fullmatch(token) for token in ns.split("/")):
+        raise ValueError(f"namespace {text!r} is not a ROS namespace: names of letters, digits "
+                         "and _ (not starting with a digit) separated by single /")
+    return ns
 
 
 def installed_prefix() -> Path:

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 
-def below_minimum(args: argparse.Namespace, minimums: Mapping[str, int]) -> str | None:
-    """``"--name must be >= low, got value"`` for the first option under its minimum, or None.
-    Options left at None (not given) pass. A negative count would slice from the end and a zero
-    one divide by zero, far into a run."""
-    for name, low in minimums.items():
+def below_minimum(args: argparse.Namespace, minimums: Mapping[str, float],
+                  positive: Sequence[str] = ()) -> str | None:
+    """``"--name must be >= low, got value"`` for the first option under its minimum (or, for
+    the names in ``positive``, not above 0), or None. NaN and infinity are refused too; options
+    left at None (not given) pass. A negative count would slice from the end, a zero one or a
+    zero rate divide by zero, a NaN pass every comparison, far into a run."""
+    bounds = [(name, low, ">=") for name, low in minimums.items()]
+    bounds += [(name, 0, ">") for name in positive]
+    for name, low, rule in bounds:
         value = getattr(args, name)
-        if value is not None and value < low:
-            return f"--{name.replace('_', '-')} must be >= {low}, got {value}"
+        if value is None:
+            continue
+        if not (value >= low if rule == ">=" else value > low) or value == math.inf:
+            finite = "" if math.isfinite(value) else "a finite number "
+            return f"--{name.replace('_', '-')} must be {finite}{rule} {low}, got {value}"
     return None
 
 

@@ -17,6 +17,7 @@ process's RSS over time, and the floor.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -25,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ttspec_ros import topics
-from ttspec_ros.experiments import seed_option
-from ttspec_ros.files import write_json
+from ttspec_ros import data, params, replay, topics
+from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.files import check_writable, write_json
 
 TARGET_OVERHEAD_P50_MS = 2.0
 TARGET_MAX_PENDING = 1
 RSS_FLAT_MB = 10.0  # growth over the overload phase still called flat
+MAX_SIZE = 1024  # px a side: the bench holds 1,200 such rgb8 frames in memory (3.8 GB at 1024)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -296,8 +298,33 @@ def _targets(nominal: dict[str, Any], overload: dict[str, Any],
     }
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad options with one line before a node starts (--rate 0 divided by zero after
+    the nodes came up, a NaN --adapt-lr silently kept the config's, a bad --num-threads or
+    --model left the nodes down and the bench waiting two minutes)."""
+    reason = below_minimum(args, {"seconds": 0, "hops_seconds": 0, "floor_seconds": 0,
+                                  "adapt_seconds": 0, "size": 1, "adapt_windows": 1},
+                           positive=("rate", "overload", "max_rate"))
+    if reason:
+        raise ValueError(reason)
+    if args.size > MAX_SIZE:
+        raise ValueError(f"--size must be at most {MAX_SIZE} px, got {args.size}")
+    if not math.isfinite(args.adapt_lr) or args.adapt_lr == 0:
+        raise ValueError(f"--adapt-lr must be > 0, or negative to keep the config's, got "
+                         f"{args.adapt_lr}")
+    if args.adapt_classes not in data.SUBSETS:
+        raise ValueError(f"--adapt-classes {args.adapt_classes!r} is not one of "
+                         f"{sorted(data.SUBSETS)}")
+    reason = params.check_params(topics.CLASSIFIER_NODE, {"num_threads": args.num_threads})
+    if reason:
+        raise ValueError(f"--num-threads: {reason}")
+    args.namespace = topics.relative_namespace(args.namespace)
+    replay.read_model_card(args.model)  # a missing or corrupt model, named here
+
+
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    _check_args(args)
+    out = check_writable(args.out)
     log_dir = out / "bench_ros_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     for name, value in topics.localhost_discovery().items():
@@ -322,8 +349,10 @@ def run(args: argparse.Namespace) -> int:
     probe = Probe(args.namespace, name="ttspec_bench_probe")
     try:
         if not wait_for(lambda: all(probe.seen(n) for n in procs)
-                        and probe.image_pub.get_subscription_count() > 0, 120.0, 0.2):
-            raise RuntimeError(f"nodes did not come up; logs in {log_dir}")
+                        and probe.image_pub.get_subscription_count() > 0
+                        or not all(p.alive() for p in procs.values()), 120.0, 0.2) \
+                or not all(p.alive() for p in procs.values()):
+            raise ChildProcessError(f"nodes did not come up; logs in {log_dir}")
         # Warm-up (first inferences are slower), not measured.
         _phase(probe, procs, images, args.rate, 3.0)
         nominal = overload = hops = None

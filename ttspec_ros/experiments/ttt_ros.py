@@ -11,6 +11,7 @@ the same seeded sequence of corrupted Fashion-MNIST test images (mono8, 28 px) o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ttspec_ros import data, topics
+from ttspec_ros import data, params, replay, topics
 from ttspec_ros.experiments import seed_option
 from ttspec_ros.files import check_writable, write_json
 
@@ -27,7 +28,6 @@ STRATEGIES = ("none", "specialize", "ttt_online", "both")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ttspec_ros import params
     from ttspec_ros.corruptions import CORRUPTIONS, SEVERITIES
 
     parser.add_argument("--out", required=True, help="directory for ttt_ros.json")
@@ -59,6 +59,14 @@ def _stream_images(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndarr
     return out, labels[order]
 
 
+def _adapter_params(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
+    model = {"model": args.model} if args.model else {}  # `-p model:=` does not parse
+    return {**model, "publish_period_s": 0.5,
+            "strategy": "specialize" if strategy == "none" else strategy,
+            "enabled": strategy != "none", "ttt_update": args.ttt_update,
+            "ttt_learning_rate": args.ttt_lr}
+
+
 def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
                   args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     from ttspec_ros.image_codec import encode_image
@@ -66,10 +74,7 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
 
     ns = f"{args.namespace}_{strategy}"
     model = {"model": args.model} if args.model else {}  # `-p model:=` does not parse
-    adapter = {**model, "publish_period_s": 0.5,
-               "strategy": "specialize" if strategy == "none" else strategy,
-               "enabled": strategy != "none", "ttt_update": args.ttt_update,
-               "ttt_learning_rate": args.ttt_lr}
+    adapter = _adapter_params(strategy, args)
     procs = {topics.CAMERA_NODE: NodeProcess(topics.CAMERA_NODE, model,
                                              log_dir, namespace=ns),
              topics.CLASSIFIER_NODE: NodeProcess(topics.CLASSIFIER_NODE, model,
@@ -84,7 +89,7 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
                         and probe.image_pub.get_subscription_count() > 0
                         or not all(p.alive() for p in procs.values()), 120.0, 0.2) \
                 or not all(p.alive() for p in procs.values()):
-            raise RuntimeError(f"{strategy}: nodes did not come up; see logs in {log_dir}")
+            raise ChildProcessError(f"{strategy}: nodes did not come up; see logs in {log_dir}")
         probe.clear()
         start = time.monotonic()
         for i, image in enumerate(images):
@@ -124,8 +129,15 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
         raise ValueError(f"--strategies: unknown {unknown}; choose from {STRATEGIES}")
-    if args.windows < 1 or args.frames < args.windows or not args.rate > 0:
-        raise ValueError("--windows must be >= 1, --frames >= --windows and --rate > 0")
+    if args.windows < 1 or args.frames < args.windows or not 0 < args.rate < math.inf:
+        raise ValueError("--windows must be >= 1, --frames >= --windows and --rate > 0 "
+                         "and finite")
+    for strategy in strategies:  # what the adapter would refuse only once it started
+        reason = params.check_adapter(_adapter_params(strategy, args))
+        if reason:
+            raise ValueError(f"adapter: {reason}")
+    args.namespace = topics.relative_namespace(args.namespace)
+    replay.read_model_card(args.model)  # a missing or corrupt model, named before nodes start
     test_size = data.SPLIT_SIZES["test"]
     if args.frames > test_size:  # the stream is a permutation of the test split, never repeated
         raise ValueError(f"--frames {args.frames} exceeds the test split's {test_size} images")

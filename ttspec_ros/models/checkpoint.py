@@ -453,6 +453,16 @@ def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> 
     return card
 
 
+def existing_model_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``model_files(path)``, or FileNotFoundError unless both are files."""
+    weights, card_path = model_files(path)
+    for p in (weights, card_path):
+        if not p.is_file():  # a directory of that name too: it read as IsADirectoryError
+            raise FileNotFoundError(f"{p} not found as a file (our format needs "
+                                    f"{weights.name} and {card_path.name} side by side)")
+    return weights, card_path
+
+
 def read_card(path: str | os.PathLike) -> ModelCard:
     path = Path(path)
     try:
@@ -532,12 +542,8 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
             )
         path = DEMO_STEM
     path = Path(path)
-    weights, card_path = model_files(path)
     if is_our_format(path):
-        for p in (weights, card_path):
-            if not p.is_file():  # a directory of that name too: it read as IsADirectoryError
-                raise FileNotFoundError(f"{p} not found as a file (our format needs "
-                                        f"{weights.name} and {card_path.name} side by side)")
+        weights, card_path = existing_model_files(path)
         card = read_card(card_path)
         state, weights_id = read_safetensors(weights)
         if _is_hash_id(card.model_id) and card.model_id != weights_id:
@@ -563,6 +569,7 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
 
 __all__ = [
     "ModelCard", "ForeignObject", "load_model", "save_model", "read_card", "file_hash",
+    "existing_model_files",
     "file_sha256",
     "read_pickled_checkpoint", "extract_state_dict", "infer_config", "check_state_dict",
     "build_from_state_dict", "validate_thresholds", "DEMO_STEM",
