@@ -46,6 +46,31 @@ def test_config_yaml_equals_the_defaults():
         assert not missing, f"{node} parameters missing from config/ttspec.yaml: {missing}"
 
 
+def test_the_shipped_params_file_passes_the_start_up_check():
+    assert params.check_params_file((REPO / "config" / "ttspec.yaml").read_text()) is None
+
+
+@pytest.mark.parametrize("text, words", [
+    ("/**: [unclosed", "not valid YAML"),
+    ("", "needs a mapping of node names"),
+    ("/**:\n  learning_rate: 0.1\n", "section '/**' has no 'ros__parameters' mapping"),
+    # rclpy refuses an integer for a double parameter at declare time
+    ("/**:\n  ros__parameters:\n    learning_rate: 1\n", "learning_rate must be double"),
+    ("/**/classifier:\n  ros__parameters:\n    num_threads: 0\n", "num_threads = 0 is outside"),
+    ("/ttspec/adapter:\n  ros__parameters:\n    strategy: x\n", "strategy must be one of"),
+])
+def test_a_params_file_that_would_stop_a_node_is_refused(text, words):
+    assert words in params.check_params_file(text)
+
+
+def test_params_of_other_nodes_and_unknown_names_are_left_alone():
+    # another node's section may use our names with its own types; undeclared names are
+    # ignored by rclpy
+    text = ("other_node:\n  ros__parameters:\n    num_threads: 0\n"
+            "/**:\n  ros__parameters:\n    not_ours: [1, 2]\n")
+    assert params.check_params_file(text) is None
+
+
 def test_issue_defaults_of_the_adapter():
     assert params.defaults(topics.ADAPTER_NODE) == {
         "model": "", "enabled": True, "learning_rate": 1e-4, "momentum": 0.0, "batch_size": 1,

@@ -252,7 +252,8 @@ def test_installed_nodes_are_found_in_a_sourced_workspace(monkeypatch, tmp_path)
     (workspace / "lib" / "ttspec_ros").mkdir(parents=True)
     (workspace / "lib" / "ttspec_ros" / "camera_node").write_text("")
     (workspace / "share" / "ttspec_ros" / "config").mkdir(parents=True)
-    (workspace / "share" / "ttspec_ros" / "config" / "ttspec.yaml").write_text("{}")
+    (workspace / "share" / "ttspec_ros" / "config" / "ttspec.yaml").write_text(
+        "/**:\n  ros__parameters:\n    model: ''\n")
     monkeypatch.setenv("AMENT_PREFIX_PATH", os.pathsep.join([str(tmp_path / "other"),
                                                              str(workspace), "/opt/ros/humble"]))
     assert replay.find_graph().prefix == workspace
@@ -288,6 +289,49 @@ def test_run_settings_from_command_line():
         parser.parse_args(["b", "--out", "o", "--lockstep", "--rate", "2"])
     with pytest.raises(SystemExit):
         parser.parse_args(["b", "--out", "o", "--sweep-thresholds", "0.5,1.5"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    # each conflict was resolved silently: the sweep won over --threshold, --compare over
+    # --no-adapt, and an empty item was dropped
+    (["--sweep-thresholds", "0.5,0.7", "--threshold", "0.9"],
+     "argument --threshold: not allowed with argument --sweep-thresholds"),
+    (["--sweep-thresholds", "0.5,,0.7"], "not a comma-separated list of numbers: 0.5,,0.7"),
+])
+def test_replay_command_refuses_conflicting_options_while_parsing(argv, message, capsys):
+    from ttspec_ros.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["replay", "bag", "--out", "o", *argv])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapt", ["--adapt", "--no-adapt"])
+def test_replay_compare_refuses_an_adapt_choice(adapt, tmp_path, capsys):
+    from ttspec_ros.cli import main as cli_main
+
+    assert cli_main(["replay", str(tmp_path / "bag"), "--out", str(tmp_path / "o"),
+                     "--compare", adapt]) == 2
+    assert f"--compare runs with the adapter on and off; drop {adapt}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_params_file_that_would_stop_the_nodes_is_refused_before_they_start(monkeypatch,
+                                                                             tmp_path):
+    workspace = tmp_path / "install"
+    (workspace / "lib" / "ttspec_ros").mkdir(parents=True)
+    (workspace / "lib" / "ttspec_ros" / "camera_node").write_text("")
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(workspace))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("/**:\n  ros__parameters:\n    num_threads: 1.5\n")
+    with pytest.raises(ValueError) as refused:
+        replay.find_graph(params_file=bad)
+    assert str(refused.value) == (f"params file {bad}: section '/**': num_threads must be int, "
+                                  "got float 1.5")
+    bad.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        replay.find_graph(params_file=bad)
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

@@ -189,6 +189,34 @@ def check_params(node: str, values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def check_params_file(text: str) -> str | None:
+    """Reason the text of a ROS 2 params file would stop one of our nodes at start-up, or None:
+    not YAML, not rcl's layout (node name -> ``ros__parameters`` -> name -> value), or a value
+    of one of our parameters that ``check_value`` refuses (a YAML ``1`` for a double too, as
+    rclpy does). Sections of other nodes and parameters no node of ours declares are left to
+    whoever reads them."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return f"not valid YAML ({' '.join(str(e).split())})"
+    if not isinstance(doc, dict) or not doc:
+        return "needs a mapping of node names to 'ros__parameters' sections"
+    for section, body in doc.items():
+        values = body.get("ros__parameters") if isinstance(body, dict) else None
+        if not isinstance(values, dict):
+            return f"section {section!r} has no 'ros__parameters' mapping"
+        node = str(section).rstrip("/").rsplit("/", 1)[-1]
+        nodes = [node] if node in NODE_PARAMS else list(NODE_PARAMS) if "*" in node else []
+        for name, value in values.items():
+            for s in (spec for n in nodes for spec in NODE_PARAMS[n] if spec.name == name):
+                reason = check_value(s, value)
+                if reason:
+                    return f"section {section!r}: {reason}"
+    return None
+
+
 def check_classifier(values: Mapping[str, Any], num_exits: int, changed: Sequence[str] = ()
                      ) -> str | None:
     """Reason the classifier's complete parameter set is inconsistent for a model with

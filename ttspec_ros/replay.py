@@ -265,6 +265,12 @@ def find_graph(model: str = "", params_file: str | os.PathLike | None = None,
     params_path = Path(params_file) if params_file else topics.installed_params_file(prefix)
     if not params_path.is_file():
         raise FileNotFoundError(f"params file {params_path} not found")
+    try:
+        reason = param_specs.check_params_file(params_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        reason = "not UTF-8 text"
+    if reason:  # else every node would stop at start-up, each saying so only in its log
+        raise ValueError(f"params file {params_path}: {reason}")
     return GraphSpec(prefix=prefix, params_file=params_path, model=model, params=tuple(params))
 
 

@@ -41,8 +41,8 @@ _domain_id = _checked(int, lambda v: 0 <= v <= replay.MAX_DOMAIN_ID, "a whole nu
 
 
 def _thresholds(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+    try:  # an empty item ("0.5,,0.7") is more likely a lost value than a separator
+        values = [float(x) for x in text.split(",")]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from err
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
@@ -59,10 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-topic", default=None,
                         help="LabelStamped topic (default: /camera/label when present)")
     parser.add_argument("--no-labels", action="store_true", help="ignore labels in the bag")
-    parser.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
                         help="run the adapter (test-time specialization); default on")
-    parser.add_argument("--threshold", type=_threshold, default=None,
-                        help="classifier threshold for every early exit (default: params file)")
+    thresholds = parser.add_mutually_exclusive_group()
+    thresholds.add_argument("--threshold", type=_threshold, default=None,
+                            help="classifier threshold for every early exit (default: params "
+                                 "file)")
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--rate", type=float, default=1.0,
                         help="playback speed factor of the recorded timing (default 1.0)")
@@ -73,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"lost (default {replay.DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--compare", action="store_true",
                         help="run with adaptation on and off, both in one report")
-    parser.add_argument("--sweep-thresholds", type=_thresholds, default=None, metavar="T1,T2,...",
-                        help="one replay per threshold; plots the latency/accuracy curve")
+    thresholds.add_argument("--sweep-thresholds", type=_thresholds, default=None,
+                            metavar="T1,T2,...",
+                            help="one replay per threshold; plots the latency/accuracy curve")
     parser.add_argument("--max-frames", type=_frames, default=None, help="play only the first N")
     parser.add_argument("--window", type=_frames, default=None,
                         help="frames per report window (default: a sixth of the bag)")
@@ -93,9 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_settings(args: argparse.Namespace) -> list[replay.RunSettings]:
     if args.rate is not None and not args.rate > 0:
         raise ValueError(f"--rate must be > 0, got {args.rate}")
+    if args.compare and args.adapt is not None:  # --compare used to win silently
+        raise ValueError("--compare runs with the adapter on and off; drop "
+                         f"--{'' if args.adapt else 'no-'}adapt")
     rate = None if args.lockstep else args.rate
     thresholds = args.sweep_thresholds or [args.threshold]
-    adapts = [True, False] if args.compare else [args.adapt]
+    adapts = [True, False] if args.compare else [args.adapt is not False]
     return [replay.RunSettings(adapt=a, threshold=t, rate=rate, timeout_s=args.timeout)
             for t in thresholds for a in adapts]
 
