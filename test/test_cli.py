@@ -166,3 +166,18 @@ def test_ros_benchmarks_refuse_bad_options_before_a_node_starts(argv, message, t
     argv = [a.replace("MISSING", str(tmp_path / "missing")) for a in argv]
     _refused([*argv, "--out", str(tmp_path / "o")], capsys, message)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    # the demo wrote its bag and started the graph before the adapter refused the rate
+    (["demo", "--learning-rate", "nan"], "--learning-rate: learning_rate must be finite"),
+    (["demo", "--learning-rate", "0"], "--learning-rate: learning_rate must be > 0"),
+    (["demo", "--frames", "0"], "--frames must be >= 1"),
+    # tracebacks from torch: max() of no classes, and an export traced out of memory
+    (["bench-exits", "--size", "64", "--num-classes", "0"], "num_classes must be an integer >= 1"),
+    (["export-onnx", "--image-size", "100000"], "image size must be at most 1024 px a side"),
+])
+def test_numbers_torch_or_a_node_would_fail_on_are_refused_first(argv, message, tmp_path,
+                                                                  capsys):
+    _refused([*argv, "--out", str(tmp_path / "o")], capsys, message)
+    assert not (tmp_path / "o").exists()

@@ -295,12 +295,17 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs, out
     atomic_write_bytes(path, buffer.getvalue())
 
 
+MAX_IMAGE_SIDE = 1024  # px; the model's input size (frames are resized to it), not the camera's
+
+
 def image_shape_for(model: RevCol, image_size: int | tuple[int, int]) -> tuple[int, int, int, int]:
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     # stem /4, then three /2 downsamplings: every level needs whole pixels.
     if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE or h <= 0 or w <= 0:
         raise ValueError(f"image size must be positive multiples of {INPUT_MULTIPLE}, "
                          f"got {h}x{w}")
+    if max(h, w) > MAX_IMAGE_SIDE:  # tracing ran out of memory far into the export instead
+        raise ValueError(f"image size must be at most {MAX_IMAGE_SIDE} px a side, got {h}x{w}")
     return (1, model.config.in_chans, h, w)
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ttspec_ros import bags, replay, topics
+from ttspec_ros import bags, params, replay, topics
 from ttspec_ros.files import check_writable
 
 # Sized for `make demo` < 10 min on 2 shared cores including set-up. Measured on a fresh clone
@@ -75,6 +75,12 @@ def summary(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    if args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    # Refused here, not by the adapter after the bag was written and the graph had started.
+    reason = params.check_adapter({"learning_rate": args.learning_rate})
+    if reason:
+        raise ValueError(f"--learning-rate: {reason}")
     check_writable(args.out)
     bag = args.out / f"{DEMO_SCENARIO}-{args.frames}"
     try:

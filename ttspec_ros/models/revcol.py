@@ -355,6 +355,10 @@ class RevCol(nn.Module):
             raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
         if num_columns < NUM_EXITS or num_columns % NUM_EXITS:
             raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
+        for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+            # 0 built heads whose max() failed at the first forward; < 0 failed in torch.empty
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.config = RevColConfig(
             tuple(channels), tuple(layers), num_columns, num_classes, kernel_size, in_chans,
             drop_path, with_decoders, stem_kernel, stem_width,
