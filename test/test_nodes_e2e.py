@@ -87,9 +87,8 @@ def pipeline(tmp_path_factory, tiny):
         p.start()
     probe = Probe()
     try:
-        up = wait_for(lambda: all(probe.seen(n) for n in procs)
-                      and probe.image_pub.get_subscription_count() > 0
-                      and probe.count(CAM, nodes.MATCHED_FRAMES_READERS) > 0, STARTUP_S, 0.2)
+        up = probe.wait_until_up(procs, STARTUP_S) and wait_for(
+            lambda: probe.count(CAM, nodes.MATCHED_FRAMES_READERS) > 0, STARTUP_S, 0.2)
         if not up:
             logs = "\n".join(f"--- {n}\n{p.log()[-2000:]}" for n, p in procs.items())
             pytest.fail(f"nodes did not come up in {STARTUP_S} s (diagnostics from "
@@ -985,3 +984,19 @@ def test_ttt_ros_writes_its_json(tmp_path):
     assert int(r["adapter"]["frames_adapted"]) > 0
     assert r["exit_codes"] == {CAM: 0, CLS: 0, ADA: 0}
 
+
+
+def test_wait_until_up_ends_as_soon_as_a_node_dies(tmp_path):
+    """What bench-ros and ttt-ros wait on: a node that dies while starting (here a classifier
+    given a model that does not exist) ends the wait with False at once, not at the timeout."""
+    dead = NodeProcess(CLS, {"model": str(tmp_path / "missing")}, tmp_path,
+                       namespace="ttspec_dead").start()
+    probe = Probe("ttspec_dead", name="ttspec_dead_probe")
+    try:
+        start = time.monotonic()
+        assert not probe.wait_until_up({CLS: dead}, STARTUP_S)
+        assert not dead.alive() and time.monotonic() - start < STARTUP_S, dead.log()[-2000:]
+        assert "missing" in dead.log()
+    finally:
+        probe.close()
+        dead.stop(signal.SIGKILL)

@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in topics.localhost_discovery().items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("ROS_LOG_DIR", str(log_dir / "ros"))
-    from ttspec_ros.nodes.probe import NodeProcess, Probe, wait_for
+    from ttspec_ros.nodes.probe import NodeProcess, Probe
 
     model = {"model": args.model} if args.model else {}
     procs = {
@@ -348,10 +348,7 @@ def run(args: argparse.Namespace) -> int:
         p.start()
     probe = Probe(args.namespace, name="ttspec_bench_probe")
     try:
-        if not wait_for(lambda: all(probe.seen(n) for n in procs)
-                        and probe.image_pub.get_subscription_count() > 0
-                        or not all(p.alive() for p in procs.values()), 120.0, 0.2) \
-                or not all(p.alive() for p in procs.values()):
+        if not probe.wait_until_up(procs, 120.0):
             raise ChildProcessError(f"nodes did not come up; logs in {log_dir}")
         # Warm-up (first inferences are slower), not measured.
         _phase(probe, procs, images, args.rate, 3.0)

@@ -70,7 +70,7 @@ def _adapter_params(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
 def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
                   args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     from ttspec_ros.image_codec import encode_image
-    from ttspec_ros.nodes.probe import NodeProcess, Probe, wait_for
+    from ttspec_ros.nodes.probe import NodeProcess, Probe
 
     ns = f"{args.namespace}_{strategy}"
     model = {"model": args.model} if args.model else {}  # `-p model:=` does not parse
@@ -85,10 +85,7 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
         p.start()
     probe = Probe(namespace=ns, name=f"ttt_ros_probe_{strategy}")
     try:
-        if not wait_for(lambda: all(probe.seen(n) for n in procs)
-                        and probe.image_pub.get_subscription_count() > 0
-                        or not all(p.alive() for p in procs.values()), 120.0, 0.2) \
-                or not all(p.alive() for p in procs.values()):
+        if not probe.wait_until_up(procs, 120.0):
             raise ChildProcessError(f"{strategy}: nodes did not come up; see logs in {log_dir}")
         probe.clear()
         start = time.monotonic()

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,16 @@ class Probe:
 
     def count(self, node: str, key: str) -> int:
         return int(self.diag(node).get(key, 0))
+
+    def wait_until_up(self, procs: Mapping[str, NodeProcess], timeout: float) -> bool:
+        """Wait until every node of ``procs`` publishes diagnostics and one subscribes to our
+        images; -> False at the timeout or as soon as one of them has died."""
+        def up_or_dead() -> bool:
+            return (all(self.seen(n) for n in procs)
+                    and self.image_pub.get_subscription_count() > 0
+                    or not all(p.alive() for p in procs.values()))
+
+        return bool(wait_for(up_or_dead, timeout, 0.2)) and all(p.alive() for p in procs.values())
 
     def clear(self) -> None:
         with self.lock:
