@@ -84,6 +84,8 @@ def test_report_keys_comparison_and_files(tmp_path):
         (1.0 + 0.75 + 1.0) / 3, abs=1e-4)
     assert c["tail_cost_ratio"] == pytest.approx(0.25 / ((2.75) / 3), abs=1e-3)
     assert c["accuracy_delta_points"] == pytest.approx(100 * (5 / 6 - 1.0), abs=1e-2)
+    # last 3 frames: adaptation answered 2 of 3 right, no adaptation 3 of 3
+    assert c["tail_accuracy_delta_points"] == pytest.approx(100 * (2 / 3 - 1.0), abs=1e-2)
 
     plots = replay.write_report(tmp_path, report, [on, off], EXIT_COST)
     names = {p.name for p in plots}
@@ -94,6 +96,7 @@ def test_report_keys_comparison_and_files(tmp_path):
     assert written["runs"][0]["exit_histogram"] == [3, 1, 1, 1]
     md = (tmp_path / "report.md").read_text()
     assert "| adapt |" in md and "ratio" in md and "![accuracy](accuracy.png)" in md
+    assert "accuracy -33.33 points; whole run accuracy 83.33 % vs 100.00 % (-16.67 points)" in md
     per_frame = json.loads((tmp_path / "outcomes.json").read_text())
     assert len(per_frame["adapt"]) == 6 and per_frame["no-adapt"][0]["exit_index"] == 3
 
@@ -156,7 +159,9 @@ def test_demo_summary_table():
     assert rows["accuracy %, last window"] == ["66.67", "100.00", "frames", "3-6"]
     assert rows["mean cost, first window"] == ["0.750", "0.917", "frames", "0-3"]
     assert rows["mean cost, last window"][:2] == ["0.250", "0.917"]
-    assert "last 2 frames: cost with adaptation = 0.286 x without" in text
+    # the accuracy difference of those same 2 frames (1 of 2 vs 2 of 2 right), then the run's
+    assert ("last 2 frames: cost with adaptation = 0.286 x without, accuracy -50.00 points; "
+            "whole run: accuracy -16.67 points") in text
 
 
 def test_drop_attribution_uses_node_counters():

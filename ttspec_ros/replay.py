@@ -490,6 +490,7 @@ def comparison(runs: Sequence[dict]) -> list[dict]:
             "accuracy_adapt": on["accuracy"],
             "accuracy_no_adapt": off["accuracy"],
             "accuracy_delta_points": _points(on["accuracy"], off["accuracy"]),
+            "tail_accuracy_delta_points": _points(on["tail"]["accuracy"], off["tail"]["accuracy"]),
         }
         if "groups" in on and "groups" in off:
             entry["group_accuracy_delta_points"] = {
@@ -586,6 +587,11 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def signed_points(x: float | None) -> str:
+    """An accuracy difference in points, with its sign: '+0.07 points', '-' without labels."""
+    return "-" if x is None else f"{x:+.2f} points"
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f} %"
 
@@ -634,9 +640,10 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
             "",
             f"**Adaptation on vs off** (threshold {_fmt(c['threshold'])}): "
             f"last {c['tail_frames']} frames mean cost {_fmt(c['tail_mean_cost_adapt'])} vs "
-            f"{_fmt(c['tail_mean_cost_no_adapt'])} (ratio {_fmt(c['tail_cost_ratio'])}); "
-            f"accuracy {_pct(c['accuracy_adapt'])} vs {_pct(c['accuracy_no_adapt'])} "
-            f"({_fmt(c['accuracy_delta_points'], 2)} points).",
+            f"{_fmt(c['tail_mean_cost_no_adapt'])} (ratio {_fmt(c['tail_cost_ratio'])}), "
+            f"accuracy {signed_points(c['tail_accuracy_delta_points'])}; whole run accuracy "
+            f"{_pct(c['accuracy_adapt'])} vs {_pct(c['accuracy_no_adapt'])} "
+            f"({signed_points(c['accuracy_delta_points'])}).",
         ]
     for s in report.get("shift", []):
         lines += ["", f"**Shift at frame {s['switch_frame']}** ({s['name']}): " + ", ".join(

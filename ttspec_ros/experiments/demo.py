@@ -64,9 +64,11 @@ def summary(report: dict) -> str:
     lines = [f"{'':28}{'adapt on':>10}{'adapt off':>11}"]
     lines += [f"{a:28}{b:>10}{c:>11}   {d}".rstrip() for a, b, c, d in rows]
     for c in report.get("comparison", []):
+        # The accuracy difference of the same frames as the cost ratio, then of the whole run.
         lines.append(f"last {c['tail_frames']} frames: cost with adaptation = "
-                     f"{_fmt(c['tail_cost_ratio'])} x without; accuracy "
-                     f"{_fmt(c['accuracy_delta_points'], digits=2)} points")
+                     f"{_fmt(c['tail_cost_ratio'])} x without, accuracy "
+                     f"{replay.signed_points(c['tail_accuracy_delta_points'])}; whole run: "
+                     f"accuracy {replay.signed_points(c['accuracy_delta_points'])}")
     lost = sum(r["lost"] for r in report["runs"])
     lines.append(f"frames per run {report['frames']}, lost {lost}, final model version "
                  f"{on['final_model_version'] if on else '-'}")
