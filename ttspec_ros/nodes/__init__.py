@@ -332,6 +332,45 @@ def _spin(node: Node) -> None:
         executor.remove_node(node)
 
 
+class SpinThread:
+    """Spins ``executor`` in a daemon thread until :meth:`stop`, for a node of our own tools
+    (probe, replay driver) beside their main thread.
+
+    Why not ``Thread(target=executor.spin)`` and ``executor.shutdown()`` before destroying the
+    node: ``shutdown(timeout_sec)`` can return with the thread still inside the executor's
+    wait, and destroying the node or its context under it is a known rclpy race
+    (ros2/rclpy#968). Here a replay hung that way once (2026-12-06): the spin thread at 100 %
+    CPU in the executor's wait, the main thread never finishing its wait for the node
+    processes. :meth:`stop` ends and joins the thread first; callers destroy the node after."""
+
+    def __init__(self, executor: Any, name: str) -> None:
+        self.executor = executor
+        self.error: Exception | None = None  # what ended spinning, if not stop() or shutdown
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        context = self.executor.context
+        try:
+            while not self._stop.is_set() and context.ok():
+                self.executor.spin_once(timeout_sec=SPIN_WAKE_S)
+        except Exception as e:
+            if context.ok() and not self._stop.is_set():  # say why spinning stopped
+                self.error = e
+                raise
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """End spinning (its current callback finishes first); True if the thread ended."""
+        self._stop.set()
+        self.executor.wake()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
 def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:
     """Init rclpy, build the node, spin until SIGINT/SIGTERM, shut down without a traceback.
 

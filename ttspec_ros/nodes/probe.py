@@ -28,7 +28,7 @@ from std_srvs.srv import Trigger
 
 from ttspec_ros import topics
 from ttspec_ros.msg import CascadePrediction, ModelUpdate
-from ttspec_ros.nodes import qos
+from ttspec_ros.nodes import SpinThread, qos
 
 
 class NodeProcess:
@@ -153,22 +153,12 @@ class Probe:
         self.watch_frames(watch_frames)
         self._update_sub = None
         self._sensor_pubs: dict[str, Any] = {}
-        self.spin_error: Exception | None = None
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception as e:
-            if self.context.ok():  # not shut down by close(): say why spinning stopped
-                self.spin_error = e
-                raise
+        self._spinner = SpinThread(self.executor, "probe-spin")
 
     def spinning(self) -> bool:
-        return self._thread.is_alive()
+        return self._spinner.is_alive()
 
     def _keep(self, into: list[Received]) -> Callable[[Any], None]:
         def callback(msg: Any) -> None:
@@ -320,10 +310,10 @@ class Probe:
         return self._call(Trigger, f"{self.ns}/{node}/{service}", Trigger.Request())
 
     def close(self) -> None:
+        self._spinner.stop()  # before anything it spins is destroyed (see SpinThread)
         self.executor.shutdown(timeout_sec=2.0)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        self._thread.join(timeout=5.0)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:

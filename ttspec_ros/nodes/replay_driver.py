@@ -38,6 +38,7 @@ from ttspec_ros.nodes import (
     MATCHED_IMAGES_WRITERS,
     MATCHED_PREDICTIONS_READERS,
     MATCHED_SAMPLES_READERS,
+    SpinThread,
     qos,
 )
 
@@ -274,13 +275,14 @@ def play(
     node: Collector | None = None
     executor = SingleThreadedExecutor(context=context)
     procs: NodeGraph | None = None
+    spinner: SpinThread | None = None
     outcomes: list[replay.Outcome] = []
     matcher = _Matcher(outcomes)
     codes: dict[str, int | None] = {}
     try:
         node = Collector(context, stream.compressed)
         executor.add_node(node)
-        threading.Thread(target=executor.spin, name="replay-spin", daemon=True).start()
+        spinner = SpinThread(executor, "replay-spin")
         procs = NodeGraph(graph, overrides, env, log_dir)
         launched = time.perf_counter()
         _wait_for_graph(node, procs, settings.adapt, STARTUP_TIMEOUT_S)
@@ -351,6 +353,8 @@ def play(
         with node.cond:
             final_counters = {k: dict(v) for k, v in node.diagnostics.items()}
     finally:
+        if spinner is not None:
+            spinner.stop()  # before the node and context go (see SpinThread)
         executor.shutdown(timeout_sec=2.0)
         if node is not None:
             node.destroy_node()

@@ -1,0 +1,81 @@
+"""SpinThread on a real rclpy node: it runs callbacks until stop(), and after stop() nothing of
+the node runs any more, so the node and its context can be destroyed (see SpinThread)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+
+
+@pytest.fixture
+def spun():
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("ttspec_spin_thread_test", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    try:
+        yield node, executor
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < end:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_callbacks_run_until_stop_and_never_after(spun):
+    from ttspec_ros.nodes import SpinThread
+
+    node, executor = spun
+    ticks: list[str] = []
+    node.create_timer(0.01, lambda: ticks.append(threading.current_thread().name))
+    spinner = SpinThread(executor, "test-spin")
+    assert _wait_until(lambda: len(ticks) >= 3)
+    assert set(ticks) == {"test-spin"}  # on the spin thread, not the caller's
+    assert spinner.stop() and not spinner.is_alive()
+    stopped_at = len(ticks)
+    time.sleep(0.2)  # 20 timer periods
+    assert len(ticks) == stopped_at
+    assert spinner.error is None
+
+
+def test_stop_ends_a_thread_waiting_for_work(spun):
+    from ttspec_ros.nodes import SpinThread
+
+    _, executor = spun
+    spinner = SpinThread(executor, "idle-spin")  # nothing to do: it sits in the executor's wait
+    time.sleep(0.1)
+    assert spinner.is_alive()
+    assert spinner.stop() and not spinner.is_alive()
+
+
+def test_a_failing_callback_ends_spinning_and_is_kept(spun):
+    from ttspec_ros.nodes import SpinThread
+
+    node, executor = spun
+
+    def fail() -> None:
+        raise RuntimeError("callback failed")
+
+    node.create_timer(0.01, fail)
+    # the thread re-raises, so threading's excepthook reports it; keep the test output quiet
+    hook, threading.excepthook = threading.excepthook, lambda args: None
+    try:
+        spinner = SpinThread(executor, "failing-spin")
+        assert _wait_until(lambda: not spinner.is_alive())
+    finally:
+        threading.excepthook = hook
+    assert isinstance(spinner.error, RuntimeError) and "callback failed" in str(spinner.error)
+    assert spinner.stop()
