@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from ttspec_ros.topics import localhost_discovery
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,3 +43,17 @@ def installed_executable(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} is not installed: run `make env` (tools/setup_env.sh)")
     return path
+
+
+@pytest.fixture
+def ros_node():
+    """A real rclpy node in its own context, destroyed (context shut down) after the test."""
+    rclpy = pytest.importorskip("rclpy")
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("ttspec_test_node", context=context)
+    try:
+        yield node
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)

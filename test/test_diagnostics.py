@@ -10,18 +10,6 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 
 
-@pytest.fixture
-def node():
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("ttspec_diagnostics_test", context=context)
-    try:
-        yield node
-    finally:
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-
-
 def reporter(node, counts: dict[str, int], **options) -> Callable[..., tuple[int, str]]:
     """report(**grown) -> (level, message) of the status published after adding ``grown``."""
     from diagnostic_msgs.msg import DiagnosticArray
@@ -56,10 +44,10 @@ def reporter(node, counts: dict[str, int], **options) -> Callable[..., tuple[int
     return report
 
 
-def test_a_failing_job_is_an_error_until_it_succeeds_again(node) -> None:
+def test_a_failing_job_is_an_error_until_it_succeeds_again(ros_node) -> None:
     from ttspec_ros.nodes import ERROR, OK, WARN
 
-    report = reporter(node, {}, warn_on=("rejected",), jobs={"errors": "classified"})
+    report = reporter(ros_node, {}, warn_on=("rejected",), jobs={"errors": "classified"})
     assert report() == (OK, "frames")
     level, message = report(errors=2)  # every frame of the period failed
     assert level == ERROR and "errors, no classified since" in message
@@ -70,10 +58,10 @@ def test_a_failing_job_is_an_error_until_it_succeeds_again(node) -> None:
     assert report(classified=3) == (OK, "frames")
 
 
-def test_one_failing_job_is_not_hidden_by_another_that_works(node) -> None:
+def test_one_failing_job_is_not_hidden_by_another_that_works(ros_node) -> None:
     from ttspec_ros.nodes import ERROR, OK
 
-    report = reporter(node, {}, jobs={"sample_errors": "samples_used",
+    report = reporter(ros_node, {}, jobs={"sample_errors": "samples_used",
                                       "publish_errors": "updates_published"})
     level, message = report(publish_errors=1, samples_used=20)
     assert level == ERROR and "publish_errors, no updates_published since" in message

@@ -12,20 +12,15 @@ rclpy = pytest.importorskip("rclpy")
 
 
 @pytest.fixture
-def spun():
+def spun(ros_node):
     from rclpy.executors import SingleThreadedExecutor
 
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("ttspec_spin_thread_test", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
+    executor = SingleThreadedExecutor(context=ros_node.context)
+    executor.add_node(ros_node)
     try:
-        yield node, executor
+        yield ros_node, executor
     finally:
         executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-        rclpy.try_shutdown(context=context)
 
 
 def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
