@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("rclpy")
 
 
 def reporter(node, counts: dict[str, int], **options) -> Callable[..., tuple[int, str]]:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("rclpy")
 
 
 @pytest.fixture
@@ -23,21 +23,15 @@ def spun(ros_node):
         executor.shutdown(timeout_sec=2.0)
 
 
-def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while not predicate() and time.monotonic() < end:
-        time.sleep(0.01)
-    return predicate()
-
-
 def test_callbacks_run_until_stop_and_never_after(spun):
     from ttspec_ros.nodes import SpinThread
+    from ttspec_ros.nodes.probe import wait_for
 
     node, executor = spun
     ticks: list[str] = []
     node.create_timer(0.01, lambda: ticks.append(threading.current_thread().name))
     spinner = SpinThread(executor, "test-spin")
-    assert _wait_until(lambda: len(ticks) >= 3)
+    assert wait_for(lambda: len(ticks) >= 3, 10.0, 0.01)
     assert set(ticks) == {"test-spin"}  # on the spin thread, not the caller's
     assert spinner.stop() and not spinner.is_alive()
     stopped_at = len(ticks)
@@ -58,6 +52,7 @@ def test_stop_ends_a_thread_waiting_for_work(spun):
 
 def test_a_failing_callback_ends_spinning_and_is_kept(spun):
     from ttspec_ros.nodes import SpinThread
+    from ttspec_ros.nodes.probe import wait_for
 
     node, executor = spun
 
@@ -69,7 +64,7 @@ def test_a_failing_callback_ends_spinning_and_is_kept(spun):
     hook, threading.excepthook = threading.excepthook, lambda args: None
     try:
         spinner = SpinThread(executor, "failing-spin")
-        assert _wait_until(lambda: not spinner.is_alive())
+        assert wait_for(lambda: not spinner.is_alive(), 10.0, 0.01)
     finally:
         threading.excepthook = hook
     assert isinstance(spinner.error, RuntimeError) and "callback failed" in str(spinner.error)
