@@ -563,6 +563,40 @@ def test_adapter_runs_the_forgetting_guard_from_an_anchors_file(tmp_path, tiny):
         adapter.stop(signal.SIGKILL)
 
 
+def test_adapter_learns_from_a_partly_filled_batch_before_its_shutdown_save(tmp_path, tiny):
+    """batch_size 3, two samples received, then SIGINT: the saved state holds the step on
+    those two (before, they were dropped and version 0 was saved)."""
+    from ttspec_ros.msg import AdaptationSample
+
+    from ttspec_ros.nodes import qos
+
+    stem, card = tiny
+    ns, state = "ttspec_flush", tmp_path / "state"
+    adapter = NodeProcess(ADA, {"model": stem, "state_dir": state, "batch_size": 3}, tmp_path,
+                          namespace=ns).start()
+    probe = probe_mod.Probe(namespace=ns, name="ttspec_probe_flush")
+    try:
+        assert wait_for(lambda: probe.seen(ADA), STARTUP_S, 0.2), adapter.log()[-2000:]
+        pub = probe.node.create_publisher(
+            AdaptationSample, f"{probe.ns}/{topics.ADAPTATION_SAMPLES}", qos(topics.QOS_RELIABLE))
+        assert wait_for(lambda: pub.get_subscription_count() > 0, 10.0)
+        dim = card.architecture["channels"][-1]
+        for class_id in (2, 5):
+            pub.publish(AdaptationSample(model_id=card.model_id, exit_index=2,
+                                         class_id=class_id, confidence=0.99,
+                                         feature_sizes=[dim, dim],
+                                         features=[0.5] * dim + [-0.25] * dim))
+        assert wait_for(lambda: probe.count(ADA, "samples_used") == 2, 10.0), probe.diag(ADA)
+        assert probe.diag(ADA)["specializer_pending"] == "2"
+        assert adapter.stop(signal.SIGINT) == 0
+        with safe_open(str(state / "specializer.safetensors"), framework="numpy") as f:
+            meta = json.loads(f.metadata()["state"])
+        assert meta["version"] == 1 and meta["counters"]["steps"] == 1, meta
+    finally:
+        probe.close()
+        adapter.stop(signal.SIGKILL)
+
+
 def test_adapter_save_and_reset_services(pipeline):
     probe = pipeline["probe"]
     saved = probe.trigger(ADA, "save")

@@ -127,6 +127,51 @@ def test_skips_first_exit_and_low_confidence_and_counts_them() -> None:
     assert stats["steps"] == 1 and stats["samples"] == 4 and spec.version == 1
 
 
+def test_flush_steps_on_a_partly_filled_batch() -> None:
+    init = early_head_tensors(tiny_model())
+    f = features(3)
+    spec = Specializer(init, 4, lr=0.1, batch_size=3)
+    spec.add_sample(3, 1, 0.9, f[0])
+    spec.add_sample(2, 4, 0.9, f[1][:2])
+    assert spec.version == 0 and spec.stats()["pending"] == 2
+    assert spec.flush() is True
+    assert spec.stats()["pending"] == 0 and spec.stats()["steps"] == 1
+    # the same step a batch of exactly those two samples takes
+    pair = Specializer(init, 4, lr=0.1, batch_size=2)
+    pair.add_sample(3, 1, 0.9, f[0])
+    pair.add_sample(2, 4, 0.9, f[1][:2])
+    for name, t in pair.export().tensors.items():
+        np.testing.assert_array_equal(spec.export().tensors[name], t)
+    assert spec.flush() is False and spec.stats()["steps"] == 1  # nothing held back
+
+
+def test_flush_runs_the_guard_check_of_unchecked_steps() -> None:
+    rng = np.random.default_rng(0)
+    anchors = AnchorSet([rng.standard_normal((20, 32)).astype(np.float32) for _ in range(3)],
+                        rng.integers(0, 5, 20))
+    init = early_head_tensors(tiny_model())
+
+    def spec_after_three_steps(tolerance: float) -> Specializer:
+        guard = AnchorGuard(anchors, threshold=0.3, rehearsal=0, check_every=10,
+                            tolerance=tolerance, class_tolerance=tolerance)
+        spec = Specializer(init, 4, lr=1.0, guard=guard)
+        for f in features(3, seed=4):
+            spec.add_sample(3, 0, 0.99, f)
+        assert spec.version == 0  # 3 steps, no check yet: nothing published
+        return spec
+
+    lenient = spec_after_three_steps(1.0)
+    assert lenient.flush() is True and lenient.version == 3
+    assert lenient.stats()["rollbacks"] == 0
+    trained = lenient.export().tensors
+    assert any(not np.array_equal(trained[n], v.numpy()) for n, v in init.items())
+    assert lenient.flush() is False  # checked already
+    strict = spec_after_three_steps(0.0)  # lr 1 on one class: the check fails
+    assert strict.flush() is False and strict.stats()["rollbacks"] == 1
+    for name, t in strict.export().tensors.items():
+        np.testing.assert_array_equal(t, init[name].numpy())
+
+
 def test_bad_samples_are_rejected_with_reasons() -> None:
     spec = Specializer(early_head_tensors(tiny_model()), 4)
     f = features(1)[0]

@@ -473,8 +473,9 @@ class Specializer:
     """Trains early heads 0..k-1 on exit k's pseudo-labels; thread-safe; exports updates.
 
     ``add_sample`` queues one frame's sample and takes an SGD step when ``batch_size`` samples
-    are queued; ``export`` gives the current heads as a ``ModelUpdatePayload`` whose version
-    increases with every change (step, rollback, reset, load)."""
+    are queued (``flush`` learns from a partly filled one); ``export`` gives the current
+    heads as a ``ModelUpdatePayload`` whose version increases with every change (step,
+    rollback, reset, load)."""
 
     def __init__(self, initial_heads: Mapping[str, Any], num_exits: int, *, model_id: str = "",
                  lr: float = 1e-4, momentum: float = 0.0, batch_size: int = 1,
@@ -581,6 +582,22 @@ class Specializer:
             self._step(batch)
             return True
 
+    def flush(self) -> bool:
+        """Learn from what is still held back, at a stream's end or shutdown: one step on a
+        partly filled batch (``batch_size`` > 1), then, with a checking guard, its check of
+        the steps taken since the last check, so that what is exported and saved includes
+        every sample received. Returns True if the published heads changed."""
+        with self._lock:
+            version = self.version
+            if self._pending:
+                batch, self._pending = self._pending, []
+                self._step(batch)
+            if self._published_heads() is not self._heads and not all(
+                    torch.equal(a, b) for a, b in zip(self._heads.parameters(),
+                                                      self._published.parameters(), strict=True)):
+                self._check()
+            return self.version != version
+
     def _replay_batch(self) -> list[tuple[np.ndarray, int]]:
         classes = [c for c, q in self._replay.items() if q]
         if not classes:
@@ -682,11 +699,16 @@ class Specializer:
                     (feats, label))
         if self.guard is not None and self.guard.check_every and \
                 self.counters["steps"] % self.guard.check_every == 0:
-            if self.guard.passes(self._heads):
-                self._published = self._heads.clone()
-                self.version = self._changes
-            else:
-                self._roll_back()
+            self._check()
+
+    def _check(self) -> None:
+        """The guard's check of the trained heads: publish them, or roll back."""
+        assert self.guard is not None
+        if self.guard.passes(self._heads):
+            self._published = self._heads.clone()
+            self.version = self._changes
+        else:
+            self._roll_back()
 
     def _roll_back(self) -> None:
         """Heads back to the last published (checked) state, or without a checking guard to

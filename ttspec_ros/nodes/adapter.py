@@ -4,9 +4,10 @@ Samples are queued by the subscription callback and trained on by a worker threa
 executor never waits for an SGD step. A timer publishes the current heads at most every
 ``publish_period_s`` when they changed (reliable + transient local: a classifier that starts
 later still gets the latest). With ``state_dir`` the state is saved atomically every
-``save_period_s``, on ``~/save`` and at shutdown, and resumed (and republished) at start;
-the last published version is recorded there too (``PublishedRecord``), so an adapter
-restarted after a crash numbers its updates above what the classifiers already hold.
+``save_period_s``, on ``~/save`` and at shutdown (after learning from a partly filled batch
+and checking the last unchecked steps: ``Specializer.flush``), and resumed (and republished)
+at start; the last published version is recorded there too (``PublishedRecord``), so an
+adapter restarted after a crash numbers its updates above what the classifiers already hold.
 Any number of classifiers running the same model may feed one adapter. A failing step,
 publication or save is counted, logged and survived: the node keeps its last good state.
 
@@ -441,6 +442,10 @@ class AdapterNode(Node):
             self._ttt_worker.join(timeout=5.0)
         # The context may be shut down already: log without the node's /rosout publisher.
         log = rclpy.logging.get_logger(f"{self.get_logger().name}.shutdown")
+        try:  # what is saved includes a partly filled batch and the steps since the last check
+            self.specializer.flush()
+        except Exception as e:  # the trained heads stay as they were
+            log.error(f"learning from the last samples failed: {type(e).__name__}: {e}")
         if self._values["state_dir"] and self._version() != self._saved_version:
             try:
                 log.info(self._save())
