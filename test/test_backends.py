@@ -452,6 +452,11 @@ def test_bench_backends_writes_the_issue_schema(checkpoint, tmp_path):
     assert meta["seed"] == 0 and meta["block"] == 2
     assert meta["models"]["demo"]["accuracy_vs_torch"]["onnxruntime"]["pooled_max_rel_diff"] < 1e-4
     assert "demo/onnxruntime/stage_overhead_pct_paired_median" in meta["summary"]
+    # the issue's reference point, a plain one-graph export, computes the same features
+    model_meta = meta["models"]["demo"]
+    assert model_meta["onnxruntime_plain_export_pooled_max_rel_diff"] < 1e-4
+    assert model_meta["onnxruntime_plain_export"]["latency_median_ms"] > 0
+    assert meta["summary"]["demo/onnxruntime_plain_export_speedup_vs_torch_unsplit"] > 0
     if X86:
         assert meta["models"]["demo"]["onnxruntime_blocked_carries"][0] == ["c1", "c3"]
     if importlib.util.find_spec("tensorrt") is None:

@@ -275,7 +275,9 @@ class UnsplitForward(nn.Module):
         return self.model.pool(state[3])
 
 
-def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs, outputs) -> None:
+def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs, outputs
+                 ) -> None:
+    """Trace ``module`` on ``args`` to an ONNX file (opset OPSET, constant folding)."""
     # Exported in memory, then written atomically: a failed export leaves no file behind, and
     # two processes exporting into one cache directory never see each other's partial files.
     buffer = io.BytesIO()
@@ -348,12 +350,12 @@ def export_stages(
             args = (image,) if i == 0 else (x, *state)
             path = out / f"stage{i}.onnx"
             names = stage_output_names(i, model.num_exits)
-            _export(module, args, path, stage_input_names(i), names)
+            export_graph(module, args, path, stage_input_names(i), names)
             stages.append(_graph_entry(path, i, names, shape, carry_shapes, pooled_shape))
         unsplit = None
         if include_unsplit:
             path = out / "unsplit.onnx"
-            _export(UnsplitForward(traced), (image,), path, ["image"], ["pooled"])
+            export_graph(UnsplitForward(traced), (image,), path, ["image"], ["pooled"])
             unsplit = {
                 "file": path.name, "sha256": file_sha256(path),
                 "inputs": [{"name": "image", "shape": list(shape)}],

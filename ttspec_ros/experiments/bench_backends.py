@@ -124,6 +124,23 @@ def _unsplit_runner(name: str, backbone, model, image: torch.Tensor):
     return None  # no unsplit TensorRT engine is built
 
 
+def _plain_onnx_runner(model, image: torch.Tensor, path: Path, threads: int):
+    """The issue's reference point, "a plain one-graph export": ``UnsplitForward`` of the model
+    as it is (not ``export_form``), traced to one graph and run in an ONNX Runtime session with
+    default options but the thread count. Against torch's unsplit forward it shows what this
+    machine gives a naive export, beside what the backend's staged graphs give."""
+    import onnxruntime as ort
+
+    from ttspec_ros.backends.onnx_export import UnsplitForward, export_graph
+
+    export_graph(UnsplitForward(model).eval(), (image,), path, ["image"], ["pooled"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"image": image.numpy()}
+    return lambda: torch.from_numpy(session.run(None, feed)[0])
+
+
 def _accuracy(backbones: dict, model, image: torch.Tensor) -> dict:
     """Max relative difference (max|a-b| / max|b|) of pooled features and logits vs torch."""
     from ttspec_ros.backends.onnx_export import relative_difference
@@ -205,7 +222,11 @@ def _time_in_blocks(jobs: dict[str, dict], repeats: int, block: int, rng: random
 
 
 def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: dict):
-    from ttspec_ros.backends.onnx_export import export_stages
+    from ttspec_ros.backends.onnx_export import (
+        UnsplitForward,
+        export_stages,
+        relative_difference,
+    )
     from ttspec_ros.experiments.export_onnx import resolve_model
 
     model, size, description = resolve_model(spec, seed=args.seed)
@@ -228,6 +249,11 @@ def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: di
         if "torch" in backbones:
             info["accuracy_vs_torch"] = _accuracy(backbones, model, image)
         jobs = {name: _jobs(name, backbone, model, image) for name, backbone in backbones.items()}
+        if "onnxruntime" in jobs:
+            plain = _plain_onnx_runner(model, image, work / f"{label}_plain.onnx", args.threads)
+            jobs["onnxruntime"][("plain", "onnxruntime", None)] = plain
+            info["onnxruntime_plain_export_pooled_max_rel_diff"] = relative_difference(
+                plain(), UnsplitForward(model)(image))
         for backend_jobs in jobs.values():
             for fn in backend_jobs.values():
                 for _ in range(args.warmup):
@@ -255,12 +281,22 @@ def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: di
             "unsplit_median_ms": round(statistics.median(unsplit), 3),
             "overhead_pct_paired_median": round(100.0 * (statistics.median(ratios) - 1.0), 2),
         })
+    plain = times.get(("plain", "onnxruntime", None))
+    if plain:
+        info["onnxruntime_plain_export"] = {
+            "latency_ms": round(statistics.fmean(plain), 3),
+            "latency_median_ms": round(statistics.median(plain), 3),
+            "note": "unsplit backbone (image -> last pooled) traced from the model as it is, "
+                    "default session options but the thread count; compare with the "
+                    "unsplit_ms of stage_overhead",
+        }
     meta["models"][label] = info
     return results, overhead
 
 
-def _summary(results: list[dict], overhead: list[dict]) -> dict:
-    """The issue's targets, computed from the written figures."""
+def _summary(results: list[dict], overhead: list[dict], models: dict) -> dict:
+    """The issue's targets, computed from the written figures, and the plain export's speed-up
+    (the issue's reference measurement, repeated on this machine)."""
     out = {}
     last_exit = max((r["exit"] for r in results), default=None)
     for model in {r["model"] for r in results}:
@@ -278,6 +314,10 @@ def _summary(results: list[dict], overhead: list[dict]) -> dict:
         out[f"{o['model']}/{o['backend']}/stage_overhead_pct_paired_median"] = o[
             "overhead_pct_paired_median"
         ]
+        plain = models.get(o["model"], {}).get("onnxruntime_plain_export")
+        if o["backend"] == "torch" and plain:
+            out[f"{o['model']}/onnxruntime_plain_export_speedup_vs_torch_unsplit"] = round(
+                o["unsplit_ms"] / plain["latency_ms"], 3)
     return out
 
 
@@ -350,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     if not results:
         raise FileNotFoundError(f"no model was benchmarked: {meta['skipped_models']}")
     meta["load_average_end"] = list(os.getloadavg())
-    meta["summary"] = _summary(results, overhead)
+    meta["summary"] = _summary(results, overhead, meta["models"])
     write_json(out / "backends.json", {"results": results, "stage_overhead": overhead})
     write_json(out / "backends_meta.json", meta)
     print(json.dumps(meta["summary"], indent=2))
