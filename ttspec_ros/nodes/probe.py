@@ -141,6 +141,7 @@ class Probe:
         self.frames: list[Received] = []
         self.updates: list[Received] = []
         self.diagnostics: dict[str, dict[str, str]] = {}
+        self.diagnostics_stamps: dict[str, float] = {}  # the node's clock, in seconds
         self.warned: set[str] = set()  # nodes that reported a level above OK
         self.image_pub = self.node.create_publisher(
             Image, f"{self.ns}/{topics.IMAGE_RAW}", qos(topics.QOS_SENSOR))
@@ -169,8 +170,10 @@ class Probe:
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         with self.lock:
+            stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
             for s in msg.status:
                 self.diagnostics[s.name] = {kv.key: kv.value for kv in s.values}
+                self.diagnostics_stamps[s.name] = stamp
                 if s.level != DiagnosticStatus.OK:
                     self.warned.add(s.name)
 
@@ -200,6 +203,12 @@ class Probe:
     def diag(self, node: str) -> dict[str, str]:
         with self.lock:
             return dict(self.diagnostics.get(f"{self.ns}/{node}", {}))
+
+    def node_time(self, node: str) -> float:
+        """``node``'s clock (s) when it last published diagnostics: with use_sim_time, how far
+        its /clock has got; -inf before its first."""
+        with self.lock:
+            return self.diagnostics_stamps.get(f"{self.ns}/{node}", -float("inf"))
 
     def seen(self, node: str) -> bool:
         """True once ``node`` has published on /diagnostics."""
