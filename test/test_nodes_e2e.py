@@ -1044,6 +1044,11 @@ def test_wait_until_up_ends_as_soon_as_a_node_dies(tmp_path):
         assert not probe.wait_until_up({CLS: dead}, STARTUP_S)
         assert not dead.alive() and time.monotonic() - start < STARTUP_S, dead.log()[-2000:]
         assert "missing" in dead.log()
+        # what bench-ros and ttt-ros then say
+        assert probe.not_up_reason({CLS: dead}) == \
+            f"{CLS} exited with code 1 (log {dead.log_path})"
+        unstarted = NodeProcess(ADA, {}, tmp_path, namespace="ttspec_dead")
+        assert probe.not_up_reason({ADA: unstarted}) == f"no diagnostics yet from {ADA}"
     finally:
         probe.close()
         dead.stop(signal.SIGKILL)

@@ -349,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
     probe = Probe(args.namespace, name="ttspec_bench_probe")
     try:
         if not probe.wait_until_up(procs, 120.0):
-            raise ChildProcessError(f"nodes did not come up; logs in {log_dir}")
+            raise ChildProcessError(f"nodes did not come up: {probe.not_up_reason(procs)}; "
+                                    f"logs in {log_dir}")
         # Warm-up (first inferences are slower), not measured.
         _phase(probe, procs, images, args.rate, 3.0)
         nominal = overload = hops = None

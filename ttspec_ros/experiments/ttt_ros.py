@@ -86,7 +86,8 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
     probe = Probe(namespace=ns, name=f"ttt_ros_probe_{strategy}")
     try:
         if not probe.wait_until_up(procs, 120.0):
-            raise ChildProcessError(f"{strategy}: nodes did not come up; see logs in {log_dir}")
+            raise ChildProcessError(f"{strategy}: nodes did not come up: "
+                                    f"{probe.not_up_reason(procs)}; see logs in {log_dir}")
         probe.clear()
         start = time.monotonic()
         for i, image in enumerate(images):

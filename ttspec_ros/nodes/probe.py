@@ -228,6 +228,18 @@ class Probe:
 
         return bool(wait_for(up_or_dead, timeout, 0.2)) and all(p.alive() for p in procs.values())
 
+    def not_up_reason(self, procs: Mapping[str, NodeProcess]) -> str:
+        """Why ``wait_until_up`` gave False: the nodes that exited (code, log), else the ones
+        not yet on /diagnostics, else the missing subscriber of our images."""
+        dead = [f"{n} exited with code {p.proc.returncode} (log {p.log_path})"
+                for n, p in procs.items() if p.proc is not None and not p.alive()]
+        if dead:
+            return "; ".join(dead)
+        silent = [n for n in procs if not self.seen(n)]
+        if silent:
+            return f"no diagnostics yet from {', '.join(silent)}"
+        return f"nothing subscribes to {self.ns}/{topics.IMAGE_RAW}"
+
     def clear(self) -> None:
         with self.lock:
             self.predictions.clear()
