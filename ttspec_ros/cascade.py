@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ttspec_ros.checks import is_integer
 from ttspec_ros.models.checkpoint import validate_thresholds
 from ttspec_ros.models.revcol import RevCol
 
@@ -185,8 +186,7 @@ class Cascade:
         """Replace the named tensors (state-dict names) between two frames. Every name must
         exist and be updatable on this backend, shapes must match and values be finite;
         otherwise ValueError naming the tensor, and nothing changes."""
-        if isinstance(version, bool) or not isinstance(version, (int, np.integer)) \
-                or version < 0:
+        if not is_integer(version) or version < 0:
             raise ValueError(f"version must be a non-negative integer, got {version!r}")
         updatable = set(self.updatable_tensor_names())
         prepared: list[tuple[Tensor, Tensor]] = []

@@ -47,6 +47,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from ttspec_ros.checks import is_integer
+
 REFERENCE_SIDE = 28  # pixel-size parameters below are for 28-px images
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -174,8 +176,7 @@ def _check_name_severity(name: str, severity: int) -> None:
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
     # not ``in`` alone: True == 1 and 5.0 == 5 would pass it (and 5.0 then fails as an index)
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
-            or severity not in SEVERITIES:
+    if not is_integer(severity) or severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
 
 

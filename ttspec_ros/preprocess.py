@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import cv2
 import numpy as np
 
+from ttspec_ros.checks import is_integer
+
 _SPEC_KEYS = ("channels", "size", "content_size", "mean", "std")
 MAX_SIZE = 4096  # px; a larger model input side is a corrupt card, not a model
 
@@ -40,7 +42,7 @@ def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndar
     for key in ("channels", "size", "content_size"):
         value = input_spec[key]
         # int() would take true as 1, 32.7 as 32 and "32" as 32: a corrupt card, not a model
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_integer(value):
             raise ValueError(f"input spec has a field of the wrong type ({key} must be an "
                              f"integer, got {value!r})")
     channels, size = int(input_spec["channels"]), int(input_spec["size"])

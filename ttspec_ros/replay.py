@@ -34,6 +34,7 @@ import numpy as np
 
 from ttspec_ros import params as param_specs  # `params` names (node, name, value) here
 from ttspec_ros import topics
+from ttspec_ros.checks import is_integer
 from ttspec_ros.data import CLASS_NAMES, SUBSETS
 from ttspec_ros.files import write_json, write_text
 
@@ -254,7 +255,7 @@ def _as_double(value: object) -> object:
     """YAML integers (and lists of them) as floats; anything else as it is."""
     if isinstance(value, list):
         return [_as_double(v) for v in value]
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return float(value) if is_integer(value) else value
 
 
 def find_graph(model: str = "", params_file: str | os.PathLike | None = None,

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttspec_ros.cascade import reaches_threshold
+from ttspec_ros.checks import is_integer
 from ttspec_ros.files import atomic_write_bytes
 from ttspec_ros.model_update import ModelUpdatePayload, all_finite
 from ttspec_ros.models.checkpoint import validate_thresholds
@@ -192,7 +193,7 @@ def _np(value: Any) -> np.ndarray:
 
 def _is_count(value: Any) -> bool:
     """An integer >= 0 as JSON gives it (bool is an int subclass, but no count)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_integer(value) and value >= 0
 
 
 # -- features ----------------------------------------------------------------------------

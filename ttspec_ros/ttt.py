@@ -25,7 +25,6 @@ consistent snapshot (a ``ModelUpdatePayload`` named with the model's state-dict 
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ttspec_ros.checks import is_integer, is_real
 from ttspec_ros.masking import DEFAULT_MASK_RATIO, masked_reconstruction_loss, random_patch_mask
 from ttspec_ros.model_update import ModelUpdatePayload, all_finite, load_payload, save_payload
 from ttspec_ros.models.checkpoint import ModelCard
@@ -73,11 +73,11 @@ class TTTConfig:
         # From params files and JSON: true would pass as 1 and 1.5 as steps until range() fails.
         for key in ("columns", "steps", "batch", "seed"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not is_integer(value):
                 raise ValueError(f"TTT {key} must be an integer, got {value!r}")
         for key in ("lr", "mask_ratio", "momentum", "weight_decay", "anchor"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not is_real(value):
                 raise ValueError(f"TTT {key} must be a number, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TTT lr must be positive and finite, got {self.lr}")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttspec_ros.checks import is_integer
 from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.checkpoint import file_sha256
 from ttspec_ros.models.revcol import (
@@ -405,7 +406,7 @@ def _graph_entry(path: Path, stage: int, output_names: list[str], image_shape,
 
 def _is_int_list(value, length: int | None = None) -> bool:
     return (isinstance(value, list) and (length is None or len(value) == length)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+            and all(is_integer(v) for v in value))
 
 
 def _manifest_problem(manifest: dict) -> str | None:

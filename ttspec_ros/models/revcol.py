@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttspec_ros.checks import is_integer, is_real
+
 NUM_EXITS = 4  # the official model has a head after every num_columns // 4 columns
 STEM_PATCH = 4  # stem conv stride (= kernel in the official model): one token per 4x4 pixels
 # The stem (4 px) and three 2x downsamplings need input sides divisible by this.
@@ -344,20 +346,19 @@ class RevCol(nn.Module):
         if len(channels) != 4 or len(layers) != 4:
             raise ValueError("RevCol needs 4 levels: channels and layers of length 4")
         check_stem_kernel(stem_kernel)
-        if isinstance(stem_width, bool) or not isinstance(stem_width, int) or stem_width < 0 \
+        if not is_integer(stem_width) or stem_width < 0 \
                 or (stem_width and stem_kernel != STEM_PATCH):
             raise ValueError(f"stem_width must be an integer >= 0 (0: the patchify stem), and "
                              f"the conv stem takes no stem_kernel; got stem_width "
                              f"{stem_width!r}, stem_kernel {stem_kernel}")
         # From a card (not in the tensors): a wrong type failed deep in torch.linspace
-        if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) \
-                or not 0.0 <= drop_path < 1.0:
+        if not is_real(drop_path) or not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
         if num_columns < NUM_EXITS or num_columns % NUM_EXITS:
             raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
         for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
             # 0 built heads whose max() failed at the first forward; < 0 failed in torch.empty
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.config = RevColConfig(
             tuple(channels), tuple(layers), num_columns, num_classes, kernel_size, in_chans,
