@@ -15,7 +15,7 @@ from ttspec_ros.image_codec import (
     decode_image,
     encode_frame,
     encode_image,
-    header_size,
+    header_claim,
 )
 
 RNG = np.random.default_rng(0)
@@ -135,7 +135,12 @@ def test_compressed_png_and_jpeg():
     assert gray.shape == (16, 16) and abs(int(gray.mean()) - 128) <= 2
 
 
-@pytest.mark.parametrize(("data", "reason"), [(b"", "zero_size"), (b"not an image", "undecodable")])
+_PNG_HEAD = cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()[:33]  # up to IHDR's end
+
+
+@pytest.mark.parametrize(("data", "reason"), [(b"", "zero_size"),
+                                              (b"not an image", "unsupported_encoding"),
+                                              (_PNG_HEAD, "undecodable")])
 def test_bad_compressed_images(data, reason):
     with pytest.raises(ImageDecodeError) as err:
         decode_compressed("jpeg", data)
@@ -155,22 +160,38 @@ def test_header_claiming_too_many_pixels_is_refused_before_decoding(ext):
         sof = data.index(b"\xff\xc0")  # baseline start of frame: height, width at +5, +7
         data[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") * 2
         claimed = (20000, 20000)
-    assert header_size(np.frombuffer(bytes(data), np.uint8)) == claimed
+    assert header_claim(np.frombuffer(bytes(data), np.uint8)) == (*claimed, 1, 1)
     with pytest.raises(ImageDecodeError) as err:
         decode_compressed(ext[1:], bytes(data))
     assert err.value.reason == "absurd_size"
-    assert header_size(encoded) == (4, 4)  # a real header reads right
+    assert header_claim(encoded) == (4, 4, 1, 1)  # a real header reads right
 
 
-@pytest.mark.parametrize(("dtype", "channels"), [(np.float64, 3), (np.int8, 4), (np.int16, 3),
-                                                 (np.float32, 1)])
-def test_compressed_images_of_other_pixel_depths_are_an_image_decode_error(dtype, channels):
-    # A float64 or signed colour TIFF made cv2.cvtColor raise cv2.error: the camera node died.
-    ok, tiff = cv2.imencode(".tiff", np.ones((4, 4, channels), dtype))
+def test_a_header_is_checked_with_its_channels_and_sample_size():
+    # 8000x8000 pixels pass the pixel count, but as 16-bit RGB they are 384 MiB: the limit is on
+    # what decoding would allocate (a few hundred bytes of zeros can claim that).
+    ok, encoded = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint16))
+    data = bytearray(encoded.tobytes())
+    assert header_claim(np.frombuffer(bytes(data), np.uint8)) == (4, 4, 3, 2)
+    data[16:24] = (8000).to_bytes(4, "big") * 2
+    with pytest.raises(ImageDecodeError) as err:
+        decode_compressed("png", bytes(data))
+    assert err.value.reason == "absurd_size" and "8000x8000x3 (2 B each)" in str(err.value)
+    ok, rgba = cv2.imencode(".png", np.zeros((4, 4, 4), np.uint16))
+    assert decode_compressed("png", rgba.tobytes()).shape == (4, 4, 4)
+
+
+@pytest.mark.parametrize(("ext", "image"), [(".tiff", np.ones((4, 4, 3), np.float64)),
+                                            (".tiff", np.ones((4, 4), np.uint8)),
+                                            (".bmp", np.ones((4, 4, 3), np.uint8))])
+def test_compressed_formats_other_than_png_and_jpeg_are_refused(ext, image):
+    # Their size is not known before decoding (a small TIFF can claim gigabytes); a float64
+    # colour TIFF also made cv2.cvtColor raise cv2.error, of which the camera node died.
+    ok, encoded = cv2.imencode(ext, image)
     assert ok
     with pytest.raises(ImageDecodeError) as err:
-        decode_compressed("tiff", tiff.tobytes())
-    assert err.value.reason == "unsupported_encoding" and np.dtype(dtype).name in str(err.value)
+        decode_compressed(ext[1:], encoded.tobytes())
+    assert err.value.reason == "unsupported_encoding" and "only PNG and JPEG" in str(err.value)
 
 
 # Flat colour patches: 4:2:2 and Bayer keep a flat colour exactly up to rounding.

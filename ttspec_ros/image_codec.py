@@ -127,17 +127,22 @@ def decode_image(height: int, width: int, encoding: str, is_bigendian: int | boo
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Channels cv2.imdecode(IMREAD_UNCHANGED) makes of each PNG colour type, at most: palette images
+# with transparency and gray + alpha both come out as BGRA.
+PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
 # JPEG start-of-frame markers (they carry the size); C4, C8 and CC share the range but are not
 JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def header_size(buf: np.ndarray) -> tuple[int, int] | None:
-    """(height, width) a PNG or JPEG header claims, read before decoding so that a small
-    file claiming a huge image is refused without allocating it (OpenCV's own cap is 2^30
-    pixels); None for other formats or a header this does not understand."""
-    if bytes(buf[:8]) == PNG_SIGNATURE and buf.size >= 24 and bytes(buf[12:16]) == b"IHDR":
+def header_claim(buf: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(height, width, channels, bytes per sample) a PNG or JPEG header claims, read before
+    decoding so that a small file claiming a huge image is refused without allocating it
+    (OpenCV's own cap is 2^30 pixels, up to 8 GiB at 4 channels of 16 bits); None for other
+    formats or a header this does not understand."""
+    if bytes(buf[:8]) == PNG_SIGNATURE and buf.size >= 26 and bytes(buf[12:16]) == b"IHDR":
         width, height = (int.from_bytes(bytes(buf[k : k + 4]), "big") for k in (16, 20))
-        return height, width
+        channels = PNG_CHANNELS.get(int(buf[25]))
+        return (height, width, channels, 2 if buf[24] == 16 else 1) if channels else None
     if bytes(buf[:2]) != b"\xff\xd8":
         return None
     i = 2
@@ -151,17 +156,20 @@ def header_size(buf: np.ndarray) -> tuple[int, int] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
             continue
-        if marker in JPEG_SOF:
-            if i + 9 > buf.size:
+        if marker in JPEG_SOF:  # length, precision, height, width, components
+            if i + 10 > buf.size:
                 return None
             height, width = (int.from_bytes(bytes(buf[k : k + 2]), "big") for k in (i + 5, i + 7))
-            return (height, width) if height else None  # 0: the height comes later (DNL)
+            if not height:  # 0: the height comes later (DNL)
+                return None
+            return height, width, int(buf[i + 9]), 2 if buf[i + 4] > 8 else 1
         i += 2 + (int(buf[i + 2]) << 8 | int(buf[i + 3]))
     return None
 
 
 def decode_compressed(format_: str, data: Any) -> np.ndarray:
-    """CompressedImage (JPEG, PNG, ... anything cv2.imdecode reads) -> (H, W) or RGB(A)."""
+    """CompressedImage, PNG or JPEG (what image_transport's compressed transport sends)
+    -> (H, W) or RGB(A), uint8 or uint16."""
     import cv2
 
     buf = _buffer(data)
@@ -169,22 +177,27 @@ def decode_compressed(format_: str, data: Any) -> np.ndarray:
         raise ImageDecodeError("zero_size", f"compressed image ({format_!r}) has no data")
     if buf.size > MAX_BYTES:
         raise ImageDecodeError("absurd_size", f"compressed image has {buf.size} bytes")
-    claimed = header_size(buf)
-    if claimed is not None:
-        check_size(*claimed)
+    claimed = header_claim(buf)
+    if claimed is None:
+        # Other formats (TIFF, WebP, ...) would be decoded blind: a few kB of TIFF can claim
+        # gigabytes, which only OpenCV's own cap bounds.
+        raise ImageDecodeError(
+            "unsupported_encoding", f"compressed image ({format_!r}, {buf.size} bytes, first "
+            f"bytes {bytes(buf[:8]).hex()}) has no PNG or JPEG header this can read; only PNG "
+            "and JPEG are decoded")
+    check_size(*claimed)
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    except cv2.error as e:  # e.g. a header claiming more pixels than OpenCV's limit
+    except cv2.error as e:
         raise ImageDecodeError(
             "undecodable", f"cv2.imdecode refused {buf.size} bytes (format {format_!r}): "
             f"{str(e).strip().splitlines()[-1]}") from e
     if image is None:
         raise ImageDecodeError(
             "undecodable", f"cv2.imdecode could not decode {buf.size} bytes (format {format_!r})")
-    check_size(image.shape[0], image.shape[1])
-    if image.dtype not in (np.uint8, np.uint16):
-        # e.g. a float or signed TIFF: cv2.cvtColor raises cv2.error on int8/int16/int32/
-        # float64 pixels (the camera node died of it), and the model's input takes neither.
+    check_size(image.shape[0], image.shape[1], image.shape[2] if image.ndim == 3 else 1,
+               image.itemsize)
+    if image.dtype not in (np.uint8, np.uint16):  # the model's input takes neither
         raise ImageDecodeError(
             "unsupported_encoding", f"compressed image ({format_!r}) decodes to {image.dtype} "
             "pixels; only 8- or 16-bit unsigned images are taken")
