@@ -19,6 +19,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 
 from ttspec_ros import topics
 
@@ -39,9 +40,16 @@ ARGUMENTS = {
 }
 
 
+def _path(text: str) -> ParameterValue:
+    """A path parameter as a string: launch_ros reads plain strings as YAML, so a path like
+    ``2024-01-15`` or ``0755`` would reach the node as a date or an int (launch_ros#384/#410).
+    ``~`` is expanded here: the shell leaves it alone after ``model:=``."""
+    return ParameterValue(os.path.expanduser(text), value_type=str)
+
+
 def _nodes(context) -> list[Node]:
     arg = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
-    shared = {"model": arg["model"]} if arg["model"] else {}
+    shared = {"model": _path(arg["model"])} if arg["model"] else {}
     extra = {
         topics.CAMERA_NODE: dict(shared),
         topics.CLASSIFIER_NODE: dict(shared),
@@ -50,7 +58,7 @@ def _nodes(context) -> list[Node]:
     if arg["threshold"]:
         extra[topics.CLASSIFIER_NODE]["threshold"] = float(arg["threshold"])
     if arg["state_dir"]:
-        extra[topics.ADAPTER_NODE]["state_dir"] = arg["state_dir"]
+        extra[topics.ADAPTER_NODE]["state_dir"] = _path(arg["state_dir"])
     if arg["use_sim_time"]:
         sim = {"true": True, "false": False}.get(arg["use_sim_time"].lower())
         if sim is None:

@@ -50,6 +50,18 @@ class _LaunchConfiguration:
         return context.launch_configurations[self.name]
 
 
+class _ParameterValue:
+    def __init__(self, value, *, value_type=None):
+        self.value, self.value_type = value, value_type
+
+    def __eq__(self, other):  # compares as the string it is declared to be
+        return self.value_type is str and isinstance(other, str) and self.value == other
+
+
+def _plain(overrides: dict) -> dict:
+    return {k: v.value if isinstance(v, _ParameterValue) else v for k, v in overrides.items()}
+
+
 def _load_launch_file(monkeypatch) -> types.ModuleType:
     launch = types.ModuleType("launch")
     launch.LaunchDescription = lambda entities: list(entities)
@@ -61,9 +73,12 @@ def _load_launch_file(monkeypatch) -> types.ModuleType:
     launch_ros = types.ModuleType("launch_ros")
     ros_actions = types.ModuleType("launch_ros.actions")
     ros_actions.Node = type("Node", (_Action,), {})
+    descriptions = types.ModuleType("launch_ros.parameter_descriptions")
+    descriptions.ParameterValue = _ParameterValue
     for name, mod in {"launch": launch, "launch.actions": actions,
                       "launch.substitutions": substitutions, "launch_ros": launch_ros,
-                      "launch_ros.actions": ros_actions}.items():
+                      "launch_ros.actions": ros_actions,
+                      "launch_ros.parameter_descriptions": descriptions}.items():
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setenv("AMENT_PREFIX_PATH", str(VENV_PREFIX))
     spec = importlib.util.spec_from_file_location("ttspec_launch", SHARE / "launch" /
@@ -117,8 +132,19 @@ def test_launch_arguments_become_overrides_and_remaps(monkeypatch):
     assert by_name[topics.ADAPTER_NODE]["parameters"][1] == {"model": "/m/demo",
                                                              "state_dir": "/var/lib/ttspec"}
     for name, kw in by_name.items():
-        overrides = kw["parameters"][1]
+        overrides = _plain(kw["parameters"][1])
         assert params.check_params(name, overrides) is None
+
+
+def test_path_arguments_stay_strings_and_expand_home(monkeypatch):
+    # launch_ros reads plain strings as YAML: 2024-01-15 would be a date, 0755 an int.
+    monkeypatch.setenv("HOME", "/home/robot")
+    nodes, _ = _launch(monkeypatch, model="2024-01-15", state_dir="~/0755")
+    by_name = {n.kwargs["name"]: n.kwargs["parameters"][1] for n in nodes}
+    for value in (by_name[topics.CAMERA_NODE]["model"], by_name[topics.ADAPTER_NODE]["state_dir"]):
+        assert isinstance(value, _ParameterValue) and value.value_type is str
+    assert by_name[topics.ADAPTER_NODE]["state_dir"].value == "/home/robot/0755"
+    assert by_name[topics.CLASSIFIER_NODE]["model"].value == "2024-01-15"
 
 
 def test_namespace_argument_moves_every_node(monkeypatch):
