@@ -183,6 +183,12 @@ def test_a_negative_seed_is_refused_by_name():
         bags.scenario_indices("uniform", 3, -1)
 
 
+def test_an_image_size_the_camera_would_refuse_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="too large for an rgb8 frame"):
+        bags.make_scenario_bag("uniform", tmp_path / "bag", frames=3, image_size=16385)
+    assert not (tmp_path / "bag").exists()
+
+
 @pytest.mark.parametrize("rate", [float("inf"), 2e9, 0.0, float("nan")])
 def test_a_rate_that_would_give_frames_one_stamp_is_refused(tmp_path, rate):
     with pytest.raises(ValueError, match="distinct stamps"):

@@ -301,7 +301,11 @@ def test_inconsistent_card_is_refused(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="1 class_names for a model with 3 classes"):
         load_model(tmp_path / "m")
-    card["class_names"], card["thresholds"] = ["a", "b", "c"], [0.5, 1.5, 0.5]
+    card["class_names"], card["input"]["mean"] = ["a", "b", "c"], "0.5"  # len 3 = 3 channels
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"m\.json: input[ .a-z]*mean: need numbers"):
+        load_model(tmp_path / "m")
+    card["input"]["mean"], card["thresholds"] = [0.5] * 3, [0.5, 1.5, 0.5]
     (tmp_path / "m.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match=r"thresholds.*\[0, 1\]"):
         load_model(tmp_path / "m")

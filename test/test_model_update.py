@@ -112,6 +112,9 @@ def test_from_msg_rejects_shape_data_mismatch_and_duplicates() -> None:
     msg.tensors[1].shape = array.array("I", [11])
     with pytest.raises(ValueError, match="needs 11 values"):
         from_msg(msg)
+    msg.tensors[1].shape = array.array("I", [2**32 - 1] * 2)  # np.prod wrapped to a negative
+    with pytest.raises(ValueError, match=f"needs {(2**32 - 1) ** 2} values"):
+        from_msg(msg)
     msg = to_msg(_payload(), FAKE_MSGS)
     msg.tensors[1].name = msg.tensors[0].name
     msg.tensors[1].shape, msg.tensors[1].data = msg.tensors[0].shape, msg.tensors[0].data
@@ -163,7 +166,8 @@ def test_published_record_round_trip_and_offsets(tmp_path) -> None:
 @pytest.mark.parametrize("text", ["{", "[]", '{"model_id": "m"}',
                                   '{"model_id": "m", "version": -1}',
                                   '{"model_id": 3, "version": 1}',
-                                  '{"model_id": "m", "version": true}'])
+                                  '{"model_id": "m", "version": true}',
+                                  '{"model_id": "m", "version": 18446744073709551615}'])
 def test_malformed_published_record_is_refused(tmp_path, text) -> None:
     (tmp_path / PUBLISHED_FILE).write_text(text)
     with pytest.raises(ValueError, match="published-version record|version an integer"):

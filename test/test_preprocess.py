@@ -88,6 +88,9 @@ def test_three_channel_spec_repeats_gray_and_keeps_colour():
         (np.zeros((28, 28), np.uint8), {**SPEC, "size": 32.7}, "size must be an integer"),
         (np.zeros((28, 28), np.uint8), {**SPEC, "channels": True}, "channels must be an integer"),
         (np.zeros((28, 28), np.uint8), {**SPEC, "content_size": "28"}, "content_size must be"),
+        # "0.5" was read as the three numbers 0, ., 5 would be: as 0.5 (np.asarray of a str)
+        (np.zeros((28, 28), np.uint8), {**SPEC, "mean": "0.5"}, "mean: need numbers"),
+        (np.zeros((28, 28), np.uint8), {**SPEC, "std": [True]}, "std: need numbers"),
     ],
 )
 def test_bad_input_is_refused_with_a_reason(image, spec, message):

@@ -268,10 +268,15 @@ def _heads_with_classes(k: int):
     (_corrupt_momentum_nan, "momentum.weight holds NaN"),
     (lambda s: s["meta"].pop("version"), "version must be an integer"),
     (lambda s: s["meta"].update(version="7"), "version must be an integer"),
+    # taken up, 2**64 - 1 made every later export fail (a uint64 version), and saved it back
+    (lambda s: s["meta"].update(version=2**64 - 1), r"version must be an integer in 0\.\.2\*\*62"),
+    # integer weights were cast and published as truncated heads
+    (lambda s: s["tensors"].update({k: v.astype(np.int32) for k, v in s["tensors"].items()
+                                    if k.startswith("heads.")}), "not floating point"),
     (lambda s: s["meta"].update(counters={"steps": None}), "counters"),
     (lambda s: s.update(meta="not a dict"), "'meta' mapping"),
 ], ids=["momentum-shape", "heads-3-classes", "heads-1-class", "momentum-nan", "no-version",
-        "str-version", "counters", "meta-type"])
+        "str-version", "huge-version", "int-heads", "counters", "meta-type"])
 def test_refused_state_changes_nothing(corrupt, words) -> None:
     state = _trained().state_dict()
     corrupt(state)
@@ -566,3 +571,10 @@ def test_rehearsal_targets_are_original_softmax_or_last_exit_labels() -> None:
             assert set(t.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="rehearsal_target"):
         AnchorGuard(anchors, rehearsal_target="soft")
+
+
+def test_anchor_labels_must_be_integers() -> None:
+    feats = [np.zeros((2, 4), np.float32)]
+    with pytest.raises(ValueError, match="anchor labels must be integers, got float64"):
+        AnchorSet(feats, np.array([2.7, 1.0]))  # was read as classes 2 and 1
+    assert AnchorSet(feats, np.array([2, 1], np.uint8)).labels.dtype == np.int64

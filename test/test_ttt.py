@@ -73,7 +73,8 @@ def test_config_rejects_bad_values():
     for bad, words in ((dict(steps=1.5), "steps must be an integer"),
                        (dict(batch=True), "batch must be an integer"),
                        (dict(lr=True), "lr must be a number"),
-                       (dict(momentum="0.9"), "momentum must be a number")):
+                       (dict(momentum="0.9"), "momentum must be a number"),
+                       (dict(seed=2**64), "seed must be in 0..")):
         with pytest.raises(ValueError, match=words):
             TTTConfig(**bad)
     assert TTTConfig(steps=np.int64(2), lr=np.float32(0.01)).steps == 2
@@ -102,6 +103,8 @@ def test_norm_pix_target_follows_the_model_card():
     card = ModelCard(model_id="", architecture={}, class_names=[], input={}, thresholds=[],
                      exit_cost=[], training={"config": {"norm_pix": True}})
     assert card_norm_pix(card) and not card_norm_pix(replace(card, training={}))
+    with pytest.raises(ValueError, match="norm_pix must be true or false, got 'false'"):
+        card_norm_pix(replace(card, training={"config": {"norm_pix": "false"}}))
 
 
 def test_online_changes_only_selected_and_keeps_them():

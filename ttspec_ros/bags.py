@@ -172,8 +172,14 @@ def make_scenario_bag(
     if not 0 < rate_hz <= MAX_RATE_HZ:
         raise ValueError(f"rate must be in (0, {MAX_RATE_HZ:g}] Hz so that frames get distinct "
                          f"stamps, got {rate_hz}")
+    from ttspec_ros import image_codec
+
     if image_size < 28:
         raise ValueError(f"image size must be >= 28 px (the source images), got {image_size}")
+    try:  # a frame the camera node would refuse (absurd_size) makes a bag of nothing but those
+        image_codec.check_size(image_size, image_size, 3)
+    except image_codec.ImageDecodeError as e:
+        raise ValueError(f"image size {image_size} px is too large for an rgb8 frame: {e}") from e
     out = Path(out)
     # Checked before the (long) write: only a directory is ever replaced by a bag.
     if out.exists() and not out.is_dir():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ import numpy as np
 from ttspec_ros.files import atomic_write_bytes, write_json
 
 _MAX_UINT64 = 2**64 - 1
+# Largest version a saved state or record may hold. The adapter publishes the sum of its two
+# engines' versions and a resume offset (each at most this + 1), which stays a uint64 with
+# 2**62 updates to go; a larger number in a file is corruption, and taken up it would make
+# every later export fail.
+MAX_SAVED_VERSION = 2**62
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,10 @@ def from_msg(msg: Any) -> ModelUpdatePayload:
     for nt in msg.tensors:
         shape = tuple(int(d) for d in nt.shape)
         data = np.asarray(nt.data, dtype=np.float32)
-        if data.size != int(np.prod(shape, dtype=np.int64)):
+        needed = math.prod(shape)  # Python ints: np.prod wraps around on huge shapes
+        if data.size != needed:
             raise ValueError(
-                f"tensor {nt.name!r}: shape {list(shape)} needs {int(np.prod(shape))} values, "
+                f"tensor {nt.name!r}: shape {list(shape)} needs {needed} values, "
                 f"message carries {data.size}"
             )
         if nt.name in tensors:
@@ -187,9 +194,10 @@ class PublishedRecord:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a published-version record ({e})") from e
         if not isinstance(record.model_id, str) or isinstance(record.version, bool) \
-                or not isinstance(record.version, int) or not 0 <= record.version < _MAX_UINT64:
-            raise ValueError(f"{path}: model_id must be a string and version an integer >= 0, "
-                             f"got {d}")
+                or not isinstance(record.version, int) \
+                or not 0 <= record.version <= MAX_SAVED_VERSION:
+            raise ValueError(f"{path}: model_id must be a string and version an integer in "
+                             f"0..2**62, got {d}")
         return record
 
     def offset_for(self, engine_version: int) -> int:
@@ -201,5 +209,5 @@ class PublishedRecord:
         return max(0, self.version + 1 - engine_version)
 
 
-__all__ = ["ModelUpdatePayload", "PublishedRecord", "all_finite", "to_msg", "from_msg",
-           "save_payload", "load_payload"]
+__all__ = ["MAX_SAVED_VERSION", "ModelUpdatePayload", "PublishedRecord", "all_finite", "to_msg",
+           "from_msg", "save_payload", "load_payload"]

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import cv2
 import numpy as np
 
-from ttspec_ros.checks import is_integer
+from ttspec_ros.checks import is_integer, is_real, real_numbers
 
 _SPEC_KEYS = ("channels", "size", "content_size", "mean", "std")
 MAX_SIZE = 4096  # px; a larger model input side is a corrupt card, not a model
@@ -52,8 +52,10 @@ def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndar
     if not 0 < content <= size <= MAX_SIZE:
         raise ValueError(f"input spec needs 0 < content_size <= size <= {MAX_SIZE}, got "
                          f"{content} and {size}")
-    mean = np.asarray(input_spec["mean"], dtype=np.float32).reshape(-1)
-    std = np.asarray(input_spec["std"], dtype=np.float32).reshape(-1)
+    # one number or a list of them: not a string ("123" read as 3 digits) or a bool
+    mean, std = (np.asarray(real_numbers([v] if is_real(v) else v, f"input spec {key}"),
+                            dtype=np.float32) for key, v in (("mean", input_spec["mean"]),
+                                                             ("std", input_spec["std"])))
     if mean.size not in (1, channels) or std.size not in (1, channels):
         raise ValueError(f"input spec mean/std must have 1 or {channels} values")
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):

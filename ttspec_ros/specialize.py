@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from ttspec_ros.cascade import reaches_threshold
 from ttspec_ros.checks import is_integer
 from ttspec_ros.files import atomic_write_bytes
-from ttspec_ros.model_update import ModelUpdatePayload, all_finite
+from ttspec_ros.model_update import MAX_SAVED_VERSION, ModelUpdatePayload, all_finite
 from ttspec_ros.models.checkpoint import validate_thresholds
 
 LAYER_NORM_EPS = 1e-6  # eps of the classifier LayerNorm (RevCol)
@@ -122,7 +122,10 @@ class StackedHeads:
         parts: list[list[Tensor]] = [[], [], [], []]
         for i in range(num_early):
             for slot, name in enumerate(head_tensor_names(i)):
-                parts[slot].append(torch.as_tensor(np.asarray(_np(tensors[name]), np.float32)))
+                value = np.asarray(_np(tensors[name]))
+                if value.dtype.kind != "f":  # integer weights would pass as truncated heads
+                    raise ValueError(f"{name} holds {value.dtype} values, not floating point")
+                parts[slot].append(torch.as_tensor(value.astype(np.float32, copy=False)))
         ln_w, ln_b, w, b = parts
         c, k = ln_w[0].numel(), b[0].numel()
         for i in range(num_early):
@@ -248,7 +251,10 @@ class AnchorSet:
 
     def __post_init__(self) -> None:
         self.features = [np.ascontiguousarray(_np(f), dtype=np.float32) for f in self.features]
-        self.labels = np.asarray(_np(self.labels)).astype(np.int64).reshape(-1)
+        labels = np.asarray(_np(self.labels))
+        if labels.dtype.kind not in "iu":  # astype would read 2.7 as class 2
+            raise ValueError(f"anchor labels must be integers, got {labels.dtype} values")
+        self.labels = labels.astype(np.int64).reshape(-1)
         if not self.features:
             raise ValueError("an anchor set needs the features of at least one early exit")
         m = self.labels.size
@@ -796,8 +802,8 @@ class Specializer:
             )
         version = meta.get("version")
         counters = meta.get("counters", {})
-        if not _is_count(version):
-            raise ValueError(f"specializer state version must be an integer >= 0, got "
+        if not _is_count(version) or version > MAX_SAVED_VERSION:
+            raise ValueError(f"specializer state version must be an integer in 0..2**62, got "
                              f"{version!r}")
         if not isinstance(counters, Mapping) or \
                 not all(_is_count(v) for k, v in counters.items() if k in self.counters):
@@ -862,7 +868,8 @@ class Specializer:
             with safe_open(str(path), framework="numpy") as f:
                 meta = json.loads((f.metadata() or {})["state"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (KeyError, json.JSONDecodeError, SafetensorError) as e:
+        except (KeyError, TypeError, json.JSONDecodeError, SafetensorError) as e:
+            # TypeError: numpy has no dtype for a tensor (bfloat16), or metadata is no string
             raise ValueError(f"{path}: not a specializer state file ({e})") from e
         self.load_state_dict({"tensors": tensors, "meta": meta})
 

@@ -27,15 +27,22 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ttspec_ros.checks import is_integer, is_real
+from ttspec_ros.checks import MAX_SEED, is_integer, is_real
 from ttspec_ros.masking import DEFAULT_MASK_RATIO, masked_reconstruction_loss, random_patch_mask
-from ttspec_ros.model_update import ModelUpdatePayload, all_finite, load_payload, save_payload
+from ttspec_ros.model_update import (
+    MAX_SAVED_VERSION,
+    ModelUpdatePayload,
+    all_finite,
+    load_payload,
+    save_payload,
+)
 from ttspec_ros.models.checkpoint import ModelCard
 from ttspec_ros.models.revcol import ChannelsFirstLayerNorm, RevCol
 
@@ -81,6 +88,8 @@ class TTTConfig:
                 raise ValueError(f"TTT {key} must be a number, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TTT lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"TTT seed must be in 0..{MAX_SEED}, got {self.seed}")
         if self.steps < 1 or self.batch < 1 or self.columns < 1:
             raise ValueError(
                 f"TTT steps, batch and columns must be >= 1, got {self.steps}, {self.batch}, "
@@ -101,7 +110,11 @@ def card_norm_pix(card: ModelCard) -> bool:
     """Whether the model's decoders were trained on per-patch normalised targets (the card's
     training config; cards without it mean plain pixels)."""
     config = (card.training or {}).get("config") or {}
-    return bool(config.get("norm_pix", False))
+    value = config.get("norm_pix", False) if isinstance(config, Mapping) else False
+    if not isinstance(value, bool):  # bool("false") is True: the wrong target, silently
+        raise ValueError(f"model card {card.model_id}: training.config.norm_pix must be true or "
+                         f"false, got {value!r}")
+    return value
 
 
 def reachable_columns(model: RevCol, objective: str) -> range:
@@ -339,6 +352,8 @@ class TestTimeTrainer:
         if missing or extra:
             raise ValueError(f"{path} holds other tensors than update={self.config.update!r} "
                              f"adapts (missing {missing[:3]}, unexpected {extra[:3]})")
+        if payload.version > MAX_SAVED_VERSION:
+            raise ValueError(f"{path}: version {payload.version} is above 2**62 (corrupt)")
         for name, p in zip(self.parameter_names, self._params, strict=True):
             if tuple(payload.tensors[name].shape) != tuple(p.shape):
                 raise ValueError(f"{path}: {name} has shape {payload.tensors[name].shape}, "

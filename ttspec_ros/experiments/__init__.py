@@ -6,6 +6,8 @@ import argparse
 import math
 from collections.abc import Mapping, Sequence
 
+from ttspec_ros.checks import MAX_SEED
+
 
 def below_minimum(args: argparse.Namespace, minimums: Mapping[str, float],
                   positive: Sequence[str] = ()) -> str | None:
@@ -26,9 +28,9 @@ def below_minimum(args: argparse.Namespace, minimums: Mapping[str, float],
 
 
 def seed_option(text: str) -> int:
-    """argparse type of every seed option: numpy's generators refuse negative seeds, mid-run
-    and naming no option, so they are refused while parsing."""
+    """argparse type of every seed option: numpy's generators refuse negative seeds and torch's
+    seeds of 2**64 and above, mid-run and naming no option, so they are refused while parsing."""
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a seed must be >= 0, got {value}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must be in 0..{MAX_SEED}, got {value}")
     return value

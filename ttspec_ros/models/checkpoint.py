@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import numbers
 import os
 import pickle
 import re
@@ -27,15 +26,15 @@ import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from ttspec_ros.checks import is_real, real_numbers
 from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.paths import (
     DEMO_STEM,
@@ -132,7 +131,7 @@ class ModelCard:
                 f"{config.in_chans} input channels"
             )
         for key in ("mean", "std"):
-            if len(self.input[key]) != config.in_chans:
+            if len(real_numbers(self.input[key], f"{source}: input.{key}")) != config.in_chans:
                 raise ValueError(f"{source}: input.{key} needs {config.in_chans} values")
         # One value per early exit from here on (a card may hold one number for all).
         self.thresholds = validate_thresholds(self.thresholds, NUM_EXITS,
@@ -146,22 +145,6 @@ class ModelCard:
                 f"(0, 1] ending at 1.0, got {self.exit_cost}"
             )
         self.exit_cost = costs  # floats, as every consumer computes with them
-
-
-def is_real(value: object) -> bool:
-    """A number that is not a bool: Python and numpy floats and integers (np.float32 too)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def real_numbers(values: object, source: str) -> list[float]:
-    """A list of numbers as floats; ValueError for strings (read one character per entry),
-    bools (an int to Python), scalars and nested lists."""
-    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
-        raise ValueError(f"{source}: need numbers (a list), got {values!r:.80}")
-    values = list(values)
-    if not all(is_real(v) for v in values):
-        raise ValueError(f"{source}: need numbers, got {values!r:.80}")
-    return [float(v) for v in values]
 
 
 def validate_thresholds(thresholds: float | Sequence[float], num_exits: int,
