@@ -54,9 +54,10 @@ def render() -> str:
     for t in topics.TOPICS:
         out.append(_row(f"`{t.name}`", f"`{t.type}`", ", ".join(t.publishers),
                         ", ".join(t.subscribers), t.qos, t.description))
-    out += ["", "### Services", "", _row("service", "type", "node"), _row("---", "---", "---")]
-    for name in (topics.RESET_SERVICE, topics.SAVE_SERVICE):
-        out.append(_row(f"`{name}`", "`std_srvs/Trigger`", topics.ADAPTER_NODE))
+    out += ["", "### Services", "", _row("service", "type", "node", "what"),
+            _row(*["---"] * 4)]
+    for name, what in topics.SERVICES.items():
+        out.append(_row(f"`{name}`", "`std_srvs/Trigger`", topics.ADAPTER_NODE, what))
     out += ["", "### Parameters", "",
             "All settable live through `/<ns>/<node>/set_parameters` (e.g. `ros2 param set`) "
             "unless read-only; invalid values are refused with a reason and change nothing.", "",

@@ -4,7 +4,7 @@ Writing: ``make_scenario_bag`` turns a class-mix scenario over the Fashion-MNIST
 split into a bag with ``/camera/image_raw`` (sensor_msgs/Image, rgb8, upscaled past the model
 input so the camera node's preprocessing runs for real) and ground truth on ``/camera/label``
 (ttspec_ros/LabelStamped, same header stamp as its image). rosbags writes format version 9 with
-metadata.yaml, which ``ros2 bag play`` reads.
+metadata.yaml, newer than Humble's format (the README says how to play it with Humble's tools).
 
 Reading: ``open_image_stream`` accepts any bag holding a sensor_msgs/Image or CompressedImage
 topic, with or without a LabelStamped label topic, and yields each frame's raw CDR bytes (a

@@ -86,6 +86,11 @@ DIAGNOSTICS = "/diagnostics"
 # Services (private: resolved under the node's name, e.g. /ttspec/adapter/reset)
 RESET_SERVICE = "~/reset"
 SAVE_SERVICE = "~/save"
+SERVICES = {  # name -> what it does (the README's table)
+    RESET_SERVICE: "puts the heads (and a test-time-trained backbone) back to the model file's, "
+                   "publishes that at once, and saves it when state_dir is set",
+    SAVE_SERVICE: "saves the state to state_dir now (fails when state_dir is '')",
+}
 
 # QoS profiles by name; ttspec_ros.nodes turns these into rclpy QoSProfiles.
 QOS_SENSOR = "sensor_data"  # best effort, keep last 5 (rclpy qos_profile_sensor_data)
@@ -110,7 +115,8 @@ TOPICS: tuple[TopicInfo, ...] = (
               "converted as cv_bridge does (QoS overridable)"),
     TopicInfo(IMAGE_RAW_COMPRESSED, "sensor_msgs/CompressedImage", ("(camera driver)",),
               (CAMERA_NODE,), QOS_SENSOR, "JPEG/PNG frames, used with transport: compressed"),
-    TopicInfo(FRAMES, "sensor_msgs/Image", (CAMERA_NODE,), (CLASSIFIER_NODE,), QOS_SENSOR,
+    TopicInfo(FRAMES, "sensor_msgs/Image", (CAMERA_NODE,),
+              (CLASSIFIER_NODE, f"{ADAPTER_NODE} (strategy ttt_online or both)"), QOS_SENSOR,
               "preprocessed model input, encoding 32FC1/32FC3 (height x width x channels), "
               "source header kept (QoS overridable: camera's publisher, classifier's reader)"),
     TopicInfo(PREDICTIONS, "ttspec_ros/CascadePrediction", (CLASSIFIER_NODE,), ("(users)",),

@@ -1,6 +1,6 @@
 """The one-command demo (`make demo`): replay a tops-heavy bag with adaptation on and off.
 
-Writes the default bag (scenario tops-heavy, DEMO_FRAMES frames, seed 0, mcap) under
+Writes the default bag (scenario tops-heavy, ``--frames`` frames, seed 0, mcap) under
 ``runs/demo/`` when it is missing, runs ``ttspec replay --lockstep --compare`` on it through the
 installed node graph, and prints a short summary (accuracy, mean latency, mean exit and cost,
 adaptation on vs off, last window vs first) and where the report and plots are.
