@@ -144,7 +144,8 @@ def test_specialize_experiment_writes_figure4(tiny_checkpoint, tmp_path) -> None
     assert mod.run(args) == 0
     result = json.loads((tmp_path / "figure4.json").read_text())
     assert list(result) == ["subset", "classes", "seed", "settings", "before", "after",
-                            "fixed_threshold", "iso_accuracy", "last_exit_unchanged"]
+                            "fixed_threshold", "per_threshold", "iso_accuracy",
+                            "last_exit_unchanged"]
     assert result["classes"] == [8] and result["seed"] == 0
     for state in ("before", "after"):
         assert set(result[state]) == {"subset", "others"}
@@ -152,6 +153,12 @@ def test_specialize_experiment_writes_figure4(tiny_checkpoint, tmp_path) -> None
     assert set(result["fixed_threshold"]) == {
         "threshold", "subset_cost_ratio", "subset_accuracy_delta", "others_cost_ratio",
         "others_accuracy_delta"}
+    per = result["per_threshold"]
+    assert [r["threshold"] for r in per] == [r["threshold"] for r in result["before"]["subset"]]
+    at_fixed = next(r for r in per if r["threshold"] == result["fixed_threshold"]["threshold"])
+    assert at_fixed == result["fixed_threshold"]
+    b, a = result["before"]["others"][0], result["after"]["others"][0]
+    assert per[0]["others_cost_ratio"] == round(a["mean_cost"] / b["mean_cost"], 6)
     assert set(result["iso_accuracy"]) == {
         "subset_cost_ratio", "control_subset_cost_ratio", "others_cost_ratio",
         "control_others_cost_ratio"}

@@ -1052,3 +1052,30 @@ def test_wait_until_up_ends_as_soon_as_a_node_dies(tmp_path):
     finally:
         probe.close()
         dead.stop(signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_tools_node_processes_end_when_the_tool_is_killed(tmp_path):
+    """bench-ros and ttt-ros start nodes with NodeProcess: killed by SIGKILL (a cancelled CI job),
+    the tool ran no clean-up, and its nodes kept running and answering the next run's frames."""
+    code = (f"import time; from pathlib import Path; from ttspec_ros.nodes.probe import "
+            f"RelayProcess; print(RelayProcess({CAM!r}, Path({str(tmp_path)!r}), "
+            f"'ttspec_orphan').start().pid, flush=True); time.sleep(600)")
+    tool = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(tool.stdout.readline())
+        assert wait_for(lambda: _running(pid), 5.0)
+        tool.kill()
+        tool.wait()
+        assert wait_for(lambda: not _running(pid), 20.0), f"node {pid} outlived its tool"
+    finally:
+        tool.kill()
+        tool.wait()

@@ -507,5 +507,39 @@ def test_real_replay_through_the_node_graph(tmp_path):
     assert all(code == 0 for code in run["node_exit_codes"].values())
 
 
+def test_a_node_dying_mid_run_ends_a_rate_mode_replay_with_its_name(tmp_path):
+    """Rate mode never looked at the nodes: after a classifier crash the rest of the bag was
+    played into nothing and the replay reported lost frames, exit status 0."""
+    import signal
+    import subprocess
+
+    pytest.importorskip("rclpy")
+    pytest.importorskip("ttspec_ros.msg")
+    try:
+        graph = replay.find_graph()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    from ttspec_ros import bags
+    from ttspec_ros.nodes import replay_driver
+
+    bag = bags.make_scenario_bag("uniform", tmp_path / "bag", frames=200, rate_hz=10.0,
+                                 seed=0, storage="sqlite3")["bag"]
+    graph = replay.GraphSpec(prefix=graph.prefix, params_file=graph.params_file,
+                             model=_tiny_model(tmp_path / "tiny"))
+    log_dir = tmp_path / "logs"
+
+    def kill_classifier(sent: int, _: str) -> None:
+        if sent == 5:  # the graph is up and answering: the classifier dies (SIGKILL)
+            pids = subprocess.run(["pgrep", "-f", f"classifier_node .*{log_dir}"],
+                                  capture_output=True, text=True).stdout.split()
+            assert len(pids) == 1, pids
+            os.kill(int(pids[0]), signal.SIGKILL)
+
+    with pytest.raises(replay_driver.GraphError, match="node classifier exited with code -9"):
+        replay_driver.play(bags.open_image_stream(bag), RunSettings(adapt=False, rate=1.0),
+                           graph, domain_id=int(os.environ.get("ROS_DOMAIN_ID", "0")),
+                           log_dir=log_dir, progress=kill_classifier)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

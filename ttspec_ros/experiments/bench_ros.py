@@ -196,14 +196,13 @@ def _transport_floor(args: argparse.Namespace, images: list[dict], log_dir: Path
     """publish -> prediction through ``nodes.relay`` processes in place of camera and
     classifier (same topics, types, QoS and executor; no decoding, preprocessing or model):
     what rclpy and DDS alone cost for the pipeline's hops, run after the pipeline stopped."""
-    from ttspec_ros.nodes.probe import Probe, RelayProcess, wait_for
+    from ttspec_ros.nodes.probe import RelayProcess, started, wait_for
     from ttspec_ros.nodes.relay import ROLES
 
     namespace = f"{args.namespace}_floor"
-    relays = {r: RelayProcess(r, log_dir, namespace, args.model).start() for r in ROLES}
-    probe = Probe(namespace, name="ttspec_bench_floor_probe")
+    relays = {r: RelayProcess(r, log_dir, namespace, args.model) for r in ROLES}
     predictions = f"/{namespace}/{topics.PREDICTIONS}"
-    try:
+    with started(relays, namespace, "ttspec_bench_floor_probe") as (probe, codes):
         if not wait_for(lambda: probe.image_pub.get_subscription_count() > 0
                         and probe.node.count_publishers(predictions) > 0, 60.0, 0.2):
             raise RuntimeError(f"relays did not come up; logs in {log_dir}")
@@ -214,9 +213,6 @@ def _transport_floor(args: argparse.Namespace, images: list[dict], log_dir: Path
             time.sleep(1.0)
         with probe.lock:
             preds = [(r.msg, r.t) for r in probe.predictions]
-    finally:
-        probe.close()
-        codes = {n: p.stop() for n, p in relays.items()}
     published = {k: t for k, (t, _) in sent.items()}
     e2e = [(t - published[key]) * 1000.0 for msg, t in preds
            if (key := (msg.header.stamp.sec, msg.header.stamp.nanosec)) in published]
@@ -330,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in topics.localhost_discovery().items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("ROS_LOG_DIR", str(log_dir / "ros"))
-    from ttspec_ros.nodes.probe import NodeProcess, Probe
+    from ttspec_ros.nodes.probe import NodeProcess, started
 
     model = {"model": args.model} if args.model else {}
     procs = {
@@ -344,10 +340,7 @@ def run(args: argparse.Namespace) -> int:
         args.hops_seconds = min(args.seconds, 10.0)
     images, _ = _images(args.size, 200, args.seed)
     load_before = os.getloadavg()
-    for p in procs.values():
-        p.start()
-    probe = Probe(args.namespace, name="ttspec_bench_probe")
-    try:
+    with started(procs, args.namespace, "ttspec_bench_probe") as (probe, codes):
         if not probe.wait_until_up(procs, 120.0):
             raise ChildProcessError(f"nodes did not come up: {probe.not_up_reason(procs)}; "
                                     f"logs in {log_dir}")
@@ -365,9 +358,6 @@ def run(args: argparse.Namespace) -> int:
             overload = _phase(probe, procs, images, overload_rate, args.seconds)
         adaptation = _adaptation(probe, procs, args) if args.adapt_seconds > 0 else None
         alive = {n: p.alive() for n, p in procs.items()}
-    finally:
-        probe.close()
-        codes = {n: p.stop() for n, p in procs.items()}
     floor = None
     if args.floor_seconds > 0:
         try:

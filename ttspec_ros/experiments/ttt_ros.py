@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,7 @@ def _adapter_params(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
 def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
                   args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     from ttspec_ros.image_codec import encode_image
-    from ttspec_ros.nodes.probe import NodeProcess, Probe
+    from ttspec_ros.nodes.probe import NodeProcess, started
 
     ns = f"{args.namespace}_{strategy}"
     model = {"model": args.model} if args.model else {}  # `-p model:=` does not parse
@@ -81,10 +80,7 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
                                                  log_dir, namespace=ns),
              topics.ADAPTER_NODE: NodeProcess(topics.ADAPTER_NODE, adapter, log_dir,
                                               namespace=ns)}
-    for p in procs.values():
-        p.start()
-    probe = Probe(namespace=ns, name=f"ttt_ros_probe_{strategy}")
-    try:
+    with started(procs, ns, f"ttt_ros_probe_{strategy}") as (probe, codes):
         if not probe.wait_until_up(procs, 120.0):
             raise ChildProcessError(f"{strategy}: nodes did not come up: "
                                     f"{probe.not_up_reason(procs)}; see logs in {log_dir}")
@@ -97,9 +93,6 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
         with probe.lock:
             preds = [r.msg for r in probe.predictions]
         cls, ada = probe.diag(topics.CLASSIFIER_NODE), probe.diag(topics.ADAPTER_NODE)
-    finally:
-        probe.close()
-        codes = {n: p.stop(signal.SIGINT) for n, p in procs.items()}
     index = np.array([int(p.header.frame_id) for p in preds], dtype=np.int64)
     correct = np.array([p.class_id for p in preds]) == labels[index]
     windows = []

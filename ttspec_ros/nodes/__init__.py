@@ -8,7 +8,9 @@ Only this package imports rclpy; everything the nodes compute lives in the ROS-f
 from __future__ import annotations
 
 import faulthandler
+import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -369,6 +371,38 @@ class SpinThread:
         self.executor.wake()
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _resolve_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None).prctl
+
+
+_PRCTL = _resolve_prctl()  # looked up here: a forked child of a threaded process must not dlopen
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """``preexec_fn`` for a node process started by a tool (replay, bench-ros, ttt-ros): the
+    child gets SIGTERM when this process dies, even by SIGKILL, so no node outlives the tool
+    (a stray classifier would answer the next run's frames too). The child only calls prctl
+    (no imports or allocation between fork and exec) and exits if the parent is already gone.
+    The signal follows the thread that forked: start such processes from the main thread."""
+    if _PRCTL is None:
+        return None
+    parent, prctl = os.getpid(), _PRCTL
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died between fork and prctl: no signal would come
+            os._exit(1)
+
+    return preexec
 
 
 def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:

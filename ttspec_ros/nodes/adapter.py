@@ -4,8 +4,9 @@ Samples are queued by the subscription callback and trained on by a worker threa
 executor never waits for an SGD step. A timer publishes the current heads at most every
 ``publish_period_s`` when they changed (reliable + transient local: a classifier that starts
 later still gets the latest). With ``state_dir`` the state is saved atomically every
-``save_period_s``, on ``~/save`` and at shutdown (after learning from a partly filled batch
-and checking the last unchecked steps: ``Specializer.flush``), and resumed (and republished)
+``save_period_s``, on ``~/save`` and at shutdown (after training on the samples still queued,
+for at most ``DRAIN_S``, on a partly filled batch, and checking the last unchecked steps:
+``Specializer.flush``), and resumed (and republished)
 at start; the last published version is recorded there too (``PublishedRecord``), so an
 adapter restarted after a crash numbers its updates above what the classifiers already hold.
 Any number of classifiers running the same model may feed one adapter. A failing step,
@@ -69,6 +70,7 @@ from ttspec_ros.specialize import (
 from ttspec_ros.ttt import STATE_FILE as TTT_STATE_FILE
 
 SAMPLE_QUEUE = 256  # samples waiting for the trainer; older ones are dropped (and counted)
+DRAIN_S = 2.0  # at most this long at shutdown for the samples still queued
 
 
 class AdapterNode(Node):
@@ -256,24 +258,27 @@ class AdapterNode(Node):
                 while not self._queue and not self._stop:
                     self._cond.wait()
                 if self._stop:
-                    return
+                    return  # what is still queued: close() trains on it
                 msg = self._queue.popleft()
-            if not self._values["enabled"]:
-                self.stats.count("samples_ignored_disabled")
-                continue
-            try:
-                if msg.model_id != self.specializer.model_id:
-                    raise ValueError(f"sample is from model {msg.model_id!r}, the adapter "
-                                     f"adapts {self.specializer.model_id!r}")
-                feats = unpack_features(msg.feature_sizes, msg.features)
-                self.specializer.add_sample(msg.exit_index, msg.class_id, msg.confidence, feats)
-            except ValueError as e:
-                self._reject("samples_rejected", "last_rejection", "rejected sample", e)
-                continue
-            except Exception as e:  # the thread must outlive any one sample
-                self._failed("training on a sample", e, "sample_errors")
-                continue
-            self.stats.count("samples_used")
+            self._use_sample(msg)
+
+    def _use_sample(self, msg: AdaptationSample) -> None:
+        if not self._values["enabled"]:
+            self.stats.count("samples_ignored_disabled")
+            return
+        try:
+            if msg.model_id != self.specializer.model_id:
+                raise ValueError(f"sample is from model {msg.model_id!r}, the adapter "
+                                 f"adapts {self.specializer.model_id!r}")
+            feats = unpack_features(msg.feature_sizes, msg.features)
+            self.specializer.add_sample(msg.exit_index, msg.class_id, msg.confidence, feats)
+        except ValueError as e:
+            self._reject("samples_rejected", "last_rejection", "rejected sample", e)
+            return
+        except Exception as e:  # the thread must outlive any one sample
+            self._failed("training on a sample", e, "sample_errors")
+            return
+        self.stats.count("samples_used")
 
     # -- frames (test-time training)
     def _on_frame(self, msg: Image) -> None:
@@ -342,20 +347,23 @@ class AdapterNode(Node):
             tensors = {**(tensors if self._specializing else {}), **backbone.tensors}
         return ModelUpdatePayload(heads.model_id, version + self._version_offset, tensors)
 
-    def _publish(self) -> None:
+    def _publish(self) -> bool:
+        """Publish the current tensors if they changed; -> whether classifiers hold them now
+        (a version read after this call may already be newer: training goes on meanwhile)."""
         try:
             payload = self._payload()
             if payload.version == self._published_version:
-                return
+                return True
             self._record_published(payload)
             msg = to_msg(payload)
             msg.header.stamp = self.get_clock().now().to_msg()
             self._update_pub.publish(msg)
         except Exception as e:  # classifiers keep the last published update
             self._failed("publishing the model update", e, "publish_errors")
-            return
+            return False
         self._published_version = payload.version
         self.stats.count("updates_published")
+        return True
 
     def _record_published(self, payload: ModelUpdatePayload) -> None:
         """Written before the update goes out: after a crash the record may be ahead of what
@@ -392,9 +400,8 @@ class AdapterNode(Node):
         if self.ttt is not None:
             self.ttt.reset()  # its version stays: the specializer's reset makes a new one
         self.specializer.reset()
-        self._publish()
         # Reset here either way; success says whether classifiers got it (see errors if not).
-        response.success = self._published_version == self._version()
+        response.success = self._publish()
         response.message = f"{'heads' if self.ttt is None else 'heads and backbone'} reset to " \
                            f"the original; " + (
                                f"published version {self._published_version}"
@@ -442,6 +449,13 @@ class AdapterNode(Node):
             self._ttt_worker.join(timeout=5.0)
         # The context may be shut down already: log without the node's /rosout publisher.
         log = rclpy.logging.get_logger(f"{self.get_logger().name}.shutdown")
+        # Samples received but not yet trained on (the trainer lagged), within a bound: a
+        # launch escalates to SIGTERM 5 s after SIGINT.
+        deadline = time.monotonic() + DRAIN_S
+        while not self._worker.is_alive() and self._queue and time.monotonic() < deadline:
+            self._use_sample(self._queue.popleft())
+        if self._queue:
+            log.warning(f"{len(self._queue)} received samples not trained on at shutdown")
         try:  # what is saved includes a partly filled batch and the steps since the last check
             self.specializer.flush()
         except Exception as e:  # the trained heads stay as they were

@@ -6,12 +6,13 @@ Used by the end-to-end tests and ``ttspec bench-ros``; not a node users run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from std_srvs.srv import Trigger
 
 from ttspec_ros import topics
 from ttspec_ros.msg import CascadePrediction, ModelUpdate
-from ttspec_ros.nodes import SpinThread, qos
+from ttspec_ros.nodes import SpinThread, die_with_parent, qos
 
 
 class NodeProcess:
@@ -61,7 +62,7 @@ class NodeProcess:
         log.write(f"--- start {self.starts}: {' '.join(self.command())}\n")
         log.flush()
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     env=os.environ.copy())
+                                     env=os.environ.copy(), preexec_fn=die_with_parent())
         log.close()
         return self
 
@@ -345,3 +346,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         if value or time.monotonic() > end:
             return value
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def started(procs: Mapping[str, NodeProcess], namespace: str, name: str
+            ) -> Iterator[tuple[Probe, dict[str, int]]]:
+    """Start ``procs`` and a Probe in ``namespace``. On the way out, also when a start or the
+    probe fails, close the probe and stop every process; the dict then holds their exit codes."""
+    codes: dict[str, int] = {}
+    probe = None
+    try:
+        for p in procs.values():
+            p.start()
+        probe = Probe(namespace, name=name)
+        yield probe, codes
+    finally:
+        try:
+            if probe is not None:
+                probe.close()
+        finally:
+            codes.update({n: p.stop() for n, p in procs.items()})

@@ -39,6 +39,7 @@ from ttspec_ros.nodes import (
     MATCHED_PREDICTIONS_READERS,
     MATCHED_SAMPLES_READERS,
     SpinThread,
+    die_with_parent,
     qos,
 )
 
@@ -46,20 +47,10 @@ STARTUP_TIMEOUT_S = 120.0  # three processes importing torch on a busy 2-core ma
 SETTLE_S = 0.5  # after matching: Humble cannot tell a best-effort reader's side (see below)
 DIAGNOSTICS_WAIT_S = 2.5  # diagnostics come about once a second
 QUIET_S = 3.0  # rate mode: no prediction for this long after the last frame = the end
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class GraphError(RuntimeError):
     """The node graph did not start or died; the message names the node and its log."""
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the replay process dies (even by SIGKILL), so
-    no node process outlives its replay."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -89,7 +80,7 @@ class NodeGraph:
                     f.flush()
                     self.procs[node] = subprocess.Popen(
                         cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                        env=env, preexec_fn=_die_with_parent)
+                        env=env, preexec_fn=die_with_parent())
         except BaseException:  # the ones already started are not left running
             self.stop()
             raise
@@ -301,6 +292,13 @@ def play(
                 msg, at = node.predictions.popleft()
                 matcher.answer(msg, at)
 
+        def check_running() -> None:
+            # A node or our spin thread that died mid-run would otherwise turn the rest of the
+            # bag into lost frames of a report that reads like a slow graph.
+            procs.check_alive()
+            if not spinner.is_alive():
+                raise GraphError(f"the replay's spin thread stopped: {spinner.error!r}")
+
         for frame in stream.frames(limit=total):
             outcomes.append(replay.Outcome(index=frame.index, stamp_ns=frame.stamp_ns,
                                            label=stream.labels.get(frame.stamp_ns)))
@@ -310,6 +308,7 @@ def play(
                 delay = due - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
+            check_running()
             sent = time.perf_counter()
             with node.cond:
                 matcher.sent(frame.index, sent)
@@ -345,6 +344,7 @@ def play(
                 if node.predictions:
                     last_answer = time.perf_counter()
                 drain()
+                check_running()
         wall = time.perf_counter() - started
         node.wait_fresh_diagnostics(list(topics.EXECUTABLES), time.monotonic(),
                                     DIAGNOSTICS_WAIT_S)
