@@ -8,6 +8,9 @@ transient local) are validated and applied by ``Cascade.apply_update`` between t
 ``model`` can change live: the new cascade gets the latest update received for its model id
 (a switch back to an adapted model keeps its adaptation, although the adapter's latched update
 arrived only once), and thresholds still at the old card's defaults become the new card's.
+The new model loads in the parameter callback, so that a model that fails to load is refused
+with its reason: the executor waits meanwhile (demo model ~0.1 s; an ONNX export or a TensorRT
+engine build much longer), and so do frames, updates and diagnostics.
 """
 
 from __future__ import annotations
