@@ -153,7 +153,9 @@ def test_the_deployment_pool_is_the_model_cards_split_size_included():
 
     card = SimpleNamespace(model_id="m", training={"splits": data.splits_card(3, 1000)})
     assert split_of(card) == (3, 1000)
-    assert split_of(card, seed=5) == (5, 1000)  # --split-seed replaces the seed only
+    assert split_of(card, seed=3) == (3, 1000)
+    with pytest.raises(ValueError, match="trained with split seed 3.*training images"):
+        split_of(card, seed=5)  # another seed's pool holds training images
     bare = SimpleNamespace(model_id="m", training={})
     assert split_of(bare, seed=2) == (2, data.DEFAULT_POOL_SIZE)
     with pytest.raises(ValueError, match="records no training.splits.seed.*pass --split-seed"):

@@ -446,6 +446,11 @@ def test_run_cache_fingerprint_covers_corruptions_and_preprocessing(monkeypatch)
     ladder = {**corruptions.SEVERITY_PARAMS, "contrast": [0.5, 0.4, 0.3, 0.2, 0.1]}
     monkeypatch.setattr(corruptions, "SEVERITY_PARAMS", ladder)
     assert te._task_fingerprint(task, opts, weights, spec) != base
+    monkeypatch.undo()
+    assert te._task_fingerprint(task, opts, weights, spec) == base
+    # and the code: a run cached by an older ttt.py is redone
+    monkeypatch.setattr(te, "RUN_CODE", (*te.RUN_CODE, "cascade.py"))
+    assert te._task_fingerprint(task, opts, weights, spec) != base
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -36,23 +36,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first N images of the deployment pool (0 = all)")
     parser.add_argument("--seed", type=seed_option, default=0, help="corruption seed")
     parser.add_argument("--split-seed", type=seed_option, default=None,
-                        help="seed of data.splits (default: the demo model card's, else "
-                             f"{DEFAULT_SPLIT_SEED}; the pool size is the card's)")
+                        help="seed of data.splits, for models whose card records none (default: "
+                             f"the card's, else {DEFAULT_SPLIT_SEED}; the pool size is the "
+                             "card's)")
     parser.add_argument("--corruptions", nargs="+", default=list(corruptions.CORRUPTIONS),
                         choices=list(corruptions.CORRUPTIONS))
 
 
 def split_of(card, seed: int | None = None) -> tuple[int, int]:
-    """(seed, pool size) of the deployment pool a model card records (``data.recorded_split``);
-    ``seed`` (``--split-seed``) replaces the recorded seed, not the size: a pool of another size
-    would hold images the model was trained on."""
+    """(seed, pool size) of the deployment pool a model card records (``data.recorded_split``).
+    ``seed`` (``--split-seed``) is for cards that record none: another seed or size than the
+    card's draws a pool of images the model was trained on (seed 1 against a seed-0 model:
+    5,409 of 6,000)."""
     try:
         recorded_seed, size = data.recorded_split(card.training)
     except ValueError as e:
         if seed is None:
             raise ValueError(f"model card {card.model_id!r}: {e}; pass --split-seed") from None
         return seed, data.DEFAULT_POOL_SIZE
-    return (recorded_seed if seed is None else seed), size
+    if seed is not None and seed != recorded_seed:
+        raise ValueError(f"--split-seed {seed}: model {card.model_id!r} was trained with split "
+                         f"seed {recorded_seed}, and another seed's deployment pool holds its "
+                         "training images")
+    return recorded_seed, size
 
 
 def default_split(seed: int | None = None) -> tuple[int, int]:

@@ -318,14 +318,27 @@ DATA_OPTIONS = ("seed", "corruption_seed", "split_seed", "pool_size", "severity"
                 "episodic_images", "clean_images", "stream", "eval_every", "threshold")
 
 
+# The code a run's result comes from (package-relative): a cached run of older code is redone.
+RUN_CODE = ("ttt.py", "masking.py", "corruptions.py", "preprocess.py", "models/revcol.py",
+            "experiments/ttt_experiment.py")
+
+
+def _code_hash() -> str:
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in RUN_CODE:
+        h.update(rel.encode() + b"\0" + (package / rel).read_bytes())
+    return h.hexdigest()
+
+
 def _task_fingerprint(task: Task, opts: Options, model_state: dict,
                       input_spec: dict | None = None) -> str:
     """Everything a run's result depends on: the task (with its TTT config), the options that
     decide its data and evaluation, the corruption parameters, the preprocessing (the card's
-    input spec) and the weights."""
+    input spec), the weights and the code that runs it (``RUN_CODE``)."""
     fields = {k: v for k, v in opts.to_dict().items() if k in DATA_OPTIONS}
     blob = json.dumps({"task": asdict(task), "options": fields, "input": input_spec,
-                       "corruptions": corruptions.parameter_mapping()},
+                       "corruptions": corruptions.parameter_mapping(), "code": _code_hash()},
                       sort_keys=True).encode()
     h = hashlib.sha256(blob)
     for name in sorted(model_state):
@@ -667,7 +680,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed_option, default=d.seed)
     parser.add_argument("--corruption-seed", type=seed_option, default=d.corruption_seed)
     parser.add_argument("--split-seed", type=seed_option, default=None,
-                        help="data.splits seed (default: the model card's)")
+                        help="data.splits seed, for models whose card records none (default: "
+                             "the model card's)")
     parser.add_argument("--severity", type=int, default=d.severity, choices=corruptions.SEVERITIES)
     parser.add_argument("--threshold", type=float, default=d.threshold)
     parser.add_argument("--batches", type=int, nargs="+", default=list(d.batches))
