@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +197,8 @@ def test_a_rate_that_would_give_frames_one_stamp_is_refused(tmp_path, rate):
     assert not (tmp_path / "bag").exists()
 
 
-def _foreign_bag(path: Path, storage: str, compressed: bool, topic: str) -> None:
+def _foreign_bag(path: Path, storage: str, compressed: bool, topic: str,
+                 one_stamp: bool = False, labels: Sequence[int] = ()) -> None:
     """A bag written by 'someone else': other topic name, no labels, maybe CompressedImage."""
     import cv2
     from rosbags.rosbag2 import StoragePlugin, Writer
@@ -210,8 +212,17 @@ def _foreign_bag(path: Path, storage: str, compressed: bool, topic: str) -> None
         msgtype = bags.COMPRESSED_TYPE if compressed else bags.IMAGE_TYPE
         conn = writer.add_connection(topic, msgtype, typestore=store)
         other = writer.add_connection("/tf_like", "std_msgs/msg/String", typestore=store)
+        if labels:
+            label_conn = writer.add_connection(bags.DEFAULT_LABEL_TOPIC, bags.LABEL_TYPE,
+                                               typestore=store)
+        for j, sec in enumerate(labels):
+            label = store.types[bags.LABEL_TYPE](
+                header=Header(stamp=Time(sec=sec, nanosec=0), frame_id="cam"), class_id=j,
+                class_name=str(j))
+            writer.write(label_conn, sec * 10**9, store.serialize_cdr(label, bags.LABEL_TYPE))
         for i in range(4):
-            header = Header(stamp=Time(sec=100 + i, nanosec=0), frame_id="cam")
+            header = Header(stamp=Time(sec=100 + (0 if one_stamp else i), nanosec=0),
+                            frame_id="cam")
             if compressed:
                 ok, png = cv2.imencode(".png", images[i])
                 msg = store.types[msgtype](header=header, format="png", data=png.reshape(-1))
@@ -236,6 +247,20 @@ def test_foreign_bag_without_labels(tmp_path, storage, compressed):
     assert frames[0].time_ns == 100 * 10**9 + 5
     images, _ = load_fashion_mnist("test")
     assert np.array_equal(bags.decode_image(frames[1].raw, stream.image_type), images[1])
+
+
+def test_frames_or_labels_sharing_a_stamp_are_refused(tmp_path):
+    # A driver that leaves header.stamp at 0: the last label labelled every frame, and after one
+    # lost frame every prediction was matched to the frame before its own.
+    _foreign_bag(tmp_path / "one_stamp", "sqlite3", False, "/front/image", one_stamp=True)
+    stream = bags.open_image_stream(tmp_path / "one_stamp")
+    with pytest.raises(bags.BagError, match=r"frames 0 and 1 of /front/image have the same "
+                                            r"header stamp \(100000000000 ns\)"):
+        list(stream.frames())
+    _foreign_bag(tmp_path / "labels", "sqlite3", False, "/camera/image_raw", labels=[100, 100])
+    with pytest.raises(bags.BagError, match="two labels on /camera/label have header stamp"):
+        bags.open_image_stream(tmp_path / "labels")
+    assert bags.open_image_stream(tmp_path / "labels", use_labels=False).labels == {}
 
 
 def test_bad_bags_give_clear_errors(tmp_path, shift_bags):

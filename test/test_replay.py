@@ -134,6 +134,19 @@ def test_unlabelled_bag_report_has_no_accuracy(tmp_path):
     assert "accuracy.png" not in {p.name for p in plots}
 
 
+def test_labels_that_match_no_frame_are_named_in_the_report():
+    # stamped 1 ns off the images: "labels: 6" and an accuracy of '-', without a word why
+    run = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
+    report = replay.build_report({"path": "b", "labels": 6}, [run], exit_cost=EXIT_COST,
+                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    assert "no answered frame matched a label" in replay.markdown(report, [])
+    matched = replay.build_report({"path": "b", "labels": 3}, [_run(True, [0, 1, 2], [1, 2, 3],
+                                                                     [1, 2, 3])],
+                                  exit_cost=EXIT_COST, num_exits=4,
+                                  class_names=replay.CLASS_NAMES, model={})
+    assert "matched a label" not in replay.markdown(matched, [])
+
+
 def test_shift_analysis():
     # 8 frames, switch at 4: footwear before, tops after; tops cost falls 1.0 -> 0.25
     labels = [5, 7, 9, 5, 0, 2, 4, 6]

@@ -431,7 +431,12 @@ def _read_labels(reader, path: Path, topic: str) -> dict[int, int]:
     try:
         for _, _, raw in reader.messages(connections=conns):
             msg = store.deserialize_cdr(raw, LABEL_TYPE)
-            labels[_stamp_ns(msg.header)] = int(msg.class_id)
+            stamp = _stamp_ns(msg.header)
+            if stamp in labels:  # the last one would label every frame of that stamp
+                raise BagError(f"bag {path}: two labels on {topic} have header stamp {stamp} "
+                               "ns; labels are matched to frames by stamp (replay with "
+                               "--no-labels to ignore them)")
+            labels[stamp] = int(msg.class_id)
     except BagError:
         raise
     except Exception as err:  # rosbags/mcap raise many kinds on damaged data
@@ -445,6 +450,7 @@ def _read_frames(stream: ImageStream, limit: int | None) -> Iterator[Frame]:
     try:
         conns = [c for c in reader.connections if c.topic == stream.image_topic]
         index = 0
+        first_of: dict[int, int] = {}  # header stamp -> index of the frame that has it
         messages = reader.messages(connections=conns)
         while limit is None or index < limit:
             try:
@@ -457,7 +463,15 @@ def _read_frames(stream: ImageStream, limit: int | None) -> Iterator[Frame]:
                 raise _corrupt(stream.path, err) from err
             kind = msg.format if stream.compressed else msg.encoding
             stream.encodings[kind] = stream.encodings.get(kind, 0) + 1
-            yield Frame(index, _stamp_ns(msg.header), int(time_ns), bytes(raw))
+            stamp = _stamp_ns(msg.header)
+            if stamp in first_of:  # its prediction and label could not be told apart
+                raise BagError(
+                    f"bag {stream.path}: frames {first_of[stamp]} and {index} of "
+                    f"{stream.image_topic} have the same header stamp ({stamp} ns); predictions "
+                    "and labels are matched to frames by stamp, so each frame needs its own "
+                    "(a camera driver that leaves header.stamp unset records 0 for all)")
+            first_of[stamp] = index
+            yield Frame(index, stamp, int(time_ns), bytes(raw))
             index += 1
     finally:
         reader.close()

@@ -599,8 +599,8 @@ def _pct(x: float | None) -> str:
 
 def summary_table(report: dict) -> str:
     """Markdown table, one row per run: the demo's printed summary."""
-    rows = ["| run | accuracy | mean latency ms | mean exit | mean cost | first window cost "
-            "| last window cost | lost | model version |",
+    rows = ["| run | accuracy (answered) | mean latency ms | mean exit | mean cost "
+            "| first window cost | last window cost | lost | model version |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         first, last = r["windows"][0], r["windows"][-1]
@@ -618,7 +618,12 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
         f"# Replay of `{report['bag']}`",
         "",
         f"- image topic `{bag.get('image_topic')}` ({bag.get('image_type')}), "
-        f"{report['frames']} frames, labels: {bag.get('labels') or 'none'}",
+        f"{report['frames']} frames, labels in the bag: {bag.get('labels') or 'none'}",
+    ]
+    if bag.get("labels") and not any(r.get("labelled") for r in report["runs"]):
+        lines.append("- **no answered frame matched a label**: labels are matched to frames by "
+                     "exact header stamp, so the label topic's stamps differ from the images'")
+    lines += [
         f"- model `{model.get('model_id')}`, exit_cost {model.get('exit_cost')}",
         f"- scenario: {bag.get('custom_data', {}).get('ttspec.scenario', 'unknown')}; window "
         f"{report['window']} frames; tail = last {report['tail']} frames",

@@ -70,8 +70,8 @@ def summary(report: dict) -> str:
                      f"{replay.signed_points(c['tail_accuracy_delta_points'])}; whole run: "
                      f"accuracy {replay.signed_points(c['accuracy_delta_points'])}")
     lost = sum(r["lost"] for r in report["runs"])
-    lines.append(f"frames per run {report['frames']}, lost {lost}, final model version "
-                 f"{on['final_model_version'] if on else '-'}")
+    lines.append(f"frames per run {report['frames']}, lost {lost} (accuracies are over answered "
+                 f"frames), final model version {on['final_model_version'] if on else '-'}")
     return "\n".join(lines)
 
 
