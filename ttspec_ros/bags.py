@@ -332,7 +332,8 @@ def _open_reader(path: Path):
     if path.is_dir() and not (path / "metadata.yaml").is_file():
         raise BagError(
             f"{path} is not a rosbag2 directory: it has no metadata.yaml (if the recording was "
-            "interrupted, pass its .db3 or .mcap file itself)"
+            "interrupted, pass its .db3 file itself; an interrupted .mcap lacks its summary "
+            "and needs `mcap recover` (the mcap CLI) first)"
         )
     try:
         reader = Reader(path)
