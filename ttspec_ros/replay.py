@@ -107,7 +107,7 @@ class RunSettings:
 class RunResult:
     settings: RunSettings
     outcomes: list[Outcome]
-    wall_s: float = 0.0  # first frame published -> last answer (or timeout)
+    wall_s: float = 0.0  # first frame published -> last frame published or answer received
     startup_s: float = 0.0  # processes started -> graph ready
     thresholds: list[float] | None = None  # what the classifier actually used
     unmatched_predictions: int = 0  # predictions whose stamp matched no outstanding frame

@@ -286,11 +286,16 @@ def play(
         started = time.perf_counter()
         first_time_ns: int | None = None
 
+        # Last frame sent or answer received: the end of the run's wall time (waits for answers
+        # that never come do not count; with a lost frame they added QUIET_S or a timeout).
+        last_event = [started]
+
         def drain() -> None:
             # caller holds node.cond
             while node.predictions:
                 msg, at = node.predictions.popleft()
                 matcher.answer(msg, at)
+                last_event[0] = max(last_event[0], at)
 
         def check_running() -> None:
             # A node or our spin thread that died mid-run would otherwise turn the rest of the
@@ -310,6 +315,7 @@ def play(
                     time.sleep(delay)
             check_running()
             sent = time.perf_counter()
+            last_event[0] = max(last_event[0], sent)
             with node.cond:
                 matcher.sent(frame.index, sent)
             node.image_pub.publish(frame.raw)
@@ -345,7 +351,7 @@ def play(
                     last_answer = time.perf_counter()
                 drain()
                 check_running()
-        wall = time.perf_counter() - started
+        wall = last_event[0] - started
         node.wait_fresh_diagnostics(list(topics.EXECUTABLES), time.monotonic(),
                                     DIAGNOSTICS_WAIT_S)
         after = node.counters()
