@@ -80,6 +80,7 @@ def test_report_keys_comparison_and_files(tmp_path):
         for w in run["windows"]:
             assert {"start", "end", "accuracy", "mean_exit", "mean_cost"} <= set(w)
     (c,) = report["comparison"]
+    assert (c["answered_adapt"], c["answered_no_adapt"]) == (6, 6)
     assert c["tail_mean_cost_adapt"] == 0.25 and c["tail_mean_cost_no_adapt"] == pytest.approx(
         (1.0 + 0.75 + 1.0) / 3, abs=1e-4)
     assert c["tail_cost_ratio"] == pytest.approx(0.25 / ((2.75) / 3), abs=1e-3)

@@ -483,6 +483,8 @@ def comparison(runs: Sequence[dict]) -> list[dict]:
             continue
         entry = {
             "threshold": on["threshold"],
+            # accuracies and costs are over each run's answered frames: equal counts, same frames
+            "answered_adapt": on["predictions"], "answered_no_adapt": off["predictions"],
             "tail_frames": on["tail"]["frames"],
             "tail_mean_cost_adapt": on["tail"]["mean_cost"],
             "tail_mean_cost_no_adapt": off["tail"]["mean_cost"],
