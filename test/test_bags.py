@@ -198,7 +198,8 @@ def test_a_rate_that_would_give_frames_one_stamp_is_refused(tmp_path, rate):
 
 
 def _foreign_bag(path: Path, storage: str, compressed: bool, topic: str,
-                 one_stamp: bool = False, labels: Sequence[int] = ()) -> None:
+                 one_stamp: bool = False, labels: Sequence[int] = (),
+                 label_topic: str = bags.DEFAULT_LABEL_TOPIC) -> None:
     """A bag written by 'someone else': other topic name, no labels, maybe CompressedImage."""
     import cv2
     from rosbags.rosbag2 import StoragePlugin, Writer
@@ -213,8 +214,7 @@ def _foreign_bag(path: Path, storage: str, compressed: bool, topic: str,
         conn = writer.add_connection(topic, msgtype, typestore=store)
         other = writer.add_connection("/tf_like", "std_msgs/msg/String", typestore=store)
         if labels:
-            label_conn = writer.add_connection(bags.DEFAULT_LABEL_TOPIC, bags.LABEL_TYPE,
-                                               typestore=store)
+            label_conn = writer.add_connection(label_topic, bags.LABEL_TYPE, typestore=store)
         for j, sec in enumerate(labels):
             label = store.types[bags.LABEL_TYPE](
                 header=Header(stamp=Time(sec=sec, nanosec=0), frame_id="cam"), class_id=j,
@@ -261,6 +261,15 @@ def test_frames_or_labels_sharing_a_stamp_are_refused(tmp_path):
     with pytest.raises(bags.BagError, match="two labels on /camera/label have header stamp"):
         bags.open_image_stream(tmp_path / "labels")
     assert bags.open_image_stream(tmp_path / "labels", use_labels=False).labels == {}
+
+
+def test_the_only_label_topic_is_found_like_the_only_image_topic(tmp_path):
+    # /front/label beside /front/image was ignored: 0 labels and no word why
+    _foreign_bag(tmp_path / "front", "mcap", False, "/front/image", labels=[100, 101],
+                 label_topic="/front/label")
+    stream = bags.open_image_stream(tmp_path / "front")
+    assert stream.label_topic == "/front/label" and stream.labels == {100 * 10**9: 0,
+                                                                      101 * 10**9: 1}
 
 
 def test_bad_bags_give_clear_errors(tmp_path, shift_bags):

@@ -383,8 +383,8 @@ def open_image_stream(
     """Inspect a bag, choose the image topic and read the labels (if any).
 
     ``image_topic`` None: ``/camera/image_raw`` if present, else the bag's only image topic.
-    ``label_topic`` None: ``/camera/label`` if present, else no labels; a named label topic must
-    exist and be ttspec_ros/msg/LabelStamped.
+    ``label_topic`` None: ``/camera/label`` if present, else the bag's only LabelStamped topic,
+    else no labels; a named label topic must exist and be ttspec_ros/msg/LabelStamped.
     """
     path = Path(path)
     reader = _open_reader(path)
@@ -398,8 +398,15 @@ def open_image_stream(
             topics[conn.topic] = conn.msgtype
         chosen = _pick_topic(path, topics, image_topic)
         count = sum(c.msgcount for c in connections if c.topic == chosen)
-        if label_topic is None and use_labels and DEFAULT_LABEL_TOPIC in topics:
-            label_topic = DEFAULT_LABEL_TOPIC
+        if label_topic is None and use_labels:
+            found = sorted(t for t, kind in topics.items() if kind == LABEL_TYPE)
+            if DEFAULT_LABEL_TOPIC in found:
+                label_topic = DEFAULT_LABEL_TOPIC
+            elif len(found) == 1:  # e.g. /front/label beside /front/image
+                label_topic = found[0]
+            elif found:
+                raise BagError(f"bag {path} has {len(found)} label topics ({', '.join(found)}); "
+                               "choose one with --label-topic (or --no-labels)")
         if not use_labels:
             label_topic = None
         if label_topic is not None:

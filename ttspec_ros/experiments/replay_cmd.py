@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Image/CompressedImage topic (default: /camera/image_raw, else the "
                              "bag's only image topic)")
     parser.add_argument("--label-topic", default=None,
-                        help="LabelStamped topic (default: /camera/label when present)")
+                        help="LabelStamped topic (default: /camera/label, else the bag's only "
+                             "LabelStamped topic)")
     parser.add_argument("--no-labels", action="store_true", help="ignore labels in the bag")
     parser.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
                         help="run the adapter (test-time specialization); default on")
