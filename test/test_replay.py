@@ -521,6 +521,48 @@ def test_real_replay_through_the_node_graph(tmp_path):
     assert all(code == 0 for code in run["node_exit_codes"].values())
 
 
+def test_repeated_run_settings_are_refused_before_anything_runs(tmp_path):
+    # --sweep-thresholds 0.5,0.50: two runs of one name shared a log directory and report entry
+    twice = [RunSettings(adapt=True, threshold=0.5, rate=None)] * 2
+    with pytest.raises(ValueError, match="repeat a setting"):
+        replay.replay_bag(tmp_path / "no-bag", tmp_path / "out", twice)
+
+
+def test_a_failed_run_leaves_a_report_of_the_finished_ones(tmp_path, monkeypatch):
+    """A sweep or --compare whose second run failed lost the first one's figures, and an old
+    report.md in --out stayed beside the new logs."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("ttspec_ros.msg")
+    try:
+        graph = replay.find_graph()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    from ttspec_ros import bags
+    from ttspec_ros.nodes import replay_driver
+
+    bag = bags.make_scenario_bag("uniform", tmp_path / "bag", frames=6, seed=0,
+                                 storage="sqlite3")["bag"]
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.md").write_text("a report of another replay")
+
+    def play(stream, settings, graph, **kwargs):
+        if not settings.adapt:
+            raise replay_driver.GraphError("node classifier exited with code -9")
+        result = _run(True, [0] * 6, [None] * 6, [1] * 6)
+        result.settings = settings
+        return result
+
+    monkeypatch.setattr(replay_driver, "play", play)
+    runs = [RunSettings(adapt=True, rate=None), RunSettings(adapt=False, rate=None)]
+    with pytest.raises(replay_driver.GraphError):
+        replay.replay_bag(bag, out, runs, graph=graph, domain_id=0, stream_out=io.StringIO())
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["runs"]] == [runs[0].name]
+    assert "run no-adapt failed (GraphError: node classifier exited" in report["incomplete"]
+    assert (out / "report.md").read_text().count("**Incomplete:**") == 1
+
+
 def test_a_node_dying_mid_run_ends_a_rate_mode_replay_with_its_name(tmp_path):
     """Rate mode never looked at the nodes: after a classifier crash the rest of the bag was
     played into nothing and the replay reported lost frames, exit status 0."""

@@ -619,6 +619,7 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
     lines = [
         f"# Replay of `{report['bag']}`",
         "",
+        *([f"**Incomplete:** {report['incomplete']}", ""] if report.get("incomplete") else []),
         f"- image topic `{bag.get('image_topic')}` ({bag.get('image_type')}), "
         f"{report['frames']} frames, labels in the bag: {bag.get('labels') or 'none'}",
     ]
@@ -786,6 +787,9 @@ def replay_bag(
                          f"from it), got {domain_id}")
     if not runs:
         raise ValueError("no run settings given; nothing to replay")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):  # they would share a log directory and a report entry
+        raise ValueError(f"runs {names} repeat a setting (e.g. a threshold given twice)")
     stream = bags.open_image_stream(bag, image_topic, label_topic, use_labels=use_labels)
     graph = graph or find_graph(model=model, params_file=params_file, params=params)
     model_info = model_summary(read_model_card(graph.model))
@@ -797,26 +801,48 @@ def replay_bag(
     domain_id = pick_domain_id() if domain_id is None else domain_id
     out_dir = Path(out_dir).resolve()  # node processes get absolute paths
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("report.json", "report.md"):  # a failed first run must not leave the last one's
+        (out_dir / stale).unlink(missing_ok=True)
     total = min(stream.image_count, max_frames) if max_frames else stream.image_count
-    results = []
+    model = model_info
+
+    def report_of(results: list[RunResult]) -> dict:
+        bag_info = {**stream.describe(), "encodings": dict(stream.encodings)}
+        return build_report(
+            bag_info, results, exit_cost=model.get("exit_cost"), num_exits=model["num_exits"],
+            class_names=model["class_names"], model=model, window=window, tail=tail,
+            settings={"runs": [asdict(r) for r in runs], "domain_id": domain_id,
+                      "params_file": str(graph.params_file), "max_frames": max_frames,
+                      "params": [f"{n}.{k}={v}" for n, k, v in graph.params],
+                      "model": graph.model or "(bundled demo model)"},
+        )
+
+    results: list[RunResult] = []
     with _sigterm_as_exit():  # so the driver's clean-up stops the node processes
         for k, settings in enumerate(runs, 1):
             bar = Progress(total, f"[{k}/{len(runs)}] {settings.name}", stream=stream_out)
-            result = replay_driver.play(
-                stream, settings, graph, domain_id=domain_id, max_frames=max_frames,
-                log_dir=out_dir / "logs" / settings.name, progress=bar.update)
+            try:
+                result = replay_driver.play(
+                    stream, settings, graph, domain_id=domain_id, max_frames=max_frames,
+                    log_dir=out_dir / "logs" / settings.name, progress=bar.update)
+            except BaseException as err:  # the runs already finished are still reported
+                if results:
+                    _write_partial(out_dir, report_of(results), results, model, settings, err)
+                raise
             lost = sum(not o.answered for o in result.outcomes)
             bar.finish(len(result.outcomes), f"{lost} lost")
             results.append(result)
-    model = model_info
-    bag_info = {**stream.describe(), "encodings": dict(stream.encodings)}
-    report = build_report(
-        bag_info, results, exit_cost=model.get("exit_cost"), num_exits=model["num_exits"],
-        class_names=model["class_names"], model=model, window=window, tail=tail,
-        settings={"runs": [asdict(r) for r in runs], "domain_id": domain_id,
-                  "params_file": str(graph.params_file), "max_frames": max_frames,
-                  "params": [f"{n}.{k}={v}" for n, k, v in graph.params],
-                  "model": graph.model or "(bundled demo model)"},
-    )
+    report = report_of(results)
     plots = write_report(out_dir, report, results, model.get("exit_cost"))
     return report, plots
+
+
+def _write_partial(out_dir: Path, report: dict, results: list[RunResult], model: dict,
+                   failed: RunSettings, err: BaseException) -> None:
+    report["incomplete"] = (f"run {failed.name} failed ({type(err).__name__}: {err}); this "
+                            f"report holds the {len(results)} run(s) finished before it")
+    try:
+        write_report(out_dir, report, results, model.get("exit_cost"))
+    except Exception as write_err:  # the run's own error is what the caller must see
+        print(f"ttspec replay: the partial report could not be written: {write_err}",
+              file=sys.stderr)
