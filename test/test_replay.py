@@ -521,6 +521,16 @@ def test_real_replay_through_the_node_graph(tmp_path):
     assert all(code == 0 for code in run["node_exit_codes"].values())
 
 
+def _installed_graph() -> replay.GraphSpec:
+    """The installed node graph, or a skip naming what is missing."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("ttspec_ros.msg")
+    try:
+        return replay.find_graph()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
 def test_repeated_run_settings_are_refused_before_anything_runs(tmp_path):
     # --sweep-thresholds 0.5,0.50: two runs of one name shared a log directory and report entry
     twice = [RunSettings(adapt=True, threshold=0.5, rate=None)] * 2
@@ -531,12 +541,7 @@ def test_repeated_run_settings_are_refused_before_anything_runs(tmp_path):
 def test_a_failed_run_leaves_a_report_of_the_finished_ones(tmp_path, monkeypatch):
     """A sweep or --compare whose second run failed lost the first one's figures, and an old
     report.md in --out stayed beside the new logs."""
-    pytest.importorskip("rclpy")
-    pytest.importorskip("ttspec_ros.msg")
-    try:
-        graph = replay.find_graph()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+    graph = _installed_graph()
     from ttspec_ros import bags
     from ttspec_ros.nodes import replay_driver
 
@@ -569,12 +574,7 @@ def test_a_node_dying_mid_run_ends_a_rate_mode_replay_with_its_name(tmp_path):
     import signal
     import subprocess
 
-    pytest.importorskip("rclpy")
-    pytest.importorskip("ttspec_ros.msg")
-    try:
-        graph = replay.find_graph()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+    graph = _installed_graph()
     from ttspec_ros import bags
     from ttspec_ros.nodes import replay_driver
 
