@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ttspec_ros.checks import is_integer
 from ttspec_ros.files import atomic_write_bytes, write_json
 
 _MAX_UINT64 = 2**64 - 1
@@ -43,9 +44,7 @@ class ModelUpdatePayload:
         if not isinstance(self.model_id, str):
             raise TypeError(f"model_id must be a str, got {type(self.model_id).__name__}")
         # A bool is an int to Python: True would pass as version 1.
-        if isinstance(self.version, (bool, np.bool_)) \
-                or not isinstance(self.version, (int, np.integer)) \
-                or not 0 <= self.version <= _MAX_UINT64:
+        if not is_integer(self.version) or not 0 <= self.version <= _MAX_UINT64:
             raise ValueError(f"version must be an integer in 0..2**64-1, got {self.version!r}")
         checked = {}
         for name, value in self.tensors.items():
@@ -193,8 +192,7 @@ class PublishedRecord:
             record = cls(d["model_id"], d["version"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a published-version record ({e})") from e
-        if not isinstance(record.model_id, str) or isinstance(record.version, bool) \
-                or not isinstance(record.version, int) \
+        if not isinstance(record.model_id, str) or not is_integer(record.version) \
                 or not 0 <= record.version <= MAX_SAVED_VERSION:
             raise ValueError(f"{path}: model_id must be a string and version an integer in "
                              f"0..2**62, got {d}")
