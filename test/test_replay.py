@@ -125,6 +125,51 @@ def test_threshold_sweep_report_plots_the_curve(tmp_path):
     assert (tmp_path / "threshold_curve.png") in plots
 
 
+def _drawn_lines(monkeypatch) -> dict[str, list]:
+    """Capture, per saved plot file name, the (x, y) data of every line on its axes."""
+    from ttspec_ros import replay_plots
+
+    drawn: dict[str, list] = {}
+    save = replay_plots._save
+
+    def capture(fig, path):
+        drawn[Path(path).name] = [[(list(line.get_xdata()), list(line.get_ydata()))
+                                   for line in ax.lines] for ax in fig.axes]
+        return save(fig, path)
+
+    monkeypatch.setattr(replay_plots, "_save", capture)
+    return drawn
+
+
+def test_unlabelled_threshold_sweep_plots_cost_against_threshold(tmp_path, monkeypatch):
+    # no labels, so no accuracy: the curve is mean latency and mean cost per threshold
+    drawn = _drawn_lines(monkeypatch)
+    runs = [_run(True, [0, 0, 1, 1], [None] * 4, [0, 2, 1, 1], threshold=0.5),
+            _run(True, [1, 2, 2, 3], [None] * 4, [0, 2, 4, 1], threshold=0.9)]
+    report = replay.build_report({"path": "b", "labels": 0}, runs, exit_cost=EXIT_COST,
+                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    replay.write_report(tmp_path, report, runs, EXIT_COST)
+    latency, cost = drawn["threshold_curve.png"]
+    assert latency == [([0.5, 0.9], [1.5, 3.0])]
+    assert cost == [([0.5, 0.9], [0.375, 0.75])]
+
+
+def test_group_cost_plot_left_out_when_no_label_matches(tmp_path, monkeypatch):
+    drawn = _drawn_lines(monkeypatch)
+    labelled = _run(True, [0, 1, 2], [5, 0, 0], [5, 0, 0])
+    report = replay.build_report({"path": "b", "labels": 3}, [labelled], exit_cost=EXIT_COST,
+                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    replay.write_report(tmp_path, report, [labelled], EXIT_COST)
+    assert len(drawn["group_cost.png"][0]) == 2  # footwear and tops
+    drawn.clear()
+    unmatched = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
+    report = replay.build_report({"path": "b", "labels": 6}, [unmatched], exit_cost=EXIT_COST,
+                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    (tmp_path / "group_cost.png").unlink()
+    plots = replay.write_report(tmp_path, report, [unmatched], EXIT_COST)
+    assert "group_cost.png" not in drawn and "group_cost.png" not in {p.name for p in plots}
+
+
 def test_unlabelled_bag_report_has_no_accuracy(tmp_path):
     run = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
     report = replay.build_report({"path": "b", "labels": 0}, [run], exit_cost=EXIT_COST,

@@ -2,10 +2,12 @@
 
 - ``accuracy.png``: rolling accuracy over the stream
 - ``exit_cost.png``: rolling mean exit and rolling mean cost over the stream
-- ``group_cost.png``: rolling mean cost per class group (labelled Fashion-MNIST bags)
+- ``group_cost.png``: rolling mean cost per class group (labelled Fashion-MNIST bags; left out
+  when no label matches a frame)
 - ``exit_histogram.png``: answers per exit
 - ``latency.png``: distribution of model latency and of end-to-end latency
 - ``threshold_curve.png``: accuracy vs mean latency / mean cost, one point per threshold
+  (without labels: mean latency and mean cost vs threshold)
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def stream_plots(out_dir: Path, results: Sequence, exit_cost: Sequence[float] | 
     if groups and exit_cost:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         styles = ["-", "--", ":", "-."]
+        drawn = False
         for k, r in enumerate(results):
             for g, (name, classes) in enumerate(groups.items()):
                 rows = [o for o in answered(r) if o.label in classes]
@@ -112,11 +115,13 @@ def stream_plots(out_dir: Path, results: Sequence, exit_cost: Sequence[float] | 
                 x, y = rolling_mean([o.index for o in rows], costs, roll)
                 ax.plot(x, y, linestyle=styles[k % len(styles)], color=f"C{g}",
                         label=f"{name}, {r.settings.name}")
-        _switch_line(ax, switch)
-        ax.set(xlabel="frame", ylabel="mean cost", title="Compute per class group (rolling)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        paths.append(_save(fig, out_dir / "group_cost.png"))
+                drawn = True
+        if drawn:  # labels that match no frame leave nothing to draw
+            _switch_line(ax, switch)
+            ax.set(xlabel="frame", ylabel="mean cost", title="Compute per class group (rolling)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            paths.append(_save(fig, out_dir / "group_cost.png"))
         plt.close(fig)
 
     # exit histogram
@@ -150,25 +155,41 @@ def stream_plots(out_dir: Path, results: Sequence, exit_cost: Sequence[float] | 
 
 
 def threshold_curve(out_dir: Path, runs: Sequence[dict]) -> Path:
-    """Accuracy against mean latency and mean cost, one point per threshold (per adapt mode)."""
+    """One point per threshold, one line per adapt mode: accuracy against mean latency and
+    mean cost; on a bag without labels (no accuracy), mean latency and mean cost against the
+    threshold, which is what tuning thresholds on an unlabelled recording can go by."""
     plt = _pyplot()
+    labelled = any(r["accuracy"] is not None for r in runs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for adapt in (True, False):
-        rows = sorted((r for r in runs if r["adapt"] == adapt and r["accuracy"] is not None),
-                      key=lambda r: r["threshold"] if r["threshold"] is not None else -1)
+        # with labels every run is a point; without, only runs with a threshold to plot at
+        rows = sorted((r for r in runs if r["adapt"] == adapt and (
+            r["accuracy"] is not None if labelled else r["threshold"] is not None)),
+            key=lambda r: r["threshold"] if r["threshold"] is not None else -1)
         if not rows:
             continue
         label = "adaptation on" if adapt else "adaptation off"
         for ax, key in zip(axes, ("mean_latency_ms", "mean_cost"), strict=True):
-            xs = [r[key] for r in rows]
-            ys = [100 * r["accuracy"] for r in rows]
-            ax.plot(xs, ys, marker="o", label=label)
-            for r, x, y in zip(rows, xs, ys, strict=True):
-                ax.annotate(f"{r['threshold']:g}" if r["threshold"] is not None else "default",
-                            (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axes[0].set(xlabel="mean model latency ms", ylabel="accuracy %",
-                title="Threshold sweep: accuracy vs latency")
-    axes[1].set(xlabel="mean cost (full model = 1)", title="accuracy vs compute")
+            if labelled:
+                xs = [r[key] for r in rows]
+                ys = [100 * r["accuracy"] for r in rows]
+                ax.plot(xs, ys, marker="o", label=label)
+                for r, x, y in zip(rows, xs, ys, strict=True):
+                    ax.annotate(f"{r['threshold']:g}" if r["threshold"] is not None
+                                else "default", (x, y), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7)
+            else:
+                ax.plot([r["threshold"] for r in rows], [r[key] for r in rows], marker="o",
+                        label=label)
+    if labelled:
+        axes[0].set(xlabel="mean model latency ms", ylabel="accuracy %",
+                    title="Threshold sweep: accuracy vs latency")
+        axes[1].set(xlabel="mean cost (full model = 1)", title="accuracy vs compute")
+    else:
+        axes[0].set(xlabel="threshold", ylabel="mean model latency ms",
+                    title="Threshold sweep (no labels): latency")
+        axes[1].set(xlabel="threshold", ylabel="mean cost (full model = 1)",
+                    title="compute")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
