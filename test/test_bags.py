@@ -29,6 +29,31 @@ def shift_bags(tmp_path_factory) -> dict[str, Path]:
         for storage in bags.STORAGES}
 
 
+
+@pytest.mark.parametrize(("storage", "mode"), [("mcap", "file"), ("sqlite3", "message")])
+def test_zstd_compressed_bag_is_read_and_described(shift_bags, tmp_path, storage, mode):
+    # what `ros2 bag record --compression-mode file|message --compression-format zstd` writes
+    from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
+
+    out = tmp_path / "zstd"
+    writer = Writer(out, version=9, storage_plugin=StoragePlugin[storage.upper()])
+    writer.set_compression(CompressionMode[mode.upper()], CompressionFormat.ZSTD)
+    with Reader(shift_bags[storage]) as reader, writer:
+        store = bags.typestore()
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=store)
+                 for c in reader.connections}
+        for conn, time_ns, raw in reader.messages():
+            writer.write(conns[conn.id], time_ns, raw)
+    if mode == "file":
+        assert {f.name.split(".", 1)[1] for f in out.iterdir() if f.name != "metadata.yaml"
+                } == {"mcap.zstd"}
+    stream = bags.open_image_stream(out)
+    assert stream.describe()["storage"] == storage
+    assert stream.describe()["compression"] == f"zstd ({mode})"
+    plain = bags.open_image_stream(shift_bags[storage])
+    assert plain.compression is None and stream.labels == plain.labels
+    assert [f.raw for f in stream.frames()] == [f.raw for f in plain.frames()]
+
 @pytest.mark.parametrize("storage", bags.STORAGES)
 def test_scenario_bag_round_trip(shift_bags, storage):
     path = shift_bags[storage]

@@ -281,6 +281,7 @@ class ImageStream:
     image_type: str
     image_count: int
     label_topic: str | None
+    compression: str | None = None  # e.g. "zstd (file)"; rosbags decompresses while reading
     labels: dict[int, int] = field(default_factory=dict)  # header stamp ns -> class id
     custom_data: dict[str, str] = field(default_factory=dict)
     # Image encodings of the frames of the last frames() pass (every run plays the same ones).
@@ -299,6 +300,7 @@ class ImageStream:
         return {
             "path": str(self.path),
             "storage": self.storage,
+            "compression": self.compression,
             "image_topic": self.image_topic,
             "image_type": self.image_type,
             "image_count": self.image_count,
@@ -346,11 +348,20 @@ def _open_reader(path: Path):
 def _storage_of(path: Path) -> str:
     files = [path] if path.is_file() else sorted(path.iterdir())
     for f in files:
-        if f.suffix == ".mcap":
+        # `ros2 bag record --compression-mode file` names its files x_0.mcap.zstd
+        name = f.name.removesuffix(".zstd")
+        if name.endswith(".mcap"):
             return "mcap"
-        if f.suffix == ".db3":
+        if name.endswith(".db3"):
             return "sqlite3"
     return "unknown"
+
+
+def _compression_of(reader) -> str | None:
+    """'zstd (file)' or 'zstd (message)' for a compressed rosbag2, None otherwise."""
+    fmt, mode = getattr(reader, "compression_format", None), getattr(reader, "compression_mode",
+                                                                       None)
+    return f"{fmt} ({mode})" if fmt and mode else None
 
 
 def _pick_topic(path: Path, topics: dict[str, str], wanted: str | None) -> str:
@@ -421,6 +432,7 @@ def open_image_stream(
         stream = ImageStream(
             path=path, storage=_storage_of(path), image_topic=chosen,
             image_type=topics[chosen], image_count=int(count), label_topic=label_topic,
+            compression=_compression_of(reader),
             custom_data={str(k): str(v) for k, v in dict(meta).items()},
         )
         if label_topic is not None:

@@ -621,7 +621,9 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
         "",
         *([f"**Incomplete:** {report['incomplete']}", ""] if report.get("incomplete") else []),
         f"- image topic `{bag.get('image_topic')}` ({bag.get('image_type')}), "
-        f"{report['frames']} frames, labels in the bag: {bag.get('labels') or 'none'}",
+        f"{report['frames']} frames, labels in the bag: {bag.get('labels') or 'none'}; "
+        f"storage {bag.get('storage')}"
+        + (f", compressed {bag['compression']}" if bag.get("compression") else ""),
     ]
     if bag.get("labels") and not any(r.get("labelled") for r in report["runs"]):
         lines.append("- **no answered frame matched a label**: labels are matched to frames by "
