@@ -597,6 +597,53 @@ def test_adapter_learns_from_a_partly_filled_batch_before_its_shutdown_save(tmp_
         adapter.stop(signal.SIGKILL)
 
 
+DRAIN_SCRIPT = """
+import sys, rclpy
+from ttspec_ros.msg import AdaptationSample
+from ttspec_ros.nodes import adapter as adapter_mod
+stem, state, dim, model_id, drain_s = sys.argv[1:6]
+adapter_mod.DRAIN_S = float(drain_s)
+rclpy.init(args=["--ros-args", "-r", "__ns:=/ttspec_drain", "-p", f"model:={stem}",
+                 "-p", f"state_dir:={state}"])
+node = adapter_mod.AdapterNode()
+with node._cond:  # the trainer stops as if it had lagged: what arrives next stays queued
+    node._stop = True
+    node._cond.notify_all()
+node._worker.join()
+dim = int(dim)
+for class_id in (1, 2, 3):
+    node._on_sample(AdaptationSample(model_id=model_id, exit_index=2, class_id=class_id,
+                                     confidence=0.99, feature_sizes=[dim, dim],
+                                     features=[0.5] * dim + [-0.25] * dim))
+print("queued", len(node._queue), flush=True)
+node.close()
+print("left", len(node._queue), "steps", node.specializer.counters["steps"], flush=True)
+node.destroy_node()
+rclpy.shutdown()
+"""
+
+
+@pytest.mark.parametrize("drain_s", [2.0, 0.0])
+def test_adapter_trains_on_queued_samples_at_shutdown_within_its_bound(tmp_path, tiny, drain_s):
+    """Samples received but not yet trained on when the node stops (the trainer lagged) are
+    trained on before the shutdown save, for at most DRAIN_S; past it they are named in a
+    warning and not saved as if learnt."""
+    stem, card = tiny
+    state = tmp_path / "state"
+    out = subprocess.run(
+        [sys.executable, "-c", DRAIN_SCRIPT, str(stem), str(state),
+         str(card.architecture["channels"][-1]), card.model_id, str(drain_s)],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "queued 3" in out.stdout
+    with safe_open(str(state / "specializer.safetensors"), framework="numpy") as f:
+        saved_steps = json.loads(f.metadata()["state"])["counters"]["steps"]
+    if drain_s:
+        assert "left 0 steps 3" in out.stdout and saved_steps == 3, out.stdout
+    else:
+        assert "left 3 steps 0" in out.stdout and saved_steps == 0, out.stdout
+        assert "3 received samples not trained on at shutdown" in out.stderr
+
 def test_adapter_save_and_reset_services(pipeline):
     probe = pipeline["probe"]
     saved = probe.trigger(ADA, "save")
