@@ -164,8 +164,7 @@ def check_value(s: ParamSpec, value: Any) -> str | None:
     if not isinstance(value, _TYPES[s.type]) or (s.type == "int" and isinstance(value, bool)):
         return f"{s.name} must be {s.type}, got {type(value).__name__} {value!r}"
     items = list(value) if s.type == "double_array" else [value]
-    if s.type == "double_array" and not all(
-            isinstance(v, float) and not isinstance(v, bool) for v in items):
+    if s.type == "double_array" and not all(isinstance(v, float) for v in items):
         return f"{s.name} must be a list of doubles, got {value!r}"
     for v in items if s.type in ("int", "double", "double_array") else []:
         if isinstance(v, float) and not math.isfinite(v):
