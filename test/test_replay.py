@@ -102,6 +102,24 @@ def test_report_keys_comparison_and_files(tmp_path):
     assert len(per_frame["adapt"]) == 6 and per_frame["no-adapt"][0]["exit_index"] == 3
 
 
+
+def test_comparison_pairs_the_frames_both_runs_answered():
+    # at a real rate the runs lose different frames: here no-adapt lost frame 5, which
+    # adaptation got wrong, so the whole-run accuracies differ by 16.67 points; on the five
+    # frames both answered, both are right
+    labels = [0, 2, 4, 6, 0, 1]
+    on = _run(True, [3, 2, 1, 0, 0, 0], labels, [0, 2, 4, 6, 0, 0])
+    off = _run(False, [3, 3, 2, 3, 2, 3], labels, [0, 2, 4, 6, 0, None])
+    report = replay.build_report({"path": "b", "labels": 6}, [on, off], exit_cost=EXIT_COST,
+                                 num_exits=4, class_names=replay.CLASS_NAMES, model={}, window=3)
+    (c,) = report["comparison"]
+    assert (c["answered_adapt"], c["answered_no_adapt"], c["answered_both"]) == (6, 5, 5)
+    assert c["accuracy_delta_points"] == pytest.approx(100 * (5 / 6 - 1.0), abs=1e-2)
+    assert c["accuracy_delta_points_both"] == 0.0
+    assert c["mean_cost_ratio_both"] == pytest.approx(0.55 / 0.9, abs=1e-3)
+    assert "on the 5 frames both runs answered, accuracy +0.00 points, mean cost ratio 0.611" \
+        in replay.markdown(report, [])
+
 def test_rolling_mean_over_frames():
     from ttspec_ros.replay_plots import rolling_mean
 

@@ -474,17 +474,32 @@ def _points(a: float | None, b: float | None) -> float | None:
     return _round(100.0 * (a - b), 3) if a is not None and b is not None else None
 
 
-def comparison(runs: Sequence[dict]) -> list[dict]:
-    """Adaptation on vs off at each threshold: tail cost ratio, accuracy difference (points)."""
+def comparison(runs: Sequence[dict], results: Sequence[RunResult],
+               exit_cost: Sequence[float] | None) -> list[dict]:
+    """Adaptation on vs off at each threshold: tail cost ratio, accuracy difference (points).
+
+    The run-level figures are over each run's answered frames, the same frames in lockstep;
+    at a real rate the two runs may lose different frames, so the ``*_both`` figures compare
+    them on the frames both answered (paired)."""
     out = []
-    for on in (r for r in runs if r["adapt"]):
-        off = next((r for r in runs if not r["adapt"] and r["threshold"] == on["threshold"]), None)
-        if off is None:
+    for i, on in enumerate(runs):
+        if not on["adapt"]:
             continue
+        j = next((j for j, r in enumerate(runs)
+                  if not r["adapt"] and r["threshold"] == on["threshold"]), None)
+        if j is None:
+            continue
+        off = runs[j]
+        answered = [{o.index for o in results[k].outcomes if o.answered} for k in (i, j)]
+        both = answered[0] & answered[1]
+        on_both, off_both = (block_metrics([o for o in results[k].outcomes if o.index in both],
+                                           exit_cost) for k in (i, j))
         entry = {
             "threshold": on["threshold"],
-            # accuracies and costs are over each run's answered frames: equal counts, same frames
             "answered_adapt": on["predictions"], "answered_no_adapt": off["predictions"],
+            "answered_both": len(both),
+            "accuracy_delta_points_both": _points(on_both["accuracy"], off_both["accuracy"]),
+            "mean_cost_ratio_both": _ratio(on_both["mean_cost"], off_both["mean_cost"]),
             "tail_frames": on["tail"]["frames"],
             "tail_mean_cost_adapt": on["tail"]["mean_cost"],
             "tail_mean_cost_no_adapt": off["tail"]["mean_cost"],
@@ -570,7 +585,7 @@ def build_report(
             "mean_cost": "mean model-card exit_cost of the answering exit (full model = 1.0)",
         },
     }
-    compared = comparison(runs)
+    compared = comparison(runs, results, exit_cost)
     if compared:
         report["comparison"] = compared
     switch = bag.get("custom_data", {}).get("ttspec.switch_frame")
@@ -654,7 +669,11 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
             f"{_fmt(c['tail_mean_cost_no_adapt'])} (ratio {_fmt(c['tail_cost_ratio'])}), "
             f"accuracy {signed_points(c['tail_accuracy_delta_points'])}; whole run accuracy "
             f"{_pct(c['accuracy_adapt'])} vs {_pct(c['accuracy_no_adapt'])} "
-            f"({signed_points(c['accuracy_delta_points'])}).",
+            f"({signed_points(c['accuracy_delta_points'])})"
+            + ("." if c["answered_adapt"] == c["answered_no_adapt"] == c["answered_both"] else
+               f"; on the {c['answered_both']} frames both runs answered, accuracy "
+               f"{signed_points(c['accuracy_delta_points_both'])}, mean cost ratio "
+               f"{_fmt(c['mean_cost_ratio_both'])}."),
         ]
     for s in report.get("shift", []):
         lines += ["", f"**Shift at frame {s['switch_frame']}** ({s['name']}): " + ", ".join(
