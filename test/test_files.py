@@ -13,7 +13,7 @@ from ttspec_ros import files
 def test_write_json_creates_parents_and_is_readable_by_others(tmp_path):
     path = files.write_json(tmp_path / "a" / "b" / "result.json", {"x": [1, 2]})
     assert json.loads(path.read_text()) == {"x": [1, 2]}
-    assert stat.S_IMODE(path.stat().st_mode) == files.FILE_MODE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # rw-r--r--, as open() would make it
     assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
 
 

@@ -142,6 +142,22 @@ def test_file_round_trip_is_atomic(tmp_path) -> None:
     for name, t in p.tensors.items():
         np.testing.assert_array_equal(back.tensors[name], t)
     assert sorted(x.name for x in path.parent.iterdir()) == ["update.safetensors"]
+    # a save that fails keeps the file there was and leaves no partial file beside it
+    import dataclasses
+
+    from ttspec_ros import files
+
+    saved = path.read_bytes()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(files.os, "replace", fail)
+        with pytest.raises(OSError, match="disk full"):
+            save_payload(dataclasses.replace(p, version=8), path)
+    assert path.read_bytes() == saved
+    assert sorted(x.name for x in path.parent.iterdir()) == ["update.safetensors"]
     with pytest.raises(FileNotFoundError):
         load_payload(tmp_path / "missing.safetensors")
     from safetensors.numpy import save_file

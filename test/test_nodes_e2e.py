@@ -1027,9 +1027,19 @@ def test_latest_slot_keeps_one_frame_and_counts_replacements():
     assert slot.put("a") is False and slot.pending() == 1
     assert slot.put("b") is True and slot.pending() == 1  # "a" was dropped, never queued
     assert slot.take(timeout=0.01) == "b" and slot.pending() == 0
+    # close() wakes a consumer already waiting (a node's worker at shutdown) at once
+    import threading
+
+    taken = []
+    consumer = threading.Thread(target=lambda: taken.append(slot.take(timeout=600.0)),
+                                daemon=True)
+    consumer.start()
+    # CPython's Condition lists its waiters: wait until the consumer is really blocked
+    assert wait_for(lambda: len(slot._cond._waiters) == 1, 30.0, 0.01)
     slot.close()
-    start = time.monotonic()
-    assert slot.take(timeout=5.0) is None and time.monotonic() - start < 1.0
+    consumer.join(timeout=60.0)
+    assert not consumer.is_alive() and taken == [None]
+    assert slot.take(timeout=600.0) is None  # closed: returns without waiting
 
 
 def test_a_backend_that_cannot_write_its_cache_is_a_startup_error(monkeypatch):

@@ -260,9 +260,17 @@ def test_drop_attribution_uses_node_counters():
     replay.attribute_drops(outcomes, delta, 5.0)
     assert outcomes[6].dropped == "classifier error"
     assert sorted(o.dropped for o in outcomes[3:6]) == reasons
+    # no counters at all: nothing reached the camera as far as anyone can tell
     outcomes.append(Outcome(index=7, stamp_ns=7))
-    replay.attribute_drops(outcomes, {}, 5.0)  # counters say nothing: a timeout
-    assert outcomes[7].dropped in ("no prediction within 5 s", "not received by the camera")
+    replay.attribute_drops(outcomes, {}, 5.0)
+    assert outcomes[7].dropped == "not received by the camera"
+    # counters that account for every frame (the classifier still had one): a timeout
+    pending = [Outcome(index=i, stamp_ns=i) for i in range(3)]
+    for o in pending[:2]:
+        o.class_id, o.exit_index = 1, 0
+    replay.attribute_drops(pending, {"camera": {"received": 3, "published": 3},
+                                     "classifier": {"received": 3, "classified": 2}}, 5.0)
+    assert pending[2].dropped == "no prediction within 5 s"
 
 
 def test_graph_arguments(tmp_path):
