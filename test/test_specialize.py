@@ -291,6 +291,28 @@ def test_refused_state_changes_nothing(corrupt, words) -> None:
         np.testing.assert_array_equal(after.tensors[name], t)
 
 
+def test_features_that_would_overflow_the_layer_norm_are_refused_and_lose_nothing() -> None:
+    """Finite features of absurd size (a broken sender) would overflow the heads' LayerNorm:
+    refused with a ValueError, and the heads trained so far stay (before, the step's NaN
+    rolled an unguarded specializer back to its original heads)."""
+    spec = Specializer(early_head_tensors(tiny_model()), 4, lr=0.5)
+    for f in features(5):
+        spec.add_sample(3, 1, 0.9, f)
+    trained = spec.export()
+    assert trained.version == 5
+    rng = np.random.default_rng(1)
+    huge = [rng.standard_normal(32).astype(np.float32) * 1e19 for _ in range(3)]
+    with pytest.raises(ValueError, match="feature of exit 0 is too large for the heads"):
+        spec.add_sample(3, 1, 0.9, huge)
+    after = spec.export()
+    assert after.version == 5 and spec.stats()["samples"] == 5
+    for name, t in trained.tensors.items():
+        np.testing.assert_array_equal(after.tensors[name], t)
+    # large but within float32's range: learnt from as usual
+    assert spec.add_sample(3, 1, 0.9, [f / 100 for f in huge]) is True
+    assert spec.export().version == 6 and spec.stats()["rollbacks"] == 0
+
+
 @pytest.mark.parametrize("guarded", [False, True])
 def test_a_step_that_overflows_the_heads_is_rolled_back(guarded: bool) -> None:
     rng = np.random.default_rng(0)

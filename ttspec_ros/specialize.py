@@ -564,6 +564,16 @@ class Specializer:
         if not np.isfinite(out).all():
             bad = int(np.flatnonzero(~np.isfinite(out).all(1))[0])
             raise ValueError(f"feature of exit {bad} holds NaN or infinite values")
+        # The heads' LayerNorm sums squared deviations in float32: finite features of absurd
+        # size (a broken sender) overflow it, and the step's NaN would roll the heads back.
+        with np.errstate(over="ignore", invalid="ignore"):
+            centred = out - out.mean(1, keepdims=True)
+            spread = np.isfinite(centred).all(1) & np.isfinite((centred * centred).sum(1))
+        if not spread.all():
+            bad = int(np.flatnonzero(~spread)[0])
+            raise ValueError(f"feature of exit {bad} is too large for the heads' LayerNorm "
+                             f"(max |value| {float(np.abs(out[bad]).max()):.3g}: its sum of "
+                             "squares overflows float32)")
         return out
 
     def add_sample(self, exit_index: int, class_id: int, confidence: float,
