@@ -313,6 +313,34 @@ def test_features_that_would_overflow_the_layer_norm_are_refused_and_lose_nothin
     assert spec.export().version == 6 and spec.stats()["rollbacks"] == 0
 
 
+def test_a_state_the_guard_refuses_is_not_resumed(tmp_path) -> None:
+    """Heads trained without a guard, resumed by a specializer with one: publishing them would
+    bypass the check (and make them the rollback target), so the state is refused."""
+    model = tiny_model()
+    images = torch.randn(40, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    anchors = build_anchor_set(model, images, model_id="m")
+    init = early_head_tensors(model)
+    plain = Specializer(init, 4, model_id="m", lr=0.5)
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # everything is class 0: the early heads forget the rest
+        plain.add_sample(3, 0, 0.9, [rng.standard_normal(32).astype(np.float32)
+                                     for _ in range(3)])
+    plain.save(tmp_path)
+    guard = AnchorGuard(anchors, threshold=0.3)
+    guarded = Specializer(init, 4, model_id="m", lr=0.5, guard=guard)
+    assert not guard.passes(plain.heads())
+    before = guarded.export()
+    with pytest.raises(ValueError, match="saved heads fail this specializer's forgetting guard"):
+        guarded.load(tmp_path)
+    after = guarded.export()
+    assert after.version == before.version
+    for name, t in before.tensors.items():
+        np.testing.assert_array_equal(after.tensors[name], t)
+    # a state this guard accepts (here: the guarded specializer's own) resumes
+    guarded.save(tmp_path)
+    Specializer(init, 4, model_id="m", lr=0.5, guard=AnchorGuard(anchors, threshold=0.3)
+                ).load(tmp_path)
+
 @pytest.mark.parametrize("guarded", [False, True])
 def test_a_step_that_overflows_the_heads_is_rolled_back(guarded: bool) -> None:
     rng = np.random.default_rng(0)

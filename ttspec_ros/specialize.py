@@ -846,6 +846,13 @@ class Specializer:
                     # the next step would turn the heads into NaN
                     raise ValueError(f"momentum.{name} holds NaN or infinite values")
             momentum.append(saved)
+        if self.guard is not None and self.guard.check_every and not self.guard.passes(heads):
+            # Loaded heads are published at once and become what a failed check rolls back
+            # to, so heads this guard refuses would go out unchecked and stay.
+            raise ValueError(
+                "the saved heads fail this specializer's forgetting guard (saved without "
+                "one, or with other anchors or tolerances); resume without the guard, or "
+                "remove the state file to start from the original heads")
         with self._lock:
             self._heads.copy_(heads)
             self._published = heads.clone()
