@@ -264,6 +264,44 @@ def test_an_update_that_breaks_the_model_is_undone():
     assert t.export_update().version == 2
 
 
+
+def test_a_frame_whose_own_loss_is_not_finite_undoes_only_itself():
+    """A finite frame of absurd size gives a NaN loss at the first step: the image is at
+    fault, so the previous frames' adaptation stays and the version does not move (before,
+    it undid the last good frame and counted a new version on every such frame)."""
+    cfg = TTTConfig(mode="online", update="norm", lr=0.05, momentum=0.9, batch=2)
+    t = TestTimeTrainer(tiny_model(), cfg, model_id="m1")
+    for i in range(3):
+        t.adapt(image(i))
+    adapted, version = state(t.model), t.version
+    masks = t._generator.get_state()
+    huge = image(9) * 1e30
+    assert torch.isfinite(huge).all()
+    for _ in range(2):
+        with pytest.raises(FloatingPointError, match="the image's own loss is not finite.*"
+                                                     f"version {version}$"):
+            t.adapt(huge)
+        assert t.version == version
+        assert all(torch.equal(adapted[k], v) for k, v in state(t.model).items())
+    # and it goes on learning as if those frames had not come: momentum kept (with the masks
+    # they drew put back, to compare with a trainer that never saw them)
+    t._generator.set_state(masks)
+    t.adapt(image(5))
+    assert t.version == version + 1
+    never = TestTimeTrainer(tiny_model(), cfg, model_id="m1")
+    for i in (0, 1, 2, 5):
+        never.adapt(image(i))
+    assert all(torch.equal(state(never.model)[k], v) for k, v in state(t.model).items())
+
+
+def test_an_image_of_the_wrong_shape_is_refused_with_a_value_error():
+    t = TestTimeTrainer(tiny_model(), TTTConfig(mode="online"), model_id="m1")
+    with pytest.raises(ValueError, match="image has 3 channels, the model takes 1"):
+        t.adapt(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="image size 8x8 is not a multiple of 32"):
+        t.adapt(torch.randn(1, 8, 8))
+    assert t.version == 0
+
 def test_load_after_adapting_is_a_new_version(tmp_path):
     cfg = TTTConfig(mode="online", update="norm", lr=0.05, batch=2)
     saved = TestTimeTrainer(tiny_model(), cfg, model_id="m1")

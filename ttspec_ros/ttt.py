@@ -50,6 +50,8 @@ MODES = ("episodic", "online")
 UPDATES = ("norm", "columns", "encoder")
 OPTIMIZERS = ("sgd", "adamw")
 OBJECTIVES = ("mae", "entropy")
+_IMAGE_FAULT = "the image's own loss is not finite"
+RECONSTRUCTION_STRIDE = 32  # stem /4, three /2 levels; the decoders' PixelShuffle(32)
 STATE_FILE = "ttt.safetensors"  # in a node's state_dir, beside the specializer's state
 
 
@@ -192,12 +194,19 @@ class TestTimeTrainer:
                                    weight_decay=c.weight_decay)
         return torch.optim.AdamW(self._params, lr=c.lr, weight_decay=c.weight_decay)
 
-    @staticmethod
-    def _as_batch(image: Tensor) -> Tensor:
+    def _as_batch(self, image: Tensor) -> Tensor:
         if image.ndim == 3:
             image = image.unsqueeze(0)
         if image.ndim != 4 or image.shape[0] != 1:
             raise ValueError(f"expected one image (C,H,W) or (1,C,H,W), got {tuple(image.shape)}")
+        c, h, w = image.shape[1:]
+        if c != self.model.config.in_chans:
+            raise ValueError(f"image has {c} channels, the model takes "
+                             f"{self.model.config.in_chans}")
+        if h % RECONSTRUCTION_STRIDE or w % RECONSTRUCTION_STRIDE:
+            # the decoders rebuild the input from the 1/32-scale features
+            raise ValueError(f"image size {h}x{w} is not a multiple of "
+                             f"{RECONSTRUCTION_STRIDE}, which reconstruction needs")
         image = image.float()
         if not torch.isfinite(image).all():  # its loss would be NaN and undo good updates
             raise ValueError("image holds NaN or infinite values")
@@ -243,21 +252,24 @@ class TestTimeTrainer:
         A loss or a parameter that turns NaN or infinite raises FloatingPointError, and the
         parameters go back to the last ones that gave a finite loss, with a fresh optimizer:
         those from before this image, or from before an earlier image whose step left finite
-        parameters too large for the next forward. Undoing an earlier image is a change, so
-        it is a new version; undoing only this image keeps the version."""
+        parameters too large for the next forward. Which of the two is told apart on the first
+        step's loss: if this image's loss is not finite with the earlier parameters either,
+        the image is at fault and only this image is undone. Undoing an earlier image is a
+        change, so it is a new version; undoing only this image keeps the version."""
         image = self._as_batch(image)
         with self._lock:
             before = [p.detach().clone() for p in self._params]
             try:
                 loss = self._steps(image, before)
             except FloatingPointError as e:
-                restored = self._verified
-                self._restore(restored)
+                restored, cause = self._last_good(image, before)
+                # the image's own fault: no step was taken, so the optimizer state is good
+                self._restore(restored, fresh_optimizer=cause != _IMAGE_FAULT)
                 if restored is not before:
                     self._version += 1
                 raise FloatingPointError(
-                    f"{e} (lr {self.config.lr} too high?); parameters restored to the last ones "
-                    f"with a finite loss, version {self._version}") from None
+                    f"{e} ({cause}); parameters restored to the last ones with a finite "
+                    f"loss, version {self._version}") from None
             except BaseException:
                 self._restore(before)
                 raise
@@ -279,11 +291,28 @@ class TestTimeTrainer:
             raise FloatingPointError("a TTT step made parameters NaN or infinite")
         return float(loss.detach())
 
-    def _restore(self, params: list[Tensor]) -> None:
+    def _last_good(self, image: Tensor, before: list[Tensor]) -> tuple[list[Tensor], str]:
+        """After a non-finite loss or step on ``image``: the parameters to go back to, and why.
+
+        A failure after the first step undoes this image (``_verified is before``). A first
+        step that failed ran on parameters no image has checked yet (the last image's step
+        made them): they are to blame unless the image fails with the checked ones too."""
+        if self._verified is before:
+            return before, f"lr {self.config.lr} too high?"
+        if all(torch.equal(a, b) for a, b in zip(self._verified, before, strict=True)):
+            return before, _IMAGE_FAULT
+        self._restore(self._verified, fresh_optimizer=False)
+        with torch.no_grad():
+            if not torch.isfinite(self.loss(image)):
+                return before, _IMAGE_FAULT
+        return self._verified, f"the last image's step made them too large (lr {self.config.lr})"
+
+    def _restore(self, params: list[Tensor], fresh_optimizer: bool = True) -> None:
         with torch.no_grad():
             for p, p0 in zip(self._params, params, strict=True):
                 p.copy_(p0)
-        self._optimizer = self._new_optimizer()  # its momentum holds what broke them
+        if fresh_optimizer:
+            self._optimizer = self._new_optimizer()  # its momentum holds what broke them
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> list[Tensor]:
