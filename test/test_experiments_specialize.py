@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from ttspec_ros.experiments.exit_curves import (
     ExitFeatures,
     answers,
     curve,
+    empty_groups,
     iso_accuracy_cost_ratio,
     simulate_stream,
 )
@@ -81,6 +83,17 @@ def test_curve_rows_and_monotone_cost() -> None:
     top = curve(heads, data, labels, groups, [0.25, 0.5, 0.75, 1.0], None, thresholds=[1.01])
     assert top["subset"][0]["accuracy"] == pytest.approx(20 / 30, abs=1e-6)
     assert top["others"][0]["mean_cost"] == 1.0
+
+
+def test_curve_refuses_an_empty_group() -> None:
+    # the mean over no image was NaN in every row of that group, written into the JSON
+    model = tiny_model()
+    data = ExitFeatures.compute(model, torch.randn(6, 1, 32, 32))
+    heads = StackedHeads.from_tensors(early_head_tensors(model), 3)
+    groups = {"subset": np.zeros(6, bool), "others": np.ones(6, bool)}
+    assert empty_groups(groups) == ["subset"]
+    with pytest.raises(ValueError, match=r"\['subset'\] hold no image"):
+        curve(heads, data, np.zeros(6, int), groups, [0.25, 0.5, 0.75, 1.0], None)
 
 
 def test_iso_accuracy_cost_ratio() -> None:
@@ -272,6 +285,9 @@ def test_pool_is_the_cards_recorded_split(tiny_checkpoint) -> None:
     (["--latency-frames", "0"], "--latency-frames must be >= 1"),
     (["--test-limit", "-3"], "--test-limit must be >= 0"),
     (["--per-class", "601"], "exceeds the 600 deployment-pool images"),
+    # the first test image is no bag: the subset's 50 curve rows were NaN in figure4.json
+    (["--test-limit", "1"], "the 1 test images (--test-limit 1) hold no image of the subset "
+                            "classes (bags or not); raise --test-limit"),
 ])
 def test_specialize_experiment_refuses_bad_options_up_front(tiny_checkpoint, tmp_path, extra,
                                                             message) -> None:
@@ -279,7 +295,7 @@ def test_specialize_experiment_refuses_bad_options_up_front(tiny_checkpoint, tmp
 
     args = _args(mod, ["--subset", "bags", "--out", str(tmp_path / "o"), "--model",
                        tiny_checkpoint, *extra])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         mod.run(args)
     assert not (tmp_path / "o" / "figure4.json").exists()
 
@@ -289,6 +305,8 @@ def test_specialize_experiment_refuses_bad_options_up_front(tiny_checkpoint, tmp
     (["--threshold", "1.5"], "--threshold must be in"),
     (["--subset-frames", "-1"], "--subset-frames must be >= 0"),
     (["--anchors-per-class", "600"], "nothing is left to stream"),
+    # the first test image is no bag: the subset's accuracy and cost were NaN in the JSON
+    (["--test-limit", "1"], "--test-limit 1 keeps 1 test image(s), none of the subset classes"),
 ])
 def test_forgetting_experiment_refuses_bad_options(tiny_checkpoint, tmp_path, extra, message
                                                    ) -> None:
@@ -296,8 +314,9 @@ def test_forgetting_experiment_refuses_bad_options(tiny_checkpoint, tmp_path, ex
 
     args = _args(mod, ["--out", str(tmp_path), "--model", tiny_checkpoint, "--test-limit", "20",
                        *extra])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         mod.run(args)
+    assert not (tmp_path / "forgetting.json").exists()
 
 
 def test_bench_update_refuses_zero_repeats(tiny_checkpoint, tmp_path) -> None:

@@ -63,12 +63,22 @@ def answers(heads: StackedHeads, data: ExitFeatures, threshold: float) -> tuple[
     return cascade_answers(probs, data.last_pred, [threshold] * heads.num_heads)
 
 
+def empty_groups(groups: dict[str, np.ndarray]) -> list[str]:
+    """The class groups (boolean masks over the images) that hold no image: their curves would
+    be means of nothing, NaN in the JSON."""
+    return [g for g, mask in groups.items() if not np.any(mask)]
+
+
 def curve(heads: StackedHeads, data: ExitFeatures, labels: np.ndarray,
           groups: dict[str, np.ndarray], exit_cost: Sequence[float],
           exit_latency_ms: Sequence[float] | None, thresholds: Sequence[float] = THRESHOLDS
           ) -> dict[str, list[dict]]:
     """Per group (boolean mask over images), one row per threshold: threshold, latency_ms
-    (per-exit measured latency of the exits taken), accuracy, mean_exit, mean_cost."""
+    (per-exit measured latency of the exits taken), accuracy, mean_exit, mean_cost. A group
+    with no image is refused (ValueError): its rows would be NaN; commands check
+    ``empty_groups`` first, naming the option that emptied it."""
+    if empty := empty_groups(groups):
+        raise ValueError(f"class group(s) {empty} hold no image: no curve to compute")
     with torch.inference_mode():
         probs = [heads.logits_of(i, data.features[i]).softmax(1) for i in range(heads.num_heads)]
     cost = np.asarray(exit_cost, dtype=np.float64)

@@ -21,7 +21,12 @@ import torch
 
 from ttspec_ros import data
 from ttspec_ros.experiments import below_minimum, seed_option
-from ttspec_ros.experiments.exit_curves import ExitFeatures, curve, simulate_stream
+from ttspec_ros.experiments.exit_curves import (
+    ExitFeatures,
+    curve,
+    empty_groups,
+    simulate_stream,
+)
 from ttspec_ros.experiments.specialize_experiment import PRESETS, pool_images, split_seed
 from ttspec_ros.files import check_writable, save_figure, write_json
 from ttspec_ros.specialize import (
@@ -111,11 +116,15 @@ def run(args: argparse.Namespace) -> int:
     test_images, test_labels = data.load_fashion_mnist("test")
     if args.test_limit:
         test_images, test_labels = test_images[: args.test_limit], test_labels[: args.test_limit]
+    in_subset = np.isin(test_labels, classes)
+    groups = {"others": ~in_subset, "subset": in_subset}
+    if empty := empty_groups(groups):  # its accuracy and cost would be means of nothing: NaN
+        raise ValueError(f"--test-limit {args.test_limit} keeps {test_labels.size} test "
+                         f"image(s), none of the {empty[0]} classes ({args.subset} or not); "
+                         "raise --test-limit")
     test_data = ExitFeatures.compute(
         model, torch.from_numpy(preprocess_batch(np.ascontiguousarray(test_images), card.input)),
         args.batch)
-    in_subset = np.isin(test_labels, classes)
-    groups = {"others": ~in_subset, "subset": in_subset}
 
     rng = np.random.default_rng(args.seed)
     pool, pool_imgs, pool_labels = pool_images(card)

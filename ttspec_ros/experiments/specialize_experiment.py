@@ -24,6 +24,7 @@ from ttspec_ros.experiments.exit_curves import (
     THRESHOLDS,
     ExitFeatures,
     curve,
+    empty_groups,
     iso_accuracy_cost_ratio,
     measure_exit_latency,
     row_at,
@@ -212,10 +213,13 @@ def run(args: argparse.Namespace) -> int:
         test_images, test_labels = data.load_fashion_mnist("test")
     if args.test_limit:
         test_images, test_labels = test_images[: args.test_limit], test_labels[: args.test_limit]
-    test_x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(test_images), card.input))
-    before_data = ExitFeatures.compute(model, test_x, args.batch)
     in_subset = np.isin(test_labels, classes)
     groups = {"subset": in_subset, "others": ~in_subset}
+    if empty := empty_groups(groups):  # its curves would be means of nothing: NaN
+        raise ValueError(f"{_evaluation_images(args, test_labels.size)} hold no image of the "
+                         f"{empty[0]} classes ({args.subset} or not); {_more_images(args)}")
+    test_x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(test_images), card.input))
+    before_data = ExitFeatures.compute(model, test_x, args.batch)
     latency = measure_exit_latency(cascade, list(test_x[:50]), args.latency_frames, num_exits)
     initial = early_head_tensors(model)
     guard, guard_info = (None, None)
@@ -284,6 +288,19 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out / "figure4.json"), "fixed_threshold": fixed,
                       "iso_accuracy": iso, "last_exit_unchanged": last_unchanged}, indent=1))
     return 0
+
+
+def _evaluation_images(args: argparse.Namespace, count: int) -> str:
+    where = ("held-out deployment-pool images (--evaluate-on pool)" if args.evaluate_on == "pool"
+             else "test images")
+    limit = f" (--test-limit {args.test_limit})" if args.test_limit else ""
+    return f"the {count} {where}{limit}"
+
+
+def _more_images(args: argparse.Namespace) -> str:
+    if args.test_limit:
+        return "raise --test-limit"
+    return "lower --anchors-per-class or --per-class"
 
 
 def _change_at(before: dict, after: dict, threshold: float) -> dict:
