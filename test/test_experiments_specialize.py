@@ -285,6 +285,10 @@ def test_pool_is_the_cards_recorded_split(tiny_checkpoint) -> None:
     (["--latency-frames", "0"], "--latency-frames must be >= 1"),
     (["--test-limit", "-3"], "--test-limit must be >= 0"),
     (["--per-class", "601"], "exceeds the 600 deployment-pool images"),
+    # the anchor candidates took every pool image the stream left: a LayerNorm RuntimeError
+    (["--evaluate-on", "pool", "--anchors-per-class", "300"],
+     "--evaluate-on pool has no image left: the 100 streamed images and the 5900 anchor "
+     "candidates (2 x --anchors-per-class 300"),
     # the first test image is no bag: the subset's 50 curve rows were NaN in figure4.json
     (["--test-limit", "1"], "the 1 test images (--test-limit 1) hold no image of the subset "
                             "classes (bags or not); raise --test-limit"),

@@ -208,6 +208,13 @@ def run(args: argparse.Namespace) -> int:
     # -- evaluation images (the test split, or unused pool images): features once, before
     if args.evaluate_on == "pool":
         held_out = np.setdiff1d(np.arange(len(pool_imgs)), np.concatenate([chosen, candidates]))
+        if held_out.size == 0:  # ExitFeatures of no image: a LayerNorm RuntimeError
+            raise ValueError(
+                f"--evaluate-on pool has no image left: the {chosen.size} streamed images and "
+                f"the {candidates.size} anchor candidates (2 x --anchors-per-class "
+                f"{args.anchors_per_class} x {data.NUM_CLASSES} classes) take all "
+                f"{len(pool_imgs)} deployment-pool images; lower --anchors-per-class or "
+                "--per-class")
         test_images, test_labels = pool_imgs[held_out], pool_labels[held_out]
     else:
         test_images, test_labels = data.load_fashion_mnist("test")
