@@ -185,3 +185,47 @@ def test_numbers_torch_or_a_node_would_fail_on_are_refused_first(argv, message, 
                                                                   capsys):
     _refused([*argv, "--out", str(tmp_path / "o")], capsys, message)
     assert not (tmp_path / "o").exists()
+
+
+def _bench_ros_phase(rate_hz_achieved: float, max_pending: int) -> dict:
+    return {"rate_hz_achieved": rate_hz_achieved, "classifier_max_pending": max_pending,
+            "latency_ms": {"ros_overhead": {"p50": 1.0}},
+            "rss": {"classifier": {"growth_mb": 0.5}}}
+
+
+def test_bench_ros_overload_targets_need_a_rate_above_capacity():
+    # --max-rate 50 capped the "overload" phase at 0.3 x the measured capacity, and its
+    # bounded queue and flat memory still read as met
+    from ttspec_ros.experiments import bench_ros
+
+    nominal = _bench_ros_phase(30.0, 0)
+    capped = bench_ros._targets(nominal, _bench_ros_phase(50.0, 1), capacity_hz=160.0)
+    assert bench_ros.overload_ratio(_bench_ros_phase(50.0, 1), 160.0) == 50.0 / 160.0
+    for key in ("overload_max_pending", "overload_rss_growth_mb"):
+        assert capped[key]["met"] is None
+        assert capped[key]["reason"].startswith("not overloaded: the phase ran at 50.0 Hz, "
+                                                "0.31 x the classifier's measured capacity")
+    assert capped["ros_overhead_p50_ms"]["met"] is True  # the nominal phase still counts
+    overloaded = bench_ros._targets(nominal, _bench_ros_phase(320.0, 1), capacity_hz=160.0)
+    assert overloaded["overload_max_pending"]["met"] is True
+    assert overloaded["overload_rss_growth_mb"]["met"] is True
+    assert "reason" not in overloaded["overload_max_pending"]
+    assert bench_ros._targets(nominal, _bench_ros_phase(320.0, 7),
+                              capacity_hz=160.0)["overload_max_pending"]["met"] is False
+
+
+def test_bench_ros_records_the_overload_rate_cap_and_ratio():
+    # settings recorded "overload": 2.0 but not --max-rate, which had capped the phase
+    import argparse
+
+    from ttspec_ros.experiments import bench_ros
+
+    parser = argparse.ArgumentParser()
+    bench_ros.add_arguments(parser)
+    args = parser.parse_args(["--out", "never", "--max-rate", "50"])
+    settings = bench_ros._settings(args, 50.0, _bench_ros_phase(49.5, 1), 160.0)
+    assert settings["overload"] == 2.0 and settings["max_rate"] == 50.0
+    assert settings["overload_rate_hz"] == 50.0
+    assert settings["overload_ratio_achieved"] == round(49.5 / 160.0, 3)
+    skipped = bench_ros._settings(args, None, None, None)  # --seconds 0: no overload phase
+    assert skipped["overload_rate_hz"] is None and skipped["overload_ratio_achieved"] is None
