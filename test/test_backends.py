@@ -547,10 +547,17 @@ def test_export_onnx_refuses_an_image_size_the_graphs_cannot_take(checkpoint, tm
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--threads", "0"], "--threads must be >= 1"),
-     (["--backends", "torch,openvino"], r"unknown --backends \['openvino'\]")],
+     (["--backends", "torch,openvino"], r"unknown --backends \['openvino'\]"),
+     # ran with no warm-up, exit 0
+     (["--warmup", "-1"], r"--warmup must be >= 0, got -1"),
+     # the model's rows were written twice and _summary kept the last run's
+     (["--models", "demo,demo"], r"--models names \['demo'\] more than once"),
+     (["--backends", "torch,torch"], r"--backends names \['torch'\] more than once")],
 )
 def test_bench_backends_refuses_bad_arguments_before_any_work(tmp_path, extra, message, capsys):
-    argv = ["bench-backends", "--out", str(tmp_path / "out"), "--models", "demo", *extra]
+    # a missing model: any of these that got past the checks would fail on it, not benchmark
+    argv = ["bench-backends", "--out", str(tmp_path / "out"), "--models", "demo",
+            "--demo-model", str(tmp_path / "missing"), *extra]
     assert cli.main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ttspec_ros.backends import BACKENDS
-from ttspec_ros.experiments import seed_option
+from ttspec_ros.experiments import below_minimum, seed_option
 from ttspec_ros.files import check_writable, write_json
 
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> --model spec
@@ -340,6 +340,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(backend_names) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown --backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
+    for option, names in (("--models", labels), ("--backends", backend_names)):
+        # a model twice wrote its rows twice and _summary kept the last run's
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"{option} names {twice} more than once")
     if "torch" not in backend_names:
         raise ValueError("--backends must include torch (the reference for accuracy)")
     if args.repeats < 2:
@@ -348,6 +352,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--block must be >= 1")
     if args.threads < 1:
         raise ValueError("--threads must be >= 1")
+    if reason := below_minimum(args, {"warmup": 0}):  # -1 silently meant no warm-up
+        raise ValueError(reason)
     try:  # a TensorRT machine (Jetson) may have no onnxruntime: only its backend needs it
         import onnxruntime
 
