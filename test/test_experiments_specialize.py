@@ -323,13 +323,19 @@ def test_forgetting_experiment_refuses_bad_options(tiny_checkpoint, tmp_path, ex
     assert not (tmp_path / "forgetting.json").exists()
 
 
-def test_bench_update_refuses_zero_repeats(tiny_checkpoint, tmp_path) -> None:
+@pytest.mark.parametrize("extra, message", [
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    # ran the model twice, the second run overwriting the first
+    (["--models", "demo,demo"], "--models names ['demo'] more than once"),
+])
+def test_bench_update_refuses_bad_options(tiny_checkpoint, tmp_path, extra, message) -> None:
     from ttspec_ros.experiments import bench_update as mod
 
-    args = _args(mod, ["--out", str(tmp_path), "--models", "demo", "--demo-model",
-                       tiny_checkpoint, "--repeats", "0"])
-    with pytest.raises(ValueError, match="--repeats must be >= 1"):
+    args = _args(mod, ["--out", str(tmp_path / "o"), "--models", "demo", "--demo-model",
+                       tiny_checkpoint, "--repeats", "1", "--warmup", "0", *extra])
+    with pytest.raises(ValueError, match=re.escape(message)):
         mod.run(args)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("option", ["--candidates", "--per-class"])

@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--models names no model; choose from {list(MODELS)}")
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if twice := sorted({n for n in names if names.count(n) > 1}):  # ran twice, kept the last
+        raise ValueError(f"--models names {twice} more than once")
     out = check_writable(args.out)
     report = {
         "what": "median ms of one worst-case update step (every earlier head, batch 1) vs one "
