@@ -216,10 +216,18 @@ def test_bench_update_writes_json(tiny_checkpoint, tmp_path) -> None:
     from ttspec_ros.experiments import bench_update as mod
 
     args = _args(mod, ["--out", str(tmp_path), "--models", "demo", "--demo-model",
-                       tiny_checkpoint, "--repeats", "3", "--warmup", "1", "--threads", "1"])
+                       tiny_checkpoint, "--repeats", "3", "--warmup", "1", "--threads", "1",
+                       "--anchors-per-class", "2", "--seed", "3"])
     assert mod.run(args) == 0
     result = json.loads((tmp_path / "bench_update.json").read_text())
+    # the settings the times depend on (anchors per class: 0.50 -> 2.26 ms guarded, unrecorded)
+    assert {k: result[k] for k in ("threads", "repeats", "warmup", "anchors_per_class", "seed",
+                                   "demo_model")} == {
+        "threads": 1, "repeats": 3, "warmup": 1, "anchors_per_class": 2, "seed": 3,
+        "demo_model": tiny_checkpoint}
     demo = result["models"]["demo"]
+    assert demo["guard"]["anchors"] == 2 * 10 and demo["guard"]["anchors_per_class"] == 2
+    assert demo["guard"]["check_every"] == 10 and demo["guard"]["rehearsal"] == 2
     assert set(demo["median_ms"]) == {"inference", "update_step", "update_step_guarded",
                                       "export", "apply_update"}
     assert demo["update_over_inference"] > 0 and demo["early_heads"] == 3

@@ -24,6 +24,8 @@ from ttspec_ros.files import check_writable, write_json
 from ttspec_ros.specialize import AnchorGuard, AnchorSet, Specializer, early_head_tensors
 
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> model spec
+LR = 1e-4  # the paper's update rule
+THRESHOLD = 0.9  # the cascade's and the guard's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +55,7 @@ def bench_model(spec_name: str, args: argparse.Namespace) -> dict:
 
     model, size, description = resolve_model(spec_name, seed=args.seed)
     num_exits, last = model.num_exits, model.num_exits - 1
-    cascade = Cascade(model, [0.9] * last, num_threads=args.threads)
+    cascade = Cascade(model, [THRESHOLD] * last, num_threads=args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     image = torch.randn(model.config.in_chans, size, size, generator=gen)
     result = cascade.run(image, force_exit=last)
@@ -63,9 +65,9 @@ def bench_model(spec_name: str, args: argparse.Namespace) -> dict:
     m = args.anchors_per_class * min(num_classes, 10)
     anchors = AnchorSet([rng.standard_normal((m, feats[0].size)).astype(np.float32)
                          for _ in range(last)], rng.integers(0, num_classes, m))
-    plain = Specializer(early_head_tensors(model), num_exits, lr=1e-4)
-    guarded = Specializer(early_head_tensors(model), num_exits, lr=1e-4,
-                          guard=AnchorGuard(anchors, threshold=0.9, seed=args.seed))
+    plain = Specializer(early_head_tensors(model), num_exits, lr=LR)
+    guard = AnchorGuard(anchors, threshold=THRESHOLD, seed=args.seed)
+    guarded = Specializer(early_head_tensors(model), num_exits, lr=LR, guard=guard)
     payload = plain.export()
 
     jobs: dict[str, Callable[[], object]] = {
@@ -92,6 +94,11 @@ def bench_model(spec_name: str, args: argparse.Namespace) -> dict:
         "num_classes": num_classes, "feature_dim": int(feats[0].size),
         "early_heads": last, "head_parameters": int(sum(
             np.prod(t.shape) for t in early_head_tensors(model).values())),
+        # what the guarded step's time depends on (its check runs every check_every steps)
+        "guard": {"anchors": int(m), "anchors_per_class": args.anchors_per_class,
+                  "rehearsal": guard.rehearsal, "check_every": guard.check_every,
+                  "tolerance": guard.tolerance, "class_tolerance": guard.class_tolerance,
+                  "threshold": THRESHOLD},
         "median_ms": median,
         "mean_ms": {k: round(statistics.fmean(v), 4) for k, v in times.items()},
         "update_over_inference": round(median["update_step"] / median["inference"], 5),
@@ -121,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "what": "median ms of one worst-case update step (every earlier head, batch 1) vs one "
                 "batch-1 cascade inference through every exit",
-        "threads": args.threads, "repeats": args.repeats, "seed": args.seed,
+        "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+        "anchors_per_class": args.anchors_per_class, "seed": args.seed,
+        "demo_model": args.demo_model, "lr": LR, "threshold": THRESHOLD,
         "torch": torch.__version__, "machine": platform.machine(),
         "processor": platform.processor(), "models": {},
     }
