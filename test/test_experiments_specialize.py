@@ -358,6 +358,22 @@ def test_make_anchors_refuses_non_positive_counts(tiny_checkpoint, tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.parametrize("images", [False, True])
+def test_make_anchors_refuses_a_bag_option_without_a_bag(tiny_checkpoint, tmp_path, images
+                                                         ) -> None:
+    # --image-topic was ignored: anchors from the pool (or the .npy), exit 0
+    from ttspec_ros.experiments import make_anchors as mod
+
+    np.save(tmp_path / "frames.npy", np.zeros((5, 28, 28), np.uint8))
+    source = ["--images", str(tmp_path / "frames.npy")] if images else []
+    out = tmp_path / "anchors.safetensors"
+    args = _args(mod, ["--out", str(out), "--model", tiny_checkpoint, "--candidates", "5",
+                       "--image-topic", "/no/such/topic", *source])
+    with pytest.raises(ValueError, match="--image-topic needs --bag"):
+        mod.run(args)
+    assert not out.exists()
+
+
 def _without_timing(obj):
     """The experiment JSON minus wall-clock fields (the only ones a seed does not fix)."""
     if isinstance(obj, dict):

@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     reason = below_minimum(args, {"per_class": 1, "candidates": 1, "threads": 1})
     if reason:
         raise ValueError(reason)
+    if args.image_topic is not None and not args.bag:  # was ignored: anchors from the pool
+        raise ValueError("--image-topic needs --bag (it names a topic of the bag)")
     check_writable(args.out, directory=False)
     torch.set_num_threads(args.threads)
     model, card = load_model(args.model)
