@@ -298,8 +298,8 @@ def test_pool_is_the_cards_recorded_split(tiny_checkpoint) -> None:
      "--evaluate-on pool has no image left: the 100 streamed images and the 5900 anchor "
      "candidates (2 x --anchors-per-class 300"),
     # the first test image is no bag: the subset's 50 curve rows were NaN in figure4.json
-    (["--test-limit", "1"], "the 1 test images (--test-limit 1) hold no image of the subset "
-                            "classes (bags or not); raise --test-limit"),
+    (["--test-limit", "1"], "--test-limit 1 keeps 1 test images: none of the bags classes; "
+                            "raise --test-limit"),
 ])
 def test_specialize_experiment_refuses_bad_options_up_front(tiny_checkpoint, tmp_path, extra,
                                                             message) -> None:
@@ -318,7 +318,7 @@ def test_specialize_experiment_refuses_bad_options_up_front(tiny_checkpoint, tmp
     (["--subset-frames", "-1"], "--subset-frames must be >= 0"),
     (["--anchors-per-class", "600"], "nothing is left to stream"),
     # the first test image is no bag: the subset's accuracy and cost were NaN in the JSON
-    (["--test-limit", "1"], "--test-limit 1 keeps 1 test image(s), none of the subset classes"),
+    (["--test-limit", "1"], "--test-limit 1 keeps 1 test image(s): none of the bags classes"),
 ])
 def test_forgetting_experiment_refuses_bad_options(tiny_checkpoint, tmp_path, extra, message
                                                    ) -> None:

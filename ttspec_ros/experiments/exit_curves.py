@@ -69,6 +69,11 @@ def empty_groups(groups: dict[str, np.ndarray]) -> list[str]:
     return [g for g, mask in groups.items() if not np.any(mask)]
 
 
+def group_description(group: str, subset: str) -> str:
+    """"the tops classes" / "the classes outside tops", for messages naming a group."""
+    return f"the {subset} classes" if group == "subset" else f"the classes outside {subset}"
+
+
 def curve(heads: StackedHeads, data: ExitFeatures, labels: np.ndarray,
           groups: dict[str, np.ndarray], exit_cost: Sequence[float],
           exit_latency_ms: Sequence[float] | None, thresholds: Sequence[float] = THRESHOLDS

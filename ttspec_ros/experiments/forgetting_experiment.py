@@ -25,6 +25,7 @@ from ttspec_ros.experiments.exit_curves import (
     ExitFeatures,
     curve,
     empty_groups,
+    group_description,
     simulate_stream,
 )
 from ttspec_ros.experiments.specialize_experiment import PRESETS, pool_images, split_seed
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     groups = {"others": ~in_subset, "subset": in_subset}
     if empty := empty_groups(groups):  # its accuracy and cost would be means of nothing: NaN
         raise ValueError(f"--test-limit {args.test_limit} keeps {test_labels.size} test "
-                         f"image(s), none of the {empty[0]} classes ({args.subset} or not); "
+                         f"image(s): none of {group_description(empty[0], args.subset)}; "
                          "raise --test-limit")
     test_data = ExitFeatures.compute(
         model, torch.from_numpy(preprocess_batch(np.ascontiguousarray(test_images), card.input)),

@@ -25,6 +25,7 @@ from ttspec_ros.experiments.exit_curves import (
     ExitFeatures,
     curve,
     empty_groups,
+    group_description,
     iso_accuracy_cost_ratio,
     measure_exit_latency,
     row_at,
@@ -223,8 +224,8 @@ def run(args: argparse.Namespace) -> int:
     in_subset = np.isin(test_labels, classes)
     groups = {"subset": in_subset, "others": ~in_subset}
     if empty := empty_groups(groups):  # its curves would be means of nothing: NaN
-        raise ValueError(f"{_evaluation_images(args, test_labels.size)} hold no image of the "
-                         f"{empty[0]} classes ({args.subset} or not); {_more_images(args)}")
+        raise ValueError(f"{_evaluation_images(args, test_labels.size)}: none of "
+                         f"{group_description(empty[0], args.subset)}; {_more_images(args)}")
     test_x = torch.from_numpy(preprocess_batch(np.ascontiguousarray(test_images), card.input))
     before_data = ExitFeatures.compute(model, test_x, args.batch)
     latency = measure_exit_latency(cascade, list(test_x[:50]), args.latency_frames, num_exits)
@@ -300,8 +301,9 @@ def run(args: argparse.Namespace) -> int:
 def _evaluation_images(args: argparse.Namespace, count: int) -> str:
     where = ("held-out deployment-pool images (--evaluate-on pool)" if args.evaluate_on == "pool"
              else "test images")
-    limit = f" (--test-limit {args.test_limit})" if args.test_limit else ""
-    return f"the {count} {where}{limit}"
+    if args.test_limit:
+        return f"--test-limit {args.test_limit} keeps {count} {where}"
+    return f"the {count} {where}"
 
 
 def _more_images(args: argparse.Namespace) -> str:
