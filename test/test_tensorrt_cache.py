@@ -133,6 +133,41 @@ def test_entry_without_valid_sidecar_is_refused(tmp_path):
     assert EngineCache(tmp_path).load("absent", KEY) is None
 
 
+def test_a_failed_sidecar_write_leaves_no_entry_and_the_next_start_builds(tmp_path,
+                                                                           monkeypatch):
+    """store() whose sidecar write fails (a full disk) removes the engine it had renamed into
+    place; before, the engine stayed without a sidecar and every later start refused it."""
+    import ttspec_ros.backends.tensorrt_backend as trt_backend
+
+    real_write_json = trt_backend.write_json
+    failures = []
+
+    def disk_full_once(path, obj, **kwargs):
+        if not failures:
+            failures.append(path)
+            raise OSError(28, "No space left on device")
+        return real_write_json(path, obj, **kwargs)
+
+    monkeypatch.setattr(trt_backend, "write_json", disk_full_once)
+    build, calls = counting_builder()
+    with pytest.raises(OSError, match="No space left"):
+        EngineCache(tmp_path).get_or_build("entry", KEY, build)
+    assert not (tmp_path / "entry.engine").exists()
+    assert not (tmp_path / "entry.json").exists()
+    assert EngineCache(tmp_path).get_or_build("entry", KEY, build) == ENGINE
+    assert len(calls) == 2 and EngineCache(tmp_path).load("entry", KEY) == ENGINE
+
+
+def test_an_engine_left_without_sidecar_is_rebuilt_under_the_lock(tmp_path):
+    """A store() cut short after the engine's rename (a power cut) leaves an engine without a
+    sidecar; entries are only stored under the entry's lock, so get_or_build takes it for an
+    unfinished store and builds again (it refused the entry on every start before)."""
+    (tmp_path / "entry.engine").write_bytes(b"half-stored engine")
+    build, calls = counting_builder()
+    assert EngineCache(tmp_path).get_or_build("entry", KEY, build) == ENGINE
+    assert calls == [1] and EngineCache(tmp_path).load("entry", KEY) == ENGINE
+
+
 def test_entry_names_are_checked():
     gpu = "Orin (sm_87, 16 SMs)"
     name = entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "a" * 64, gpu)

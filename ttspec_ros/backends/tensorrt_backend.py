@@ -16,6 +16,7 @@ only touched by ``TensorRTBackbone``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -133,7 +134,8 @@ class EngineCache:
         return data
 
     def store(self, name: str, key: EngineKey, engine: bytes) -> None:
-        """Write engine then sidecar, each atomically; a complete sidecar marks a valid entry."""
+        """Write engine then sidecar, each atomically; a complete sidecar marks a valid entry,
+        and a failed sidecar write leaves no entry at all."""
         engine_path, sidecar_path = self.paths(name)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         sidecar = {
@@ -144,7 +146,17 @@ class EngineCache:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_bytes(engine_path, engine)
-        write_json(sidecar_path, sidecar)
+        try:
+            write_json(sidecar_path, sidecar)
+        except BaseException:
+            # An engine without a (matching) sidecar cannot be verified and would be refused
+            # by every later load: leave no entry, so the next start builds again. The
+            # sidecar goes too, as its rename may have happened before the failure (the
+            # directory fsync) or an older one may disagree with this engine.
+            for path in (engine_path, sidecar_path):
+                with contextlib.suppress(OSError):  # the write's error is the one to report
+                    path.unlink(missing_ok=True)
+            raise
 
     def get_or_build(self, name: str, key: EngineKey, build: Callable[[], bytes]) -> bytes:
         """Cached engine for ``key``; ``build`` runs only when there is no entry at all, and
@@ -165,6 +177,13 @@ class EngineCache:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with open(self.cache_dir / f"{name}.lock", "ab") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            engine_path, sidecar_path = self.paths(name)
+            if engine_path.is_file() and not sidecar_path.exists():
+                # Entries are only stored under this lock, so an engine without a sidecar
+                # here is a store() that never finished (a power cut, or a failed sidecar
+                # write whose cleanup failed too): not an entry, so build it again. A sidecar
+                # that disagrees with the key is still refused by load().
+                engine_path.unlink()
             cached = self.load(name, key)
             if cached is not None:
                 return cached
