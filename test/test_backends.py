@@ -536,6 +536,51 @@ def test_manifest_fields_the_backends_read_are_checked(exported, tmp_path):
     refused(lambda m: m.update(unsplit=[]), "unsplit is not an object")
 
 
+def _three_stage_manifest(manifest: dict) -> None:
+    """A manifest consistent in itself, of 3 stages: not one for the 4-exit model."""
+    del manifest["stages"][3]
+    manifest["num_stages"] = 3
+    manifest["stages"][2]["outputs"] = manifest["stages"][2]["outputs"][-1:]  # pooled only
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda m: m["stages"][1]["outputs"].pop(),  # pooled
+         r"stage 1 outputs are named \['c0', 'c1', 'c2', 'c3'\], the exporter writes"),
+        (lambda m: m["stages"][1].update(outputs=[]), r"stage 1 outputs are named \[\]"),
+        (lambda m: m["stages"][2]["inputs"].reverse(), r"stage 2 inputs are named \['c3_in'"),
+        (lambda m: (m["stages"].pop(), m.update(num_stages=3)), "stage 2 outputs are named"),
+        (_three_stage_manifest, None),  # well-formed, but for another number of exits
+    ],
+)
+def test_manifest_that_does_not_match_the_graphs_is_exported_again(
+    exported, tmp_path, image, change, reason
+):
+    """A well-formed manifest naming other tensors than its graphs, or of another stage count
+    than the model's exits, was reused: a KeyError ('pooled', 'c0') at the first frame, or a
+    ValueError about the heads on every start. It is refused by name and exported again."""
+    model, out, manifest = exported
+    graph_dir = tmp_path / f"onnx-{backbone_hash(model)[:16]}-{SIZE}x{SIZE}"
+    shutil.copytree(out, graph_dir)
+    broken = json.loads(json.dumps(manifest))
+    change(broken)
+    (graph_dir / "manifest.json").write_text(json.dumps(broken))
+    if reason is not None:
+        with pytest.raises(ValueError, match=f"manifest.json is malformed: {reason}"):
+            load_manifest(graph_dir)
+    backbone = create_backbone("onnxruntime", model, num_threads=1, cache_dir=tmp_path,
+                               image_size=SIZE)
+    again = load_manifest(graph_dir)
+    assert again["num_stages"] == 4
+    assert ([[o["name"] for o in e["outputs"]] for e in again["stages"]]
+            == [[o["name"] for o in e["outputs"]] for e in manifest["stages"]])
+    carry, expected = image, torch_reference(model, image)
+    for i in range(4):
+        carry, pooled = backbone.run_stage(i, carry)
+        assert relative_difference(pooled, expected[i]) < 1e-4
+
+
 def test_export_onnx_refuses_an_image_size_the_graphs_cannot_take(checkpoint, tmp_path, capsys):
     _, stem = checkpoint
     assert cli.main(["export-onnx", "--model", str(stem), "--out", str(tmp_path),

@@ -440,6 +440,17 @@ def _manifest_problem(manifest: dict) -> str | None:
                 and _is_int_list(t.get("shape")) for t in tensors
             ):
                 return f"{label} {side} are not a list of {{name, shape}}"
+        # The backends bind and read tensors by these names: a graph entry naming others
+        # (edited, or from another exporter) failed as a KeyError at the first frame.
+        index = entry["index"] if label != "unsplit" else None
+        expected = {
+            "inputs": ["image"] if index is None else stage_input_names(index),
+            "outputs": ["pooled"] if index is None else stage_output_names(index, len(stages)),
+        }
+        for side, names in expected.items():
+            found = [t["name"] for t in entry[side]]
+            if found != names:
+                return f"{label} {side} are named {found}, the exporter writes {names}"
     return None
 
 
@@ -491,6 +502,9 @@ def ensure_exported(
         if (
             manifest["model_hash"] == model_hash
             and manifest["image_shape"] == list(shape)
+            # A stage per exit: the cascade's heads need one (a manifest of another stage
+            # count was refused on every start, and never exported again).
+            and manifest["num_stages"] == model.num_exits
             and manifest.get("export_version") == EXPORT_VERSION
         ):
             return graph_dir
