@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 
+import numpy as np
 import onnx
 import onnxruntime
 import pytest
@@ -25,6 +26,7 @@ from ttspec_ros.backends.onnx_export import (
     backbone_hash,
     ensure_exported,
     export_stages,
+    image_shape_for,
     load_manifest,
     relative_difference,
 )
@@ -380,6 +382,43 @@ def test_selection_errors_name_what_is_missing():
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="needs CUDA"):
             create_backbone("torch", model, device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image_size": 32.0}, "image_size must be a positive integer or a pair"),
+        ({"image_size": (32,)}, r"image_size .* got \(32,\)"),
+        ({"image_size": "32"}, "image_size .* got '32'"),
+        ({"image_size": (32, 0)}, r"image_size .* got \(32, 0\)"),
+        ({"image_size": True}, "image_size .* got True"),
+        ({"image_size": SIZE, "num_threads": 0}, "num_threads must be None or an integer >= 1"),
+        ({"image_size": SIZE, "num_threads": 1.5}, "num_threads .* got 1.5"),
+        ({"image_size": SIZE, "num_threads": True}, "num_threads .* got True"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt", "torch"])
+def test_create_backbone_refuses_bad_parameters_before_any_work(tmp_path, backend, kwargs,
+                                                                message):
+    """Each was refused, if at all, mid-setup as an error naming no parameter ('cannot unpack
+    non-iterable float', 'not all arguments converted'), num_threads=0 only after a full
+    export into the cache, and 1.5 or True were int()-ed silently."""
+    with pytest.raises(ValueError, match=message):
+        create_backbone(backend, make_tiny_model(), cache_dir=tmp_path / "cache", **kwargs)
+    assert not (tmp_path / "cache").exists()  # nothing exported
+
+
+def test_onnxruntime_backbone_refuses_bad_num_threads(exported):
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"num_threads .* got {re.escape(repr(bad))}"):
+            OnnxRuntimeBackbone(exported[1], num_threads=bad)
+
+
+def test_image_size_may_be_any_integers_or_pair():
+    model = make_tiny_model()
+    for size in (SIZE, np.int64(SIZE), (SIZE, 2 * SIZE), [np.int32(SIZE), SIZE]):
+        shape = image_shape_for(model, size)
+        assert shape[:3] == (1, 1, SIZE) and all(type(v) is int for v in shape)
 
 
 def test_export_without_onnxruntime(monkeypatch, tmp_path):

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from ttspec_ros.checks import is_integer
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -27,6 +30,35 @@ def release(version: str) -> tuple[int, int] | None:
 
 class BackendUnavailable(RuntimeError):
     """A backend cannot run here; the message names what is missing."""
+
+
+def check_image_size(image_size: Any) -> tuple[int, int]:
+    """(height, width) of an ``image_size`` given as one integer or a pair of integers (a
+    tuple or list), all positive; ValueError otherwise. A float, a string or a 1-tuple got
+    as far as unpacking the size mid-setup and failed there as a TypeError or ValueError
+    that named nothing (bools are refused: ``True`` is not a size)."""
+    if is_integer(image_size):
+        sides = [image_size, image_size]
+    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
+        sides = list(image_size)
+    else:
+        sides = []
+    if len(sides) != 2 or not all(is_integer(v) and v > 0 for v in sides):
+        raise ValueError(
+            "image_size must be a positive integer or a pair of positive integers "
+            f"(height, width), got {image_size!r}"
+        )
+    return int(sides[0]), int(sides[1])
+
+
+def check_num_threads(num_threads: Any) -> int | None:
+    """``num_threads`` as an int, None for the library's default; ValueError for anything but
+    an integer >= 1 (1.5 and True were int()-ed silently, 0 refused only after an export)."""
+    if num_threads is None:
+        return None
+    if not is_integer(num_threads) or num_threads < 1:
+        raise ValueError(f"num_threads must be None or an integer >= 1, got {num_threads!r}")
+    return int(num_threads)
 
 
 def default_cache_dir() -> Path:
@@ -65,6 +97,10 @@ def create_backbone(
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    # Checked before anything is imported, exported or built, so a bad value costs nothing.
+    num_threads = check_num_threads(num_threads)
+    if image_size is not None:
+        image_size = check_image_size(image_size)
     if name == "torch":
         return _torch_backbone(model, device, num_threads)
     if image_size is None:
@@ -83,9 +119,7 @@ def _torch_backbone(model, device: str, num_threads: int | None):
             f"backend 'torch' on device {device!r} needs CUDA, but torch {torch.__version__} "
             "sees no CUDA device"
         )
-    if num_threads is not None:
-        if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if num_threads is not None:  # checked by create_backbone
         torch.set_num_threads(num_threads)  # process-wide: torch has no per-model setting
     from ttspec_ros.cascade import TorchBackbone
 
@@ -143,6 +177,6 @@ def _tensorrt_backbone(model, device: str, cache_dir, image_size, precision: str
 
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "create_backbone", "default_cache_dir",
-    "require_torch_for_strategy",
+    "BACKENDS", "BackendUnavailable", "check_image_size", "check_num_threads", "create_backbone",
+    "default_cache_dir", "require_torch_for_strategy",
 ]

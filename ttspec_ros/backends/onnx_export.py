@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttspec_ros.backends import check_image_size
 from ttspec_ros.checks import is_integer
 from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.checkpoint import file_sha256
@@ -302,9 +303,9 @@ MAX_IMAGE_SIDE = 1024  # px; the model's input size (frames are resized to it), 
 
 
 def image_shape_for(model: RevCol, image_size: int | tuple[int, int]) -> tuple[int, int, int, int]:
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w = check_image_size(image_size)  # export_stages is called directly too
     # stem /4, then three /2 downsamplings: every level needs whole pixels.
-    if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE or h <= 0 or w <= 0:
+    if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:  # positive: check_image_size
         raise ValueError(f"image size must be positive multiples of {INPUT_MULTIPLE}, "
                          f"got {h}x{w}")
     if max(h, w) > MAX_IMAGE_SIDE:  # tracing ran out of memory far into the export instead

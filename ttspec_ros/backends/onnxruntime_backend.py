@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ttspec_ros.backends import release
+from ttspec_ros.backends import check_num_threads, release
 from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
 
 # Bounded spinning, the default: an intra-op worker that has no work spins this long for the
@@ -116,14 +116,15 @@ class OnnxRuntimeBackbone:
     ) -> None:
         import onnxruntime as ort
 
+        # Before the sessions (and their graph optimisation) are made; benchmarks and tests
+        # construct this directly, not through create_backbone.
+        num_threads = check_num_threads(num_threads)
         self._ort = ort
         self.graph_dir = Path(graph_dir)
         self.manifest = load_manifest(self.graph_dir)
         self.num_exits = int(self.manifest["num_stages"])
         self.image_shape = list(self.manifest["image_shape"])
         self.model_hash = self.manifest["model_hash"]
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
         self.allow_spinning = allow_spinning
         self.spin_us = bounded_spin_us(ort.__version__)
@@ -192,7 +193,7 @@ class OnnxRuntimeBackbone:
         elif spin_us:
             options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
         if self.num_threads is not None:
-            options.intra_op_num_threads = int(self.num_threads)
+            options.intra_op_num_threads = self.num_threads  # an int (check_num_threads)
         return ort.InferenceSession(model, sess_options=options,
                                     providers=["CPUExecutionProvider"])
 
