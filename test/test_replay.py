@@ -621,6 +621,8 @@ def test_a_failed_run_leaves_a_report_of_the_finished_ones(tmp_path, monkeypatch
     out = tmp_path / "report"
     out.mkdir()
     (out / "report.md").write_text("a report of another replay")
+    for old in ("accuracy.png", "threshold_curve.png"):  # plots this replay does not draw
+        (out / old).write_bytes(b"an old plot")
 
     def play(stream, settings, graph, **kwargs):
         if not settings.adapt:
@@ -637,6 +639,8 @@ def test_a_failed_run_leaves_a_report_of_the_finished_ones(tmp_path, monkeypatch
     assert [r["name"] for r in report["runs"]] == [runs[0].name]
     assert "run no-adapt failed (GraphError: node classifier exited" in report["incomplete"]
     assert (out / "report.md").read_text().count("**Incomplete:**") == 1
+    assert not (out / "accuracy.png").exists() and not (out / "threshold_curve.png").exists()
+    assert set(report["plots"]) == {p.name for p in out.glob("*.png")}
 
 
 def test_a_node_dying_mid_run_ends_a_rate_mode_replay_with_its_name(tmp_path):

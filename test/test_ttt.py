@@ -487,7 +487,7 @@ def test_run_cache_fingerprint_covers_corruptions_and_preprocessing(monkeypatch)
     monkeypatch.undo()
     assert te._task_fingerprint(task, opts, weights, spec) == base
     # and the code: a run cached by an older ttt.py is redone
-    monkeypatch.setattr(te, "RUN_CODE", (*te.RUN_CODE, "cascade.py"))
+    monkeypatch.setattr(te, "RUN_CODE", (*te.RUN_CODE, "files.py"))
     assert te._task_fingerprint(task, opts, weights, spec) != base
 
 
@@ -500,6 +500,9 @@ def test_run_cache_fingerprint_covers_corruptions_and_preprocessing(monkeypatch)
     (["--images", "10", "--episodic-images", "20"], "--episodic-images (20) must be at most"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--stream", "6001"], "--stream 6001 exceeds the deployment pool's 6000 images"),
+    (["--corruptions", "contrast", "gaussian_noise", "contrast"],
+     "--corruptions lists a value more than once: contrast gaussian_noise contrast"),
+    (["--batches", "8", "8"], "--batches lists a value more than once"),
 ])
 def test_ttt_experiment_refuses_bad_options_with_one_line(tmp_path, capsys, flags, message):
     from ttspec_ros.cli import main

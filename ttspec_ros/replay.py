@@ -822,7 +822,11 @@ def replay_bag(
     domain_id = pick_domain_id() if domain_id is None else domain_id
     out_dir = Path(out_dir).resolve()  # node processes get absolute paths
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("report.json", "report.md"):  # a failed first run must not leave the last one's
+    from ttspec_ros.replay_plots import PLOT_FILES
+
+    # A failed first run must not leave the last replay's report, nor this one its plots (a
+    # plot is drawn only when there is something to draw: an old accuracy.png would stay).
+    for stale in ("report.json", "report.md", "outcomes.json", *PLOT_FILES):
         (out_dir / stale).unlink(missing_ok=True)
     total = min(stream.image_count, max_frames) if max_frames else stream.image_count
     model = model_info

@@ -19,6 +19,10 @@ import numpy as np
 
 from ttspec_ros.files import save_figure
 
+# Every file these functions may write; the ones a report does not list are not drawn for it.
+PLOT_FILES = ("accuracy.png", "exit_cost.png", "group_cost.png", "exit_histogram.png",
+              "latency.png", "threshold_curve.png")
+
 
 def _pyplot():
     import matplotlib

@@ -319,8 +319,9 @@ DATA_OPTIONS = ("seed", "corruption_seed", "split_seed", "pool_size", "severity"
 
 
 # The code a run's result comes from (package-relative): a cached run of older code is redone.
+# data.py picks the pool; cascade.py and specialize.py hold the threshold rule of the metrics.
 RUN_CODE = ("ttt.py", "masking.py", "corruptions.py", "preprocess.py", "models/revcol.py",
-            "experiments/ttt_experiment.py")
+            "data.py", "cascade.py", "specialize.py", "experiments/ttt_experiment.py")
 
 
 def _code_hash() -> str:
@@ -731,6 +732,11 @@ def options_from_args(args: argparse.Namespace, split_seed: int, norm_pix: bool 
     if args.episodic_images > args.images:
         raise ValueError(f"--episodic-images ({args.episodic_images}) must be at most --images "
                          f"({args.images})")
+    for flag in ("corruptions", "severity_corruptions", "batches", "parts"):
+        values = list(getattr(args, flag))
+        if len(set(values)) < len(values):  # a repeated corruption would weigh twice in means
+            raise ValueError(f"--{flag.replace('_', '-')} lists a value more than once: "
+                             f"{' '.join(map(str, values))}")
 
     def config(flags: str, base: TTTConfig, **changes) -> TTTConfig:
         try:
