@@ -127,6 +127,13 @@ def test_make_corrupted_tiny(tmp_path):
                                           source="pool", indices=pool)
     np.testing.assert_array_equal(stack[2], expected)
     assert (tmp_path / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # again with fewer corruptions: the earlier run's other files do not stay beside its index
+    assert main(["make-corrupted", "--out", str(tmp_path), "--test-images", "2",
+                 "--pool-images", "2", "--split-seed", "0", "--corruptions", "contrast"]) == 0
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == sorted(
+        f["file"] for f in index["files"]) == [
+        "pool_clean.npz", "pool_contrast.npz", "test_clean.npz", "test_contrast.npz"]
 
 
 @pytest.mark.parametrize("counts, message", [

@@ -134,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
     selected = {source: source_images(source, count, split_seed, pool_size)
                 for source, count in (("test", args.test_images), ("pool", args.pool_images))}
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier run's files of corruptions this run leaves out would sit beside an index.json
+    # of other seeds and counts: only what this run writes stays.
+    written = {f"{source}_{name}.npz" for source in selected
+               for name in ("clean", *args.corruptions)}
+    for source in selected:
+        for name in ("clean", *corruptions.CORRUPTIONS):
+            stale = out / f"{source}_{name}.npz"
+            if stale.name not in written and stale.exists():
+                stale.unlink()
+                print(f"removed {stale.name} of an earlier run", flush=True)
     started = time.time()
     files, sources = [], {}
     for source, (images, labels, indices) in selected.items():
