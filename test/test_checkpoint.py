@@ -266,6 +266,26 @@ def test_card_drop_path_of_a_wrong_type_or_range_is_a_value_error(tmp_path, valu
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("channels", [8.0, 16, 24, 32], r"channels must be 4 integers >= 1, got \[8.0"),
+    ("layers", [1.0, 1, 1, 1], "layers must be 4 integers >= 1"),
+    ("kernel_size", 3.0, "kernel_size must be an odd integer >= 1, got 3.0"),
+    ("num_columns", 4.0, "num_columns must be an integer, got 4.0"),
+    ("stem_kernel", 4.0, "stem_kernel must be an integer, got 4.0"),
+    ("num_classes", "10", "num_classes must be an integer >= 1, got '10'"),
+])
+def test_card_architecture_numbers_of_the_wrong_type_are_named(tmp_path, field, value,
+                                                               message):
+    """8.0 == 8, so the card matched the tensors, then torch failed with a TypeError that
+    named neither the file nor the field."""
+    model = make_model()
+    save_model(model, make_card(model), tmp_path / "m")
+    card = json.loads((tmp_path / "m.json").read_text())
+    card["architecture"][field] = value
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=f"m.json: architecture: {message}"):
+        load_model(tmp_path / "m")
+
 def test_stem_kernel_is_read_from_the_tensors_and_checked_against_the_card(tmp_path):
     model = make_model(stem_kernel=8)
     save_model(model, make_card(model), tmp_path / "m")

@@ -44,14 +44,13 @@ from ttspec_ros.model_update import (
     save_payload,
 )
 from ttspec_ros.models.checkpoint import ModelCard
-from ttspec_ros.models.revcol import ChannelsFirstLayerNorm, RevCol
+from ttspec_ros.models.revcol import INPUT_MULTIPLE, ChannelsFirstLayerNorm, RevCol
 
 MODES = ("episodic", "online")
 UPDATES = ("norm", "columns", "encoder")
 OPTIMIZERS = ("sgd", "adamw")
 OBJECTIVES = ("mae", "entropy")
 _IMAGE_FAULT = "the image's own loss is not finite"
-RECONSTRUCTION_STRIDE = 32  # stem /4, three /2 levels; the decoders' PixelShuffle(32)
 STATE_FILE = "ttt.safetensors"  # in a node's state_dir, beside the specializer's state
 
 
@@ -203,10 +202,10 @@ class TestTimeTrainer:
         if c != self.model.config.in_chans:
             raise ValueError(f"image has {c} channels, the model takes "
                              f"{self.model.config.in_chans}")
-        if h % RECONSTRUCTION_STRIDE or w % RECONSTRUCTION_STRIDE:
+        if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
             # the decoders rebuild the input from the 1/32-scale features
-            raise ValueError(f"image size {h}x{w} is not a multiple of "
-                             f"{RECONSTRUCTION_STRIDE}, which reconstruction needs")
+            raise ValueError(f"image size {h}x{w} is not a multiple of {INPUT_MULTIPLE}, "
+                             "which reconstruction needs")
         image = image.float()
         if not torch.isfinite(image).all():  # its loss would be NaN and undo good updates
             raise ValueError("image holds NaN or infinite values")

@@ -42,7 +42,14 @@ from ttspec_ros.models.paths import (
     is_our_format,
     model_files,
 )
-from ttspec_ros.models.revcol import INPUT_MULTIPLE, NUM_EXITS, STEM_PATCH, RevCol, RevColConfig
+from ttspec_ros.models.revcol import (
+    INPUT_MULTIPLE,
+    NUM_EXITS,
+    STEM_PATCH,
+    RevCol,
+    RevColConfig,
+    check_architecture,
+)
 from ttspec_ros.preprocess import check_input_spec
 
 MODEL_ID_HEX = 12  # model ids are the first 12 hex digits of the weights file's sha256
@@ -107,6 +114,13 @@ class ModelCard:
             config = self.config
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: architecture is incomplete or malformed ({e})") from e
+        c = config
+        try:  # what RevCol would refuse, before any tensor is made
+            check_architecture(c.channels, c.layers, c.num_columns, c.num_classes,
+                               c.kernel_size, c.in_chans, c.drop_path, c.stem_kernel,
+                               c.stem_width)
+        except ValueError as e:
+            raise ValueError(f"{source}: architecture: {e}") from e
         # Published as each prediction's class_name (a string field): a string here would be
         # read one character per class, a number would fail every frame.
         if not isinstance(self.class_names, (list, tuple)) \

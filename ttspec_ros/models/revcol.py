@@ -269,6 +269,41 @@ def check_stem_kernel(stem_kernel: int) -> None:
         )
 
 
+def check_architecture(channels: Sequence[int], layers: Sequence[int], num_columns: int,
+                       num_classes: int, kernel_size: int = 3, in_chans: int = 3,
+                       drop_path: float = 0.0, stem_kernel: int = STEM_PATCH,
+                       stem_width: int = 0) -> None:
+    """ValueError naming the first argument of ``RevCol`` that cannot build a model (also
+    checks a card's architecture before any tensor is made)."""
+    if len(channels) != 4 or len(layers) != 4:
+        raise ValueError("RevCol needs 4 levels: channels and layers of length 4")
+    # From a card (not in the tensors): 8.0 for 8 failed deep in torch with a TypeError
+    for name, values in (("channels", channels), ("layers", layers)):
+        if not all(is_integer(v) and v >= 1 for v in values):
+            raise ValueError(f"{name} must be 4 integers >= 1, got {list(values)!r}")
+    for name, value in (("num_columns", num_columns), ("stem_kernel", stem_kernel)):
+        if not is_integer(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not is_integer(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
+        # an even depthwise kernel with (k-1)//2 padding shrinks the map: no residual add
+        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    check_stem_kernel(stem_kernel)
+    if not is_integer(stem_width) or stem_width < 0 \
+            or (stem_width and stem_kernel != STEM_PATCH):
+        raise ValueError(f"stem_width must be an integer >= 0 (0: the patchify stem), and "
+                         f"the conv stem takes no stem_kernel; got stem_width "
+                         f"{stem_width!r}, stem_kernel {stem_kernel}")
+    # From a card (not in the tensors): a wrong type failed deep in torch.linspace
+    if not is_real(drop_path) or not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
+    if num_columns < NUM_EXITS or num_columns % NUM_EXITS:
+        raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
+    for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        # 0 built heads whose max() failed at the first forward; < 0 failed in torch.empty
+        if not is_integer(value) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RevColConfig:
     """Everything that decides the state-dict layout; stored in model cards."""
@@ -343,23 +378,8 @@ class RevCol(nn.Module):
         stem_width: int = 0,
     ) -> None:
         super().__init__()
-        if len(channels) != 4 or len(layers) != 4:
-            raise ValueError("RevCol needs 4 levels: channels and layers of length 4")
-        check_stem_kernel(stem_kernel)
-        if not is_integer(stem_width) or stem_width < 0 \
-                or (stem_width and stem_kernel != STEM_PATCH):
-            raise ValueError(f"stem_width must be an integer >= 0 (0: the patchify stem), and "
-                             f"the conv stem takes no stem_kernel; got stem_width "
-                             f"{stem_width!r}, stem_kernel {stem_kernel}")
-        # From a card (not in the tensors): a wrong type failed deep in torch.linspace
-        if not is_real(drop_path) or not 0.0 <= drop_path < 1.0:
-            raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
-        if num_columns < NUM_EXITS or num_columns % NUM_EXITS:
-            raise ValueError(f"num_columns must be a multiple of {NUM_EXITS}, got {num_columns}")
-        for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
-            # 0 built heads whose max() failed at the first forward; < 0 failed in torch.empty
-            if not is_integer(value) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_architecture(channels, layers, num_columns, num_classes, kernel_size, in_chans,
+                           drop_path, stem_kernel, stem_width)
         self.config = RevColConfig(
             tuple(channels), tuple(layers), num_columns, num_classes, kernel_size, in_chans,
             drop_path, with_decoders, stem_kernel, stem_width,
