@@ -235,9 +235,13 @@ def test_camera_transport_and_rate_set_live(pipeline, data):
     stamp, _ = probe.publish_image(encode_image(data[0][0], "rgb8"))
     assert wait_for(lambda: any(p.header.stamp == stamp for p in _predictions(probe)), 3.0), \
         probe.diag(CAM)
-    _stream(probe, data[0][:8], rate_hz=8.0)  # 1 s at 8 Hz: about 2 pass
-    assert len(_predictions(probe)) <= 4
-    assert wait_for(lambda: probe.count(CAM, "dropped_rate_limit") >= before + 4, 3.0)
+    stamps = _stream(probe, data[0][:8], rate_hz=8.0)  # 1 s at 8 Hz: about 2 pass
+    # The limit is on the camera's clock, so the bound is on the span the frames really took
+    # to send (a loaded machine stretches it): one frame per 0.5 s, +1 for delivery jitter.
+    span_s = (stamps[-1][0] - stamps[0][0]) + (stamps[-1][1] - stamps[0][1]) / 1e9
+    passed = len(_predictions(probe))
+    assert 1 <= passed <= int(span_s * 2.0) + 2, (passed, span_s)
+    assert wait_for(lambda: probe.count(CAM, "dropped_rate_limit") >= before + 8 - passed, 3.0)
     assert probe.set_parameters(CAM, max_rate_hz=0.0)[0].successful
     # QoS of image_raw is overridable the standard way (read-only parameters), and so is the
     # frames publisher (a classifier reading frames reliably needs a reliable writer).
