@@ -229,3 +229,12 @@ def test_bench_ros_records_the_overload_rate_cap_and_ratio():
     assert settings["overload_ratio_achieved"] == round(49.5 / 160.0, 3)
     skipped = bench_ros._settings(args, None, None, None)  # --seconds 0: no overload phase
     assert skipped["overload_rate_hz"] is None and skipped["overload_ratio_achieved"] is None
+
+
+def test_bench_ros_node_means_are_null_when_not_reported():
+    # a node without the diagnostic put NaN into bench_ros.json, which is not JSON
+    from ttspec_ros.experiments import bench_ros
+
+    assert bench_ros._reported({"mean_handling_ms": "2.5"}, "mean_handling_ms") == 2.5
+    for values in ({}, {"mean_handling_ms": "nan"}, {"mean_handling_ms": "-"}):
+        assert bench_ros._reported(values, "mean_handling_ms") is None

@@ -174,11 +174,10 @@ def _phase(probe: Any, procs: dict[str, Any], images: list[dict], rate_hz: float
         "drop_rate": round(1.0 - len(preds) / max(1, len(published)), 4),
         "classifier_max_pending": int(after[cls].get("max_pending", -1)),
         # Node-side means since the node started (diagnostics keep running means).
-        "classifier_mean_queue_wait_ms_since_start": float(
-            after[cls].get("mean_queue_wait_ms", "nan")),
-        "classifier_mean_handling_ms_since_start": float(
-            after[cls].get("mean_handling_ms", "nan")),
-        "camera_mean_convert_ms_since_start": float(after[cam].get("mean_convert_ms", "nan")),
+        # (null when a node did not report one: NaN is not JSON)
+        "classifier_mean_queue_wait_ms_since_start": _reported(after[cls], "mean_queue_wait_ms"),
+        "classifier_mean_handling_ms_since_start": _reported(after[cls], "mean_handling_ms"),
+        "camera_mean_convert_ms_since_start": _reported(after[cam], "mean_convert_ms"),
         "latency_ms": {
             "camera_hop": _percentiles(camera_hop),
             "classifier_hop": _percentiles(classifier_hop),
@@ -270,6 +269,15 @@ def _adaptation(probe: Any, procs: dict[str, Any], args: argparse.Namespace) -> 
         "model_version_rose": bool(windows)
         and last["model_version_max"] > first["model_version_min"],
     }
+
+
+def _reported(values: dict[str, str], key: str) -> float | None:
+    """A diagnostics value as a finite float, None if the node did not report one."""
+    try:
+        x = float(values[key])
+    except (KeyError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 def overload_ratio(overload: dict[str, Any], capacity_hz: float) -> float:
