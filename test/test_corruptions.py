@@ -29,6 +29,19 @@ def test_shape_dtype_determinism_and_severity_order(images, name):
     assert all(d1 < d2 for d1, d2 in zip(distances, distances[1:], strict=False)), distances
 
 
+
+@pytest.mark.parametrize("name", list(corruptions.CORRUPTIONS))
+def test_channel_images_keep_their_shape(images, name):
+    """(H, W, 1) and (H, W, 3) stay so (motion blur dropped the channel axis of one channel,
+    and corrupt_images failed to stack it); 5 channels are refused by name, not by cv2."""
+    for c in (1, 3):
+        stack = np.repeat(images[:2, :, :, None], c, axis=3)
+        assert corruptions.corrupt_images(stack, name, 3, seed=0, source="test").shape == \
+            stack.shape
+    with pytest.raises(ValueError, match="with C 1, 3 or 4"):
+        corruptions.corrupt(np.zeros((28, 28, 5), np.uint8), name, 3,
+                            np.random.default_rng(0))
+
 def test_subset_gets_the_same_corruption_as_the_full_set(images):
     full = corruptions.corrupt_images(images[:8], "gaussian_noise", 2, seed=0, source="pool",
                                       indices=np.arange(10, 18))

@@ -110,6 +110,13 @@ def test_the_split_a_card_records_is_the_one_rebuilt():
             data.recorded_split(training)
     with pytest.raises(ValueError, match="is not the split"):
         data.recorded_pool({"splits": {**card, "seed": 4}})
+    # values of the wrong type are named, not int()-ed (true -> 1, 3.7 -> 3) or a TypeError
+    for seed in (None, True, 3.7, [3], "3", -1):
+        with pytest.raises(ValueError, match="training.splits.seed must be an integer"):
+            data.recorded_split({"splits": {**card, "seed": seed}})
+    for size in (None, 6000.9, "6000", 0):
+        with pytest.raises(ValueError, match="training.splits.pool.size must be a positive"):
+            data.recorded_split({"splits": {**card, "pool": {**card["pool"], "size": size}}})
 
 
 def test_pixel_stats_match_a_direct_computation():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
@@ -70,3 +71,15 @@ def test_the_rename_is_made_durable_by_syncing_the_directory(tmp_path, monkeypat
     monkeypatch.setattr(files.os, "replace", replace)
     files.atomic_write_bytes(tmp_path / "state.bin", b"new")
     assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
+def test_a_name_at_the_file_system_limit_is_written_and_one_past_it_refused_first(tmp_path):
+    """A 250-character name is legal, but its temporary name was not: `ttspec train` failed
+    after the whole training run. One past the limit is refused before any work."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    legal = tmp_path / ("m" * (limit - 5) + ".json")
+    assert files.check_writable(legal, directory=False) == legal
+    assert files.write_text(legal, "x").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == [legal.name]
+    with pytest.raises(OSError, match="longer than the file system allows"):
+        files.check_writable(tmp_path / "new" / ("m" * (limit + 1)))

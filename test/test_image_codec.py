@@ -88,6 +88,15 @@ def test_encode_image_round_trip():
     np.testing.assert_array_equal(decode_image(**encode_image(MONO16, "mono16")), MONO16)
     with pytest.raises(ValueError, match="needs"):
         encode_image(RGB, "mono8")
+    # values that do not fit are refused, not wrapped or truncated
+    for image, encoding in ((MONO16, "mono8"), (np.full((2, 2), 0.5), "mono8"),
+                            (np.full((2, 2), -1), "mono16")):
+        with pytest.raises(ValueError, match=f"{encoding} takes uint"):
+            encode_image(image, encoding)
+    # a safe cast is fine: uint8 into mono16, float64 into a float frame
+    assert decode_image(**encode_image(RGB[..., 0], "mono16")).dtype == np.uint16
+    frame = encode_image(np.zeros((2, 2, 1)), "32FC1")
+    assert frame["step"] == 2 * 4
 
 
 @pytest.mark.parametrize(("change", "reason"), [

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
 # Seeds go to numpy's and torch's generators, some plus a small offset for a derived stream;
@@ -28,8 +28,9 @@ def is_real(value: Any) -> bool:
 
 def real_numbers(values: Any, source: str) -> list[float]:
     """A list of numbers as floats; ValueError for strings (read one character per entry),
-    bools (an int to Python), scalars and nested lists."""
-    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+    bools (an int to Python), scalars (a 0-d array too), unordered sets and nested lists."""
+    if isinstance(values, (str, bytes, Mapping, Set)) or not isinstance(values, Iterable) \
+            or getattr(values, "ndim", 1) == 0:
         raise ValueError(f"{source}: need numbers (a list), got {values!r:.80}")
     values = list(values)
     if not all(is_real(v) for v in values):

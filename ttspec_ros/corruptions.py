@@ -82,8 +82,10 @@ ZOOM_STEPS = 12
 def _check(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
         raise ValueError(f"corruptions take uint8 images, got {getattr(image, 'dtype', image)}")
-    if image.ndim not in (2, 3) or min(image.shape[:2]) < 4:
-        raise ValueError(f"expected an (H, W) or (H, W, C) image, at least 4x4; got {image.shape}")
+    if image.ndim not in (2, 3) or min(image.shape[:2]) < 4 or (
+            image.ndim == 3 and image.shape[2] not in (1, 3, 4)):  # what cv2 resizes
+        raise ValueError(f"expected an (H, W) or (H, W, C) image with C 1, 3 or 4, at least "
+                         f"4x4; got {image.shape}")
     return image.astype(np.float32) / 255.0
 
 
@@ -128,7 +130,9 @@ def motion_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> n
     x = _check(image)
     sigma = SEVERITY_PARAMS["motion_blur"][severity - 1] * _scale(x)
     kernel = motion_blur_kernel(sigma, float(rng.uniform(-45.0, 45.0)))
-    return _to_uint8(cv2.filter2D(x, -1, kernel, borderType=cv2.BORDER_REPLICATE))
+    # filter2D returns (H, W) for an (H, W, 1) image
+    return _to_uint8(cv2.filter2D(x, -1, kernel, borderType=cv2.BORDER_REPLICATE)
+                     .reshape(x.shape))
 
 
 def _zoom(x: np.ndarray, factor: float) -> np.ndarray:

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ttspec_ros.checks import MAX_SEED, is_integer
+
 DATA_DIR_ENV = "TTSPEC_FASHION_MNIST_DIR"
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -169,7 +171,15 @@ def recorded_split(training: Mapping | None) -> tuple[int, int]:
         raise ValueError("the model card records no training.splits.seed; cannot tell which "
                          "images are the deployment pool")
     pool = recorded.get("pool") if isinstance(recorded.get("pool"), Mapping) else {}
-    return int(recorded["seed"]), int(pool.get("size", DEFAULT_POOL_SIZE))
+    seed, size = recorded["seed"], pool.get("size", DEFAULT_POOL_SIZE)
+    # int() would take true as 1 and 3.7 as 3, and fail on null with a TypeError
+    if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"the model card's training.splits.seed must be an integer in "
+                         f"0..{MAX_SEED}, got {seed!r}")
+    if not is_integer(size) or size < 1:
+        raise ValueError(f"the model card's training.splits.pool.size must be a positive "
+                         f"integer, got {size!r}")
+    return int(seed), int(size)
 
 
 def recorded_pool(training: Mapping | None) -> np.ndarray:

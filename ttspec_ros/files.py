@@ -9,6 +9,7 @@ through here.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -24,7 +25,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` (parent directories created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The temporary name is cut short: a name near the file system's limit is legal for the
+    # file itself, but the limit plus a prefix and a suffix is not.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -55,6 +58,10 @@ def check_writable(path: str | os.PathLike, *, directory: bool = True) -> Path:
         raise NotADirectoryError(f"output {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise PermissionError(f"output {path}: {ancestor} is not writable")
+    for part in path.relative_to(ancestor).parts if path != ancestor else ():
+        if len(os.fsencode(part)) > os.pathconf(ancestor, "PC_NAME_MAX"):
+            raise OSError(errno.ENAMETOOLONG, f"output {path}: the name {part[:40]}... is "
+                          "longer than the file system allows")
     return path
 
 

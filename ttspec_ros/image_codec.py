@@ -215,6 +215,11 @@ def encode_image(image: np.ndarray, encoding: str) -> dict[str, Any]:
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding {encoding!r} is not supported; use one of {list(ENCODINGS)}")
     channels, dtype, _ = ENCODINGS[encoding]
+    given = np.asarray(image).dtype
+    if not (np.can_cast(given, dtype, "safe") or given.kind == np.dtype(dtype).kind == "f"):
+        # a cast here would wrap (uint16 300 -> mono8 44) or truncate (0.5 -> 0) silently
+        raise ValueError(f"{encoding} takes {np.dtype(dtype).name} pixels, got {given.name}; "
+                         "convert them first")
     image = np.ascontiguousarray(image, dtype=dtype)
     if image.ndim == 2:
         image = image[:, :, None]
