@@ -127,7 +127,6 @@ def test_cli_writes_a_loadable_model(tmp_path):
 @pytest.mark.parametrize("option, value, message", [
     ("--max-steps", "-1", "--max-steps must be >= 0"),  # ran no step, saved the untrained model
     ("--limit", "-5", "--limit must be >= 0"),
-    ("--threads", "0", "--threads must be >= 1"),
     ("--val-size", "54000", "--val-size must leave training images"),
     ("--stem-width", "-1", "--stem-width must be >= 0"),
 ])

@@ -498,7 +498,6 @@ def test_run_cache_fingerprint_covers_corruptions_and_preprocessing(monkeypatch)
     (["--online-lr", "0"], "--online-*: TTT lr must be positive"),
     (["--online-update", "columns", "--online-columns", "99"], "--online-*: update='columns'"),
     (["--images", "10", "--episodic-images", "20"], "--episodic-images (20) must be at most"),
-    (["--threads", "0"], "--threads must be >= 1"),
     (["--stream", "6001"], "--stream 6001 exceeds the deployment pool's 6000 images"),
     (["--corruptions", "contrast", "gaussian_noise", "contrast"],
      "--corruptions lists a value more than once: contrast gaussian_noise contrast"),

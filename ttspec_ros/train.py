@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ttspec_ros import data
 from ttspec_ros.cascade import exit_costs
-from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.files import check_writable
 from ttspec_ros.masking import masked_reconstruction_loss, random_patch_mask
 from ttspec_ros.models.revcol import (
@@ -375,7 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recon-fraction", type=float, default=d.recon_fraction)
     parser.add_argument("--recon-scale", type=float, default=RECON_SCALE,
                         help="multiply the reconstruction weights (0 = no reconstruction term)")
-    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--threads", type=thread_option, default=d.threads)
     parser.add_argument("--val-size", type=int, default=d.val_size)
     parser.add_argument("--limit", type=int, default=d.limit,
                         help="train on only this many images (smoke tests)")

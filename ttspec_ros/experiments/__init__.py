@@ -27,6 +27,17 @@ def below_minimum(args: argparse.Namespace, minimums: Mapping[str, float],
     return None
 
 
+MAX_THREADS = 256  # far above any CPU this runs on; 100000 hung torch without a word
+
+
+def thread_option(text: str) -> int:
+    """argparse type of every thread-count option: 1..MAX_THREADS."""
+    value = int(text)
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_THREADS}, got {value}")
+    return value
+
+
 def seed_option(text: str) -> int:
     """argparse type of every seed option: numpy's generators refuse negative seeds and torch's
     seeds of 2**64 and above, mid-run and naming no option, so they are refused while parsing."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ttspec_ros.backends import BACKENDS
-from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.files import check_writable, write_json
 
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> --model spec
@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="torch,onnxruntime,tensorrt",
                         help="comma-separated; tensorrt is skipped (with the reason recorded) "
                              "when it cannot run here")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch and ORT)")
+    parser.add_argument("--threads", type=thread_option, default=2,
+                        help="CPU threads (torch and ORT)")
     parser.add_argument("--repeats", type=int, default=40, help="timed runs per measurement")
     parser.add_argument("--block", type=int, default=5,
                         help="consecutive repeats of one backend before switching to the next")

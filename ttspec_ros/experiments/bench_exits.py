@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ttspec_ros.cascade import Cascade, exit_costs
-from ttspec_ros.experiments import seed_option
+from ttspec_ros.experiments import seed_option, thread_option
 from ttspec_ros.files import check_writable, write_json
 from ttspec_ros.models.revcol import INPUT_MULTIPLE, PRESETS, build_preset
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=40,
                         help="timed rounds; each round runs every configuration once")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per configuration")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=thread_option, default=2, help="torch CPU threads")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--seed", type=seed_option, default=0, help="weights and input")
 

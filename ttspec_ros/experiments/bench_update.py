@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.files import check_writable, write_json
 from ttspec_ros.specialize import AnchorGuard, AnchorSet, Specializer, early_head_tensors
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--demo-model", default="demo",
                         help="what 'demo' means: 'demo' (bundled) or a checkpoint path")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=thread_option, default=1,
                         help="torch CPU threads (1: steadier timing on a shared machine)")
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per measurement")
     parser.add_argument("--warmup", type=int, default=5)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ttspec_ros import data
-from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.experiments.exit_curves import (
     ExitFeatures,
     curve,
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard-class-tolerance", type=float,
                         default=tuned["guard_class_tolerance"])
     parser.add_argument("--seed", type=seed_option, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=thread_option, default=1)
     parser.add_argument("--batch", type=int, default=250, help="feature-extraction batch size")
     parser.add_argument("--test-limit", type=int, default=None,
                         help="use only the first N test images (quick checks only)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.files import check_writable
 from ttspec_ros.specialize import build_anchor_set
 
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=1000,
                         help="images (randomly chosen) to label before capping per class")
     parser.add_argument("--seed", type=seed_option, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=thread_option, default=1)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ttspec_ros import data
-from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.experiments.exit_curves import (
     THRESHOLDS,
     ExitFeatures,
@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stream order and sampling seed")
     parser.add_argument("--latency-frames", type=int, default=200,
                         help="frames per forced exit for the per-exit latency")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=thread_option, default=1,
                         help="torch CPU threads (1: steadier timing on a shared machine)")
     parser.add_argument("--batch", type=int, default=250, help="feature-extraction batch size")
     parser.add_argument("--test-limit", type=int, default=None,

@@ -21,7 +21,7 @@ import torch
 
 from ttspec_ros import data
 from ttspec_ros.cascade import Cascade
-from ttspec_ros.experiments import seed_option
+from ttspec_ros.experiments import seed_option, thread_option
 from ttspec_ros.files import check_writable, write_json, write_text
 from ttspec_ros.models.checkpoint import load_model
 from ttspec_ros.preprocess import preprocess_batch
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-images", type=int, default=1000,
                         help="test images timed at batch 1 per configuration")
     parser.add_argument("--warmup", type=int, default=20, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=thread_option, default=1, help="torch CPU threads")
     parser.add_argument("--test-limit", type=int, default=0,
                         help="use only the first N test images for accuracy (smoke tests)")
     parser.add_argument("--seed", type=seed_option, default=0, help="picks the timed images")

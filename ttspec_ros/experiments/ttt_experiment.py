@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ttspec_ros import corruptions, data
-from ttspec_ros.experiments import below_minimum, seed_option
+from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.experiments.make_corrupted import split_of
 from ttspec_ros.files import check_writable, save_figure, write_json
 from ttspec_ros.models.revcol import RevCol
@@ -695,7 +695,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images timed per mode in part d")
     parser.add_argument("--workers", type=int, default=2,
                         help="processes running independent runs in parallel")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--threads", type=thread_option, default=1,
+                        help="torch threads per process")
     for prefix, cfg in (("episodic", d.episodic), ("online", d.online)):
         parser.add_argument(f"--{prefix}-lr", type=float, default=cfg.lr)
         parser.add_argument(f"--{prefix}-update", default=cfg.update,
