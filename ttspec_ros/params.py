@@ -188,11 +188,13 @@ def check_params(node: str, values: Mapping[str, Any]) -> str | None:
     return None
 
 
-def check_params_file(text: str) -> str | None:
+def check_params_file(text: str, nodes: Mapping[str, Sequence[ParamSpec]] | None = None
+                      ) -> str | None:
     """Reason the text of a ROS 2 params file would stop one of our nodes at start-up, or None:
     not YAML, not rcl's layout (node name -> ``ros__parameters`` -> name -> value), or a value
     of one of our parameters that ``check_value`` refuses (a YAML ``1`` for a double too, as
-    rclpy does). Sections of other nodes and parameters no node of ours declares are left to
+    rclpy does). ``nodes``: node name -> its specs (default: all our nodes by their default
+    names). Sections of other nodes and parameters no node of ours declares are left to
     whoever reads them."""
     import yaml
 
@@ -206,10 +208,11 @@ def check_params_file(text: str) -> str | None:
         values = body.get("ros__parameters") if isinstance(body, dict) else None
         if not isinstance(values, dict):
             return f"section {section!r} has no 'ros__parameters' mapping"
+        known = NODE_PARAMS if nodes is None else nodes
         node = str(section).rstrip("/").rsplit("/", 1)[-1]
-        nodes = [node] if node in NODE_PARAMS else list(NODE_PARAMS) if "*" in node else []
+        matched = [node] if node in known else list(known) if "*" in node else []
         for name, value in values.items():
-            for s in (spec for n in nodes for spec in NODE_PARAMS[n] if spec.name == name):
+            for s in (spec for n in matched for spec in known[n] if spec.name == name):
                 reason = check_value(s, value)
                 if reason:
                     return f"section {section!r}: {reason}"

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from rclpy.qos import (
 )
 
 from ttspec_ros import topics
-from ttspec_ros.params import ParamSpec
+from ttspec_ros.params import ParamSpec, check_params_file, check_value
 
 _PARAM_TYPES = {
     "bool": ParameterType.PARAMETER_BOOL,
@@ -69,12 +69,64 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
     return d
 
 
+# run_node's command line, whose parameter overrides declare() checks (None: not run_node's).
+_COMMAND_LINE: list[str] | None = None
+
+
+def command_line_problem(node_name: str, specs: Sequence[ParamSpec], argv: Sequence[str]
+                         ) -> str | None:
+    """Reason a parameter override on the command line (``-p name:=value`` or a
+    ``--params-file``) for one of ``specs`` would be refused, or None.
+
+    rcl merges every source of one parameter into one value that keeps a field per type,
+    and rclpy reads the first of bool, int, double, string: so over the shipped params file,
+    ``-p max_exit:=2.0`` (or a second file's ``/**: max_exit: 2.0``) was dropped without a
+    word and the node ran on the file's value. Checked here the way check_value checks a
+    YAML value (what rcl parses ``-p`` values as)."""
+    import yaml
+
+    own = {s.name: s for s in specs}
+    args, ros = list(argv), False
+    for i, arg in enumerate(args):
+        if arg == "--ros-args":
+            ros = True
+        elif arg == "--":
+            ros = False
+        elif ros and i + 1 < len(args) and arg in ("-p", "--param"):
+            name, sep, text = args[i + 1].partition(":=")
+            if sep and name in own:
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    value = text
+                if not isinstance(value, (bool, int, float, list)):
+                    value = text  # rcl knows no dates or mappings: it keeps the text
+                reason = check_value(own[name], value)
+                if reason:
+                    return f"-p {args[i + 1]}: {reason}"
+        elif ros and i + 1 < len(args) and arg == "--params-file":
+            try:
+                text = Path(args[i + 1]).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue  # rcl says what is wrong with the file itself
+            reason = check_params_file(text, {node_name: specs})
+            if reason:
+                return f"params file {args[i + 1]}: {reason}"
+    return None
+
+
 def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] | None = None
             ) -> dict[str, Any]:
     """Declare every spec (``defaults`` fills FROM_MODEL_CARD ones); -> name -> value.
 
     An override of the wrong type or out of the descriptor's range raises StartupError:
-    rclpy refuses it in declare_parameter, and the user should read why, not a traceback."""
+    rclpy refuses it in declare_parameter (and ``command_line_problem`` what rcl's merging
+    of several sources hides from rclpy), and the user should read why, not a traceback."""
+    specs = list(specs)
+    if _COMMAND_LINE is not None:
+        reason = command_line_problem(node.get_name(), specs, _COMMAND_LINE)
+        if reason:
+            raise StartupError(f"{node.get_name()}: parameter refused: {reason}")
     values = {}
     for spec in specs:
         default = spec.default if spec.default is not None else (defaults or {})[spec.name]
@@ -84,6 +136,10 @@ def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] 
         except ParameterException as e:
             raise StartupError(f"{node.get_name()}: parameter {spec.name!r} refused: {e}"
                                ) from e
+        if values[spec.name] is None and spec.type == "double_array":
+            # rcl reads `-p thresholds:=[]` as no value at all
+            raise StartupError(f"{node.get_name()}: parameter {spec.name!r} is an empty list; "
+                               "give its values (or leave it out for the default)")
     return values
 
 
@@ -415,7 +471,9 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
     still works.
     SIGUSR1 prints every thread's stack to stderr: where a node is stuck, without stopping it
     (``kill -USR1 <pid>``; the test harness does so before it kills a node that hangs)."""
+    global _COMMAND_LINE
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _COMMAND_LINE = list(sys.argv if args is None else args)
     rclpy.init(args=args)
     node = None
     code = 0

@@ -19,7 +19,7 @@ import array
 import sys
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,10 @@ from ttspec_ros.nodes import (
 from ttspec_ros.preprocess import input_shape
 from ttspec_ros.specialize import pack_features
 
-KEPT_UPDATES = 4  # latest update of this many model ids, for a live switch back to one
+KEPT_UPDATES = 4  # latest updates of this many model ids, for a live switch back to one
+# Updates for a model not running cannot be checked yet: the last few are kept, so one that
+# fails on the switch does not cost the good one before it.
+KEPT_PER_MODEL = 3
 
 
 class LoadedModel:
@@ -120,7 +123,7 @@ class ClassifierNode(Node):
         self.max_pending = 0
         self._slot = LatestSlot()
         self._stop = threading.Event()
-        self._updates: OrderedDict[str, ModelUpdatePayload] = OrderedDict()
+        self._updates: OrderedDict[str, deque[ModelUpdatePayload]] = OrderedDict()
 
         self._pred_pub = self.create_publisher(CascadePrediction, topics.PREDICTIONS,
                                                qos(topics.QOS_RELIABLE))
@@ -210,16 +213,19 @@ class ClassifierNode(Node):
         timer = self.create_timer(0.0, set_once)
 
     def _reapply_update(self, loaded: LoadedModel) -> None:
-        payload = self._updates.get(loaded.cascade.model_id)
-        if payload is None:
+        """After a switch to ``loaded``: its newest kept update that applies (others dropped)."""
+        kept = self._updates.get(loaded.cascade.model_id)
+        while kept:
+            payload = kept[-1]
+            try:
+                self._check_and_apply(loaded, payload)
+            except ValueError as e:
+                self._update_rejected(payload.version, e)
+                kept.pop()
+                continue
+            self.get_logger().info(f"model {loaded.cascade.model_id}: applied its latest "
+                                   f"update v{payload.version} again")
             return
-        try:
-            self._check_and_apply(loaded, payload)
-        except ValueError as e:
-            self._update_rejected(payload.version, e)
-            return
-        self.get_logger().info(f"model {loaded.cascade.model_id}: applied its latest update "
-                               f"v{payload.version} again")
 
     # -- frames
     def _on_frame(self, msg: Image) -> None:
@@ -303,7 +309,10 @@ class ClassifierNode(Node):
         self.get_logger().debug(f"applied model update v{payload.version}")
 
     def _keep_update(self, payload: ModelUpdatePayload) -> None:
-        self._updates[payload.model_id] = payload
+        kept = self._updates.setdefault(payload.model_id, deque(maxlen=KEPT_PER_MODEL))
+        if payload.model_id == self.loaded.cascade.model_id:
+            kept.clear()  # it applied: older ones are no use any more
+        kept.append(payload)
         self._updates.move_to_end(payload.model_id)
         running = self.loaded.cascade.model_id
         while len(self._updates) > KEPT_UPDATES:  # the oldest other model's goes first
