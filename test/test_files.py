@@ -81,5 +81,7 @@ def test_a_name_at_the_file_system_limit_is_written_and_one_past_it_refused_firs
     assert files.check_writable(legal, directory=False) == legal
     assert files.write_text(legal, "x").read_text() == "x"
     assert [p.name for p in tmp_path.iterdir()] == [legal.name]
+    wide = tmp_path / ("\N{GRINNING FACE}" * ((limit - 5) // 4) + ".json")  # 4 bytes a char
+    assert files.write_text(wide, "y").read_text() == "y"
     with pytest.raises(OSError, match="longer than the file system allows"):
         files.check_writable(tmp_path / "new" / ("m" * (limit + 1)))

@@ -1038,6 +1038,40 @@ def test_a_qos_override_on_one_topic_leaves_the_sensor_default_alone():
         rclpy.shutdown(context=context)
 
 
+RCL_TEXTS = ["1e-3", "1e3", "-2.5E+2", "1.", ".5", "y", "N", "on", "OFF", "yes", "True", "5",
+             "+5", "-0", "0x1A", "010", "08", "9223372036854775808", "2024-01-15", "1_000",
+             ".inf", "-.inf", "inf", "nan", "abc", "'1'", '"true"', "[1e-3, 0.5]", "[y, n]",
+             "[1, 2]"]
+
+
+def test_rcl_yaml_types_values_as_rcl_does():
+    """What rcl's own parser makes of each -p value (a node in its own context), against
+    params.rcl_yaml: the command-line check must not refuse what rcl accepts."""
+    import math
+
+    import rclpy
+
+    from ttspec_ros.nodes import plain_value
+    from ttspec_ros.params import rcl_yaml
+
+    context = rclpy.Context()
+    args = ["--ros-args"]
+    for i, text in enumerate(RCL_TEXTS):
+        args += ["-p", f"p{i}:={text}"]
+    rclpy.init(context=context, args=args)
+    try:
+        node = rclpy.create_node("rcl_typing_check", context=context,
+                                 automatically_declare_parameters_from_overrides=True,
+                                 start_parameter_services=False)
+        for i, text in enumerate(RCL_TEXTS):
+            rcl, ours = plain_value(node.get_parameter(f"p{i}").value), rcl_yaml(text)
+            same = (type(rcl) is type(ours) and (rcl == ours or (
+                isinstance(rcl, float) and math.isnan(rcl) and math.isnan(ours))))
+            assert same, (text, rcl, ours)
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+
 def test_command_line_overrides_are_checked_as_rcl_reads_them(tmp_path):
     from ttspec_ros import params
     from ttspec_ros.nodes import command_line_problem
@@ -1054,12 +1088,24 @@ def test_command_line_overrides_are_checked_as_rcl_reads_them(tmp_path):
     assert problem("-p", "model:=2024-01-15") is None  # a string to rcl, not a date
     assert problem("-p", "adapter_only:=1") is None  # not the classifier's
     assert "threshold must be double, got str 'high'" in problem("--param", "threshold:=high")
+    # typed as rcl types them: a double without a dot, rcl's bool words
+    assert problem("-p", "threshold:=1e-1", "-p", "publish_samples:=n") is None
+    # node-qualified: ours is checked, another node's is not
+    assert "max_exit must be int" in problem("-p", f"{CLS}:max_exit:=2.0")
+    assert problem("-p", "planner:max_exit:=2.0") is None
     # arguments after "--" are the program's, not ROS's
     assert problem("--", "-p", "max_exit:=2.0") is None
     mine = tmp_path / "mine.yaml"
     mine.write_text("/**:\n  ros__parameters:\n    max_exit: 2.0\n")
     assert problem("--params-file", str(mine)) == (
         f"params file {mine}: section '/**': max_exit must be int, got float 2.0")
+    # nested namespaces, an empty file: what rcl reads
+    mine.write_text("robot:\n  classifier:\n    ros__parameters:\n      max_exit: 2.0\n"
+                    "  planner:\n    ros__parameters:\n      speed: fast\n")
+    assert "section 'robot/classifier': max_exit must be int" in problem("--params-file",
+                                                                          str(mine))
+    mine.write_text("# nothing set here\n")
+    assert problem("--params-file", str(mine)) is None
     # a section for another node name is not this one's (a remapped classifier is)
     mine.write_text("front_classifier:\n  ros__parameters:\n    max_exit: 2.0\n")
     assert problem("--params-file", str(mine)) is None

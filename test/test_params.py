@@ -52,7 +52,7 @@ def test_the_shipped_params_file_passes_the_start_up_check():
 
 @pytest.mark.parametrize("text, words", [
     ("/**: [unclosed", "not valid YAML"),
-    ("", "needs a mapping of node names"),
+    ("[1, 2]", "needs a mapping of node names"),
     ("/**:\n  learning_rate: 0.1\n", "section '/**' has no 'ros__parameters' mapping"),
     # rclpy refuses an integer for a double parameter at declare time
     ("/**:\n  ros__parameters:\n    learning_rate: 1\n", "learning_rate must be double"),
@@ -69,6 +69,19 @@ def test_params_of_other_nodes_and_unknown_names_are_left_alone():
     text = ("other_node:\n  ros__parameters:\n    num_threads: 0\n"
             "/**:\n  ros__parameters:\n    not_ours: [1, 2]\n")
     assert params.check_params_file(text) is None
+
+
+def test_params_files_rcl_reads_are_read_the_same_way():
+    # empty or comment-only: rcl starts the node with nothing from it
+    assert params.check_params_file("") is None
+    assert params.check_params_file("# nothing yet\n") is None
+    # nested namespaces, and values rcl types differently from PyYAML (1e-3: a double to
+    # rcl, a string to PyYAML; y: a bool to rcl)
+    text = ("robot:\n  adapter:\n    ros__parameters:\n      learning_rate: 1e-3\n"
+            "      enabled: y\n  planner:\n    ros__parameters:\n      speed: 2\n")
+    assert params.check_params_file(text) is None
+    assert params.check_params_file(text.replace("1e-3", "'1e-3'")) == (
+        "section 'robot/adapter': learning_rate must be double, got str '1e-3'")
 
 
 def test_issue_defaults_of_the_adapter():

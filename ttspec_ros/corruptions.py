@@ -83,8 +83,8 @@ def _check(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
         raise ValueError(f"corruptions take uint8 images, got {getattr(image, 'dtype', image)}")
     if image.ndim not in (2, 3) or min(image.shape[:2]) < 4 or (
-            image.ndim == 3 and image.shape[2] not in (1, 3, 4)):  # what cv2 resizes
-        raise ValueError(f"expected an (H, W) or (H, W, C) image with C 1, 3 or 4, at least "
+            image.ndim == 3 and not 1 <= image.shape[2] <= 4):  # cv2.resize takes up to 4
+        raise ValueError(f"expected an (H, W) or (H, W, C) image with C 1 to 4, at least "
                          f"4x4; got {image.shape}")
     return image.astype(np.float32) / 255.0
 

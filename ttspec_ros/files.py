@@ -27,7 +27,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temporary name is cut short: a name near the file system's limit is legal for the
     # file itself, but the limit plus a prefix and a suffix is not.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
+    short = os.fsencode(path.name)[:64].decode("utf-8", "ignore")  # bytes count, not chars
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{short}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

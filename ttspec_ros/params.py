@@ -9,6 +9,7 @@ keeps them equal). Types are ROS parameter types: bool, int, double, string, dou
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -188,6 +189,67 @@ def check_params(node: str, values: Mapping[str, Any]) -> str | None:
     return None
 
 
+_RCL_TRUE = {"Y", "y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"}
+_RCL_FALSE = {"N", "n", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"}
+_RCL_SPECIAL = {".nan": math.nan, ".NaN": math.nan, ".NAN": math.nan,
+                **{f"{sign}{inf}": (-math.inf if sign == "-" else math.inf)
+                   for sign in ("", "+", "-") for inf in (".inf", ".Inf", ".INF")}}
+_RCL_INT = re.compile(r"\s*[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_RCL_FLOAT = re.compile(r"\s*[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
+                        r"|inf(inity)?|nan)", re.IGNORECASE)
+
+
+def rcl_scalar(text: str, quoted: bool = False) -> Any:
+    """A YAML scalar typed the way rcl's parameter parser types it (not the way PyYAML does:
+    to rcl ``1e-3`` is a double and ``y`` a bool, a date is text): quoted -> string; its
+    bool words; a whole ``strtol(base 0)``; a whole ``strtod`` (or .inf/.nan); else string."""
+    if quoted:
+        return text
+    if text in _RCL_TRUE or text in _RCL_FALSE:
+        return text in _RCL_TRUE
+    if _RCL_INT.fullmatch(text):
+        body = text.strip()
+        digits = body.lstrip("+-")
+        value = int(body, 8) if digits.startswith("0") and digits[1:2].isdigit() else int(body, 0)
+        if -2**63 <= value < 2**63:  # strtol's range; beyond it rcl tries a double
+            return value
+    if text in _RCL_SPECIAL:
+        return _RCL_SPECIAL[text]
+    if _RCL_FLOAT.fullmatch(text):
+        return float(text)
+    return text
+
+
+def rcl_yaml(text: str) -> Any:
+    """YAML text as rcl reads parameter values: mappings and sequences as usual, scalars by
+    ``rcl_scalar``. Raises yaml.YAMLError for text that is not YAML."""
+    import yaml
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            return {convert(k): convert(v) for k, v in node.value}
+        if isinstance(node, yaml.SequenceNode):
+            return [convert(v) for v in node.value]
+        return rcl_scalar(node.value, quoted=node.style in ("'", '"'))
+
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    return None if node is None else convert(node)
+
+
+def _parameter_sections(doc: Mapping, path: tuple[str, ...] = ()):
+    """(node path, parameters) of each ``ros__parameters`` section, nested namespaces too
+    (``ns: {node: {ros__parameters: ...}}``), or (path, None) for a section rcl cannot read."""
+    for key, body in doc.items():
+        here = (*path, str(key))
+        if not isinstance(body, Mapping):  # a value where a node section should be
+            yield path or here, None
+        elif "ros__parameters" in body:
+            values = body["ros__parameters"]
+            yield here, values if isinstance(values, Mapping) else None
+        else:
+            yield from _parameter_sections(body, here)
+
+
 def check_params_file(text: str, nodes: Mapping[str, Sequence[ParamSpec]] | None = None
                       ) -> str | None:
     """Reason the text of a ROS 2 params file would stop one of our nodes at start-up, or None:
@@ -199,17 +261,19 @@ def check_params_file(text: str, nodes: Mapping[str, Sequence[ParamSpec]] | None
     import yaml
 
     try:
-        doc = yaml.safe_load(text)
+        doc = rcl_yaml(text)
     except yaml.YAMLError as e:
         return f"not valid YAML ({' '.join(str(e).split())})"
-    if not isinstance(doc, dict) or not doc:
+    if doc is None:  # empty, or comments only: rcl starts the node with nothing from it
+        return None
+    if not isinstance(doc, Mapping):
         return "needs a mapping of node names to 'ros__parameters' sections"
-    for section, body in doc.items():
-        values = body.get("ros__parameters") if isinstance(body, dict) else None
-        if not isinstance(values, dict):
+    known = NODE_PARAMS if nodes is None else nodes
+    for path, values in _parameter_sections(doc):
+        section = "/".join(path)
+        if values is None:
             return f"section {section!r} has no 'ros__parameters' mapping"
-        known = NODE_PARAMS if nodes is None else nodes
-        node = str(section).rstrip("/").rsplit("/", 1)[-1]
+        node = path[-1].rstrip("/").rsplit("/", 1)[-1]
         matched = [node] if node in known else list(known) if "*" in node else []
         for name, value in values.items():
             for s in (spec for n in matched for spec in known[n] if spec.name == name):

@@ -38,7 +38,7 @@ from rclpy.qos import (
 )
 
 from ttspec_ros import topics
-from ttspec_ros.params import ParamSpec, check_params_file, check_value
+from ttspec_ros.params import ParamSpec, check_params_file, check_value, rcl_yaml
 
 _PARAM_TYPES = {
     "bool": ParameterType.PARAMETER_BOOL,
@@ -81,8 +81,8 @@ def command_line_problem(node_name: str, specs: Sequence[ParamSpec], argv: Seque
     rcl merges every source of one parameter into one value that keeps a field per type,
     and rclpy reads the first of bool, int, double, string: so over the shipped params file,
     ``-p max_exit:=2.0`` (or a second file's ``/**: max_exit: 2.0``) was dropped without a
-    word and the node ran on the file's value. Checked here the way check_value checks a
-    YAML value (what rcl parses ``-p`` values as)."""
+    word and the node ran on the file's value. Values are typed as rcl types them
+    (``params.rcl_yaml``); ``-p node:name:=value`` counts for the node it names."""
     import yaml
 
     own = {s.name: s for s in specs}
@@ -94,13 +94,13 @@ def command_line_problem(node_name: str, specs: Sequence[ParamSpec], argv: Seque
             ros = False
         elif ros and i + 1 < len(args) and arg in ("-p", "--param"):
             name, sep, text = args[i + 1].partition(":=")
-            if sep and name in own:
+            target, colon, name = name.rpartition(":")
+            ours = not colon or target.lstrip("/").rsplit("/", 1)[-1] in (node_name, "*", "**")
+            if sep and ours and name in own:
                 try:
-                    value = yaml.safe_load(text)
+                    value = rcl_yaml(text)
                 except yaml.YAMLError:
-                    value = text
-                if not isinstance(value, (bool, int, float, list)):
-                    value = text  # rcl knows no dates or mappings: it keeps the text
+                    continue  # rcl refuses it itself, naming it
                 reason = check_value(own[name], value)
                 if reason:
                     return f"-p {args[i + 1]}: {reason}"
