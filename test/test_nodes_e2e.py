@@ -180,11 +180,7 @@ def test_threshold_set_live_changes_exit_depth(pipeline, data):
 
 @pytest.mark.parametrize(("values", "words"), [
     ({"threshold": 1.5}, ""),  # outside the descriptor's range: rclpy refuses
-    # wrong types: refused by our checks, which name the parameter and both types (rclpy's
-    # static typing said "Wrong parameter type, expected '3' got '2'")
-    ({"threshold": "high"}, "threshold must be double, got str 'high'"),
-    ({"threshold": 1}, "threshold must be double, got int 1"),
-    ({"max_exit": 2.0}, "max_exit must be int, got float 2.0"),
+    ({"threshold": "high"}, ""),  # wrong type: rclpy refuses (statically typed)
     ({"threshold": -0.5}, "-1 or in [0, 1]"),
     ({"thresholds": [0.5, 0.5]}, "needs 3 values"),
     ({"max_exit": 9}, "at most 3"),

@@ -55,12 +55,8 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
     if spec.choices:
         description += f" (one of: {', '.join(spec.choices)})"
     constraints = spec.constraints
-    # dynamic_typing: a value of the wrong type reaches the nodes' own checks, whose reason
-    # names the parameter and both types ("threshold must be double, got int 1"); rclpy's
-    # static check answered `ros2 param set ... threshold 1` with "expected '3' got '2'".
-    # The type stays in the descriptor for `ros2 param describe`; the checks enforce it.
     d = ParameterDescriptor(name=spec.name, type=_PARAM_TYPES[spec.type], description=description,
-                            read_only=spec.read_only, dynamic_typing=True)
+                            read_only=spec.read_only)
     # rclpy checks ranges on scalars only, so arrays state theirs in additional_constraints.
     if spec.type == "int" and spec.min is not None and spec.max is not None:
         d.integer_range = [IntegerRange(from_value=int(spec.min), to_value=int(spec.max), step=1)]
