@@ -82,6 +82,11 @@ def test_params_files_rcl_reads_are_read_the_same_way():
     assert params.check_params_file(text) is None
     assert params.check_params_file(text.replace("1e-3", "'1e-3'")) == (
         "section 'robot/adapter': learning_rate must be double, got str '1e-3'")
+    # several documents, each read; !!str written is text to rcl
+    two = "/**:\n  ros__parameters:\n    device: !!str 0\n---\n" + text
+    assert params.check_params_file(two) is None
+    assert "max_exit must be int" in params.check_params_file(
+        two + "---\n/**:\n  ros__parameters:\n    max_exit: 2.0\n")
 
 
 def test_issue_defaults_of_the_adapter():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -197,6 +198,9 @@ _RCL_SPECIAL = {".nan": math.nan, ".NaN": math.nan, ".NAN": math.nan,
 _RCL_INT = re.compile(r"\s*[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 _RCL_FLOAT = re.compile(r"\s*[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
                         r"|inf(inity)?|nan)", re.IGNORECASE)
+_RCL_HEX_FLOAT = re.compile(r"\s*[+-]?0[xX]([0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)"
+                            r"([pP][+-]?[0-9]+)?")
+_YAML_STR = "tag:yaml.org,2002:str"
 
 
 def rcl_scalar(text: str, quoted: bool = False) -> Any:
@@ -215,25 +219,48 @@ def rcl_scalar(text: str, quoted: bool = False) -> Any:
             return value
     if text in _RCL_SPECIAL:
         return _RCL_SPECIAL[text]
-    if _RCL_FLOAT.fullmatch(text):
-        return float(text)
+    decimal = _RCL_FLOAT.fullmatch(text)
+    if decimal or _RCL_HEX_FLOAT.fullmatch(text):
+        body = text.strip()
+        value = float(body) if decimal else float.fromhex(body)
+        if re.search("inf|nan", body, re.IGNORECASE):
+            return value
+        mantissa = re.split("[ep]", body.lower().replace("0x", "", 1), maxsplit=1)[0]
+        written_zero = not any(c in "123456789abcdef" for c in mantissa)
+        if math.isfinite(value) and (abs(value) >= sys.float_info.min or written_zero):
+            return value
+        # beyond strtod's range (1e400, or 1e-400 and other subnormals): ERANGE, so rcl
+        # keeps the text
     return text
 
 
-def rcl_yaml(text: str) -> Any:
-    """YAML text as rcl reads parameter values: mappings and sequences as usual, scalars by
-    ``rcl_scalar``. Raises yaml.YAMLError for text that is not YAML."""
+def _rcl_documents(text: str) -> list[Any]:
+    """Each YAML document of ``text`` as rcl reads parameter values: mappings and sequences
+    as usual, scalars by ``rcl_scalar`` (quoted or tagged ``!!str``: text; other tags are
+    ignored, as rcl does). Raises yaml.YAMLError for text that is not YAML."""
     import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_scalar_node(self, anchor: Any) -> Any:
+            tag = self.peek_event().tag  # the tag written, not the one PyYAML resolves
+            node = super().compose_scalar_node(anchor)
+            node.written_str = tag == _YAML_STR
+            return node
 
     def convert(node: Any) -> Any:
         if isinstance(node, yaml.MappingNode):
             return {convert(k): convert(v) for k, v in node.value}
         if isinstance(node, yaml.SequenceNode):
             return [convert(v) for v in node.value]
-        return rcl_scalar(node.value, quoted=node.style in ("'", '"'))
+        return rcl_scalar(node.value, quoted=node.style in ("'", '"') or node.written_str)
 
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    return None if node is None else convert(node)
+    return [convert(node) for node in yaml.compose_all(text, Loader=Loader)]
+
+
+def rcl_yaml(text: str) -> Any:
+    """One YAML value (a ``-p`` value) as rcl reads it (``_rcl_documents``); None if empty."""
+    docs = _rcl_documents(text)
+    return docs[0] if docs else None
 
 
 def _parameter_sections(doc: Mapping, path: tuple[str, ...] = ()):
@@ -261,15 +288,14 @@ def check_params_file(text: str, nodes: Mapping[str, Sequence[ParamSpec]] | None
     import yaml
 
     try:
-        doc = rcl_yaml(text)
+        docs = [d for d in _rcl_documents(text) if d is not None]
     except yaml.YAMLError as e:
         return f"not valid YAML ({' '.join(str(e).split())})"
-    if doc is None:  # empty, or comments only: rcl starts the node with nothing from it
-        return None
-    if not isinstance(doc, Mapping):
+    # empty, or comments only: rcl starts the node with nothing from it
+    if not all(isinstance(d, Mapping) for d in docs):
         return "needs a mapping of node names to 'ros__parameters' sections"
     known = NODE_PARAMS if nodes is None else nodes
-    for path, values in _parameter_sections(doc):
+    for path, values in (section for d in docs for section in _parameter_sections(d)):
         section = "/".join(path)
         if values is None:
             return f"section {section!r} has no 'ros__parameters' mapping"

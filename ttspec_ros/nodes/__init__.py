@@ -38,7 +38,7 @@ from rclpy.qos import (
 )
 
 from ttspec_ros import topics
-from ttspec_ros.params import ParamSpec, check_params_file, check_value, rcl_yaml
+from ttspec_ros.params import ParamSpec, rcl_yaml
 
 _PARAM_TYPES = {
     "bool": ParameterType.PARAMETER_BOOL,
@@ -73,19 +73,21 @@ def descriptor(spec: ParamSpec) -> ParameterDescriptor:
 _COMMAND_LINE: list[str] | None = None
 
 
-def command_line_problem(node_name: str, specs: Sequence[ParamSpec], argv: Sequence[str]
-                         ) -> str | None:
-    """Reason a parameter override on the command line (``-p name:=value`` or a
-    ``--params-file``) for one of ``specs`` would be refused, or None.
+def unapplied_override(node_names: Sequence[str], values: Mapping[str, Any],
+                       argv: Sequence[str]) -> str | None:
+    """Reason a ``-p name:=value`` on the command line for one of ``values`` (name -> the
+    declared value) did not take effect, or None.
 
-    rcl merges every source of one parameter into one value that keeps a field per type,
-    and rclpy reads the first of bool, int, double, string: so over the shipped params file,
-    ``-p max_exit:=2.0`` (or a second file's ``/**: max_exit: 2.0``) was dropped without a
-    word and the node ran on the file's value. Values are typed as rcl types them
-    (``params.rcl_yaml``); ``-p node:name:=value`` counts for the node it names."""
+    rcl merges every source of a parameter into one value with a field per type, and rclpy
+    reads the first of bool, int, double, string: over the shipped params file,
+    ``-p max_exit:=2.0`` or ``-p enabled:=0`` was dropped without a word and the node ran on
+    the file's value. The override is typed as rcl types it (``params.rcl_yaml``) and
+    compared with what the node got; the last one given counts. ``node:name:=value`` counts
+    for a node named so (``node_names``: its name and fully qualified name); params files
+    are rcl's to match and are not looked at here."""
     import yaml
 
-    own = {s.name: s for s in specs}
+    given: dict[str, tuple[str, Any]] = {}
     args, ros = list(argv), False
     for i, arg in enumerate(args):
         if arg == "--ros-args":
@@ -95,23 +97,20 @@ def command_line_problem(node_name: str, specs: Sequence[ParamSpec], argv: Seque
         elif ros and i + 1 < len(args) and arg in ("-p", "--param"):
             name, sep, text = args[i + 1].partition(":=")
             target, colon, name = name.rpartition(":")
-            ours = not colon or target.lstrip("/").rsplit("/", 1)[-1] in (node_name, "*", "**")
-            if sep and ours and name in own:
+            if sep and name in values and (not colon or target in node_names):
                 try:
-                    value = rcl_yaml(text)
+                    given[name] = (args[i + 1], rcl_yaml(text))
                 except yaml.YAMLError:
-                    continue  # rcl refuses it itself, naming it
-                reason = check_value(own[name], value)
-                if reason:
-                    return f"-p {args[i + 1]}: {reason}"
-        elif ros and i + 1 < len(args) and arg == "--params-file":
-            try:
-                text = Path(args[i + 1]).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue  # rcl says what is wrong with the file itself
-            reason = check_params_file(text, {node_name: specs})
-            if reason:
-                return f"params file {args[i + 1]}: {reason}"
+                    pass  # rcl refuses it itself, naming it
+    kinds = {bool: "a bool", int: "an integer", float: "a double", str: "a string",
+             list: "a list"}
+    for name, (arg, wanted) in given.items():
+        got = plain_value(values[name])
+        if type(got) is not type(wanted) or got != wanted:
+            kind = kinds.get(type(got), type(got).__name__)
+            return (f"-p {arg} did not take effect: the node got {got!r} ({kind}); rcl keeps "
+                    "a value of another type from a params file and rclpy reads that one, so "
+                    f"give {name} as {kind}")
     return None
 
 
@@ -120,13 +119,9 @@ def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] 
     """Declare every spec (``defaults`` fills FROM_MODEL_CARD ones); -> name -> value.
 
     An override of the wrong type or out of the descriptor's range raises StartupError:
-    rclpy refuses it in declare_parameter (and ``command_line_problem`` what rcl's merging
-    of several sources hides from rclpy), and the user should read why, not a traceback."""
-    specs = list(specs)
-    if _COMMAND_LINE is not None:
-        reason = command_line_problem(node.get_name(), specs, _COMMAND_LINE)
-        if reason:
-            raise StartupError(f"{node.get_name()}: parameter refused: {reason}")
+    rclpy refuses it in declare_parameter (and ``unapplied_override`` finds a ``-p`` that
+    rcl's merging with a params file hid from rclpy), and the user should read why, not a
+    traceback."""
     values = {}
     for spec in specs:
         default = spec.default if spec.default is not None else (defaults or {})[spec.name]
@@ -140,6 +135,11 @@ def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] 
             # rcl reads `-p thresholds:=[]` as no value at all
             raise StartupError(f"{node.get_name()}: parameter {spec.name!r} is an empty list; "
                                "give its values (or leave it out for the default)")
+    if _COMMAND_LINE is not None:
+        reason = unapplied_override((node.get_name(), node.get_fully_qualified_name()), values,
+                                    _COMMAND_LINE)
+        if reason:
+            raise StartupError(f"{node.get_name()}: parameter refused: {reason}")
     return values
 
 
