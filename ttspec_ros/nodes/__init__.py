@@ -83,8 +83,8 @@ def unapplied_override(node_names: Sequence[str], values: Mapping[str, Any],
     ``-p max_exit:=2.0`` or ``-p enabled:=0`` was dropped without a word and the node ran on
     the file's value. The override is typed as rcl types it (``params.rcl_yaml``) and
     compared with what the node got; the last one given counts. ``node:name:=value`` counts
-    for a node named so (``node_names``: its name and fully qualified name); params files
-    are rcl's to match and are not looked at here."""
+    for a node named so (``node_names``: the names rcl matches it by); params files are
+    rcl's to match and are not looked at here."""
     import yaml
 
     given: dict[str, tuple[str, Any]] = {}
@@ -136,8 +136,11 @@ def declare(node: Node, specs: Iterable[ParamSpec], defaults: Mapping[str, Any] 
             raise StartupError(f"{node.get_name()}: parameter {spec.name!r} is an empty list; "
                                "give its values (or leave it out for the default)")
     if _COMMAND_LINE is not None:
-        reason = unapplied_override((node.get_name(), node.get_fully_qualified_name()), values,
-                                    _COMMAND_LINE)
+        # a node-qualified -p names the node as rcl matches it: fully qualified, or bare in
+        # the root namespace
+        full = node.get_fully_qualified_name()
+        names = (full, node.get_name()) if full == f"/{node.get_name()}" else (full,)
+        reason = unapplied_override(names, values, _COMMAND_LINE)
         if reason:
             raise StartupError(f"{node.get_name()}: parameter refused: {reason}")
     return values
