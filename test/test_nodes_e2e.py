@@ -1088,6 +1088,8 @@ def test_a_command_line_override_that_did_not_take_effect_is_named():
     assert problem("-p", "threshold:=1e-3", "-p", "publish_samples:=y",
                    "-p", "model:=2024-01-15", "-p", "thresholds:=[0.5, 0.5, 0.5]") is None
     assert problem("-p", "threshold:=0.5", "--param", "threshold:=1e-3") is None  # the last
+    assert unapplied_override(names, {"threshold": float("nan")},
+                              ["exe", "--ros-args", "-p", "threshold:=.nan"]) is None
     # rcl kept the params file's int -1 beside the double, and rclpy read the int
     assert problem("-p", "max_exit:=2.0") == (
         "-p max_exit:=2.0 did not take effect: the node got -1 (an integer); rcl keeps a "

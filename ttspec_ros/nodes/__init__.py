@@ -8,6 +8,7 @@ Only this package imports rclpy; everything the nodes compute lives in the ROS-f
 from __future__ import annotations
 
 import faulthandler
+import math
 import os
 import signal
 import sys
@@ -106,7 +107,8 @@ def unapplied_override(node_names: Sequence[str], values: Mapping[str, Any],
              list: "a list"}
     for name, (arg, wanted) in given.items():
         got = plain_value(values[name])
-        if type(got) is not type(wanted) or got != wanted:
+        nan = isinstance(got, float) and math.isnan(got) and math.isnan(wanted)
+        if type(got) is not type(wanted) or (got != wanted and not nan):
             kind = kinds.get(type(got), type(got).__name__)
             return (f"-p {arg} did not take effect: the node got {got!r} ({kind}); rcl keeps "
                     "a value of another type from a params file and rclpy reads that one, so "
