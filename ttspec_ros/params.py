@@ -277,14 +277,13 @@ def _parameter_sections(doc: Mapping, path: tuple[str, ...] = ()):
             yield from _parameter_sections(body, here)
 
 
-def check_params_file(text: str, nodes: Mapping[str, Sequence[ParamSpec]] | None = None
-                      ) -> str | None:
+def check_params_file(text: str) -> str | None:
     """Reason the text of a ROS 2 params file would stop one of our nodes at start-up, or None:
     not YAML, not rcl's layout (node name -> ``ros__parameters`` -> name -> value), or a value
     of one of our parameters that ``check_value`` refuses (a YAML ``1`` for a double too, as
-    rclpy does). ``nodes``: node name -> its specs (default: all our nodes by their default
-    names). Sections of other nodes and parameters no node of ours declares are left to
-    whoever reads them."""
+    rclpy does). Sections are matched to our nodes by their last name part (a wildcard:
+    every node), which is looser than rcl's namespace matching. Sections of other nodes and
+    parameters no node of ours declares are left to whoever reads them."""
     import yaml
 
     try:
@@ -294,7 +293,7 @@ def check_params_file(text: str, nodes: Mapping[str, Sequence[ParamSpec]] | None
     # empty, or comments only: rcl starts the node with nothing from it
     if not all(isinstance(d, Mapping) for d in docs):
         return "needs a mapping of node names to 'ros__parameters' sections"
-    known = NODE_PARAMS if nodes is None else nodes
+    known = NODE_PARAMS
     for path, values in (section for d in docs for section in _parameter_sections(d)):
         section = "/".join(path)
         if values is None:
