@@ -59,8 +59,12 @@ def check_writable(path: str | os.PathLike, *, directory: bool = True) -> Path:
         raise NotADirectoryError(f"output {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise PermissionError(f"output {path}: {ancestor} is not writable")
-    for part in path.relative_to(ancestor).parts if path != ancestor else ():
-        if len(os.fsencode(part)) > os.pathconf(ancestor, "PC_NAME_MAX"):
+    try:
+        name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+    except (OSError, ValueError):  # a file system that does not say: the write will tell
+        name_max = None
+    for part in path.relative_to(ancestor).parts if path != ancestor and name_max else ():
+        if len(os.fsencode(part)) > name_max:
             raise OSError(errno.ENAMETOOLONG, f"output {path}: the name {part[:40]}... is "
                           "longer than the file system allows")
     return path
