@@ -253,8 +253,9 @@ class TestTimeTrainer:
         those from before this image, or from before an earlier image whose step left finite
         parameters too large for the next forward. Which of the two is told apart on the first
         step's loss: if this image's loss is not finite with the earlier parameters either,
-        the image is at fault and only this image is undone. Undoing an earlier image is a
-        change, so it is a new version; undoing only this image keeps the version."""
+        the image is at fault and only this image is undone (no step was taken, so the
+        optimizer is kept). Undoing an earlier image is a change, so it is a new version;
+        undoing only this image keeps the version."""
         image = self._as_batch(image)
         with self._lock:
             before = [p.detach().clone() for p in self._params]
