@@ -531,6 +531,11 @@ class Specializer:
     def tensor_names(self) -> list[str]:
         return [n for i in range(self.num_exits - 1) for n in head_tensor_names(i)]
 
+    @property
+    def _checking(self) -> bool:
+        """A guard checks the trained heads before they are published (check_every > 0)."""
+        return self.guard is not None and bool(self.guard.check_every)
+
     def settings(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "batch_size": self.batch_size,
                 "min_confidence": self.min_confidence, "replay_size": self.replay_size,
@@ -708,14 +713,13 @@ class Specializer:
             return
         self.counters["steps"] += 1
         self._changes += 1
-        if self.guard is None or not self.guard.check_every:
+        if not self._checking:
             self.version = self._changes  # published = trained heads
         if self.replay_size:
             for feats, label in batch:
                 self._replay.setdefault(label, deque(maxlen=self._replay_per_class)).append(
                     (feats, label))
-        if self.guard is not None and self.guard.check_every and \
-                self.counters["steps"] % self.guard.check_every == 0:
+        if self._checking and self.counters["steps"] % self.guard.check_every == 0:
             self._check()
 
     def _check(self) -> None:
@@ -740,8 +744,7 @@ class Specializer:
 
     # -- outputs
     def _published_heads(self) -> StackedHeads:
-        checked = self.guard is not None and self.guard.check_every
-        return self._published if checked else self._heads
+        return self._published if self._checking else self._heads
 
     def export(self) -> ModelUpdatePayload:
         """The published early heads (every tensor specialization may change) and version.
@@ -846,7 +849,7 @@ class Specializer:
                     # the next step would turn the heads into NaN
                     raise ValueError(f"momentum.{name} holds NaN or infinite values")
             momentum.append(saved)
-        if self.guard is not None and self.guard.check_every and not self.guard.passes(heads):
+        if self._checking and not self.guard.passes(heads):
             # Loaded heads are published at once and become what a failed check rolls back
             # to, so heads this guard refuses would go out unchecked and stay.
             raise ValueError(

@@ -114,11 +114,10 @@ class ModelCard:
             config = self.config
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: architecture is incomplete or malformed ({e})") from e
-        c = config
         try:  # what RevCol would refuse, before any tensor is made
-            check_architecture(c.channels, c.layers, c.num_columns, c.num_classes,
-                               c.kernel_size, c.in_chans, c.drop_path, c.stem_kernel,
-                               c.stem_width)
+            check_architecture(config.channels, config.layers, config.num_columns,
+                               config.num_classes, config.kernel_size, config.in_chans,
+                               config.drop_path, config.stem_kernel, config.stem_width)
         except ValueError as e:
             raise ValueError(f"{source}: architecture: {e}") from e
         # Published as each prediction's class_name (a string field): a string here would be
