@@ -323,10 +323,13 @@ class TestTimeTrainer:
             return self.model.forward_exits(images.float())
 
     def reset(self) -> None:
-        """Back to the starting parameters, with a fresh optimizer state."""
+        """Back to the starting parameters, with a fresh optimizer state and the mask generator
+        at its seed again: an episodic image's result then depends on that image and the
+        config alone, not on which images came before it."""
         with self._lock:
             self._restore(self._initial)
             self._verified = self._initial
+            self._generator.manual_seed(self.config.seed)
 
     def adapt_and_predict(self, image: Tensor) -> list[Tensor]:
         """Per the mode: episodic = adapt, predict, reset; online = adapt (kept), predict."""
