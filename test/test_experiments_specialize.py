@@ -178,6 +178,9 @@ def test_specialize_experiment_writes_figure4(tiny_checkpoint, tmp_path) -> None
     assert result["last_exit_unchanged"] is True
     assert result["settings"]["stream_size"] == 4
     assert result["settings"]["specializer_stats"]["samples"] == 4 * 3  # 3 passes
+    guard = result["settings"]["guard_settings"]
+    assert guard["anchors_per_class"] == 3 and 0 < guard["anchors"] <= 3 * 10
+    assert guard["check_every"] == 10 and guard["class_tolerance"] == 0.10
     assert (tmp_path / "figure4.png").stat().st_size > 1000
 
 
@@ -209,6 +212,9 @@ def test_forgetting_experiment_writes_json(tiny_checkpoint, tmp_path) -> None:
         assert r["frames"] == [0, 25, 50]
         assert len(r["others_accuracy"]) == 3 and r["stats"]["samples"] == 50
     assert isinstance(result["target"]["met_with_guard"], bool)
+    guard = result["runs"]["guard"]["guard_settings"]
+    assert guard["anchors_per_class"] == 3 and 0 < guard["anchors"] <= 3 * 10
+    assert guard["check_every"] == 10 and "guard_settings" not in result["runs"]["no_guard"]
     assert (tmp_path / "forgetting.png").stat().st_size > 1000
 
 

@@ -400,6 +400,12 @@ class AnchorGuard:
         self.reference: dict[str, Tensor] | None = None
         self._targets: Tensor | None = None
 
+    def settings(self) -> dict:
+        """What decides the guard's work and its rollbacks, for experiment records."""
+        return {"anchors": int(self.anchors.labels.size), "rehearsal": self.rehearsal,
+                "check_every": self.check_every, "tolerance": self.tolerance,
+                "class_tolerance": self.class_tolerance, "cost_tolerance": self.cost_tolerance}
+
     def bind(self, heads: StackedHeads) -> None:
         """Record the original heads' per-class agreement/cost (the reference)."""
         if heads.num_heads != self._x.shape[0] or heads.feature_dim != self._x.shape[2]:

@@ -95,9 +95,7 @@ def bench_model(spec_name: str, args: argparse.Namespace) -> dict:
         "early_heads": last, "head_parameters": int(sum(
             np.prod(t.shape) for t in early_head_tensors(model).values())),
         # what the guarded step's time depends on (its check runs every check_every steps)
-        "guard": {"anchors": int(m), "anchors_per_class": args.anchors_per_class,
-                  "rehearsal": guard.rehearsal, "check_every": guard.check_every,
-                  "tolerance": guard.tolerance, "class_tolerance": guard.class_tolerance,
+        "guard": {"anchors_per_class": args.anchors_per_class, **guard.settings(),
                   "threshold": THRESHOLD},
         "median_ms": median,
         "mean_ms": {k: round(statistics.fmean(v), 4) for k, v in times.items()},

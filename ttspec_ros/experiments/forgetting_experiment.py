@@ -179,11 +179,8 @@ def run(args: argparse.Namespace) -> int:
         runs[name] = {**trace, "stats": spec.stats(),
                       "runtime_s": round(time.perf_counter() - t0, 1)}
         if guard is not None:
-            runs[name]["guard_settings"] = {
-                "anchors": int(anchors.labels.size), "anchors_per_class": args.anchors_per_class,
-                "rehearsal": guard.rehearsal, "check_every": guard.check_every,
-                "tolerance": guard.tolerance, "class_tolerance": guard.class_tolerance,
-                "cost_tolerance": guard.cost_tolerance}
+            runs[name]["guard_settings"] = {"anchors_per_class": args.anchors_per_class,
+                                            **guard.settings()}
 
     final = {name: {
         "others_accuracy_delta": round(r["others_accuracy"][-1] - before["others"]["accuracy"], 6),

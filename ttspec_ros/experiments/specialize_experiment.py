@@ -151,11 +151,7 @@ def make_guard(model, card, pool_imgs: np.ndarray, candidates: np.ndarray, per_c
     guard = AnchorGuard(anchors, threshold=threshold, rehearsal=rehearsal,
                         tolerance=tolerance, class_tolerance=class_tolerance,
                         exit_cost=card.exit_cost, seed=seed)
-    info = {"anchors": int(anchors.labels.size), "anchors_per_class": per_class,
-            "rehearsal": guard.rehearsal, "check_every": guard.check_every,
-            "tolerance": guard.tolerance, "class_tolerance": guard.class_tolerance,
-            "cost_tolerance": guard.cost_tolerance}
-    return guard, info
+    return guard, {"anchors_per_class": per_class, **guard.settings()}
 
 
 def _check_args(args: argparse.Namespace) -> None:
