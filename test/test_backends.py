@@ -26,6 +26,7 @@ from ttspec_ros.backends.onnx_export import (
     backbone_hash,
     ensure_exported,
     export_stages,
+    graph_io_shapes,
     image_shape_for,
     load_manifest,
     relative_difference,
@@ -103,15 +104,6 @@ def image():
     return torch.randn(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
 
 
-def _graph_io(path):
-    graph = onnx.load(str(path)).graph
-
-    def dims(values):
-        return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
-
-    return dims(graph.input), dims(graph.output)
-
-
 def test_manifest_describes_checked_static_graphs(exported):
     model, out, manifest = exported
     assert manifest == json.loads((out / "manifest.json").read_text())
@@ -120,9 +112,9 @@ def test_manifest_describes_checked_static_graphs(exported):
     assert set(manifest["versions"]) == {"torch", "onnx", "onnxruntime"}
     for entry in [*manifest["stages"], manifest["unsplit"]]:
         onnx.checker.check_model(str(out / entry["file"]), full_check=True)
-        inputs, outputs = _graph_io(out / entry["file"])
-        assert inputs == {i["name"]: i["shape"] for i in entry["inputs"]}
-        assert outputs == {o["name"]: o["shape"] for o in entry["outputs"]}
+        declared = graph_io_shapes(out / entry["file"])
+        assert declared["inputs"] == {i["name"]: i["shape"] for i in entry["inputs"]}
+        assert declared["outputs"] == {o["name"]: o["shape"] for o in entry["outputs"]}
     first, later = manifest["stages"][0], manifest["stages"][1]
     assert [i["name"] for i in first["inputs"]] == ["image"]
     assert [o["name"] for o in first["outputs"]] == ["x", "c0", "c1", "c2", "c3", "pooled"]
@@ -573,6 +565,36 @@ def test_manifest_fields_the_backends_read_are_checked(exported, tmp_path):
     refused(lambda m: m["stages"][0]["outputs"].append(3), "stage 0 outputs are not a list")
     refused(lambda m: m.update(image_shape=[1, 1, 32]), "image_shape")
     refused(lambda m: m.update(unsplit=[]), "unsplit is not an object")
+    refused(lambda m: m.update(image_shape=[1, 1, 64, 64]),
+            r"stage 0 takes an image of shape \[1, 1, 32, 32\], image_shape is \[1, 1, 64, 64\]")
+
+
+@pytest.mark.parametrize(("side", "index"), [("outputs", 1), ("inputs", 2)])
+def test_manifest_shapes_that_are_not_the_graphs_are_refused_and_exported_again(
+    exported, tmp_path, image, side, index
+):
+    """The graph hashes hold, but a shape of the manifest is not its graph's: the backends
+    allocate buffers by the manifest, so ONNX Runtime failed at the first frame. Refused
+    naming the tensor and both shapes; a cached directory is exported again."""
+    model, out, manifest = exported
+    graph_dir = tmp_path / f"onnx-{backbone_hash(model)[:16]}-{SIZE}x{SIZE}"
+    shutil.copytree(out, graph_dir)
+    broken = json.loads(json.dumps(manifest))
+    tensor = broken["stages"][index][side][0]
+    right = list(tensor["shape"])
+    tensor["shape"] = [*right[:-1], right[-1] + 1]
+    (graph_dir / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=(
+            rf"does not match stage{index}.onnx: {side[:-1]} '{tensor['name']}' has shape "
+            rf"\[.*\] in the manifest, \[.*\] in the graph; export the graphs again")):
+        load_manifest(graph_dir)
+    backbone = create_backbone("onnxruntime", model, num_threads=1, cache_dir=tmp_path,
+                               image_size=SIZE)
+    assert load_manifest(graph_dir)["stages"][index][side][0]["shape"] == right
+    carry, expected = image, torch_reference(model, image)
+    for i in range(4):
+        carry, pooled = backbone.run_stage(i, carry)
+        assert relative_difference(pooled, expected[i]) < 1e-4
 
 
 def _three_stage_manifest(manifest: dict) -> None:
