@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.backends import check_num_threads, release
-from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
+from ttspec_ros.backends.onnx_export import MANIFEST, STATE_NAMES, load_manifest, shape_problem
 
 # Bounded spinning, the default: an intra-op worker that has no work spins this long for the
 # next op before it sleeps, so the gaps between the ops of one run cost no wake-ups, and a
@@ -134,6 +134,8 @@ class OnnxRuntimeBackbone:
         graphs = [self._optimized_graph(entry["file"]) for entry in self.manifest["stages"]]
         self.blocked_carries = _keep_carries_blocked(graphs)
         sessions = [self._session(graph.SerializeToString(), optimize=False) for graph in graphs]
+        for entry, session in zip(self.manifest["stages"], sessions, strict=True):
+            self._check_shapes(entry, session)
         self._stages: list[_BoundSession] = []
         for entry in self.manifest["stages"]:
             if entry["index"] == 0:
@@ -145,6 +147,17 @@ class OnnxRuntimeBackbone:
             self._stages.append(_BoundSession(ort, sessions[entry["index"]], inputs,
                                               entry["outputs"]))
         self._unsplit: _BoundSession | None = None
+
+    def _check_shapes(self, entry: dict, session) -> None:
+        """The graphs are hash-checked, the shapes the manifest gives them are not: buffers
+        are allocated by those, so an edited shape failed inside ONNX Runtime at a frame."""
+        declared = {side: {m.name: list(m.shape) for m in metas}
+                    for side, metas in (("inputs", session.get_inputs()),
+                                        ("outputs", session.get_outputs()))}
+        problem = shape_problem(entry, declared)
+        if problem:
+            raise ValueError(f"{self.graph_dir / MANIFEST} does not match {entry['file']}: "
+                             f"{problem}; export the graphs again")
 
     def _optimized_graph(self, file: str):
         """The graph as ONNX Runtime optimises it for this machine (NCHWc nodes included)."""
@@ -224,11 +237,10 @@ class OnnxRuntimeBackbone:
             entry = self.manifest.get("unsplit")
             if not entry:
                 raise ValueError(f"{self.graph_dir} has no unsplit graph (export it with the CLI)")
-            self._unsplit = _BoundSession(
-                self._ort, self._session(str(self.graph_dir / entry["file"])),
-                {"image": self._image_value},
-                entry["outputs"],
-            )
+            session = self._session(str(self.graph_dir / entry["file"]))
+            self._check_shapes(entry, session)
+            self._unsplit = _BoundSession(self._ort, session, {"image": self._image_value},
+                                          entry["outputs"])
         self._set_image(image)
         return torch.tensor(self._unsplit.run()["pooled"].numpy())
 
