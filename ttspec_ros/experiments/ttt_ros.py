@@ -39,9 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=600, help="stream length")
     parser.add_argument("--rate", type=float, default=8.0, help="published frames per second")
     parser.add_argument("--windows", type=int, default=4, help="windows the stream is scored in")
-    parser.add_argument("--ttt-update", default="norm", help="adapter ttt_update",
-                        choices=params.spec(topics.ADAPTER_NODE, "ttt_update").choices)
-    parser.add_argument("--ttt-lr", type=float, default=1e-2, help="adapter ttt_learning_rate")
+    update, lr = (params.spec(topics.ADAPTER_NODE, n) for n in ("ttt_update", "ttt_learning_rate"))
+    parser.add_argument("--ttt-update", default=update.default, choices=update.choices,
+                        help="adapter ttt_update")
+    parser.add_argument("--ttt-lr", type=float, default=lr.default,
+                        help="adapter ttt_learning_rate")
     parser.add_argument("--seed", type=seed_option, default=0,
                         help="image order and corruption noise")
     parser.add_argument("--namespace", default="ttspec_tttros")
