@@ -95,7 +95,7 @@ def test_issue_defaults_of_the_adapter():
         "min_confidence": 0.0, "anchors_file": "", "guard_rehearsal": 2,
         "guard_tolerance": 0.005, "guard_class_tolerance": 0.03,
         "publish_period_s": 1.0, "state_dir": "", "save_period_s": 10.0,
-        "strategy": "specialize", "ttt_update": "norm", "ttt_learning_rate": 1e-2}
+        "strategy": "specialize", "ttt_update": "norm", "ttt_learning_rate": 3e-2}
 
 
 @pytest.mark.parametrize(("node", "name", "value", "words"), [

@@ -132,7 +132,7 @@ ADAPTER: tuple[ParamSpec, ...] = (
               "what test-time training changes: norm (LayerNorm affine of the encoder), "
               "columns (stem + first column), encoder (stem + every column the loss reaches)",
               read_only=True, choices=("norm", "columns", "encoder")),
-    ParamSpec("ttt_learning_rate", "double", 1e-2,
+    ParamSpec("ttt_learning_rate", "double", 3e-2,
               "SGD (momentum 0.9) learning rate of test-time training, one step per frame",
               min=0.0, max=1.0, read_only=True, constraints="> 0"),
 )

@@ -60,7 +60,7 @@ class TTTConfig:
     update: str = "norm"
     columns: int = 1  # used by update="columns"
     optimizer: str = "sgd"
-    lr: float = 1e-2
+    lr: float = 3e-2  # online; chosen on deployment-pool streams (ttt_experiment.Options)
     steps: int = 1  # optimizer steps per image
     batch: int = 8  # masked copies of the image per step (mae objective)
     mask_ratio: float = DEFAULT_MASK_RATIO
