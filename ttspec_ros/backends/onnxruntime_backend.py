@@ -134,10 +134,9 @@ class OnnxRuntimeBackbone:
         graphs = [self._optimized_graph(entry["file"]) for entry in self.manifest["stages"]]
         self.blocked_carries = _keep_carries_blocked(graphs)
         sessions = [self._session(graph.SerializeToString(), optimize=False) for graph in graphs]
-        for entry, session in zip(self.manifest["stages"], sessions, strict=True):
-            self._check_shapes(entry, session)
         self._stages: list[_BoundSession] = []
         for entry in self.manifest["stages"]:
+            self._check_shapes(entry, sessions[entry["index"]])
             if entry["index"] == 0:
                 inputs = {"image": self._image_value}
             else:
