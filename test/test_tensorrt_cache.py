@@ -497,3 +497,25 @@ def test_tensorrt_before_8_5_is_refused_by_version(monkeypatch, version):
         import_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.5.2.2"))
     assert import_tensorrt().__version__ == "8.5.2.2"
+
+
+@needs_gpu
+def test_tensorrt_refuses_manifest_shapes_that_are_not_the_engines(tmp_path):
+    """The image buffer is allocated by the manifest's image_shape: a manifest edited after the
+    export is refused at start, naming the tensor and both shapes, before any frame runs."""
+    import json
+
+    from test_backends import make_tiny_model
+
+    from ttspec_ros.backends.onnx_export import export_stages
+    from ttspec_ros.backends.tensorrt_backend import TensorRTBackbone
+
+    export_stages(make_tiny_model(), 32, tmp_path / "graphs", include_unsplit=False)
+    manifest_path = tmp_path / "graphs" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    tensor = manifest["stages"][1]["outputs"][0]
+    tensor["shape"] = [*tensor["shape"][:-1], tensor["shape"][-1] + 1]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"'{tensor['name']}' has shape .* in the manifest, "
+                                         r".* in the graph; export the graphs again"):
+        TensorRTBackbone(tmp_path / "graphs", cache_dir=tmp_path / "engines")

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.backends import BackendUnavailable, release
-from ttspec_ros.backends.onnx_export import STATE_NAMES, load_manifest
+from ttspec_ros.backends.onnx_export import MANIFEST, STATE_NAMES, load_manifest, shape_problem
 from ttspec_ros.backends.onnxruntime_backend import check_image
 from ttspec_ros.files import atomic_write_bytes, write_json
 from ttspec_ros.models.checkpoint import file_sha256
@@ -351,15 +351,24 @@ class TensorRTBackbone:
                     raise RuntimeError(f"TensorRT could not create an execution context for "
                                        f"{graph} (out of device memory?)")
                 inputs, outputs = [], {}
+                declared: dict[str, dict[str, list[int]]] = {"inputs": {}, "outputs": {}}
                 for j in range(engine.num_io_tensors):
                     tname = engine.get_tensor_name(j)
+                    shape = tuple(engine.get_tensor_shape(tname))
                     if engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT:
                         inputs.append(tname)
+                        declared["inputs"][tname] = list(shape)
                         continue
+                    declared["outputs"][tname] = list(shape)
                     dtype = _TORCH_DTYPES[engine.get_tensor_dtype(tname).name]
-                    shape = tuple(engine.get_tensor_shape(tname))
                     outputs[tname] = torch.empty(shape, dtype=dtype, device=self.device)
                     context.set_tensor_address(tname, outputs[tname].data_ptr())
+                # As the ONNX Runtime backbone: an edited manifest shape (the image copy uses
+                # it) is refused here, not inside TensorRT at the first frame.
+                problem = shape_problem(entry, declared)
+                if problem:
+                    raise ValueError(f"{self.graph_dir / MANIFEST} does not match {entry['file']}: "
+                                     f"{problem}; export the graphs again")
             self._engines.append(engine)
             self._contexts.append(context)
             self._inputs.append(inputs)
