@@ -177,6 +177,8 @@ def test_entry_names_are_checked():
     assert entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "b" * 64, gpu) != name
     assert entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "a" * 64,
                       "Orin (sm_87, 4 SMs)") != name
+    # Engines of another build rule (BUILD_VERSION) are built again beside the old ones.
+    assert entry_name("f" * 64, [1, 3, 224, 224], 2, "fp16", "a" * 64, gpu, build="1") != name
     with pytest.raises(ValueError, match="bad engine cache entry name"):
         EngineCache("/tmp").paths("../escape")
 
@@ -251,7 +253,8 @@ class _FakeTRT(types.ModuleType):
         WORKSPACE = 0
 
     class BuilderFlag:
-        FP16 = 0
+        FP16 = "FP16"
+        TF32 = "TF32"
 
     class TensorIOMode:
         INPUT = "input"
@@ -262,6 +265,8 @@ class _FakeTRT(types.ModuleType):
         fake = self
         self.deserialized = 0
         self.streams: list[int] = []  # the stream handle of every execute_async_v3
+        self.flags: list[tuple[str, str]] = []  # ("set" | "clear", flag) of every build
+        self.refused_addresses: set[str] = set()  # tensors whose set_tensor_address fails
 
         class Network:
             path = None
@@ -271,7 +276,10 @@ class _FakeTRT(types.ModuleType):
                 pass
 
             def set_flag(self, flag):
-                pass
+                fake.flags.append(("set", flag))
+
+            def clear_flag(self, flag):
+                fake.flags.append(("clear", flag))
 
         class OnnxParser:
             num_errors = 0
@@ -305,6 +313,7 @@ class _FakeTRT(types.ModuleType):
 
             def set_tensor_address(self, name, address):
                 self.addresses[name] = address
+                return name not in fake.refused_addresses
 
             def execute_async_v3(self, stream):
                 fake.streams.append(stream)
@@ -485,22 +494,47 @@ def test_tensorrt_matches_torch_and_reuses_engines(tmp_path, precision, toleranc
     assert again.builds == 0
 
 
-@pytest.mark.parametrize("version", ["8.4.1.5", "7.1.3"])
-def test_tensorrt_before_8_5_is_refused_by_version(monkeypatch, version):
-    """JetPack 5.0.x ships TensorRT 8.4, which lacks the name-based tensor API the engines are
-    run with: refused at start by version, not as an AttributeError later."""
+@pytest.mark.parametrize("version", ["8.5.2.2", "8.4.1.5", "7.1.3"])
+def test_tensorrt_before_8_6_is_refused_by_version(monkeypatch, version):
+    """JetPack 5 ships TensorRT 8.4-8.5: 8.5's ONNX parser has no LayerNormalization importer
+    (the graphs hold them) and 8.4 lacks the name-based tensor API. Refused at start by
+    version, not minutes into an engine build."""
     from ttspec_ros.backends import BackendUnavailable
     from ttspec_ros.backends.tensorrt_backend import import_tensorrt
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
-    with pytest.raises(BackendUnavailable, match=f"needs TensorRT >= 8.5.*this is {version}"):
+    with pytest.raises(BackendUnavailable, match=f"needs TensorRT >= 8.6.*this is {version}"):
         import_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.5.2.2"))
-    assert import_tensorrt().__version__ == "8.5.2.2"
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.2.3"))
+    assert import_tensorrt().__version__ == "8.6.2.3"
 
 
-@needs_gpu
-def test_tensorrt_refuses_manifest_shapes_that_are_not_the_engines(tmp_path):
+@pytest.mark.parametrize(("precision", "flags"), [("fp32", [("clear", "TF32")]),
+                                                  ("fp16", [("set", "FP16")])])
+def test_engine_builds_are_the_precision_named(fake_gpu, tmp_path, precision, flags):
+    """fp32 is FP32: TensorRT turns TF32 on by default, which an Orin's fp32 engine would use."""
+    from test_backends import make_tiny_model
+
+    from ttspec_ros.backends import create_backbone
+
+    create_backbone("tensorrt", make_tiny_model(), device="cuda", cache_dir=tmp_path,
+                    image_size=32, precision=precision)
+    assert fake_gpu.flags == flags * 4  # one build per stage
+
+
+def test_a_refused_tensor_address_is_named(fake_gpu, tmp_path):
+    from test_backends import make_tiny_model
+
+    from ttspec_ros.backends import create_backbone
+
+    fake_gpu.refused_addresses.add("c1")
+    with pytest.raises(RuntimeError, match="refused the address of stage 0's tensor 'c1' "
+                                           r"\(torch.float32, \(1, 16, 4, 4\)"):
+        create_backbone("tensorrt", make_tiny_model(), device="cuda", cache_dir=tmp_path,
+                        image_size=32)
+
+
+def test_tensorrt_refuses_manifest_shapes_that_are_not_the_engines(fake_gpu, tmp_path):
     """The image buffer is allocated by the manifest's image_shape: a manifest edited after the
     export is refused at start, naming the tensor and both shapes, before any frame runs."""
     import json

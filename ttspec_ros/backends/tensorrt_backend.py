@@ -38,6 +38,11 @@ from ttspec_ros.models.checkpoint import file_sha256
 PRECISIONS = ("fp32", "fp16")
 SIDECAR_FORMAT = 1
 DEFAULT_WORKSPACE_BYTES = 1 << 30
+# How build_engine configures a build. Part of every cache key and entry name: engines of an
+# older build rule get their own entries and are built again, never reused as if current.
+# 2: fp32 engines are built without TF32 (TensorRT enables it by default, and on Ampere GPUs
+# such as Orin an "fp32" engine then rounds its convolution inputs to TF32).
+BUILD_VERSION = "2"
 
 
 class StaleEngineError(RuntimeError):
@@ -50,6 +55,7 @@ class EngineKey:
     tensorrt_version: str
     gpu_name: str
     precision: str
+    build: str = BUILD_VERSION
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -122,7 +128,7 @@ class EngineCache:
             kind = (
                 "foreign (built by another TensorRT version or GPU)"
                 if any(stored.get(k) != expected[k] for k in ("tensorrt_version", "gpu_name"))
-                else "stale (built from another graph or precision)"
+                else "stale (built from another graph, precision or build rule)"
             )
             raise StaleEngineError(f"engine cache entry {engine_path} is {kind}: {diffs}; {remedy}")
         data = engine_path.read_bytes()
@@ -193,17 +199,20 @@ class EngineCache:
 
 
 def entry_name(model_hash: str, image_shape: list[int], stage: int, precision: str,
-               graph_sha256: str, gpu: str) -> str:
-    # The graph's hash and the GPU are part of the name: a graph exported again (a new
-    # EXPORT_VERSION, or another torch/onnx release) and another GPU sharing the cache
-    # directory get their own entries instead of a refusal that only deleting the cache would
-    # clear. What the name leaves out (the TensorRT version) is refused.
+               graph_sha256: str, gpu: str, build: str = BUILD_VERSION) -> str:
+    # The graph's hash, the GPU and the build rule are part of the name: a graph exported
+    # again (a new EXPORT_VERSION, or another torch/onnx release), another GPU sharing the
+    # cache directory and a new BUILD_VERSION get their own entries instead of a refusal that
+    # only deleting the cache would clear. What the name leaves out (the TensorRT version) is
+    # refused.
     gpu_tag = hashlib.sha256(gpu.encode()).hexdigest()[:8]
     return (f"{model_hash[:16]}-{image_shape[2]}x{image_shape[3]}-stage{stage}-{precision}"
-            f"-g{graph_sha256[:12]}-gpu{gpu_tag}")
+            f"-g{graph_sha256[:12]}-gpu{gpu_tag}-b{build}")
 
 
-TENSORRT_MIN = (8, 5)
+# 8.6: the ONNX parser's LayerNormalization importer (opset 17; every stage graph has them)
+# came with TensorRT 8.6. JetPack 6 ships 8.6.2 (6.0) and 10.3 (6.1, 6.2).
+TENSORRT_MIN = (8, 6)
 
 
 def import_tensorrt():
@@ -214,13 +223,14 @@ def import_tensorrt():
             "backend 'tensorrt' needs the `tensorrt` Python package (JetPack on Jetson, or "
             f"NVIDIA's tensorrt wheels with a CUDA GPU); it is not importable here: {e}"
         ) from e
-    # The engines are driven by tensor name (set_tensor_address, execute_async_v3), which
-    # came with TensorRT 8.5; JetPack 5.0.x ships 8.4, where they fail as AttributeErrors.
+    # Before 8.6 the parser cannot read the graphs (LayerNormalization), and before 8.5 the
+    # name-based tensor API the engines are driven by (set_tensor_address, execute_async_v3)
+    # did not exist: refused here, not minutes into a build or as an AttributeError.
     version = release(getattr(tensorrt, "__version__", ""))
     if version is not None and version < TENSORRT_MIN:
         raise BackendUnavailable(
             f"backend 'tensorrt' needs TensorRT >= {'.'.join(map(str, TENSORRT_MIN))} (JetPack "
-            f"5.1 or later) for its name-based tensor API; this is {tensorrt.__version__}"
+            f"6) for the graphs' LayerNormalization nodes; this is {tensorrt.__version__}"
         )
     return tensorrt
 
@@ -270,7 +280,7 @@ def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int) -> 
     if precision == "fp16":
         if not hasattr(trt.BuilderFlag, "FP16"):
             # TensorRT 11 dropped weak typing: FP16 would need an FP16-typed graph, which
-            # this exporter does not write (JetPack 5-7 ship TensorRT 8.5-10.x, which have it).
+            # this exporter does not write (JetPack 6-7 ship TensorRT 8.6-10.x, which have it).
             raise BackendUnavailable(
                 f"precision 'fp16' uses BuilderFlag.FP16, which TensorRT {trt.__version__} no "
                 "longer has (strongly typed networks only); use precision 'fp32'"
@@ -278,6 +288,8 @@ def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int) -> 
         if not getattr(builder, "platform_has_fast_fp16", True):
             raise BackendUnavailable("precision 'fp16' requested but this GPU has no fast FP16")
         config.set_flag(trt.BuilderFlag.FP16)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default (see BUILD_VERSION)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} ({precision})")
@@ -285,6 +297,15 @@ def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int) -> 
 
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32}
+
+
+def _set_address(context, name: str, tensor: Tensor, i: int) -> None:
+    """Points an engine tensor at ``tensor``'s memory. TensorRT reports a refused address only
+    by the return value; unchecked, it surfaced as a bare "execution failed" a step later."""
+    if not context.set_tensor_address(name, tensor.data_ptr()):
+        raise RuntimeError(
+            f"TensorRT refused the address of stage {i}'s tensor {name!r} ({tensor.dtype}, "
+            f"{tuple(tensor.shape)} on {tensor.device}, contiguous={tensor.is_contiguous()})")
 
 
 class TensorRTBackbone:
@@ -362,7 +383,7 @@ class TensorRTBackbone:
                     declared["outputs"][tname] = list(shape)
                     dtype = _TORCH_DTYPES[engine.get_tensor_dtype(tname).name]
                     outputs[tname] = torch.empty(shape, dtype=dtype, device=self.device)
-                    context.set_tensor_address(tname, outputs[tname].data_ptr())
+                    _set_address(context, tname, outputs[tname], i=entry["index"])
                 # As the ONNX Runtime backbone: an edited manifest shape (the image copy uses
                 # it) is refused here, not inside TensorRT at the first frame.
                 problem = shape_problem(entry, declared)
@@ -390,7 +411,7 @@ class TensorRTBackbone:
                     feeds = carry
                 context = self._contexts[i]
                 for name in self._inputs[i]:
-                    context.set_tensor_address(name, feeds[name].data_ptr())
+                    _set_address(context, name, feeds[name], i)
                 if not context.execute_async_v3(self._stream.cuda_stream):
                     raise RuntimeError(f"TensorRT execution of stage {i} failed")
                 out = self._outputs[i]
