@@ -267,6 +267,7 @@ class _FakeTRT(types.ModuleType):
         self.streams: list[int] = []  # the stream handle of every execute_async_v3
         self.flags: list[tuple[str, str]] = []  # ("set" | "clear", flag) of every build
         self.refused_addresses: set[str] = set()  # tensors whose set_tensor_address fails
+        self.dtypes: dict[str, str] = {}  # tensor name -> dtype name other than FLOAT
 
         class Network:
             path = None
@@ -350,7 +351,7 @@ class _FakeTRT(types.ModuleType):
                 return "input" if name in self.inputs else "output"
 
             def get_tensor_dtype(self, name):
-                return types.SimpleNamespace(name="FLOAT")
+                return types.SimpleNamespace(name=fake.dtypes.get(name, "FLOAT"))
 
             def get_tensor_shape(self, name):
                 return self.shapes[name]
@@ -530,6 +531,17 @@ def test_a_refused_tensor_address_is_named(fake_gpu, tmp_path):
     fake_gpu.refused_addresses.add("c1")
     with pytest.raises(RuntimeError, match="refused the address of stage 0's tensor 'c1' "
                                            r"\(torch.float32, \(1, 16, 4, 4\)"):
+        create_backbone("tensorrt", make_tiny_model(), device="cuda", cache_dir=tmp_path,
+                        image_size=32)
+
+
+def test_an_engine_output_of_another_dtype_is_named(fake_gpu, tmp_path):
+    from test_backends import make_tiny_model
+
+    from ttspec_ros.backends import create_backbone
+
+    fake_gpu.dtypes["pooled"] = "INT64"
+    with pytest.raises(ValueError, match="engine output 'pooled' is INT64; the backbone reads"):
         create_backbone("tensorrt", make_tiny_model(), device="cuda", cache_dir=tmp_path,
                         image_size=32)
 

@@ -263,9 +263,9 @@ def gpu_identity(device: torch.device) -> str:
     return f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"
 
 
-def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int) -> bytes:
-    """Serialized engine for one static-shape ONNX graph."""
-    logger = trt.Logger(trt.Logger.WARNING)
+def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int, logger) -> bytes:
+    """Serialized engine for one static-shape ONNX graph. ``logger``: the runtime's (TensorRT
+    warns when a builder gets another logger than the one it already has)."""
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
     # TensorRT < 10 needs explicit batch requested; from 10 on it is the only mode.
@@ -342,7 +342,8 @@ class TensorRTBackbone:
         self.builds = 0  # engines built by this instance (0 when all came from the cache)
 
         with torch.cuda.device(self.device):
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            logger = trt.Logger(trt.Logger.WARNING)
+            runtime = trt.Runtime(logger)
             # A stream of our own: on the legacy default stream TensorRT 10 synchronises
             # around every enqueueV3 (it warns so).
             self._stream = torch.cuda.Stream(self.device)
@@ -355,14 +356,15 @@ class TensorRTBackbone:
 
             def build(graph: Path = graph) -> bytes:
                 self.builds += 1
-                return build_engine(trt, graph, precision, workspace_bytes)
+                return build_engine(trt, graph, precision, workspace_bytes, logger)
 
             with torch.cuda.device(self.device):
                 built = self.builds
                 engine = runtime.deserialize_cuda_engine(self.cache.get_or_build(name, key, build))
                 if engine is None:
                     engine_path, sidecar_path = self.cache.paths(name)
-                    remedy = ("it was built just now" if self.builds > built else
+                    remedy = ("it was built just now: see TensorRT's messages above (out "
+                              "of device memory?)" if self.builds > built else
                               f"delete it and {sidecar_path} to rebuild")
                     raise RuntimeError(
                         f"TensorRT {trt.__version__} could not deserialize {engine_path} (the "
@@ -381,7 +383,12 @@ class TensorRTBackbone:
                         declared["inputs"][tname] = list(shape)
                         continue
                     declared["outputs"][tname] = list(shape)
-                    dtype = _TORCH_DTYPES[engine.get_tensor_dtype(tname).name]
+                    dtype = _TORCH_DTYPES.get(engine.get_tensor_dtype(tname).name)
+                    if dtype is None:
+                        raise ValueError(
+                            f"{graph}: engine output {tname!r} is "
+                            f"{engine.get_tensor_dtype(tname).name}; the backbone reads "
+                            f"{sorted(_TORCH_DTYPES)} outputs")
                     outputs[tname] = torch.empty(shape, dtype=dtype, device=self.device)
                     _set_address(context, tname, outputs[tname], i=entry["index"])
                 # As the ONNX Runtime backbone: an edited manifest shape (the image copy uses
