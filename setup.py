@@ -15,6 +15,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ttspec_ros", "ttspec_ros.*"]),
     package_data={"ttspec_ros": ["weights/*.json", "weights/*.safetensors"]},
+    # Bags hold our label messages: the ROS-free bag tools read their definition from
+    # <prefix>/share/ttspec_ros/msg, where colcon installs it too (bags._msg_dirs).
+    data_files=[("share/ttspec_ros/msg", ["msg/LabelStamped.msg"])],
     install_requires=[
         "numpy",
         "torch",

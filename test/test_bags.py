@@ -338,3 +338,26 @@ def test_bad_bags_give_clear_errors(tmp_path, shift_bags):
     with pytest.raises(bags.BagError, match="truncated or corrupt"):
         bags.open_image_stream(garbage)
 
+
+
+def test_pip_wheel_carries_what_the_bag_tools_read(tmp_path):
+    """The ROS-free install (pip, no colcon) has the bag tools: they read LabelStamped.msg from
+    <prefix>/share/ttspec_ros/msg, which the wheel must install (it shipped only Python files
+    and weights, and make-bag failed with 'LabelStamped.msg not found')."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    source = tmp_path / "src"  # a copy: an in-tree build writes build/ and egg-info
+    shutil.copytree(root / "ttspec_ros", source / "ttspec_ros",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "msg", source / "msg")
+    shutil.copy(root / "setup.py", source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    data = [n.split(".data/data/", 1)[1] for n in names if ".data/data/" in n]
+    assert f"share/ttspec_ros/msg/{bags.LABEL_MSG_FILE}" in data
+    assert "ttspec_ros/weights/demo.safetensors" in names

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import site
 import sqlite3
 import sys
 import tempfile
@@ -63,10 +64,11 @@ class BagError(ValueError):
 
 
 def _msg_dirs() -> list[Path]:
-    """Where LabelStamped.msg may be: the source tree, then installed share/ttspec_ros/msg."""
+    """Where LabelStamped.msg may be: the source tree, then installed share/ttspec_ros/msg
+    (colcon's prefixes; pip's: the environment, or the user base of ``pip install --user``)."""
     dirs = [Path(__file__).resolve().parent.parent / "msg"]
     prefixes = [p for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
-    prefixes.append(sys.prefix)
+    prefixes += [sys.prefix, site.getuserbase()]
     dirs += [Path(p) / "share" / "ttspec_ros" / "msg" for p in prefixes]
     return dirs
 
