@@ -319,6 +319,10 @@ def _send_until_counted(probe, tensor, node, key, timeout=10.0) -> bool:
     return wait_for(counted, timeout, interval=0.0)
 
 
+def _unnormalised_frame() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (1, 32, 32)).astype(np.float32)
+
+
 def _nan_frame() -> np.ndarray:
     tensor = np.zeros((1, 32, 32), np.float32)
     tensor[0, 5, 5] = np.nan
@@ -332,6 +336,9 @@ def test_bad_frames_are_rejected_by_the_classifier(pipeline, data):
     assert _send_until_counted(probe, _nan_frame(), CLS, "rejected_non_finite"), probe.diag(CLS)
     assert _send_until_counted(probe, np.zeros((1, 16, 16), np.float32), CLS,
                                "rejected_wrong_shape"), probe.diag(CLS)
+    # Right size, finite, but not normalised (raw 0..255 pixels): answered confidently before.
+    assert _send_until_counted(probe, _unnormalised_frame(), CLS, "rejected_out_of_range"), \
+        probe.diag(CLS)
     _stream(probe, data[0][:3])
     assert _predictions(probe), "no prediction after the bad frames"
 
@@ -877,9 +884,12 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
         versions = [p.model_version for p in preds]
         assert versions[-1] > versions[0], versions
         assert wait_for(lambda: probe.count(ADA, "frames_adapted") >= 5, 5.0), probe.diag(ADA)
-        # Frames of another shape or with NaN are skipped; the training thread carries on.
-        for tensor in (np.zeros((3, 32, 32), np.float32), _nan_frame()):
+        # Frames of another shape, with NaN or not normalised (finite losses that wrecked the
+        # backbone) are skipped; the training thread carries on.
+        for tensor in (np.zeros((3, 32, 32), np.float32), _nan_frame(), _unnormalised_frame()):
             assert _send_until_counted(probe, tensor, ADA, "frames_rejected"), probe.diag(ADA)
+        assert wait_for(lambda: "outside" in probe.diag(ADA).get("last_frame_rejection", ""),
+                        3.0), probe.diag(ADA)
         adapted = probe.count(ADA, "frames_adapted")
         _stream(probe, noisy[:6])
         assert wait_for(lambda: probe.count(ADA, "frames_adapted") > adapted, 5.0), \

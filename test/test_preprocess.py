@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
 
-from ttspec_ros.preprocess import preprocess, preprocess_batch
+from ttspec_ros.preprocess import frame_bounds, out_of_range, preprocess, preprocess_batch
 
 SPEC = {"channels": 1, "size": 32, "content_size": 28, "mean": [0.25], "std": [0.5]}
 
@@ -102,3 +104,23 @@ def test_input_shape_is_what_preprocess_gives():
     from ttspec_ros.preprocess import input_shape
 
     assert input_shape(SPEC) == preprocess(np.zeros((40, 30), np.uint8), SPEC).shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_frames_preprocess_gives_are_in_range_and_unnormalised_ones_are_not(channels):
+    """What the nodes accept from senders: every frame ``preprocess`` can give (black, white,
+    noise, any size) is in range; raw pixels or another normalisation are named."""
+    spec = {"channels": channels, "size": 32, "content_size": 28,
+            "mean": [0.3] * channels, "std": [0.25] * channels}
+    bounds = frame_bounds(spec)
+    rng = np.random.default_rng(0)
+    for image in (np.zeros((40, 50), np.uint8), np.full((28, 28), 255, np.uint8),
+                  rng.integers(0, 256, (64, 48, 3), dtype=np.uint8),
+                  rng.integers(0, 65536, (30, 30), dtype=np.uint16)):
+        assert out_of_range(preprocess(image, spec), bounds) is None
+    frame = preprocess(np.zeros((28, 28), np.uint8), spec)
+    raw = frame.copy()
+    raw[-1, 3, 3] = 255.0  # one raw pixel in the last channel
+    assert re.search(rf"channel {channels - 1} lie outside -1.6..3.2,", out_of_range(raw, bounds))
+    assert out_of_range(frame * 0.25 - 0.3, bounds) is None  # slightly off, still plausible
+    assert out_of_range(frame - 5.0, bounds) is not None

@@ -35,6 +35,36 @@ def input_shape(input_spec: Mapping) -> tuple[int, int, int]:
     return channels, size, size
 
 
+# How far outside the range ``preprocess`` gives (per channel, as a share of its width) a frame
+# may reach. Frames made here stay inside it up to float rounding; the margin leaves room for
+# a sender's own resizer (bicubic overshoots by a few percent). An unnormalised frame (0..255)
+# or one of another scale lies far outside: it would give confident answers for nothing, and
+# test-time training on it wrecks the backbone with finite losses (nothing non-finite stops it).
+RANGE_MARGIN = 0.1
+
+
+def frame_bounds(input_spec: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high), each (C, 1, 1): the values a frame of this spec may hold (RANGE_MARGIN)."""
+    channels, _, _, mean, std = check_input_spec(input_spec)
+    low, high = (np.broadcast_to((v - mean) / std, (channels,)) for v in (0.0, 1.0))
+    margin = RANGE_MARGIN * (high - low)
+    return ((low - margin).reshape(-1, 1, 1).astype(np.float32),
+            (high + margin).reshape(-1, 1, 1).astype(np.float32))
+
+
+def out_of_range(frame: np.ndarray, bounds: tuple[np.ndarray, np.ndarray]) -> str | None:
+    """Why a (C, H, W) model-input frame cannot come from ``preprocess`` with this spec, or None."""
+    low, high = bounds
+    below, above = frame < low, frame > high
+    if not (below.any() or above.any()):
+        return None
+    channel = int(np.argmax((below | above).reshape(len(low), -1).any(axis=1)))
+    return (f"frame values {float(frame[channel].min()):.4g}..{float(frame[channel].max()):.4g} "
+            f"in channel {channel} lie outside {float(low[channel, 0, 0]):.4g}.."
+            f"{float(high[channel, 0, 0]):.4g}, the range this model's preprocessing gives "
+            "(unnormalised or differently normalised frames?)")
+
+
 def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndarray]:
     missing = [k for k in _SPEC_KEYS if k not in input_spec]
     if missing:

@@ -58,7 +58,7 @@ from ttspec_ros.nodes import (
     refuse,
     run_node,
 )
-from ttspec_ros.preprocess import input_shape
+from ttspec_ros.preprocess import frame_bounds, input_shape, out_of_range
 from ttspec_ros.specialize import (
     STATE_FILE,
     AnchorGuard,
@@ -144,6 +144,7 @@ class AdapterNode(Node):
             raise StartupError(f"adapter: cannot load model {values['model']!r}: "
                                f"{type(e).__name__}: {e}") from e
         self._input_shape = input_shape(card.input)  # what a frame must look like
+        self._frame_bounds = frame_bounds(card.input)
         guard = self._guard(values, card, model.num_exits - 1,
                             model.cls_blocks[0].classifier[1].in_features)
         try:
@@ -302,6 +303,9 @@ class AdapterNode(Node):
                                  msg.step, msg.data)
                 if x.shape != self._input_shape:
                     raise ValueError(f"frame is {x.shape}, the model takes {self._input_shape}")
+                problem = out_of_range(x, self._frame_bounds)
+                if problem:
+                    raise ValueError(problem)
                 started = time.perf_counter()
                 self._ttt_loss = self.ttt.adapt(torch.from_numpy(x))
                 self.stats.add("ttt_step_ms", (time.perf_counter() - started) * 1000.0)

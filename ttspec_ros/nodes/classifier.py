@@ -51,7 +51,7 @@ from ttspec_ros.nodes import (
     refuse,
     run_node,
 )
-from ttspec_ros.preprocess import input_shape
+from ttspec_ros.preprocess import frame_bounds, input_shape, out_of_range
 from ttspec_ros.specialize import pack_features
 
 KEPT_UPDATES = 4  # latest updates of this many model ids, for a live switch back to one
@@ -78,6 +78,7 @@ class LoadedModel:
             raise StartupError(f"cannot load model {model_path or '(bundled demo)'!r}: "
                                f"{type(e).__name__}: {e}") from e
         self.input_shape = input_shape(card.input)
+        self.frame_bounds = frame_bounds(card.input)
         try:
             backbone = create_backbone(backend, model, device=device, num_threads=num_threads,
                                        image_size=self.input_shape[1])
@@ -262,6 +263,10 @@ class ClassifierNode(Node):
         if x.shape != loaded.input_shape:
             self._reject("wrong_shape", f"frame is {x.shape}, the model takes "
                                         f"{loaded.input_shape}")
+            return
+        problem = out_of_range(x, loaded.frame_bounds)
+        if problem:
+            self._reject("out_of_range", problem)
             return
         self.stats.add("queue_wait_ms", (time.perf_counter() - received) * 1000.0)
         r = loaded.cascade.run(torch.from_numpy(x), thresholds=settings["thresholds"],
