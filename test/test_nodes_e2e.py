@@ -9,6 +9,7 @@ The tests share one running pipeline and run in file order (module-scoped fixtur
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -641,6 +642,48 @@ print("left", len(node._queue), "steps", node.specializer.counters["steps"], flu
 node.destroy_node()
 rclpy.shutdown()
 """
+
+
+DIVERGE_SCRIPT = """
+import sys, time, rclpy
+from ttspec_ros.msg import AdaptationSample
+from ttspec_ros.nodes import adapter as adapter_mod
+stem, dim, model_id = sys.argv[1:4]
+rclpy.init(args=["--ros-args", "-r", "__ns:=/ttspec_diverge", "-p", f"model:={stem}"])
+node = adapter_mod.AdapterNode()
+# Beyond learning_rate's range, so that one step diverges (lr 0.05 with momentum 0.9 took
+# thousands of steps to the same state on the demo model).
+node.specializer.lr = 1e8
+dim = int(dim)
+node._on_sample(AdaptationSample(model_id=model_id, exit_index=2, class_id=3, confidence=0.99,
+                                 feature_sizes=[dim, dim], features=[0.5] * dim + [-0.25] * dim))
+deadline = time.monotonic() + 20
+while node.specializer.counters["overflows"] == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+_, values = node._diagnostic_values()
+print("overflows", values["specializer_overflows"], flush=True)
+sent = []
+node._diagnostics._pub.publish = sent.append  # the report /diagnostics would get
+node._diagnostics.publish()
+print("level", sent[0].status[0].level[0], sent[0].status[0].message, flush=True)
+node.close()
+node.destroy_node()
+rclpy.shutdown()
+"""
+
+
+def test_adapter_warns_when_specialization_diverges(tiny):
+    """A step whose heads overflow or diverge is rolled back (test_specialize); the adapter says
+    so in its log, naming the settings to lower, and counts it as a WARN on /diagnostics."""
+    stem, card = tiny
+    out = subprocess.run(
+        [sys.executable, "-c", DIVERGE_SCRIPT, str(stem), str(card.architecture["channels"][-1]),
+         card.model_id], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "overflows 1" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "a specialization step overflowed" in out.stderr and "lower them" in out.stderr, \
+        out.stderr[-2000:]
+    assert re.search(r"level 1 .*new: specializer_overflows", out.stdout), out.stdout  # WARN
 
 
 @pytest.mark.parametrize("drain_s", [2.0, 0.0])

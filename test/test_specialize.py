@@ -341,8 +341,11 @@ def test_a_state_the_guard_refuses_is_not_resumed(tmp_path) -> None:
     Specializer(init, 4, model_id="m", lr=0.5, guard=AnchorGuard(anchors, threshold=0.3)
                 ).load(tmp_path)
 
+@pytest.mark.parametrize("lr", [1e38, 1e8], ids=["overflow", "finite-divergence"])
 @pytest.mark.parametrize("guarded", [False, True])
-def test_a_step_that_overflows_the_heads_is_rolled_back(guarded: bool) -> None:
+def test_a_step_that_overflows_the_heads_is_rolled_back(guarded: bool, lr: float) -> None:
+    """lr 1e38 overflows to inf; lr 1e8 gives heads of ~1e8 that stay finite (a diverging
+    step size: such heads were published) and are rolled back the same way."""
     rng = np.random.default_rng(0)
     anchors = AnchorSet([rng.standard_normal((20, 32)).astype(np.float32) for _ in range(3)],
                         rng.integers(0, 5, 20))
@@ -350,14 +353,15 @@ def test_a_step_that_overflows_the_heads_is_rolled_back(guarded: bool) -> None:
     guard = AnchorGuard(anchors, check_every=1, rehearsal=0, tolerance=1.0,
                         class_tolerance=1.0) if guarded else None
     init = early_head_tensors(tiny_model())
-    spec = Specializer(init, 4, lr=1e38, guard=guard)
+    spec = Specializer(init, 4, lr=lr, guard=guard)
     for f in features(6):
         last_good = spec.export()
         spec.add_sample(3, 1, 0.9, f)
         if spec.stats()["rollbacks"]:
             break
     else:
-        pytest.fail("lr 1e38 must overflow the heads to test this")
+        pytest.fail(f"lr {lr} must overflow the heads to test this")
+    assert spec.stats()["overflows"] == 1
     after = spec.export()  # raised ValueError (non-finite tensors) before the fix
     if guarded:  # back to the last checked state, which is still what is published
         assert after.version == last_good.version

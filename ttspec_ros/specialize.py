@@ -482,6 +482,20 @@ def check_specializer_settings(*, lr: float = 1e-4, momentum: float = 0.0, batch
         raise ValueError(f"replay_size must be >= 0, got {replay_size}")
 
 
+# Head values past this mean the training diverged: trained heads hold values of order 1, and
+# at 1e6 features of order 1 give logits of order 1e6. Without this bound, lr 0.05 with
+# momentum 0.9 on the demo model grew the heads to 1e12 while every value stayed finite, and
+# such heads were published (a review's reproduction: cascade accuracy 0.886 -> 0.43).
+MAX_HEAD_MAGNITUDE = 1e6
+
+
+def _diverged(arrays: list[np.ndarray]) -> bool:
+    """Whether any value is NaN, infinite or beyond +-MAX_HEAD_MAGNITUDE (min/max: no
+    temporaries the size of a 1000-class head; NaN fails both comparisons)."""
+    return not all(-MAX_HEAD_MAGNITUDE < float(a.min()) and float(a.max()) < MAX_HEAD_MAGNITUDE
+                   for a in arrays)
+
+
 class Specializer:
     """Trains early heads 0..k-1 on exit k's pseudo-labels; thread-safe; exports updates.
 
@@ -522,7 +536,8 @@ class Specializer:
         self._new_optimizer()
         self.version = 0  # of the published heads
         self.counters = {"samples": 0, "skipped_low_confidence": 0, "skipped_first_exit": 0,
-                         "steps": 0, "rollbacks": 0, "resets": 0}
+                         "steps": 0, "rollbacks": 0, "resets": 0,
+                         "overflows": 0}
 
     # -- properties
     @property
@@ -712,9 +727,11 @@ class Specializer:
         weights = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
         self._sgd(self._gradients(x, weights, targets,
                                   apply_weight_lr=None if self.momentum else self.lr), h)
-        if not all_finite([v[:h] for v in self._views]):
-            # A step that overflowed is never kept (it could be exported or saved): back to
-            # the last good heads, as a failed guard check does.
+        if _diverged([v[:h] for v in self._views]):
+            # A step that overflowed or diverged is never kept (it could be exported or
+            # saved): back to the last good heads, as a failed guard check does. Counted on
+            # its own: the step size is too large (lr / (1 - momentum)), not a guard's verdict.
+            self.counters["overflows"] += 1
             self._roll_back()
             return
         self.counters["steps"] += 1

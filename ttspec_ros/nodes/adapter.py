@@ -112,7 +112,8 @@ class AdapterNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(
             self, self._diagnostic_values,
-            warn_on=("samples_rejected", "samples_dropped", "frames_rejected"),
+            warn_on=("samples_rejected", "samples_dropped", "frames_rejected",
+                     "specializer_overflows"),
             jobs={"sample_errors": "samples_used", "ttt_errors": "frames_adapted",
                   "publish_errors": "updates_published", "save_errors": "saves"})
         self._worker = threading.Thread(target=self._train, name="specializer", daemon=True)
@@ -272,7 +273,14 @@ class AdapterNode(Node):
                 raise ValueError(f"sample is from model {msg.model_id!r}, the adapter "
                                  f"adapts {self.specializer.model_id!r}")
             feats = unpack_features(msg.feature_sizes, msg.features)
+            overflows = self.specializer.counters["overflows"]
             self.specializer.add_sample(msg.exit_index, msg.class_id, msg.confidence, feats)
+            if self.specializer.counters["overflows"] > overflows and self._throttle("overflow"):
+                self.get_logger().warning(
+                    "a specialization step overflowed and the heads went back to their last "
+                    "good state (training so far is lost without a guard): learning_rate "
+                    f"{self._values['learning_rate']} with momentum {self._values['momentum']} "
+                    "diverges; lower them")
         except ValueError as e:
             self._reject("samples_rejected", "last_rejection", "rejected sample", e)
             return
