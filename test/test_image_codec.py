@@ -120,6 +120,17 @@ def test_malformed_images_raise_with_reason(change, reason):
     assert str(err.value)  # says what is wrong
 
 
+def test_camera_images_do_not_take_frame_encodings():
+    """A depth user told '32FC1' is supported had the camera refuse it later with a dtype
+    message that named no encoding: camera images (frames=False) refuse it by name."""
+    fields = _fields(np.zeros((2, 2, 1), np.float32), "32FC1")
+    assert decode_image(**fields).shape == (2, 2, 1)  # as a model-input frame
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(**fields, frames=False)
+    assert err.value.reason == "unsupported_encoding"
+    assert "'32FC1' is not supported" in str(err.value) and "'32FC3'" not in str(err.value)
+
+
 def test_frames_must_be_float():
     with pytest.raises(ImageDecodeError, match="32FC1 or 32FC3"):
         decode_frame(**_fields(RGB, "rgb8"))
@@ -142,6 +153,19 @@ def test_compressed_png_and_jpeg():
     ok, jpg = cv2.imencode(".jpg", np.full((16, 16), 128, np.uint8))
     gray = decode_compressed("jpeg", jpg.tobytes())
     assert gray.shape == (16, 16) and abs(int(gray.mean()) - 128) <= 2
+
+
+@pytest.mark.parametrize("kept", [0.2, 0.5, 0.95, 0.999])
+def test_a_cut_off_jpeg_is_refused_whatever_the_decoder_does(kept):
+    """OpenCV 4 (rosdep's python3-opencv) decodes a truncated JPEG with black rows for the rest
+    and a warning; the end-of-image marker is checked first, so no OpenCV version answers it."""
+    rng = np.random.default_rng(0)
+    jpg = cv2.imencode(".jpg", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))[1].tobytes()
+    with pytest.raises(ImageDecodeError) as err:
+        decode_compressed("rgb8; jpeg compressed bgr8", jpg[: int(len(jpg) * kept)])
+    assert err.value.reason == "truncated" and "end-of-image marker" in str(err.value)
+    padded = decode_compressed("jpeg", jpg + bytes(16))  # zero padding after the marker
+    assert padded.shape == (48, 64, 3)
 
 
 _PNG_HEAD = cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()[:33]  # up to IHDR's end

@@ -507,5 +507,5 @@ def decode_image(raw: bytes, msgtype: str) -> np.ndarray:
     if msgtype == COMPRESSED_TYPE:
         return image_codec.decode_compressed(msg.format, msg.data)
     return image_codec.decode_image(
-        msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data
-    )
+        msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data, frames=False
+    )  # camera images, as the camera node takes them

@@ -32,10 +32,12 @@ ENCODINGS: dict[str, tuple[int, np.dtype, bool]] = {
     "32FC1": (1, np.dtype(np.float32), False),
     "32FC3": (3, np.dtype(np.float32), False),
 }
+# Preprocessed model-input frames (the classifier's input), not camera images.
+FRAME_ENCODINGS = ("32FC1", "32FC3")
 # Camera encodings decoded to RGB by OpenCV, as cv_bridge does: packed YUV 4:2:2 (USB and
 # CSI cameras; sensor_msgs' "yuv422" is UYVY and "yuv422_yuy2" YUYV, Jazzy adds the aliases)
 # and raw 8-bit Bayer mosaics. encoding -> (bytes per pixel, cv2 conversion). OpenCV names a
-# Bayer pattern by the second row's first two pixels, so ROS's rggb is OpenCV's BG.
+# Bayer pattern by the second row's second and third pixels, so ROS's rggb is OpenCV's BG.
 CONVERTED: dict[str, tuple[int, str]] = {
     "yuv422": (2, "COLOR_YUV2RGB_UYVY"), "uyvy": (2, "COLOR_YUV2RGB_UYVY"),
     "yuv422_yuy2": (2, "COLOR_YUV2RGB_YUY2"), "yuyv": (2, "COLOR_YUV2RGB_YUY2"),
@@ -75,17 +77,17 @@ def check_size(height: int, width: int, channels: int = 1, itemsize: int = 1) ->
 
 
 def decode_image(height: int, width: int, encoding: str, is_bigendian: int | bool, step: int,
-                 data: Any) -> np.ndarray:
-    """Image message fields -> array (a copy; see the module docstring for shapes)."""
+                 data: Any, *, frames: bool = True) -> np.ndarray:
+    """Image message fields -> array (a copy; see the module docstring for shapes).
+    ``frames=False``: camera images only (FRAME_ENCODINGS refused by name)."""
     if encoding in CONVERTED:
         channels, dtype, reverse = CONVERTED[encoding][0], np.dtype(np.uint8), False
-    elif encoding in ENCODINGS:
+    elif encoding in ENCODINGS and (frames or encoding not in FRAME_ENCODINGS):
         channels, dtype, reverse = ENCODINGS[encoding]
     else:
+        known = [e for e in (*ENCODINGS, *CONVERTED) if frames or e not in FRAME_ENCODINGS]
         raise ImageDecodeError(
-            "unsupported_encoding",
-            f"encoding {encoding!r} is not supported; use one of "
-            f"{[*ENCODINGS, *CONVERTED]}")
+            "unsupported_encoding", f"encoding {encoding!r} is not supported; use one of {known}")
     height, width, step = int(height), int(width), int(step)
     check_size(height, width, channels, dtype.itemsize)
     if encoding in CONVERTED and channels == 2 and width % 2:
@@ -186,6 +188,14 @@ def decode_compressed(format_: str, data: Any) -> np.ndarray:
             f"bytes {bytes(buf[:8]).hex()}) has no PNG or JPEG header this can read; only PNG "
             "and JPEG are decoded")
     check_size(*claimed)
+    if bytes(buf[:2]) == b"\xff\xd8" and b"\xff\xd9" not in bytes(buf[-64:]).rstrip(b"\0")[-8:]:
+        # A cut-off frame (common from USB cameras' MJPEG): OpenCV 4 (what rosdep installs)
+        # decodes it with a warning and black rows for the missing part, which would be
+        # answered and trained on. FF D9 (end of image) occurs nowhere else at a file's end:
+        # entropy-coded data stuffs every FF. Zero padding after it is allowed.
+        raise ImageDecodeError(
+            "truncated", f"JPEG ({format_!r}, {buf.size} bytes) has no end-of-image marker: "
+            "the frame was cut off")
     try:
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as e:

@@ -139,7 +139,8 @@ class CameraNode(Node):
 
     def _on_image(self, msg: Image) -> None:
         self._convert(msg.header, lambda: decode_image(
-            msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data))
+            msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data,
+            frames=False))
 
     def _on_compressed(self, msg: CompressedImage) -> None:
         self._convert(msg.header, lambda: decode_compressed(msg.format, msg.data))
