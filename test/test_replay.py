@@ -209,6 +209,13 @@ def test_labels_that_match_no_frame_are_named_in_the_report():
                                   exit_cost=EXIT_COST, num_exits=4,
                                   class_names=replay.CLASS_NAMES, model={})
     assert "matched a label" not in replay.markdown(matched, [])
+    # every frame lost (a review's 1280x720 bag): that, not the stamps, is the reason
+    lost = replay.build_report({"path": "b", "labels": 3}, [_run(True, [0, 1, 2], [1, 2, 3],
+                                                                  [None] * 3)],
+                               exit_cost=EXIT_COST, num_exits=4,
+                               class_names=replay.CLASS_NAMES, model={})
+    text = replay.markdown(lost, [])
+    assert "no frame was answered" in text and "matched a label" not in text
 
 
 def test_shift_analysis():

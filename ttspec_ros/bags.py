@@ -495,6 +495,15 @@ def _read_frames(stream: ImageStream, limit: int | None) -> Iterator[Frame]:
             first_of[stamp] = index
             yield Frame(index, stamp, int(time_ns), bytes(raw))
             index += 1
+        expected = stream.image_count if limit is None else min(limit, stream.image_count)
+        if index < expected:
+            # rosbags yields nothing from a storage file whose topic (name, type, QoS) differs
+            # from metadata.yaml's, e.g. a hand-edited or merged one: frames would go missing
+            # from the results without a count.
+            raise BagError(
+                f"bag {stream.path}: metadata.yaml counts {stream.image_count} messages on "
+                f"{stream.image_topic}, its storage files gave {index}; does a file's topic "
+                "(type or QoS) differ from metadata.yaml's?")
     finally:
         reader.close()
 

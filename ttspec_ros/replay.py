@@ -648,7 +648,10 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
         f"storage {bag.get('storage')}"
         + (f", compressed {bag['compression']}" if bag.get("compression") else ""),
     ]
-    if bag.get("labels") and not any(r.get("labelled") for r in report["runs"]):
+    if report["runs"] and not any(r.get("predictions") for r in report["runs"]):
+        lines.append("- **no frame was answered**: every frame was lost (see each run's `lost` "
+                     "and `dropped`)")
+    elif bag.get("labels") and not any(r.get("labelled") for r in report["runs"]):
         lines.append("- **no answered frame matched a label**: labels are matched to frames by "
                      "exact header stamp, so the label topic's stamps differ from the images'")
     lines += [
