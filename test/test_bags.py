@@ -384,3 +384,13 @@ def test_frames_the_storage_files_do_not_give_are_named(tmp_path, storage):
                                             "its storage files gave 4"):
         list(stream.frames())
     assert len(list(stream.frames(limit=3))) == 3  # a limit within what is there reads fine
+
+
+def test_a_file_of_a_bag_directory_names_the_directory(tmp_path, shift_bags):
+    """metadata.yaml or a zstd-compressed storage file passed alone was 'truncated or corrupt'."""
+    bag = next(iter(shift_bags.values()))
+    (tmp_path / "x_0.mcap.zstd").write_bytes(b"\x28\xb5\x2f\xfd")
+    for part in (bag / "metadata.yaml", tmp_path / "x_0.mcap.zstd"):
+        with pytest.raises(bags.BagError, match=f"part of a rosbag2 directory; pass the "
+                                                f"directory {part.parent} instead"):
+            bags.open_image_stream(part)

@@ -339,6 +339,10 @@ def _open_reader(path: Path):
             "interrupted, pass its .db3 file itself; an interrupted .mcap lacks its summary "
             "and needs `mcap recover` (the mcap CLI) first)"
         )
+    if path.is_file() and (path.name == "metadata.yaml" or path.name.endswith(".zstd")):
+        # a file of a bag directory that cannot be read alone: rosbags says "corrupt"
+        raise BagError(f"{path} is part of a rosbag2 directory; pass the directory "
+                       f"{path.parent} instead")
     try:
         reader = Reader(path)
         reader.open()
