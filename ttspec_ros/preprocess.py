@@ -65,6 +65,17 @@ def out_of_range(frame: np.ndarray, bounds: tuple[np.ndarray, np.ndarray]) -> st
             "(unnormalised or differently normalised frames?)")
 
 
+def frame_problem(frame: np.ndarray, shape: tuple[int, int, int],
+                  bounds: tuple[np.ndarray, np.ndarray]) -> tuple[str, str] | None:
+    """(reason, message) why a decoded model-input frame is not one this model's
+    preprocessing gives (``input_shape``, ``frame_bounds``), or None. The classifier and the
+    adapter's test-time training take frames from any sender, so both check them this way."""
+    if frame.shape != shape:
+        return "wrong_shape", f"frame is {frame.shape}, the model takes {shape}"
+    problem = out_of_range(frame, bounds)
+    return ("out_of_range", problem) if problem else None
+
+
 def _check_spec(input_spec: Mapping) -> tuple[int, int, int, np.ndarray, np.ndarray]:
     missing = [k for k in _SPEC_KEYS if k not in input_spec]
     if missing:

@@ -58,7 +58,7 @@ from ttspec_ros.nodes import (
     refuse,
     run_node,
 )
-from ttspec_ros.preprocess import frame_bounds, input_shape, out_of_range
+from ttspec_ros.preprocess import frame_bounds, frame_problem, input_shape
 from ttspec_ros.specialize import (
     STATE_FILE,
     AnchorGuard,
@@ -309,11 +309,9 @@ class AdapterNode(Node):
             try:
                 x = decode_frame(msg.height, msg.width, msg.encoding, msg.is_bigendian,
                                  msg.step, msg.data)
-                if x.shape != self._input_shape:
-                    raise ValueError(f"frame is {x.shape}, the model takes {self._input_shape}")
-                problem = out_of_range(x, self._frame_bounds)
+                problem = frame_problem(x, self._input_shape, self._frame_bounds)
                 if problem:
-                    raise ValueError(problem)
+                    raise ValueError(problem[1])
                 started = time.perf_counter()
                 self._ttt_loss = self.ttt.adapt(torch.from_numpy(x))
                 self.stats.add("ttt_step_ms", (time.perf_counter() - started) * 1000.0)

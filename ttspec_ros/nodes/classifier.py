@@ -51,7 +51,7 @@ from ttspec_ros.nodes import (
     refuse,
     run_node,
 )
-from ttspec_ros.preprocess import frame_bounds, input_shape, out_of_range
+from ttspec_ros.preprocess import frame_bounds, frame_problem, input_shape
 from ttspec_ros.specialize import pack_features
 
 KEPT_UPDATES = 4  # latest updates of this many model ids, for a live switch back to one
@@ -260,13 +260,9 @@ class ClassifierNode(Node):
         except ImageDecodeError as e:
             self._reject(e.reason, str(e))
             return
-        if x.shape != loaded.input_shape:
-            self._reject("wrong_shape", f"frame is {x.shape}, the model takes "
-                                        f"{loaded.input_shape}")
-            return
-        problem = out_of_range(x, loaded.frame_bounds)
+        problem = frame_problem(x, loaded.input_shape, loaded.frame_bounds)
         if problem:
-            self._reject("out_of_range", problem)
+            self._reject(*problem)
             return
         self.stats.add("queue_wait_ms", (time.perf_counter() - received) * 1000.0)
         r = loaded.cascade.run(torch.from_numpy(x), thresholds=settings["thresholds"],
