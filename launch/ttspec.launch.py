@@ -3,6 +3,7 @@
     ros2 launch ttspec_ros ttspec.launch.py camera_topic:=/camera/color/image_raw \
         model:=/path/to/model threshold:=0.8 state_dir:=/var/lib/ttspec
     ros2 launch ttspec_ros ttspec.launch.py use_sim_time:=true  # with ros2 bag play --clock
+    ros2 launch ttspec_ros ttspec.launch.py image_reliability:=reliable  # large images
     ros2 launch ttspec_ros ttspec.launch.py namespace:=ttspec_left \
         camera_topic:=/left/image_raw  # a second pipeline beside the first
 
@@ -29,6 +30,11 @@ ARGUMENTS = {
     "camera_topic": (topics.IMAGE_RAW,
                      "image topic the camera node reads (remaps image_raw; the compressed "
                      "stream is <camera_topic>/compressed)"),
+    "image_reliability": ("", "QoS reliability of the camera node's image subscription: "
+                              "best_effort (sensor data, the default; reads any publisher) or "
+                              "reliable (no frames lost by DDS, e.g. large images from a "
+                              "reliable driver; cannot read a best-effort publisher); "
+                              "'' = params_file's value"),
     "model": ("", "model path stem (<stem>.safetensors + <stem>.json); '' = params_file's value"),
     "threshold": ("", "early-exit confidence threshold in [0, 1] for every early exit; "
                       "'' = params_file's value"),
@@ -45,6 +51,14 @@ def _path(text: str) -> ParameterValue:
     ``2024-01-15`` or ``0755`` would reach the node as a date or an int (launch_ros#384/#410).
     ``~`` is expanded here: the shell leaves it alone after ``model:=``."""
     return ParameterValue(os.path.expanduser(text), value_type=str)
+
+
+def _resolved(namespace: str, topic: str) -> str:
+    """``topic`` as rcl resolves it in ``namespace`` (relative names only; no ~ or {node})."""
+    if topic.startswith("/"):
+        return topic
+    namespace = namespace.strip("/")
+    return f"/{namespace}/{topic}" if namespace else f"/{topic}"
 
 
 def _nodes(context) -> list[Node]:
@@ -65,10 +79,19 @@ def _nodes(context) -> list[Node]:
             raise ValueError(f"use_sim_time must be true or false, got {arg['use_sim_time']!r}")
         for overrides in extra.values():
             overrides["use_sim_time"] = sim
-    remap = {topics.CAMERA_NODE: [
-        (topics.IMAGE_RAW, arg["camera_topic"]),
-        (topics.IMAGE_RAW_COMPRESSED, arg["camera_topic"] + "/compressed"),
-    ]}
+    if arg["image_reliability"]:
+        reliability = arg["image_reliability"]
+        if reliability not in ("best_effort", "reliable"):
+            raise ValueError(f"image_reliability must be best_effort or reliable, "
+                             f"got {reliability!r}")
+        # QoS overrides are named by the resolved topic (the camera's subscription of raw or
+        # compressed images, whichever its transport parameter picks).
+        image_topic = _resolved(arg["namespace"], arg["camera_topic"])
+        for topic in (image_topic, image_topic + "/compressed"):
+            extra[topics.CAMERA_NODE][
+                f"qos_overrides.{topic}.subscription.reliability"] = reliability
+    # The camera subscribes to <image_raw as remapped>/compressed for compressed transport.
+    remap = {topics.CAMERA_NODE: [(topics.IMAGE_RAW, arg["camera_topic"])]}
     return [
         Node(package=topics.PACKAGE, executable=topics.EXECUTABLES[name], name=name,
              namespace=arg["namespace"],

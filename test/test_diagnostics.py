@@ -67,3 +67,15 @@ def test_one_failing_job_is_not_hidden_by_another_that_works(ros_node) -> None:
     assert level == ERROR and "publish_errors, no updates_published since" in message
     assert report(samples_used=20)[0] == ERROR
     assert report(updates_published=1, samples_used=20) == (OK, "frames")
+
+
+def test_an_input_that_stops_arriving_is_a_warning(ros_node, monkeypatch) -> None:
+    from ttspec_ros.nodes import OK, WARN, Diagnostics
+
+    monkeypatch.setattr(Diagnostics, "IDLE_S", 0.5)
+    report = reporter(ros_node, {}, expect=("received", "images"))
+    assert report(received=3) == (OK, "frames")
+    time.sleep(0.6)
+    level, message = report()
+    assert level == WARN and "no images for" in message  # a dead or mis-remapped topic
+    assert report(received=1) == (OK, "frames")

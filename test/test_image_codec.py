@@ -220,7 +220,10 @@ def test_a_header_is_checked_with_its_channels_and_sample_size():
 def test_compressed_formats_other_than_png_and_jpeg_are_refused(ext, image):
     # Their size is not known before decoding (a small TIFF can claim gigabytes); a float64
     # colour TIFF also made cv2.cvtColor raise cv2.error, of which the camera node died.
-    ok, encoded = cv2.imencode(ext, image)
+    try:
+        ok, encoded = cv2.imencode(ext, image)
+    except cv2.error as e:  # OpenCV 4.5 (Ubuntu 22.04) writes no float64 TIFF
+        pytest.skip(f"this OpenCV cannot write the {image.dtype} {ext}: {e}")
     assert ok
     with pytest.raises(ImageDecodeError) as err:
         decode_compressed(ext[1:], encoded.tobytes())
@@ -234,11 +237,13 @@ PATCHES = np.kron(np.array([[[200, 30, 40], [20, 180, 60]], [[30, 50, 210], [240
 
 @pytest.mark.parametrize("pad", [0, 3])
 @pytest.mark.parametrize(("encoding", "to_yuv"), [
-    ("yuv422", cv2.COLOR_RGB2YUV_UYVY), ("uyvy", cv2.COLOR_RGB2YUV_UYVY),
-    ("yuv422_yuy2", cv2.COLOR_RGB2YUV_YUY2), ("yuyv", cv2.COLOR_RGB2YUV_YUY2),
+    ("yuv422", "COLOR_RGB2YUV_UYVY"), ("uyvy", "COLOR_RGB2YUV_UYVY"),
+    ("yuv422_yuy2", "COLOR_RGB2YUV_YUY2"), ("yuyv", "COLOR_RGB2YUV_YUY2"),
 ])
 def test_yuv422_encodings_come_back_as_rgb(encoding, to_yuv, pad):
-    packed = cv2.cvtColor(PATCHES, to_yuv)  # (H, W, 2) in the encoding's byte order
+    if not hasattr(cv2, to_yuv):  # OpenCV 4.5 (Ubuntu 22.04) converts from 4:2:2 only
+        pytest.skip(f"this OpenCV has no {to_yuv} to build the test image")
+    packed = cv2.cvtColor(PATCHES, getattr(cv2, to_yuv))  # (H, W, 2) in the encoding's order
     out = decode_image(**_fields(packed, encoding, pad))
     assert out.shape == PATCHES.shape and out.dtype == np.uint8
     assert np.abs(out.astype(int) - PATCHES).max() <= 3

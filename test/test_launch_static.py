@@ -124,9 +124,8 @@ def test_launch_arguments_become_overrides_and_remaps(monkeypatch):
                        threshold="0.75", state_dir="/var/lib/ttspec")
     by_name = {n.kwargs["name"]: n.kwargs for n in nodes}
     camera = by_name[topics.CAMERA_NODE]
-    assert dict(camera["remappings"]) == {
-        topics.IMAGE_RAW: "/cam/color/image_raw",
-        topics.IMAGE_RAW_COMPRESSED: "/cam/color/image_raw/compressed"}
+    # one remap: the camera subscribes to <image_raw as remapped>/compressed itself
+    assert dict(camera["remappings"]) == {topics.IMAGE_RAW: "/cam/color/image_raw"}
     assert by_name[topics.CLASSIFIER_NODE]["parameters"][1] == {"model": "/m/demo",
                                                                 "threshold": 0.75}
     assert by_name[topics.ADAPTER_NODE]["parameters"][1] == {"model": "/m/demo",
@@ -168,3 +167,20 @@ def test_use_sim_time_argument_reaches_every_node(monkeypatch):
         assert [n.kwargs["parameters"][1] for n in nodes] == [{"use_sim_time": value}] * 3
     with pytest.raises(ValueError, match="use_sim_time"):
         _launch(monkeypatch, use_sim_time="yes")
+
+
+def test_image_reliability_argument_overrides_the_cameras_resolved_topics(monkeypatch):
+    nodes, declared = _launch(monkeypatch)
+    assert declared["image_reliability"] == ""
+    for camera_topic, namespace, resolved in (("/cam/image", topics.NAMESPACE, "/cam/image"),
+                                              (topics.IMAGE_RAW, "left", "/left/image_raw"),
+                                              (topics.IMAGE_RAW, "/", "/image_raw")):
+        nodes, _ = _launch(monkeypatch, image_reliability="reliable", camera_topic=camera_topic,
+                           namespace=namespace)
+        by_name = {n.kwargs["name"]: n.kwargs["parameters"] for n in nodes}
+        assert by_name[topics.CAMERA_NODE][1] == {
+            f"qos_overrides.{topic}.subscription.reliability": "reliable"
+            for topic in (resolved, f"{resolved}/compressed")}
+        assert len(by_name[topics.CLASSIFIER_NODE]) == 1  # the camera's reader only
+    with pytest.raises(ValueError, match="image_reliability"):
+        _launch(monkeypatch, image_reliability="RELIABLE")

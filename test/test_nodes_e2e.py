@@ -301,7 +301,8 @@ def test_malformed_images_are_rejected_counted_and_survived(pipeline, data):
     expected = {f"rejected_{reason}" for reason in _bad_images()}
     assert wait_for(lambda: all(probe.count(CAM, k) >= 1 for k in expected), 5.0), \
         probe.diag(CAM)
-    assert wait_for(lambda: f"/ttspec/{CAM}" in probe.warned, 3.0)  # level WARN on /diagnostics
+    assert wait_for(lambda: any("new: rejected" in m  # level WARN on /diagnostics
+                                for m in probe.warnings.get(f"/ttspec/{CAM}", ())), 3.0)
     _stream(probe, data[0][:3])
     assert _predictions(probe), "no prediction after the malformed images"
     assert pipeline["procs"][CAM].alive()
@@ -829,6 +830,40 @@ def test_shutdown_under_load_and_a_second_sigint_stay_clean(tmp_path, tiny):
         cls.stop(signal.SIGKILL)
 
 
+def test_compressed_transport_follows_an_image_raw_remap_and_idle_input_warns(tmp_path, tiny,
+                                                                               data):
+    """As image_transport: with ``-r image_raw:=/elsewhere/image`` the compressed stream is
+    /elsewhere/image/compressed (the literal image_raw/compressed stayed in the node's
+    namespace: a review's camera read an empty topic). And a camera that receives nothing
+    is not OK on /diagnostics: it reported OK forever."""
+    from sensor_msgs.msg import CompressedImage
+
+    ns, elsewhere = "ttspec_remap", "/ttspec_remap_cam/image"
+    cam = NodeProcess(CAM, {"model": tiny[0], "transport": "compressed"}, tmp_path,
+                      namespace=ns, extra_args=["-r", f"{topics.IMAGE_RAW}:={elsewhere}"]).start()
+    probe = probe_mod.Probe(namespace=ns, name="ttspec_probe_remap")
+    name = f"/{ns}/{CAM}"
+    try:
+        pub = probe.node.create_publisher(CompressedImage, f"{elsewhere}/compressed",
+                                          nodes.qos(topics.QOS_SENSOR))
+        assert wait_for(lambda: pub.get_subscription_count() > 0, STARTUP_S), cam.log()[-2000:]
+        assert wait_for(lambda: any("no images for" in m for m in probe.warnings.get(name, ())),
+                        nodes.Diagnostics.IDLE_S + 10.0), (probe.statuses.get(name), cam.log())
+        probe.watch_frames(True)
+        ok, png = cv2.imencode(".png", data[0][0])
+
+        def passed() -> bool:
+            pub.publish(CompressedImage(format="png", data=png.tobytes()))
+            return wait_for(lambda: len(probe.frames) >= 1, 0.5)
+
+        assert wait_for(passed, 10.0, 0.0), probe.diag(CAM)
+        assert wait_for(lambda: probe.statuses.get(name, (None,))[0] == nodes.OK, 5.0), \
+            probe.statuses.get(name)
+    finally:
+        probe.close()
+        cam.stop(signal.SIGKILL)
+
+
 def test_max_rate_hz_follows_the_bag_clock_with_use_sim_time(tmp_path, tiny, data):
     """use_sim_time: the rate limit is timed by /clock, so a bag played faster or slower
     passes the frames the robot's camera passed (wall time would drop all but one here)."""
@@ -850,11 +885,11 @@ def test_max_rate_hz_follows_the_bag_clock_with_use_sim_time(tmp_path, tiny, dat
             time.sleep(0.05)
 
     def diag_after_tick(key: str, at_least: int) -> bool:
-        tick(1.0)  # the camera's diagnostics timer runs on /clock too
+        tick(1.0)
         return probe.count(CAM, key) >= at_least
 
     def camera_clock_reached() -> bool:
-        # the camera's diagnostics timer runs on /clock, so its stamp says how far it got
+        # diagnostics are stamped by the camera's clock (/clock), so a stamp says how far it got
         if probe.node_time(CAM) >= now[0] - 1e-6:
             return True
         tick(0.0)  # both /clock messages lost: send the time again
@@ -1177,6 +1212,49 @@ def test_throttle_is_per_key():
     throttle = Throttle(period_s=60.0)
     assert throttle("truncated") and throttle("wrong_step")
     assert not throttle("truncated")
+
+
+def _passed(limit, arrivals) -> list[float]:
+    out = []
+    for t in arrivals:
+        if limit.allows(t):
+            limit.passed(t)
+            out.append(t)
+    return out
+
+
+def test_rate_limit_passes_its_rate_under_jitter_and_a_stepping_clock():
+    """15 Hz of a 30 Hz camera. The rule before (a full period since the last passed frame)
+    passed 11.6 Hz of these arrivals with +-2 ms of jitter and 12.0 Hz of those on a /clock that
+    moves in 25 ms steps (a review's processes: 11.8 Hz, and 10 Hz under use_sim_time)."""
+    import random
+
+    from ttspec_ros.nodes import RateLimit
+
+    period, rng = 1 / 15, random.Random(0)
+    jittered = [k / 30 + rng.uniform(-0.002, 0.002) for k in range(300)]  # 10 s
+    stepped = [int(k / 30 / 0.025) * 0.025 for k in range(300)]  # bag clock at 40 Hz
+    for arrivals in (jittered, stepped):
+        passed = _passed(RateLimit(period), arrivals)
+        assert 148 <= len(passed) <= 151, len(passed)
+        # never faster than the limit: passed frames k apart are >= k - 2 * SLACK periods apart
+        for k in (1, 10, 100):
+            gaps = [b - a for a, b in zip(passed, passed[k:], strict=False)]
+            assert min(gaps) >= (k - 2 * RateLimit.SLACK) * period - 1e-9, (k, min(gaps))
+
+
+def test_rate_limit_restarts_after_a_pause_or_a_clock_that_went_back():
+    from ttspec_ros.nodes import RateLimit
+
+    limit = RateLimit(1.0)
+    assert _passed(limit, [0.0, 0.5, 1.0, 1.2]) == [0.0, 1.0]
+    # after a pause no burst makes up for the missed periods
+    assert _passed(limit, [10.0, 10.3, 10.6, 11.0]) == [10.0, 11.0]
+    assert _passed(limit, [3.0, 3.5, 4.0]) == [3.0, 4.0]  # a looped bag
+    limit.set_period(0.0)  # no limit
+    assert _passed(limit, [4.1, 4.2]) == [4.1, 4.2]
+    limit.set_period(2.0)  # a new period counts from the last passed frame
+    assert _passed(limit, [5.0, 6.5]) == [6.5]
 
 
 def test_ttt_ros_writes_its_json(tmp_path):

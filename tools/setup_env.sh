@@ -27,7 +27,15 @@ if [ ! -f "$FMNIST" ]; then
   fi
 fi
 
-# 2. Python environment, reinstalled only when requirements.txt changes.
+# 2. Python environment, reinstalled only when requirements.txt changes. The pins are the dev
+# and CI machine's (Python 3.11+, x86-64: the ROS wheels on PyPI have no aarch64 build and
+# numpy/matplotlib/onnxruntime's pinned releases need 3.11); a robot follows the README's
+# "On a robot" instead.
+"$PY" -c 'import sys, platform
+ok = sys.version_info >= (3, 11) and platform.machine() in ("x86_64", "AMD64")
+sys.exit(0 if ok else "[setup] the pinned dev environment needs Python >= 3.11 on x86-64, "
+         f"this is {platform.python_version()} on {platform.machine()}; on a robot (e.g. "
+         "Humble, Jetson) follow the README section \"On a robot\"")'
 [ -x "$VENV/bin/python" ] || { say "creating .venv"; "$PY" -m venv "$VENV"; }
 REQ_HASH=$(sha256sum requirements.txt | cut -c1-16)
 if [ "$(cat "$VENV/.requirements-hash" 2>/dev/null)" != "$REQ_HASH" ]; then

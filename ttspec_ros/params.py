@@ -49,11 +49,12 @@ CAMERA: tuple[ParamSpec, ...] = (
     MODEL,
     ParamSpec("transport", "string", "raw",
               "'raw': sensor_msgs/Image on image_raw; 'compressed': sensor_msgs/CompressedImage "
-              "on image_raw/compressed", choices=("raw", "compressed")),
+              "on <image_raw as remapped>/compressed, as image_transport names it",
+              choices=("raw", "compressed")),
     ParamSpec("max_rate_hz", "double", 0.0,
               "most frames per second passed on to the classifier (0 = no limit), timed by "
-              "the node's clock (with use_sim_time: the bag's /clock); frames arriving sooner "
-              "are dropped and counted", min=0.0, max=1000.0),
+              "the node's clock (with use_sim_time: the bag's /clock) with 30 % slack per "
+              "frame; frames arriving sooner are dropped and counted", min=0.0, max=1000.0),
 )
 
 CLASSIFIER: tuple[ParamSpec, ...] = (
@@ -115,12 +116,14 @@ ADAPTER: tuple[ParamSpec, ...] = (
               "forgetting guard: loss of one class's anchor agreement that triggers a rollback",
               min=0.0, max=1.0, read_only=True),
     ParamSpec("publish_period_s", "double", 1.0,
-              "model_updates are published at most this often (seconds), when changed",
+              "model_updates are published at most this often (seconds, steady clock even "
+              "with use_sim_time), when changed",
               min=0.01, max=3600.0),
     ParamSpec("state_dir", "string", "",
               "directory for the adapter's state (saved atomically, resumed at start); "
               "'' = not persisted", read_only=True),
-    ParamSpec("save_period_s", "double", 10.0, "save the state this often (seconds) when changed",
+    ParamSpec("save_period_s", "double", 10.0,
+              "save the state this often (seconds, steady clock) when changed",
               min=0.1, max=86400.0),
     ParamSpec("strategy", "string", "specialize",
               "specialize: train the early heads on adaptation_samples; ttt_online: test-time "

@@ -114,7 +114,8 @@ TOPICS: tuple[TopicInfo, ...] = (
               "yuv422_yuy2/yuyv) or 8-bit Bayer (bayer_rggb8, _bggr8, _gbrg8, _grbg8), "
               "converted as cv_bridge does (QoS overridable)"),
     TopicInfo(IMAGE_RAW_COMPRESSED, "sensor_msgs/CompressedImage", ("(camera driver)",),
-              (CAMERA_NODE,), QOS_SENSOR, "JPEG/PNG frames, used with transport: compressed"),
+              (CAMERA_NODE,), QOS_SENSOR, "JPEG/PNG frames, used with transport: compressed; "
+              "moves with a remap of image_raw, as image_transport's"),
     TopicInfo(FRAMES, "sensor_msgs/Image", (CAMERA_NODE,),
               (CLASSIFIER_NODE, f"{ADAPTER_NODE} (strategy ttt_online or both)"), QOS_SENSOR,
               "preprocessed model input, encoding 32FC1/32FC3 (height x width x channels), "

@@ -28,6 +28,7 @@ from rcl_interfaces.msg import (
     ParameterType,
     SetParametersResult,
 )
+from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
@@ -260,6 +261,52 @@ class Throttle:
             return True
 
 
+def steady_timer(node: Node, period_s: float, callback: Callable[[], None]) -> Any:
+    """A timer on the steady clock. The node's default clock is ROS time, which under
+    use_sim_time stops with /clock: when a bag ends or is paused, the adapter held back its
+    trained heads and stopped saving, and /diagnostics went silent (a review reproduced all
+    three); at ``ros2 bag play -r 0.1`` a 10 s save period took 100 s."""
+    return node.create_timer(period_s, callback, clock=Clock(clock_type=ClockType.STEADY_TIME))
+
+
+class RateLimit:
+    """At most one frame per ``period_s`` on average (``period_s`` 0: no limit), kept as a
+    schedule of due times with slack: a frame passes when it comes at most ``SLACK`` of a
+    period before its due time. Requiring a full period since the last passed frame (the rule
+    before) made any early arrival wait for the next frame: a review measured 11.8 Hz passed
+    of a 15 Hz limit under +-2 ms of jitter, and 10 Hz under use_sim_time, whose clock moves
+    in 25 ms steps (``ros2 bag play --clock`` publishes /clock at 40 Hz). The due time advances
+    by at least one period per passed frame and lies at least 1 - SLACK periods after it, so
+    passed frames k apart are at least k - 2 * SLACK periods apart."""
+
+    SLACK = 0.3  # > 25 ms / 66.7 ms: one /clock step at a 15 Hz limit
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._last = -math.inf  # time of the last passed frame
+        self._due = -math.inf
+
+    def set_period(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._due = self._last + period_s
+
+    def allows(self, now: float) -> bool:
+        # A clock that went back (a looped bag, a switch of use_sim_time) starts anew.
+        return (self.period_s <= 0.0 or now < self._last
+                or now >= self._due - self.SLACK * self.period_s)
+
+    def passed(self, now: float) -> None:
+        """Record a frame passed on at ``now`` (only passed frames use up a period)."""
+        behind = now - self._due
+        # After a pause (or a clock that went back) the schedule restarts at this frame
+        # rather than letting the frames after it catch up on the missed periods.
+        if now < self._last or not behind < self.period_s:
+            self._due = now + self.period_s
+        else:  # a late frame delays the next by what it used of the slack
+            self._due = max(self._due, now - self.SLACK * self.period_s) + self.period_s
+        self._last = now
+
+
 class Diagnostics:
     """Publishes one DiagnosticStatus for the node on /diagnostics every ``period_s``:
 
@@ -268,13 +315,19 @@ class Diagnostics:
       not, until its successes grow again (a dead update publisher stays ERROR while samples
       still train);
     - WARN while any ``warn_on`` or failure counter grew since the previous report (bad input,
-      or failures between successes);
+      or failures between successes), or while the ``expect`` counter (what the node lives on,
+      e.g. images received) has not grown for ``IDLE_S``: a dead or mis-remapped input topic
+      is not OK (as diagnostic_updater's frequency status reports a topic without messages);
     - else OK."""
+
+    IDLE_S = 5.0
 
     def __init__(self, node: Node, values: Callable[[], tuple[str, Mapping[str, Any]]],
                  warn_on: Iterable[str] = (), jobs: Mapping[str, str] | None = None,
-                 period_s: float = 1.0) -> None:
+                 expect: tuple[str, str] | None = None, period_s: float = 1.0) -> None:
         self._node = node
+        self._expect = expect  # (counter, what it counts, as the message names it)
+        self._expect_grew = time.monotonic()  # since start, or the counter's last growth
         self._values = values
         self._warn_on = tuple(warn_on)
         self._jobs = dict(jobs or {})
@@ -282,14 +335,20 @@ class Diagnostics:
         self._failing: dict[str, None] = {}  # failure counters of failing jobs, in order
         self._pub = node.create_publisher(DiagnosticArray, topics.DIAGNOSTICS,
                                           qos(topics.QOS_RELIABLE))
-        self._timer = node.create_timer(period_s, self.publish)
+        self._timer = steady_timer(node, period_s, self.publish)
 
     def publish(self) -> None:
         message, values = self._values()
-        names = dict.fromkeys((*self._warn_on, *self._jobs, *self._jobs.values()))
+        expected = () if self._expect is None else (self._expect[0],)
+        names = dict.fromkeys((*self._warn_on, *self._jobs, *self._jobs.values(), *expected))
         counts = {k: int(values.get(k, 0)) for k in names}
         grew = {k for k, n in counts.items() if n > self._previous.get(k, 0)}
         self._previous = counts
+        now, idle = time.monotonic(), False
+        if self._expect is not None:
+            if self._expect[0] in grew:
+                self._expect_grew = now
+            idle = now - self._expect_grew >= self.IDLE_S
         for failure, success in self._jobs.items():
             if success in grew:
                 self._failing.pop(failure, None)
@@ -301,7 +360,9 @@ class Diagnostics:
                 f"{f}, no {self._jobs[f]} since" for f in self._failing) + ")"
         if new:
             message += f" (new: {', '.join(new)})"
-        level = ERROR if self._failing else WARN if new else OK
+        if idle:
+            message += f" (no {self._expect[1]} for {now - self._expect_grew:.0f} s)"
+        level = ERROR if self._failing else WARN if new or idle else OK
         status = DiagnosticStatus(
             level=bytes([level]), name=self._node.get_fully_qualified_name(),
             message=message, hardware_id=topics.PACKAGE,

@@ -57,6 +57,7 @@ from ttspec_ros.nodes import (
     qos,
     refuse,
     run_node,
+    steady_timer,
 )
 from ttspec_ros.preprocess import frame_bounds, frame_problem, input_shape
 from ttspec_ros.specialize import (
@@ -107,8 +108,8 @@ class AdapterNode(Node):
                                      qos(topics.QOS_SENSOR))
         self.create_service(Trigger, topics.RESET_SERVICE, self._on_reset)
         self.create_service(Trigger, topics.SAVE_SERVICE, self._on_save)
-        self._publish_timer = self.create_timer(values["publish_period_s"], self._publish)
-        self._save_timer = self.create_timer(values["save_period_s"], self._periodic_save)
+        self._publish_timer = steady_timer(self, values["publish_period_s"], self._publish)
+        self._save_timer = steady_timer(self, values["save_period_s"], self._periodic_save)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(
             self, self._diagnostic_values,
@@ -236,10 +237,10 @@ class AdapterNode(Node):
                 setattr(spec, attr, new[name])
         if "publish_period_s" in new:
             self.destroy_timer(self._publish_timer)
-            self._publish_timer = self.create_timer(new["publish_period_s"], self._publish)
+            self._publish_timer = steady_timer(self, new["publish_period_s"], self._publish)
         if "save_period_s" in new:
             self.destroy_timer(self._save_timer)
-            self._save_timer = self.create_timer(new["save_period_s"], self._periodic_save)
+            self._save_timer = steady_timer(self, new["save_period_s"], self._periodic_save)
         self._values = {**self._values, **new}
         self.get_logger().info(f"parameters set: {new}")
         return accept()

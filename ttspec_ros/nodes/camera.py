@@ -22,6 +22,7 @@ from ttspec_ros.nodes import (
     MATCHED_FRAMES_READERS,
     MATCHED_IMAGES_WRITERS,
     Diagnostics,
+    RateLimit,
     StartupError,
     Stats,
     Throttle,
@@ -47,8 +48,7 @@ class CameraNode(Node):
         self.stats = Stats()
         self._throttle = Throttle()
         self._input_spec = self._load_input_spec(values["model"])
-        self._min_period_s = params.min_period_s(values["max_rate_hz"])
-        self._last_pass = -float("inf")
+        self._rate = RateLimit(params.min_period_s(values["max_rate_hz"]))
         # Overridable like the classifier's subscription of frames: a reliable reader needs a
         # reliable writer (e.g. qos_overrides./ttspec/frames.publisher.reliability:=reliable).
         self._frames_pub = self.create_publisher(
@@ -59,7 +59,8 @@ class CameraNode(Node):
         self._subscribe(values["transport"])
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values, warn_on=("rejected",),
-                                        jobs={"errors": "published"})
+                                        jobs={"errors": "published"},
+                                        expect=("received", "images"))
         self.get_logger().info(
             f"camera: {self._sub.topic_name} ({values['transport']}) -> "
             f"{self._frames_pub.topic_name}, input {dict(self._input_spec)}")
@@ -75,8 +76,12 @@ class CameraNode(Node):
     def _subscribe(self, transport: str) -> None:
         """Subscribe for ``transport``; the old subscription goes once the new one exists."""
         old = self._sub
+        # As image_transport: the compressed stream is <image_raw as remapped>/compressed, so
+        # `-r image_raw:=/cam/image` moves both (the literal name image_raw/compressed did
+        # not follow that remap: a review's camera read an empty topic).
         msg_type, topic, callback = (
-            (CompressedImage, topics.IMAGE_RAW_COMPRESSED, self._on_compressed)
+            (CompressedImage, self.resolve_topic_name(topics.IMAGE_RAW) + "/compressed",
+             self._on_compressed)
             if transport == "compressed" else (Image, topics.IMAGE_RAW, self._on_image))
         if topic in self._qos:
             # Re-subscribing after a transport switch: the QoS overrides were read the first
@@ -116,7 +121,7 @@ class CameraNode(Node):
                               f"cannot subscribe with transport {new['transport']!r}: {e}")
         self._input_spec = spec
         if "max_rate_hz" in new:
-            self._min_period_s = params.min_period_s(new["max_rate_hz"])
+            self._rate.set_period(params.min_period_s(new["max_rate_hz"]))
         self.get_logger().info(f"parameters set: {new}")
         return accept()
 
@@ -130,13 +135,6 @@ class CameraNode(Node):
             return clock.now().nanoseconds * 1e-9
         return time.monotonic()
 
-    def _rate_allows(self, arrived: float) -> bool:
-        # A clock that went back (a looped bag, a switch of use_sim_time) starts a new period.
-        if 0.0 <= arrived - self._last_pass < self._min_period_s:
-            self.stats.count("dropped_rate_limit")
-            return False
-        return True
-
     def _on_image(self, msg: Image) -> None:
         self._convert(msg.header, lambda: decode_image(
             msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data,
@@ -148,7 +146,8 @@ class CameraNode(Node):
     def _convert(self, header: Any, decode: Any) -> None:
         self.stats.count("received")
         arrived = self._now_s()
-        if not self._rate_allows(arrived):
+        if not self._rate.allows(arrived):
+            self.stats.count("dropped_rate_limit")
             return  # checked before decoding: a dropped frame costs nothing
         start = time.perf_counter()
         try:
@@ -168,7 +167,7 @@ class CameraNode(Node):
         out = Image(header=header, **encode_frame(tensor))
         # Only a frame passed on starts the next period: a rejected one must not make the
         # rate limit drop the good frame after it.
-        self._last_pass = arrived
+        self._rate.passed(arrived)
         self._frames_pub.publish(out)
         self.stats.count("published")
         self.stats.add("convert_ms", (time.perf_counter() - start) * 1000.0)

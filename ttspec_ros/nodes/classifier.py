@@ -138,7 +138,8 @@ class ClassifierNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values,
                                         warn_on=("rejected", "updates_rejected"),
-                                        jobs={"errors": "classified"})
+                                        jobs={"errors": "classified"},
+                                        expect=("received", "frames"))
         self._worker = threading.Thread(target=self._work, name="cascade", daemon=True)
         self._worker.start()
         self.get_logger().info(

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,9 @@ class Probe:
         self.updates: list[Received] = []
         self.diagnostics: dict[str, dict[str, str]] = {}
         self.diagnostics_stamps: dict[str, float] = {}  # the node's clock, in seconds
-        self.warned: set[str] = set()  # nodes that reported a level above OK
+        # node -> the last (level, message) it reported, and its latest non-OK messages
+        self.statuses: dict[str, tuple[int, str]] = {}
+        self.warnings: dict[str, deque[str]] = {}
         self.image_pub = self.node.create_publisher(
             Image, f"{self.ns}/{topics.IMAGE_RAW}", qos(topics.QOS_SENSOR))
         self.node.create_subscription(
@@ -175,8 +178,10 @@ class Probe:
             for s in msg.status:
                 self.diagnostics[s.name] = {kv.key: kv.value for kv in s.values}
                 self.diagnostics_stamps[s.name] = stamp
-                if s.level != DiagnosticStatus.OK:
-                    self.warned.add(s.name)
+                level = s.level[0]  # a byte field: bytes of length 1
+                self.statuses[s.name] = (level, s.message)
+                if level != DiagnosticStatus.OK[0]:
+                    self.warnings.setdefault(s.name, deque(maxlen=20)).append(s.message)
 
     def watch_frames(self, on: bool) -> None:
         """Subscribe to (or leave) the camera's ``frames``. Watching makes the camera deliver
