@@ -864,6 +864,34 @@ def test_compressed_transport_follows_an_image_raw_remap_and_idle_input_warns(tm
         cam.stop(signal.SIGKILL)
 
 
+def test_with_use_sim_time_and_no_clock_updates_and_diagnostics_still_go_out(tmp_path, tiny):
+    """The adapter's publish timer and /diagnostics run on the steady clock: on ROS time a
+    paused or ended bag (/clock silent; here none at all) held back trained heads and silenced
+    /diagnostics."""
+    from ttspec_ros.msg import AdaptationSample
+
+    stem, card = tiny
+    ns = "ttspec_noclock"
+    ada = NodeProcess(ADA, {"model": stem, "use_sim_time": True}, tmp_path, namespace=ns).start()
+    probe = probe_mod.Probe(namespace=ns, name="ttspec_probe_noclock")
+    try:
+        assert wait_for(lambda: probe.seen(ADA), STARTUP_S), ada.log()[-2000:]
+        probe.watch_updates()
+        pub = probe.node.create_publisher(AdaptationSample, f"/{ns}/{topics.ADAPTATION_SAMPLES}",
+                                          nodes.qos(topics.QOS_RELIABLE))
+        assert wait_for(lambda: pub.get_subscription_count() > 0, 10.0)
+        dim = card.architecture["channels"][-1]
+        pub.publish(AdaptationSample(model_id=card.model_id, exit_index=2, class_id=3,
+                                     confidence=0.99, feature_sizes=[dim, dim],
+                                     features=[0.5] * dim + [-0.25] * dim))
+        assert wait_for(lambda: probe.count(ADA, "updates_published") >= 1, 20.0), \
+            probe.diag(ADA)
+        assert wait_for(lambda: len(probe.updates) >= 1, 5.0)
+    finally:
+        probe.close()
+        ada.stop(signal.SIGKILL)
+
+
 def test_max_rate_hz_follows_the_bag_clock_with_use_sim_time(tmp_path, tiny, data):
     """use_sim_time: the rate limit is timed by /clock, so a bag played faster or slower
     passes the frames the robot's camera passed (wall time would drop all but one here)."""
