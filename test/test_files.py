@@ -85,3 +85,40 @@ def test_a_name_at_the_file_system_limit_is_written_and_one_past_it_refused_firs
     assert files.write_text(wide, "y").read_text() == "y"
     with pytest.raises(OSError, match="longer than the file system allows"):
         files.check_writable(tmp_path / "new" / ("m" * (limit + 1)))
+
+
+def test_a_locked_directory_is_refused_to_another_process_until_its_holder_ends(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from ttspec_ros.files import DirectoryLock\n"
+            "try:\n    DirectoryLock(sys.argv[1]).acquire()\nexcept BlockingIOError as e:\n"
+            "    print('refused', e.strerror); sys.exit(3)\n"
+            "print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), "60"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BlockingIOError, match=f"in use by another process .pid {holder.pid}"):
+            files.DirectoryLock(tmp_path).acquire()
+        other = subprocess.run([sys.executable, "-c", code, str(tmp_path), "0"],
+                               capture_output=True, text=True)
+        assert other.returncode == 3 and "refused" in other.stdout
+    finally:
+        holder.kill()  # kill -9: the kernel drops the lock
+        holder.wait()
+    lock = files.DirectoryLock(tmp_path).acquire()
+    lock.release()
+    files.DirectoryLock(tmp_path).acquire().release()
+
+
+def test_temporaries_a_killed_writer_left_are_removed_by_name(tmp_path):
+    for name in (".published.json.k3j2.tmp", ".specializer.safetensors.x9.tmp",
+                 ".other.json.k3j2.tmp", "published.json"):
+        (tmp_path / name).write_text("x")
+    removed = files.remove_temporaries(tmp_path, ["published.json", "specializer.safetensors",
+                                                  "ttt.safetensors"])
+    assert sorted(p.name for p in removed) == [".published.json.k3j2.tmp",
+                                               ".specializer.safetensors.x9.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.k3j2.tmp",
+                                                          "published.json"]

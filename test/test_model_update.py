@@ -45,6 +45,9 @@ def _payload() -> ModelUpdatePayload:
 def test_payload_validates_input() -> None:
     with pytest.raises(ValueError, match="NaN"):
         ModelUpdatePayload("m", 1, {"a": np.array([np.nan], np.float32)})
+    with pytest.raises(ValueError, match="beyond"):  # finite, but no model's (diverged)
+        ModelUpdatePayload("m", 1, {"a": np.array([0.5, -1e30], np.float32)})
+    assert ModelUpdatePayload("m", 1, {"a": np.zeros(0, np.float32)}).tensors["a"].size == 0
     with pytest.raises(ValueError, match="version"):
         ModelUpdatePayload("m", -1, {})
     with pytest.raises(ValueError, match="names"):

@@ -720,6 +720,25 @@ def test_adapter_save_and_reset_services(pipeline):
     assert wait_for(lambda: any(u.msg.version > version for u in list(probe.updates)), 5.0)
 
 
+def test_a_second_adapter_on_the_same_state_dir_is_refused(pipeline, tmp_path):
+    """Two pipelines on one state_dir resumed each other's heads; the second one now stops at
+    start naming the directory and its holder. And published.json reserves versions ahead
+    (it was rewritten and fsynced at every publication)."""
+    from ttspec_ros.model_update import PUBLISHED_FILE, PublishedRecord
+
+    probe = pipeline["probe"]
+    other = NodeProcess(ADA, {"model": pipeline["stem"], "state_dir": pipeline["state_dir"]},
+                        tmp_path, namespace="ttspec_left").start()
+    other.proc.wait(STARTUP_S)
+    log = other.log()
+    assert other.proc.returncode == 1, log[-2000:]
+    assert "is in use by another process (pid" in log and "Traceback" not in log, log[-2000:]
+    published = _int(probe.diag(ADA), "published_version")
+    record = json.loads((pipeline["state_dir"] / PUBLISHED_FILE).read_text())
+    assert published < record["version"] <= published + PublishedRecord.RESERVE, \
+        (published, record)
+
+
 def test_a_failing_save_is_reported_and_survived(pipeline):
     """A directory where the state file goes makes the save's rename fail: the service says
     so, /diagnostics counts it, and the next save, once the path is free, works."""
@@ -789,6 +808,27 @@ def test_a_killed_adapter_numbers_its_updates_above_the_last_published(pipeline,
     assert first[0].msg.version > published, (first[0].msg.version, published)
     assert wait_for(lambda: int(probe.diag(CLS)["model_version"]) == first[0].msg.version,
                     5.0), probe.diag(CLS)
+
+
+def test_an_update_numbered_below_the_applied_one_is_applied_and_reported(pipeline):
+    """An adapter restarted without state_dir starts again at version 0: the classifier takes
+    its heads (they are the adapter's state now) but says that the numbers went back, so
+    model_version no longer names one set of tensors."""
+    from ttspec_ros.model_update import ModelUpdatePayload, from_msg, to_msg
+
+    probe = pipeline["probe"]
+    probe.watch_updates()
+    assert wait_for(lambda: list(probe.updates), 5.0)
+    latest = from_msg(probe.updates[-1].msg)
+    assert latest.version > 0
+    before = probe.count(CLS, "updates_applied")
+    probe.publish_updates([to_msg(ModelUpdatePayload(latest.model_id, 0, latest.tensors))])
+    assert wait_for(lambda: probe.count(CLS, "updates_version_went_back") == 1, 5.0), \
+        probe.diag(CLS)
+    assert probe.count(CLS, "updates_applied") >= before + 1  # applied, not refused
+    assert wait_for(lambda: any("new: updates_version_went_back" in m for m in
+                                probe.warnings.get(f"/ttspec/{CLS}", ())), 3.0)
+    assert "is older than the v" in pipeline["procs"][CLS].log()
 
 
 def test_sigint_and_sigterm_shut_down_cleanly(pipeline):
@@ -996,6 +1036,14 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
             assert _send_until_counted(probe, tensor, ADA, "frames_rejected"), probe.diag(ADA)
         assert wait_for(lambda: "outside" in probe.diag(ADA).get("last_frame_rejection", ""),
                         3.0), probe.diag(ADA)
+        # Warnings are throttled per reason, not per message (which holds the frame's values:
+        # every bad frame of a stream was a warning and a throttle key of its own).
+        for k in range(4):
+            assert _send_until_counted(probe, _unnormalised_frame() * (1.1 + 0.1 * k), ADA,
+                                       "frames_rejected"), probe.diag(ADA)
+        warned = [line for line in procs[2].log().splitlines()
+                  if "skipped a frame" in line and "outside" in line]
+        assert 1 <= len(warned) <= 3, warned  # 5 before, one per frame
         adapted = probe.count(ADA, "frames_adapted")
         _stream(probe, noisy[:6])
         assert wait_for(lambda: probe.count(ADA, "frames_adapted") > adapted, 5.0), \

@@ -275,8 +275,11 @@ def _heads_with_classes(k: int):
                                     if k.startswith("heads.")}), "not floating point"),
     (lambda s: s["meta"].update(counters={"steps": None}), "counters"),
     (lambda s: s.update(meta="not a dict"), "'meta' mapping"),
+    # finite but absurd (a damaged file): loaded, they would have been published
+    (lambda s: s["tensors"]["heads.cls_blocks.1.classifier.1.weight"].__setitem__(0, 1e30),
+     r"weight holds values beyond \+-1e\+06"),
 ], ids=["momentum-shape", "heads-3-classes", "heads-1-class", "momentum-nan", "no-version",
-        "str-version", "huge-version", "int-heads", "counters", "meta-type"])
+        "str-version", "huge-version", "int-heads", "counters", "meta-type", "absurd-heads"])
 def test_refused_state_changes_nothing(corrupt, words) -> None:
     state = _trained().state_dict()
     corrupt(state)

@@ -10,6 +10,7 @@ through here.
 from __future__ import annotations
 
 import errno
+import glob
 import io
 import json
 import os
@@ -25,10 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` (parent directories created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name is cut short: a name near the file system's limit is legal for the
-    # file itself, but the limit plus a prefix and a suffix is not.
-    short = os.fsencode(path.name)[:64].decode("utf-8", "ignore")  # bytes count, not chars
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{short}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,6 +39,59 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _sync_directory(path.parent)
     return path
+
+
+def _temp_prefix(name: str) -> str:
+    # The temporary name is cut short: a name near the file system's limit is legal for the
+    # file itself, but the limit plus a prefix and a suffix is not.
+    return "." + os.fsencode(name)[:64].decode("utf-8", "ignore") + "."  # bytes, not chars
+
+
+def remove_temporaries(directory: str | os.PathLike, names: list[str]) -> list[Path]:
+    """Delete the temporaries ``atomic_write_bytes`` left in ``directory`` for files named
+    ``names`` (a process killed mid-write never removes its own; a review's 40 kill -9s of an
+    adapter left two, one a full copy of its state). Only for a directory no other process
+    writes these files in (see ``DirectoryLock``). -> the removed paths."""
+    removed = []
+    for name in names:
+        for tmp in Path(directory).glob(glob.escape(_temp_prefix(name)) + "*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+class DirectoryLock:
+    """An exclusive lock on ``directory`` for this process's life (``flock`` on a lock file
+    in it; the kernel drops it when the process ends, also by kill -9). ``acquire`` raises
+    BlockingIOError naming the holder's pid while another process holds it."""
+
+    FILE = ".lock"
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory) / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise BlockingIOError(errno.EWOULDBLOCK, f"{self.path.parent} is in use by "
+                                  f"another process (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
 
 
 def check_writable(path: str | os.PathLike, *, directory: bool = True) -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -64,9 +64,31 @@ class ModelUpdatePayload:
             t = np.array(source, dtype=np.float32, order="C", copy=True)
             if not all_finite([t]):
                 raise ValueError(f"tensor {name!r} holds NaN or infinite values")
+            if not within_magnitude([t]):
+                raise ValueError(f"tensor {name!r} holds values beyond +-{MAX_MAGNITUDE:g} "
+                                 "(a diverged or damaged state)")
             checked[name] = t
         object.__setattr__(self, "version", int(self.version))
         object.__setattr__(self, "tensors", checked)
+
+
+# No head or normalisation tensor of a working model comes near this (trained heads hold
+# values of order 1; at 1e6, features of order 1 give logits of order 1e6): values past it are
+# a diverged or damaged state. The Specializer undoes steps that reach it (before, lr 0.05
+# with momentum 0.9 on the demo model grew the heads to 1e12, all finite, and they were
+# published: cascade accuracy 0.886 -> 0.43), and updates and saved states holding such
+# values are refused (a damaged state file's 1e30 heads loaded and would have gone out).
+MAX_MAGNITUDE = 1e6
+
+
+def within_magnitude(arrays: Any) -> bool:
+    """Whether every value lies strictly within +-MAX_MAGNITUDE (NaN fails both comparisons;
+    min/max make no temporaries the size of a 1000-class head)."""
+    for a in arrays:
+        a = _as_numpy(a)
+        if a.size and not (-MAX_MAGNITUDE < float(a.min()) and float(a.max()) < MAX_MAGNITUDE):
+            return False
+    return True
 
 
 def all_finite(arrays: Any) -> bool:
@@ -167,15 +189,19 @@ PUBLISHED_FILE = "published.json"  # in an adapter's state_dir
 
 @dataclass(frozen=True)
 class PublishedRecord:
-    """The last version an adapter published, kept beside its state.
+    """A bound on the versions an adapter published (none above ``version``), kept beside its
+    state.
 
     State is saved every few seconds, updates go out more often: after a crash the resumed
     engines are older than what classifiers hold. With this record the restarted adapter
-    numbers its updates above the last published one instead of reusing numbers for other
-    tensors."""
+    numbers its updates above every published one instead of reusing numbers for other
+    tensors. The adapter reserves RESERVE versions per write, so a restart skips up to that
+    many numbers."""
 
     model_id: str
     version: int
+
+    RESERVE: ClassVar[int] = 1000
 
     def save(self, directory: str | os.PathLike) -> Path:
         return write_json(Path(directory) / PUBLISHED_FILE,
@@ -207,5 +233,6 @@ class PublishedRecord:
         return max(0, self.version + 1 - engine_version)
 
 
-__all__ = ["MAX_SAVED_VERSION", "ModelUpdatePayload", "PublishedRecord", "all_finite", "to_msg",
-           "from_msg", "save_payload", "load_payload"]
+__all__ = ["MAX_MAGNITUDE", "MAX_SAVED_VERSION", "ModelUpdatePayload", "PublishedRecord",
+           "all_finite", "within_magnitude", "to_msg", "from_msg", "save_payload",
+           "load_payload"]

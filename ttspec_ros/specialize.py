@@ -63,7 +63,13 @@ from torch import Tensor, nn
 from ttspec_ros.cascade import reaches_threshold
 from ttspec_ros.checks import is_integer
 from ttspec_ros.files import atomic_write_bytes
-from ttspec_ros.model_update import MAX_SAVED_VERSION, ModelUpdatePayload, all_finite
+from ttspec_ros.model_update import (
+    MAX_MAGNITUDE,
+    MAX_SAVED_VERSION,
+    ModelUpdatePayload,
+    all_finite,
+    within_magnitude,
+)
 from ttspec_ros.models.checkpoint import validate_thresholds
 
 LAYER_NORM_EPS = 1e-6  # eps of the classifier LayerNorm (RevCol)
@@ -141,6 +147,9 @@ class StackedHeads:
                            strict=True):
             if not torch.isfinite(t).all():
                 raise ValueError(f"early-head {name} holds NaN or infinite values")
+            if not within_magnitude([t]):
+                raise ValueError(f"early-head {name} holds values beyond +-{MAX_MAGNITUDE:g} "
+                                 "(a diverged or damaged state)")
         return cls(*stacked)
 
     @property
@@ -482,20 +491,6 @@ def check_specializer_settings(*, lr: float = 1e-4, momentum: float = 0.0, batch
         raise ValueError(f"replay_size must be >= 0, got {replay_size}")
 
 
-# Head values past this mean the training diverged: trained heads hold values of order 1, and
-# at 1e6 features of order 1 give logits of order 1e6. Without this bound, lr 0.05 with
-# momentum 0.9 on the demo model grew the heads to 1e12 while every value stayed finite, and
-# such heads were published (a review's reproduction: cascade accuracy 0.886 -> 0.43).
-MAX_HEAD_MAGNITUDE = 1e6
-
-
-def _diverged(arrays: list[np.ndarray]) -> bool:
-    """Whether any value is NaN, infinite or beyond +-MAX_HEAD_MAGNITUDE (min/max: no
-    temporaries the size of a 1000-class head; NaN fails both comparisons)."""
-    return not all(-MAX_HEAD_MAGNITUDE < float(a.min()) and float(a.max()) < MAX_HEAD_MAGNITUDE
-                   for a in arrays)
-
-
 class Specializer:
     """Trains early heads 0..k-1 on exit k's pseudo-labels; thread-safe; exports updates.
 
@@ -727,7 +722,7 @@ class Specializer:
         weights = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
         self._sgd(self._gradients(x, weights, targets,
                                   apply_weight_lr=None if self.momentum else self.lr), h)
-        if _diverged([v[:h] for v in self._views]):
+        if not within_magnitude([v[:h] for v in self._views]):
             # A step that overflowed or diverged is never kept (it could be exported or
             # saved): back to the last good heads, as a failed guard check does. Counted on
             # its own: the step size is too large (lr / (1 - momentum)), not a guard's verdict.

@@ -137,7 +137,8 @@ class ClassifierNode(Node):
                                  qos(topics.QOS_LATCHED))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values,
-                                        warn_on=("rejected", "updates_rejected"),
+                                        warn_on=("rejected", "updates_rejected",
+                                                 "updates_version_went_back"),
                                         jobs={"errors": "classified"},
                                         expect=("received", "frames"))
         self._worker = threading.Thread(target=self._work, name="cascade", daemon=True)
@@ -336,8 +337,18 @@ class ClassifierNode(Node):
                 f"{sorted(backbone)[0]!r}); backend {loaded.backend!r} runs a fixed "
                 "graph, only head tensors (cls_blocks.*) can change: adapter strategies "
                 "that train the backbone need classifier backend 'torch'")
+        previous = cascade.version
         cascade.apply_update(payload.tensors, payload.version)
         self.stats.count("updates_applied")
+        if payload.version < previous:
+            # Applied all the same (the adapter's state is what counts), but version numbers
+            # now name other tensors than before: say so.
+            self.stats.count("updates_version_went_back")
+            if self._throttle("version_went_back"):
+                self.get_logger().warning(
+                    f"model update v{payload.version} is older than the v{previous} "
+                    "applied before: the adapter restarted without state_dir (its adaptation "
+                    "starts over) or another adapter publishes for this model")
 
     def _update_rejected(self, version: int, error: ValueError) -> None:
         self.stats.count("updates_rejected")
