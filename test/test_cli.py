@@ -254,3 +254,19 @@ def test_bench_ros_node_means_are_null_when_not_reported():
     assert bench_ros._reported({"mean_handling_ms": "2.5"}, "mean_handling_ms") == 2.5
     for values in ({}, {"mean_handling_ms": "nan"}, {"mean_handling_ms": "-"}):
         assert bench_ros._reported(values, "mean_handling_ms") is None
+
+
+def test_a_results_directory_gets_the_command_line_and_code_hash(tmp_path):
+    import json
+
+    out = tmp_path / "bench"
+    argv = ["bench-exits", "--out", str(out), "--arch", "revcol_tiny", "--size", "32",
+            "--repeats", "2", "--warmup", "0"]
+    assert cli.main(argv) == 0
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["command"] == ["ttspec", *argv]
+    assert provenance["code_sha256"] == cli.code_hash() and len(cli.code_hash()) == 64
+    assert provenance["started"] <= provenance["finished"]
+    refused = tmp_path / "refused"
+    assert cli.main(["bench-exits", "--out", str(refused), "--repeats", "1"]) == 2
+    assert not (refused / "provenance.json").exists()

@@ -381,6 +381,9 @@ def test_experiment_tiny_run(tmp_path):
     zoom = again["table"]["rows"][1]
     assert zoom["standard_b2"] == 0.125
     assert again["table"]["rows"][0] == table["rows"][0]
+    # the JSON says which runs it did not make itself
+    assert table["runs_from_cache"] == [] and "episodic_b2/zoom_blur" in again["table"][
+        "runs_from_cache"]
     changed = replace(opts, parts=("a",), episodic=replace(opts.episodic, lr=0.2))
     rerun = run_experiment(tiny_model(), spec, changed, tmp_path)
     assert rerun["table"]["rows"][1]["standard_b2"] != 0.125
@@ -478,6 +481,9 @@ def test_run_cache_fingerprint_covers_corruptions_and_preprocessing(monkeypatch)
     assert te._task_fingerprint(task, opts, weights, spec) == base
     assert te._task_fingerprint(task, opts, weights, {**spec, "std": [0.3]}) != base
     assert te._task_fingerprint(task, replace(opts, pool_size=1000), weights, spec) != base
+    # threads per run change float sums: a run made with 1 is not reported under 2
+    assert te._task_fingerprint(task, opts, weights, spec, 1) != te._task_fingerprint(
+        task, opts, weights, spec, 2)
     ladder = {**corruptions.SEVERITY_PARAMS, "contrast": [0.5, 0.4, 0.3, 0.2, 0.1]}
     monkeypatch.setattr(corruptions, "SEVERITY_PARAMS", ladder)
     assert te._task_fingerprint(task, opts, weights, spec) != base

@@ -10,9 +10,14 @@ and exits 2, as argparse does for its own errors.
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import importlib
 import importlib.util
+import platform
 import sys
+import time
+from pathlib import Path
 
 COMMANDS: dict[str, str] = {
     # replay evaluation
@@ -64,11 +69,52 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argparse.ArgumentParser(prog=f"ttspec {argv[0]}", description=module.__doc__)
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
+    started = time.time()
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
     except (OSError, ValueError) as err:  # the refusal of bad input; a traceback would bury it
         print(f"ttspec {argv[0]}: {err}", file=sys.stderr)
         return 2
+    if status == 0:
+        _write_provenance(argv, args, started)
+    return status
+
+
+# --out of these is not a results directory (a bag: only rosbag2's files belong in it)
+NO_PROVENANCE = ("make-bag",)
+
+
+def _write_provenance(argv: list[str], args: argparse.Namespace, started: float) -> None:
+    """``provenance.json`` beside a command's results: the command line, the package release
+    and a hash of its code (the installed copy has no git history), and the run's times. The
+    results JSON record their seeds and settings; this records what made them."""
+    out = getattr(args, "out", None)
+    if argv[0] in NO_PROVENANCE or not out or not Path(out).is_dir():
+        return
+    from ttspec_ros import __version__
+    from ttspec_ros.files import write_json
+
+    torch = sys.modules.get("torch")
+    write_json(Path(out) / "provenance.json", {
+        "command": ["ttspec", *argv], "ttspec_ros": __version__, "code_sha256": code_hash(),
+        "python": platform.python_version(),
+        "torch": getattr(torch, "__version__", None),
+        "started": _iso(started), "finished": _iso(time.time()),
+    })
+
+
+def code_hash() -> str:
+    """sha256 over the package's Python files (relative path and bytes, sorted by path)."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":

@@ -276,12 +276,16 @@ class AnchorSet:
         if m == 0:
             raise ValueError("an anchor set needs at least one anchor")
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, made_with: Mapping[str, Any] | None = None) -> Path:
+        """``made_with`` (JSON-able: source, seed, ...) is kept in the file's metadata."""
         from safetensors.numpy import save
 
         tensors = {f"features.{i}": f for i, f in enumerate(self.features)}
         tensors["labels"] = self.labels
-        data = save(tensors, metadata={"format": "ttspec-anchors-1", "model_id": self.model_id})
+        metadata = {"format": "ttspec-anchors-1", "model_id": self.model_id}
+        if made_with is not None:
+            metadata["made_with"] = json.dumps(dict(made_with), sort_keys=True)
+        data = save(tensors, metadata=metadata)
         return atomic_write_bytes(Path(path), data)
 
     def check_matches(self, model_id: str, num_early: int, feature_dim: int) -> None:

@@ -304,7 +304,7 @@ def _summary(results: list[dict], overhead: list[dict], models: dict) -> dict:
     (the issue's reference measurement, repeated on this machine)."""
     out = {}
     last_exit = max((r["exit"] for r in results), default=None)
-    for model in {r["model"] for r in results}:
+    for model in sorted({r["model"] for r in results}):  # key order not by PYTHONHASHSEED
         rows = [r for r in results if r["model"] == model and r["exit"] == last_exit]
         for field, suffix in (("latency_ms", ""), ("latency_median_ms", "_median")):
             last = {r["backend"]: r[field] for r in rows}

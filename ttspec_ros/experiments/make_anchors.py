@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         x, source = _array_inputs(args, card, rng)
     anchors = build_anchor_set(model, x, per_class=args.per_class, seed=args.seed,
                                model_id=card.model_id)
-    path = anchors.save(Path(args.out))
+    path = anchors.save(Path(args.out), made_with={
+        "source": source, "seed": args.seed, "per_class": args.per_class,
+        "candidates": args.candidates if args.bag else None})
     counts = np.bincount(anchors.labels, minlength=len(card.class_names)).tolist()
     print(json.dumps({"out": str(path), "model_id": card.model_id, "source": source,
                       "anchors": int(anchors.labels.size), "per_class": counts,

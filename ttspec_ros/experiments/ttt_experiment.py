@@ -339,13 +339,16 @@ def _code_hash() -> str:
 
 
 def _task_fingerprint(task: Task, opts: Options, model_state: dict,
-                      input_spec: dict | None = None) -> str:
+                      input_spec: dict | None = None, threads: int | None = None) -> str:
     """Everything a run's result depends on: the task (with its TTT config), the options that
     decide its data and evaluation, the corruption parameters, the preprocessing (the card's
-    input spec), the weights and the code that runs it (``RUN_CODE``)."""
+    input spec), the weights, the code that runs it (``RUN_CODE``), and the threads per run
+    and torch release (training's float sums depend on both; before, a rerun with other
+    threads reported the cached runs under the new thread count)."""
     fields = {k: v for k, v in opts.to_dict().items() if k in DATA_OPTIONS}
     blob = json.dumps({"task": asdict(task), "options": fields, "input": input_spec,
-                       "corruptions": corruptions.parameter_mapping(), "code": _code_hash()},
+                       "corruptions": corruptions.parameter_mapping(), "code": _code_hash(),
+                       "threads": threads, "torch": torch.__version__},
                       sort_keys=True).encode()
     h = hashlib.sha256(blob)
     for name in sorted(model_state):
@@ -355,15 +358,18 @@ def _task_fingerprint(task: Task, opts: Options, model_state: dict,
 
 
 def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options, workers: int,
-              threads: int, cache: Path | None = None) -> dict[str, dict]:
-    """Run every task, in ``workers`` processes (1 = here); returns results by task key.
+              threads: int, cache: Path | None = None) -> tuple[dict[str, dict], list[str]]:
+    """Run every task, in ``workers`` processes (1 = here); returns results by task key and
+    the keys of those loaded from ``cache``.
 
-    With ``cache``, each finished run is saved there at once and a rerun with the same task,
-    options and weights loads it instead of running again (long runs survive interruption)."""
+    With ``cache``, each finished run is saved there at once and a rerun with the same
+    fingerprint (``_task_fingerprint``) loads it instead of running again (long runs survive
+    interruption)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     init = (model.config.to_dict(), state, input_spec, opts, threads)
     results: dict[str, dict] = {}
-    prints = ({t.key: _task_fingerprint(t, opts, state, input_spec) for t in tasks}
+    cached: list[str] = []
+    prints = ({t.key: _task_fingerprint(t, opts, state, input_spec, threads) for t in tasks}
               if cache else {})
     todo = []
     for t in tasks:
@@ -372,6 +378,7 @@ def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options,
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved.get("fingerprint") == prints[t.key]:
                 results[t.key] = saved["result"]
+                cached.append(t.key)
                 continue
         todo.append(t)
     if cache and len(todo) < len(tasks):
@@ -384,12 +391,12 @@ def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options,
         _log(f"{t.key}: {_brief(result)}")
 
     if not todo:
-        return results
+        return results, cached
     if workers <= 1:
         _init_worker(*init)
         for t in todo:
             done(t, run_task(t))
-        return results
+        return results, cached
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -399,7 +406,7 @@ def run_tasks(tasks: list[Task], model: RevCol, input_spec: dict, opts: Options,
         futures = {pool.submit(run_task, t): t for t in todo}
         for f in as_completed(futures):
             done(futures[f], f.result())
-    return results
+    return results, cached
 
 
 def _brief(result: dict) -> str:
@@ -468,8 +475,11 @@ def run_experiment(model: RevCol, input_spec: dict, opts: Options, out: Path,
         m = opts.episodic_images
         baseline_episodic[name] = metrics(predict_all(model, x[:m]), y[:m], thr)
     _log(f"baseline {json.dumps({k: round(v['last_exit'], 3) for k, v in baseline.items()})}")
-    runs = run_tasks(plan_tasks(opts), model, input_spec, opts, workers, threads,
-                     cache=out / "runs")
+    runs, cached = run_tasks(plan_tasks(opts), model, input_spec, opts, workers, threads,
+                             cache=out / "runs")
+    # Their results and timings are those of the earlier run that made them (same
+    # fingerprint), under that run's worker count.
+    header["runs_from_cache"] = sorted(cached)
 
     if "a" in opts.parts:
         rows = []
