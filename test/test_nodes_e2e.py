@@ -673,6 +673,51 @@ rclpy.shutdown()
 """
 
 
+RESET_SCRIPT = """
+import sys, threading, numpy as np, rclpy, torch
+from std_srvs.srv import Trigger
+from ttspec_ros.model_update import from_msg
+from ttspec_ros.models.checkpoint import load_model
+from ttspec_ros.nodes import adapter as adapter_mod
+stem = sys.argv[1]
+rclpy.init(args=["--ros-args", "-r", "__ns:=/ttspec_reset", "-p", f"model:={stem}",
+                 "-p", "strategy:=ttt_online", "-p", "ttt_update:=columns"])
+node = adapter_mod.AdapterNode()
+original = load_model(stem)[0].state_dict()
+sent = []
+node._update_pub.publish = sent.append
+stop = threading.Event()
+def train():  # the frames thread, adapting as fast as it can
+    while not stop.is_set():
+        node.ttt.adapt(torch.rand(1, 32, 32))
+worker = threading.Thread(target=train)
+worker.start()
+bad = 0
+for _ in range(20):
+    node._on_reset(Trigger.Request(), Trigger.Response())
+    payload = from_msg(sent[-1])
+    bad += any(not np.array_equal(v, original[k].numpy()) for k, v in payload.tensors.items()
+               if not k.startswith("cls_blocks."))
+stop.set()
+worker.join()
+print("resets 20 not original", bad, "tensors", len(payload.tensors), flush=True)
+node.close()
+node.destroy_node()
+rclpy.shutdown()
+"""
+
+
+def test_a_reset_publishes_the_original_backbone_while_frames_train(tmp_path):
+    """Reset and publish are one step: frames trained between them made a reset publish a
+    trained backbone while replying that it was the original (a review: 6 of 64 at 20 Hz)."""
+    stem = tmp_path / "tiny_y"
+    _tiny_model(stem, with_decoders=True)
+    out = subprocess.run([sys.executable, "-c", RESET_SCRIPT, str(stem)], capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"resets 20 not original 0 tensors [1-9]", out.stdout), out.stdout
+
+
 def test_adapter_warns_when_specialization_diverges(tiny):
     """A step whose heads overflow or diverge is rolled back (test_specialize); the adapter says
     so in its log, naming the settings to lower, and counts it as a WARN on /diagnostics."""
@@ -1020,6 +1065,8 @@ def test_ttt_online_adapter_updates_the_backbone_of_a_running_classifier(tmp_pat
                         and probe.image_pub.get_subscription_count() > 0, STARTUP_S, 0.2), \
             "\n".join(p.log()[-1500:] for p in procs)
         assert "strategy ttt_online" in procs[2].log()
+        # columns at the default rate (tuned for norm): said at start
+        assert "ttt_learning_rate 0.03 with ttt_update 'columns'" in procs[2].log()
         images, _ = load_fashion_mnist("test")
         noisy = [_rgb(corrupt(im, "gaussian_noise", 5, image_rng(0, "test", "gaussian_noise",
                                                                   5, i)))

@@ -203,3 +203,10 @@ def test_adapter_guard_defaults_are_the_guards():
     for param, arg in (("guard_rehearsal", "rehearsal"), ("guard_tolerance", "tolerance"),
                        ("guard_class_tolerance", "class_tolerance")):
         assert params.spec("adapter", param).default == signature[arg].default, param
+
+
+def test_whole_layer_test_time_training_at_the_norm_rate_is_warned_about():
+    assert params.ttt_learning_rate_warning("norm", 0.03) is None
+    assert params.ttt_learning_rate_warning("encoder", 0.003) is None
+    warning = params.ttt_learning_rate_warning("columns", 0.03)
+    assert "columns" in warning and "0.003" in warning

@@ -540,6 +540,11 @@ class Specializer:
 
     # -- properties
     @property
+    def lock(self) -> threading.RLock:
+        """Held by every method; hold it to make several calls one atomic step."""
+        return self._lock
+
+    @property
     def num_classes(self) -> int:
         return self._initial.num_classes
 

@@ -241,6 +241,11 @@ class TestTimeTrainer:
 
     # -- public API ------------------------------------------------------------------------
     @property
+    def lock(self) -> threading.RLock:
+        """Held by every method; hold it to make several calls one atomic step."""
+        return self._lock
+
+    @property
     def version(self) -> int:
         """Number of images adapted on since construction (online) — the export version."""
         return self._version

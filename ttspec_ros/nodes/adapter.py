@@ -30,6 +30,7 @@ resumed too (``ttt.safetensors`` beside ``specializer.safetensors``).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -172,6 +173,9 @@ class AdapterNode(Node):
         try:
             config = TTTConfig(mode="online", update=values["ttt_update"],
                                lr=values["ttt_learning_rate"], norm_pix=card_norm_pix(card))
+            warning = params.ttt_learning_rate_warning(config.update, config.lr)
+            if warning:
+                self.get_logger().warning(warning)
             return specializer, TestTimeTrainer(model, config, model_id=card.model_id)
         except ValueError as e:
             raise StartupError(f"adapter: test-time training: {e}") from e
@@ -437,11 +441,18 @@ class AdapterNode(Node):
                 self._failed("saving the state", e, "save_errors")
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response):
-        if self.ttt is not None:
-            self.ttt.reset()  # its version stays: the specializer's reset makes a new one
-        self.specializer.reset()
-        # Reset here either way; success says whether classifiers got it (see errors if not).
-        response.success = self._publish()
+        # Reset and publish as one step: between them the training threads took a frame or a
+        # sample, so a review's resets at 20 Hz published a trained backbone (6 of 64) while
+        # replying that it was the original.
+        with contextlib.ExitStack() as held:
+            for engine in (self.ttt, self.specializer):
+                if engine is not None:
+                    held.enter_context(engine.lock)
+            if self.ttt is not None:
+                self.ttt.reset()  # its version stays: the specializer's reset makes a new one
+            self.specializer.reset()
+            # Reset here either way; success says whether classifiers got it (see errors).
+            response.success = self._publish()
         response.message = f"{'heads' if self.ttt is None else 'heads and backbone'} reset to " \
                            f"the original; " + (
                                f"published version {self._published_version}"
