@@ -143,6 +143,7 @@ def test_apply_update_validates_everything_before_changing_anything():
         ({**good, "cls_blocks.1.classifier.1.weight": np.ones((5, 31))}, r"shape \(5, 31\)"),
         ({**good, "stem.1.bias": np.full(8, np.nan)}, "'stem.1.bias' has non-finite"),
         ({**good, "stem.1.bias": np.full(8, np.inf)}, "non-finite"),
+        ({**good, "stem.1.bias": np.full(8, -1e30)}, r"beyond \+-1e\+06"),  # finite, diverged
     ]
     for tensors, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.checks import is_integer
+from ttspec_ros.model_update import MAX_MAGNITUDE, within_magnitude
 from ttspec_ros.models.checkpoint import validate_thresholds
 from ttspec_ros.models.revcol import RevCol
 
@@ -184,8 +185,8 @@ class Cascade:
     # -- updates ----------------------------------------------------------------------------
     def apply_update(self, tensors: Mapping[str, np.ndarray | Tensor], version: int) -> None:
         """Replace the named tensors (state-dict names) between two frames. Every name must
-        exist and be updatable on this backend, shapes must match and values be finite;
-        otherwise ValueError naming the tensor, and nothing changes."""
+        exist and be updatable on this backend, shapes must match and values be finite and
+        within +-MAX_MAGNITUDE; otherwise ValueError naming the tensor, and nothing changes."""
         if not is_integer(version) or version < 0:
             raise ValueError(f"version must be a non-negative integer, got {version!r}")
         updatable = set(self.updatable_tensor_names())
@@ -204,8 +205,10 @@ class Cascade:
             if tuple(src.shape) != tuple(target.shape):
                 raise ValueError(f"update tensor {name!r} has shape {tuple(src.shape)}, "
                                  f"the model's is {tuple(target.shape)}")
-            if not torch.isfinite(src).all():
-                raise ValueError(f"update tensor {name!r} has non-finite values")
+            # numpy's min/max: torch.isfinite took half of an update's time (1.9 M values)
+            if not within_magnitude([src]):
+                raise ValueError(f"update tensor {name!r} has non-finite values or values "
+                                 f"beyond +-{MAX_MAGNITUDE:g}")
             prepared.append((target, src.clone()))
         with self._lock, torch.no_grad():
             for target, src in prepared:
