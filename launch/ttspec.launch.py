@@ -53,14 +53,6 @@ def _path(text: str) -> ParameterValue:
     return ParameterValue(os.path.expanduser(text), value_type=str)
 
 
-def _resolved(namespace: str, topic: str) -> str:
-    """``topic`` as rcl resolves it in ``namespace`` (relative names only; no ~ or {node})."""
-    if topic.startswith("/"):
-        return topic
-    namespace = namespace.strip("/")
-    return f"/{namespace}/{topic}" if namespace else f"/{topic}"
-
-
 def _nodes(context) -> list[Node]:
     arg = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
     shared = {"model": _path(arg["model"])} if arg["model"] else {}
@@ -80,16 +72,10 @@ def _nodes(context) -> list[Node]:
         for overrides in extra.values():
             overrides["use_sim_time"] = sim
     if arg["image_reliability"]:
-        reliability = arg["image_reliability"]
-        if reliability not in ("best_effort", "reliable"):
+        if arg["image_reliability"] not in ("best_effort", "reliable"):
             raise ValueError(f"image_reliability must be best_effort or reliable, "
-                             f"got {reliability!r}")
-        # QoS overrides are named by the resolved topic (the camera's subscription of raw or
-        # compressed images, whichever its transport parameter picks).
-        image_topic = _resolved(arg["namespace"], arg["camera_topic"])
-        for topic in (image_topic, image_topic + "/compressed"):
-            extra[topics.CAMERA_NODE][
-                f"qos_overrides.{topic}.subscription.reliability"] = reliability
+                             f"got {arg['image_reliability']!r}")
+        extra[topics.CAMERA_NODE]["image_reliability"] = arg["image_reliability"]
     # The camera subscribes to <image_raw as remapped>/compressed for compressed transport.
     remap = {topics.CAMERA_NODE: [(topics.IMAGE_RAW, arg["camera_topic"])]}
     return [

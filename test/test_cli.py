@@ -267,6 +267,9 @@ def test_a_results_directory_gets_the_command_line_and_code_hash(tmp_path):
     assert provenance["command"] == ["ttspec", *argv]
     assert provenance["code_sha256"] == cli.code_hash() and len(cli.code_hash()) == 64
     assert provenance["started"] <= provenance["finished"]
+    (out / "provenance.json").unlink()
+    (out / "provenance.json").mkdir()  # cannot be written: the finished command still is 0
+    assert cli.main(argv) == 0
     refused = tmp_path / "refused"
     assert cli.main(["bench-exits", "--out", str(refused), "--repeats", "1"]) == 2
     assert not (refused / "provenance.json").exists()

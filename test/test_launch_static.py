@@ -169,18 +169,13 @@ def test_use_sim_time_argument_reaches_every_node(monkeypatch):
         _launch(monkeypatch, use_sim_time="yes")
 
 
-def test_image_reliability_argument_overrides_the_cameras_resolved_topics(monkeypatch):
+def test_image_reliability_argument_reaches_the_camera(monkeypatch):
     nodes, declared = _launch(monkeypatch)
     assert declared["image_reliability"] == ""
-    for camera_topic, namespace, resolved in (("/cam/image", topics.NAMESPACE, "/cam/image"),
-                                              (topics.IMAGE_RAW, "left", "/left/image_raw"),
-                                              (topics.IMAGE_RAW, "/", "/image_raw")):
-        nodes, _ = _launch(monkeypatch, image_reliability="reliable", camera_topic=camera_topic,
-                           namespace=namespace)
-        by_name = {n.kwargs["name"]: n.kwargs["parameters"] for n in nodes}
-        assert by_name[topics.CAMERA_NODE][1] == {
-            f"qos_overrides.{topic}.subscription.reliability": "reliable"
-            for topic in (resolved, f"{resolved}/compressed")}
-        assert len(by_name[topics.CLASSIFIER_NODE]) == 1  # the camera's reader only
+    nodes, _ = _launch(monkeypatch, image_reliability="reliable", namespace="left")
+    by_name = {n.kwargs["name"]: n.kwargs["parameters"] for n in nodes}
+    assert by_name[topics.CAMERA_NODE][1] == {"image_reliability": "reliable"}
+    assert params.check_params(topics.CAMERA_NODE, by_name[topics.CAMERA_NODE][1]) is None
+    assert len(by_name[topics.CLASSIFIER_NODE]) == 1  # the camera's reader only
     with pytest.raises(ValueError, match="image_reliability"):
         _launch(monkeypatch, image_reliability="RELIABLE")

@@ -921,17 +921,22 @@ def test_compressed_transport_follows_an_image_raw_remap_and_idle_input_warns(tm
     /elsewhere/image/compressed (the literal image_raw/compressed stayed in the node's
     namespace: a review's camera read an empty topic). And a camera that receives nothing
     is not OK on /diagnostics: it reported OK forever."""
+    from rclpy.qos import ReliabilityPolicy
     from sensor_msgs.msg import CompressedImage
 
     ns, elsewhere = "ttspec_remap", "/ttspec_remap_cam/image"
-    cam = NodeProcess(CAM, {"model": tiny[0], "transport": "compressed"}, tmp_path,
+    cam = NodeProcess(CAM, {"model": tiny[0], "transport": "compressed",
+                            "image_reliability": "reliable"}, tmp_path,
                       namespace=ns, extra_args=["-r", f"{topics.IMAGE_RAW}:={elsewhere}"]).start()
     probe = probe_mod.Probe(namespace=ns, name="ttspec_probe_remap")
     name = f"/{ns}/{CAM}"
     try:
+        # a reliable driver's publisher, read reliably (image_reliability)
         pub = probe.node.create_publisher(CompressedImage, f"{elsewhere}/compressed",
-                                          nodes.qos(topics.QOS_SENSOR))
+                                          nodes.qos(topics.QOS_RELIABLE))
         assert wait_for(lambda: pub.get_subscription_count() > 0, STARTUP_S), cam.log()[-2000:]
+        [reader] = probe.node.get_subscriptions_info_by_topic(f"{elsewhere}/compressed")
+        assert reader.qos_profile.reliability == ReliabilityPolicy.RELIABLE
         assert wait_for(lambda: any("no images for" in m for m in probe.warnings.get(name, ())),
                         nodes.Diagnostics.IDLE_S + 10.0), (probe.statuses.get(name), cam.log())
         probe.watch_frames(True)
@@ -1327,6 +1332,29 @@ def test_a_backend_that_cannot_write_its_cache_is_a_startup_error(monkeypatch):
     monkeypatch.setattr(ttspec_ros.backends, "create_backbone", unwritable)
     with pytest.raises(StartupError, match="backend 'onnxruntime'.*Permission denied"):
         LoadedModel("", None, backend="onnxruntime")
+
+
+def test_the_compressed_topic_follows_image_raw_unless_remapped_itself():
+    """image_transport's rule (<image_raw>/compressed), and an explicit remap of
+    image_raw/compressed (launch files written for the literal name) still wins."""
+    import rclpy
+    from rclpy.context import Context
+
+    from ttspec_ros.nodes.camera import CameraNode
+
+    for remaps, expected in (([], "/ns/image_raw/compressed"),
+                             (["image_raw:=/cam/image"], "/cam/image/compressed"),
+                             (["image_raw:=/cam/image", "image_raw/compressed:=/cam/c"],
+                              "/cam/c")):
+        context = Context()
+        args = ["--ros-args", "-r", "__ns:=/ns"] + [a for r in remaps for a in ("-r", r)]
+        rclpy.init(context=context, args=args)
+        try:
+            node = rclpy.create_node("compressed_topic_check", context=context)
+            assert CameraNode._compressed_topic(node) == expected, remaps
+            node.destroy_node()
+        finally:
+            rclpy.shutdown(context=context)
 
 
 def test_throttle_is_per_key():

@@ -284,15 +284,13 @@ def test_graph_arguments(tmp_path):
     graph = replay.GraphSpec(prefix=tmp_path, params_file=tmp_path / "p.yaml", model="/m/x",
                              params=(replay.parse_param("adapter.learning_rate=0.01"),))
     o = graph.overrides(RunSettings(adapt=False, threshold=0.7), compressed=True)
-    reliable = {f"qos_overrides./ttspec/{t}.subscription.reliability": "reliable"
-                for t in ("image_raw", "image_raw/compressed")}
-    assert o["camera"] == {"transport": "compressed", "model": "/m/x", **reliable}
-    # a user's own QoS override of the camera's reader wins over replay's
+    assert o["camera"] == {"transport": "compressed", "model": "/m/x",
+                           "image_reliability": "reliable"}
+    # a user's own setting of the camera's reader wins over replay's
     mine = replay.GraphSpec(prefix=tmp_path, params_file=tmp_path / "p.yaml", params=(
-        replay.parse_param("camera.qos_overrides./ttspec/image_raw.subscription.reliability="
-                           "best_effort"),))
+        replay.parse_param("camera.image_reliability=best_effort"),))
     assert mine.overrides(RunSettings(adapt=False), compressed=False)["camera"][
-        "qos_overrides./ttspec/image_raw.subscription.reliability"] == "best_effort"
+        "image_reliability"] == "best_effort"
     assert o["classifier"] == {"threshold": 0.7, "model": "/m/x"}
     assert o["adapter"] == {"enabled": False, "model": "/m/x", "learning_rate": 0.01}
     assert replay.parse_param("classifier.publish_samples=false") == (

@@ -51,10 +51,16 @@ CAMERA: tuple[ParamSpec, ...] = (
               "'raw': sensor_msgs/Image on image_raw; 'compressed': sensor_msgs/CompressedImage "
               "on <image_raw as remapped>/compressed, as image_transport names it",
               choices=("raw", "compressed")),
+    ParamSpec("image_reliability", "string", "best_effort",
+              "QoS reliability of the image subscription: best_effort (sensor data; reads "
+              "reliable and best-effort publishers) or reliable (no large images lost by DDS; "
+              "reads reliable publishers only); a qos_overrides parameter still wins",
+              read_only=True, choices=("best_effort", "reliable")),
     ParamSpec("max_rate_hz", "double", 0.0,
               "most frames per second passed on to the classifier (0 = no limit), timed by "
-              "the node's clock (with use_sim_time: the bag's /clock) with 30 % slack per "
-              "frame; frames arriving sooner are dropped and counted", min=0.0, max=1000.0),
+              "the node's clock (with use_sim_time: the bag's /clock): one frame per period on "
+              "average, passed frames at least 0.4 periods apart (30 % slack on each due "
+              "time); frames arriving sooner are dropped and counted", min=0.0, max=1000.0),
 )
 
 CLASSIFIER: tuple[ParamSpec, ...] = (

@@ -184,9 +184,7 @@ class GraphSpec:
                                  # lost 24 of 40 640x480 rgb8 frames and all of 1280x720 ones.
                                  # Replay measures the nodes, not that loss, so its player's
                                  # frames arrive reliably (a --param of the same name wins).
-                                 **{f"qos_overrides./{topics.NAMESPACE}/{topic}.subscription."
-                                    "reliability": "reliable"
-                                    for topic in (topics.IMAGE_RAW, topics.IMAGE_RAW_COMPRESSED)}},
+                                 "image_reliability": "reliable"},
             topics.CLASSIFIER_NODE: {},
             topics.ADAPTER_NODE: {"enabled": settings.adapt},
         }

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                                model_id=card.model_id)
     path = anchors.save(Path(args.out), made_with={
         "source": source, "seed": args.seed, "per_class": args.per_class,
-        "candidates": args.candidates if args.bag else None})
+        "candidates": args.candidates})
     counts = np.bincount(anchors.labels, minlength=len(card.class_names)).tolist()
     print(json.dumps({"out": str(path), "model_id": card.model_id, "source": source,
                       "anchors": int(anchors.labels.size), "per_class": counts,

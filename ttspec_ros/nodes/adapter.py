@@ -290,12 +290,15 @@ class AdapterNode(Node):
         if not self._values["enabled"]:
             self.stats.count("samples_ignored_disabled")
             return
+        reason = "model"  # what a ValueError is about: one warning per reason (throttled)
         try:
             if msg.model_id != self.specializer.model_id:
                 raise ValueError(f"sample is from model {msg.model_id!r}, the adapter "
                                  f"adapts {self.specializer.model_id!r}")
+            reason = "features"
             feats = unpack_features(msg.feature_sizes, msg.features)
             overflows = self.specializer.counters["overflows"]
+            reason = "sample"
             self.specializer.add_sample(msg.exit_index, msg.class_id, msg.confidence, feats)
             if self.specializer.counters["overflows"] > overflows and self._throttle("overflow"):
                 self.get_logger().warning(
@@ -304,7 +307,7 @@ class AdapterNode(Node):
                     f"{self._values['learning_rate']} with momentum {self._values['momentum']} "
                     "diverges; lower them")
         except ValueError as e:
-            self._reject("samples_rejected", "last_rejection", "rejected sample", e)
+            self._reject("samples_rejected", "last_rejection", "rejected sample", e, reason)
             return
         except Exception as e:  # the thread must outlive any one sample
             self._failed("training on a sample", e, "sample_errors")

@@ -13,6 +13,7 @@ from typing import Any
 
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.qos import ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -56,6 +57,7 @@ class CameraNode(Node):
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self._sub = None
         self._qos: dict[str, Any] = {}
+        self._image_reliability = values["image_reliability"]
         self._subscribe(values["transport"])
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values, warn_on=("rejected",),
@@ -76,12 +78,8 @@ class CameraNode(Node):
     def _subscribe(self, transport: str) -> None:
         """Subscribe for ``transport``; the old subscription goes once the new one exists."""
         old = self._sub
-        # As image_transport: the compressed stream is <image_raw as remapped>/compressed, so
-        # `-r image_raw:=/cam/image` moves both (the literal name image_raw/compressed did
-        # not follow that remap: a review's camera read an empty topic).
         msg_type, topic, callback = (
-            (CompressedImage, self.resolve_topic_name(topics.IMAGE_RAW) + "/compressed",
-             self._on_compressed)
+            (CompressedImage, self._compressed_topic(), self._on_compressed)
             if transport == "compressed" else (Image, topics.IMAGE_RAW, self._on_image))
         if topic in self._qos:
             # Re-subscribing after a transport switch: the QoS overrides were read the first
@@ -91,12 +89,26 @@ class CameraNode(Node):
             # Sensor-data QoS by default, overridable the standard way under the resolved
             # (remapped) topic name, e.g. with the launch file's default camera_topic
             # -p qos_overrides./ttspec/image_raw.subscription.reliability:=reliable
+            profile = qos(topics.QOS_SENSOR)
+            if self._image_reliability == "reliable":
+                profile.reliability = ReliabilityPolicy.RELIABLE
             self._sub = self.create_subscription(
-                msg_type, topic, callback, qos(topics.QOS_SENSOR),
+                msg_type, topic, callback, profile,
                 qos_overriding_options=QoSOverridingOptions.with_default_policies())
             self._qos[topic] = self._sub.qos_profile
         if old is not None:
             self.destroy_subscription(old)
+
+    def _compressed_topic(self) -> str:
+        """<image_raw as remapped>/compressed, as image_transport names it, so that
+        ``-r image_raw:=/cam/image`` moves both (the literal image_raw/compressed stayed in the
+        node's namespace: a review's camera read an empty topic). A remap of
+        image_raw/compressed itself still wins, as launch files written for the literal name
+        give it."""
+        remapped = self.resolve_topic_name(topics.IMAGE_RAW_COMPRESSED)
+        if remapped != self.resolve_topic_name(topics.IMAGE_RAW_COMPRESSED, only_expand=True):
+            return remapped
+        return self.resolve_topic_name(topics.IMAGE_RAW) + "/compressed"
 
     # -- parameters
     def _on_set_parameters(self, changes: list[Parameter]):
