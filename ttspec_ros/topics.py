@@ -112,7 +112,8 @@ TOPICS: tuple[TopicInfo, ...] = (
     TopicInfo(IMAGE_RAW, "sensor_msgs/Image", ("(camera driver)",), (CAMERA_NODE,), QOS_SENSOR,
               "camera frames: rgb8, bgr8, rgba8, bgra8, mono8, mono16, YUV 4:2:2 (yuv422/uyvy, "
               "yuv422_yuy2/yuyv) or 8-bit Bayer (bayer_rggb8, _bggr8, _gbrg8, _grbg8), "
-              "converted as cv_bridge does (QoS overridable)"),
+              "converted as cv_bridge does (reliability: the camera's image_reliability; "
+              "qos_overrides apply too)"),
     TopicInfo(IMAGE_RAW_COMPRESSED, "sensor_msgs/CompressedImage", ("(camera driver)",),
               (CAMERA_NODE,), QOS_SENSOR, "JPEG/PNG frames, used with transport: compressed; "
               "moves with a remap of image_raw, as image_transport's"),
