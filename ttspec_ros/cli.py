@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import importlib
 import importlib.util
 import platform
@@ -109,12 +108,11 @@ def _write_provenance(argv: list[str], args: argparse.Namespace, started: float)
 
 def code_hash() -> str:
     """sha256 over the package's Python files (relative path and bytes, sorted by path)."""
+    from ttspec_ros.files import tree_sha256
+
     package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return tree_sha256(package, sorted(p.relative_to(package).as_posix()
+                                       for p in package.rglob("*.py")))
 
 
 def _iso(t: float) -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _sync_directory(path.parent)
     return path
+
+
+def tree_sha256(root: str | os.PathLike, relative_paths: Iterable[str]) -> str:
+    """sha256 over each file's relative path and bytes, in the order given."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for rel in relative_paths:
+        digest.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+    return digest.hexdigest()
 
 
 def _temp_prefix(name: str) -> str:

@@ -62,9 +62,9 @@ class ModelUpdatePayload:
             # Left writable, as consumers turn them into tensors (torch.as_tensor warns on
             # read-only arrays).
             t = np.array(source, dtype=np.float32, order="C", copy=True)
-            if not all_finite([t]):
-                raise ValueError(f"tensor {name!r} holds NaN or infinite values")
-            if not within_magnitude([t]):
+            if not within_magnitude([t]):  # one pass; NaN and infinity fail it too
+                if not all_finite([t]):
+                    raise ValueError(f"tensor {name!r} holds NaN or infinite values")
                 raise ValueError(f"tensor {name!r} holds values beyond +-{MAX_MAGNITUDE:g} "
                                  "(a diverged or damaged state)")
             checked[name] = t

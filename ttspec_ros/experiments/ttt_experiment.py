@@ -43,7 +43,7 @@ import torch
 from ttspec_ros import corruptions, data
 from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.experiments.make_corrupted import split_of
-from ttspec_ros.files import check_writable, save_figure, write_json
+from ttspec_ros.files import check_writable, save_figure, tree_sha256, write_json
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.preprocess import preprocess_batch
 from ttspec_ros.specialize import cascade_answers
@@ -331,11 +331,7 @@ RUN_CODE = ("ttt.py", "masking.py", "corruptions.py", "preprocess.py", "models/r
 
 
 def _code_hash() -> str:
-    package = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for rel in RUN_CODE:
-        h.update(rel.encode() + b"\0" + (package / rel).read_bytes())
-    return h.hexdigest()
+    return tree_sha256(Path(__file__).resolve().parents[1], RUN_CODE)
 
 
 def _task_fingerprint(task: Task, opts: Options, model_state: dict,
