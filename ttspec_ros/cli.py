@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "train": "ttspec_ros.train",
     "eval-exits": "ttspec_ros.experiments.table1",
     "bench-exits": "ttspec_ros.experiments.bench_exits",
+    "import-checkpoint": "ttspec_ros.import_checkpoint",
     # test-time specialization
     "bench-update": "ttspec_ros.experiments.bench_update",
     "specialize-experiment": "ttspec_ros.experiments.specialize_experiment",

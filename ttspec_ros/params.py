@@ -42,8 +42,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 MODEL = ParamSpec(
     "model", "string", "",
-    "model path stem: <stem>.safetensors (weights) + <stem>.json (model card); "
-    "'' = the bundled demo model")
+    "model path stem: <stem>.safetensors (weights) + <stem>.json (model card), or an official "
+    "RevCol .pth (classes named class_0, class_1, ...; `ttspec import-checkpoint` names "
+    "them); '' = the bundled demo model")
 
 CAMERA: tuple[ParamSpec, ...] = (
     MODEL,
