@@ -103,6 +103,8 @@ def test_bad_options_and_sources_are_refused_in_one_line(official, tmp_path, cap
     assert cli.main(["import-checkpoint", str(path), "--out", str(out)]) == 0
     _refused(["import-checkpoint", str(out), "--out", str(tmp_path / "again")], capsys,
              "this package's format already")
+    _refused(["import-checkpoint", str(path), "--out", str(tmp_path)], capsys,
+             "is a directory; give a path stem")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     _refused(["import-checkpoint", str(garbage), "--out", str(tmp_path / "g")], capsys,

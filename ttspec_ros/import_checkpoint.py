@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     if is_our_format(source):
         raise ValueError(f"{source} names this package's format already (a .safetensors / "
                          ".json pair or a stem); give the official .pth file")
+    if Path(args.out).is_dir():  # the pair would land beside it, named after the directory
+        raise IsADirectoryError(f"--out {args.out} is a directory; give a path stem such as "
+                                f"{Path(args.out) / source.stem}")
     out_files = model_files(args.out)
     for path in out_files:
         check_writable(path, directory=False)
