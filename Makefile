@@ -13,6 +13,7 @@ test: env
 
 lint: env
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m mypy
 
 demo: env
 	$(VENV)/bin/ttspec demo

@@ -1,5 +1,6 @@
-"""Static checks that run as tests: ruff on all Python, package.xml validated as catkin does and
-declaring what the package imports, and the ROS-free core never imports rclpy."""
+"""Static checks that run as tests: ruff on all Python, mypy on the package, package.xml
+validated as catkin does and declaring what the package imports, and the ROS-free core never
+imports rclpy."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 def test_ruff_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     result = subprocess.run([ruff, "check", str(REPO)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_clean() -> None:
+    # pyproject.toml's [tool.mypy] says what is checked, for which Python, and which imports
+    # come without type information.
+    result = subprocess.run([sys.executable, "-m", "mypy"], capture_output=True, text=True,
+                            cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

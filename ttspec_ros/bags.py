@@ -343,10 +343,12 @@ def _open_reader(path: Path):
         # a file of a bag directory that cannot be read alone: rosbags says "corrupt"
         raise BagError(f"{path} is part of a rosbag2 directory; pass the directory "
                        f"{path.parent} instead")
+    # a named tuple: mypy rejects a starred tuple written inside the except clause
+    read_errors: tuple[type[BaseException], ...] = (ReaderError, *_READ_ERRORS)
     try:
         reader = Reader(path)
         reader.open()
-    except (ReaderError, *_READ_ERRORS) as err:
+    except read_errors as err:
         raise _corrupt(path, err) from err
     return reader
 

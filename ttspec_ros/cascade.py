@@ -23,7 +23,7 @@ from torch import Tensor
 from ttspec_ros.checks import is_integer
 from ttspec_ros.model_update import MAX_MAGNITUDE, within_magnitude
 from ttspec_ros.models.checkpoint import validate_thresholds
-from ttspec_ros.models.revcol import RevCol
+from ttspec_ros.models.revcol import ColumnState, RevCol
 
 HEAD_PREFIX = "cls_blocks."
 
@@ -62,7 +62,7 @@ class TorchBackbone:
     def run_stage(self, i: int, carry: Any) -> tuple[Any, Tensor]:
         if i == 0:
             x = self.model.stem(carry.to(self.model.stem[0].weight.device))
-            state = (0.0, 0.0, 0.0, 0.0)
+            state: ColumnState = (0.0, 0.0, 0.0, 0.0)
         else:
             x, state = carry
         state = self.model.run_exit(i, x, state)
@@ -161,7 +161,7 @@ class Cascade:
             for i in range(last + 1):
                 carry, pooled = self.backbone.run_stage(i, carry)
                 # Heads run where the model's parameters are, whatever the backbone's device.
-                pooled = pooled.to(self.model.cls_blocks[i].classifier[1].weight.device)
+                pooled = pooled.to(self.model.head_device(i))
                 logits = self.model.head(i, pooled)[0]
                 if not torch.isfinite(logits).all():
                     # NaN never reaches a threshold and its argmax is class 0: no answer at
@@ -230,7 +230,7 @@ def exit_costs(model: RevCol, image_size: int | tuple[int, int]) -> list[float]:
         if isinstance(module, torch.nn.Conv2d):
             kh, kw = module.kernel_size
             macs[0] += output.numel() * (module.in_channels // module.groups) * kh * kw
-        else:
+        elif isinstance(module, torch.nn.Linear):  # the only other kind hooked below
             macs[0] += output.numel() * module.in_features
 
     hooks = [m.register_forward_hook(count) for m in model.modules()

@@ -166,11 +166,18 @@ def splits_card(seed: int, pool_size: int = DEFAULT_POOL_SIZE) -> dict:
 def recorded_split(training: Mapping | None) -> tuple[int, int]:
     """(seed, pool size) of the split a model card's ``training`` section records
     (``splits_card``). Guessing would risk streaming images the model was trained on."""
+    _, seed, size = _recorded_split(training)
+    return seed, size
+
+
+def _recorded_split(training: Mapping | None) -> tuple[Mapping, int, int]:
+    """(training.splits, seed, pool size): ``recorded_split`` with the checked section."""
     recorded = training.get("splits") if isinstance(training, Mapping) else None
     if not isinstance(recorded, Mapping) or "seed" not in recorded:
         raise ValueError("the model card records no training.splits.seed; cannot tell which "
                          "images are the deployment pool")
-    pool = recorded.get("pool") if isinstance(recorded.get("pool"), Mapping) else {}
+    pool_entry = recorded.get("pool")
+    pool: Mapping = pool_entry if isinstance(pool_entry, Mapping) else {}
     seed, size = recorded["seed"], pool.get("size", DEFAULT_POOL_SIZE)
     # int() would take true as 1 and 3.7 as 3, and fail on null with a TypeError
     if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
@@ -179,15 +186,15 @@ def recorded_split(training: Mapping | None) -> tuple[int, int]:
     if not is_integer(size) or size < 1:
         raise ValueError(f"the model card's training.splits.pool.size must be a positive "
                          f"integer, got {size!r}")
-    return int(seed), int(size)
+    return recorded, int(seed), int(size)
 
 
 def recorded_pool(training: Mapping | None) -> np.ndarray:
     """The deployment-pool indices of the split a model card records, checked against the
     recorded sha256 when there is one."""
-    seed, size = recorded_split(training)
+    recorded_splits, seed, size = _recorded_split(training)
     pool = splits(seed, size).pool
-    recorded = training["splits"].get("pool")
+    recorded = recorded_splits.get("pool")
     digest = recorded.get("sha256") if isinstance(recorded, Mapping) else None
     if digest is not None and digest != index_hash(pool):
         raise ValueError(f"the model card's deployment pool (sha256 {digest}) is not the split "

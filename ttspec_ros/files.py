@@ -125,10 +125,11 @@ def check_writable(path: str | os.PathLike, *, directory: bool = True) -> Path:
         name_max = os.pathconf(ancestor, "PC_NAME_MAX")
     except (OSError, ValueError):  # a file system that does not say: the write will tell
         name_max = None
-    for part in path.relative_to(ancestor).parts if path != ancestor and name_max else ():
-        if len(os.fsencode(part)) > name_max:
-            raise OSError(errno.ENAMETOOLONG, f"output {path}: the name {part[:40]}... is "
-                          "longer than the file system allows")
+    if path != ancestor and name_max:
+        for part in path.relative_to(ancestor).parts:
+            if len(os.fsencode(part)) > name_max:
+                raise OSError(errno.ENAMETOOLONG, f"output {path}: the name {part[:40]}... is "
+                              "longer than the file system allows")
     return path
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -109,7 +109,7 @@ def decode_image(height: int, width: int, encoding: str, is_bigendian: int | boo
     rows = buf.reshape(height, step)[:, :row_bytes]
     if dtype.itemsize > 1:
         # A row slice of a bigger buffer need not be aligned for the wider type: copy rows first.
-        order = ">" if is_bigendian else "<"
+        order: Literal[">", "<"] = ">" if is_bigendian else "<"
         image = np.ascontiguousarray(rows).view(dtype.newbyteorder(order))
         image = image.astype(dtype.newbyteorder("="), copy=False)
     else:

@@ -35,7 +35,7 @@ class ParamSpec:
     constraints: str = ""  # what the range cannot say (ROS additional_constraints)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
+_TYPES: dict[str, tuple[type[Any], ...]] = {
     "bool": (bool,), "int": (int,), "double": (float,), "string": (str,),
     "double_array": (list, tuple),
 }
@@ -247,13 +247,13 @@ def rcl_scalar(text: str, quoted: bool = False) -> Any:
     decimal = _RCL_FLOAT.fullmatch(text)
     if decimal or _RCL_HEX_FLOAT.fullmatch(text):
         body = text.strip()
-        value = float(body) if decimal else float.fromhex(body)
+        number = float(body) if decimal else float.fromhex(body)
         if re.search("inf|nan", body, re.IGNORECASE):
-            return value
+            return number
         mantissa = re.split("[ep]", body.lower().replace("0x", "", 1), maxsplit=1)[0]
         written_zero = not any(c in "123456789abcdef" for c in mantissa)
-        if math.isfinite(value) and (abs(value) >= sys.float_info.min or written_zero):
-            return value
+        if math.isfinite(number) and (abs(number) >= sys.float_info.min or written_zero):
+            return number
         # beyond strtod's range (1e400, or 1e-400 and other subnormals): ERANGE, so rcl
         # keeps the text
     return text

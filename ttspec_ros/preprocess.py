@@ -165,7 +165,7 @@ def _pad_and_normalise(content: np.ndarray,
                                                                                      channels):
         raise ValueError(f"content must be (1 or {channels}) x {content_size}x{content_size}, "
                          f"got {content.shape[-3:]}")
-    out = np.zeros(content.shape[:-2] + (size, size), dtype=np.float32)
+    out: np.ndarray = np.zeros(content.shape[:-2] + (size, size), dtype=np.float32)
     off = (size - content_size) // 2
     out[..., off : off + content_size, off : off + content_size] = content
     if out.shape[-3] != channels:  # a grayscale image for a 3-channel model

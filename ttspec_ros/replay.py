@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import signal
 import sys
@@ -34,7 +35,6 @@ import numpy as np
 
 from ttspec_ros import params as param_specs  # `params` names (node, name, value) here
 from ttspec_ros import topics
-from ttspec_ros.checks import is_integer
 from ttspec_ros.data import CLASS_NAMES, SUBSETS
 from ttspec_ros.files import write_json, write_text
 
@@ -261,7 +261,10 @@ def _as_double(value: object) -> object:
     """YAML integers (and lists of them) as floats; anything else as it is."""
     if isinstance(value, list):
         return [_as_double(v) for v in value]
-    return float(value) if is_integer(value) else value
+    # checks.is_integer's test, spelled out: mypy narrows ``value`` only by an isinstance here
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def find_graph(model: str = "", params_file: str | os.PathLike | None = None,
@@ -358,7 +361,8 @@ def block_metrics(outcomes: Sequence[Outcome], exit_cost: Sequence[float] | None
     answered = [o for o in outcomes if o.answered]
     labelled = [o for o in answered if o.label is not None]
     correct = sum(o.class_id == o.label for o in labelled)
-    exits = [o.exit_index for o in answered]
+    # every answered frame's: replay_driver sets exit_index together with class_id
+    exits = [o.exit_index for o in answered if o.exit_index is not None]
     return {
         "frames": len(outcomes),
         "answered": len(answered),
@@ -415,7 +419,7 @@ def run_metrics(
     e2e = [o.e2e_ms for o in answered if o.e2e_ms is not None]
     histogram = [0] * num_exits
     for o in answered:
-        if 0 <= o.exit_index < num_exits:
+        if o.exit_index is not None and 0 <= o.exit_index < num_exits:
             histogram[o.exit_index] += 1
     dropped: dict[str, int] = {}
     for o in outcomes:
@@ -838,13 +842,13 @@ def replay_bag(
     for stale in ("report.json", "report.md", "outcomes.json", *PLOT_FILES):
         (out_dir / stale).unlink(missing_ok=True)
     total = min(stream.image_count, max_frames) if max_frames else stream.image_count
-    model = model_info
 
     def report_of(results: list[RunResult]) -> dict:
         bag_info = {**stream.describe(), "encodings": dict(stream.encodings)}
         return build_report(
-            bag_info, results, exit_cost=model.get("exit_cost"), num_exits=model["num_exits"],
-            class_names=model["class_names"], model=model, window=window, tail=tail,
+            bag_info, results, exit_cost=model_info.get("exit_cost"),
+            num_exits=model_info["num_exits"], class_names=model_info["class_names"],
+            model=model_info, window=window, tail=tail,
             settings={"runs": [asdict(r) for r in runs], "domain_id": domain_id,
                       "params_file": str(graph.params_file), "max_frames": max_frames,
                       "params": [f"{n}.{k}={v}" for n, k, v in graph.params],
@@ -861,13 +865,14 @@ def replay_bag(
                     log_dir=out_dir / "logs" / settings.name, progress=bar.update)
             except BaseException as err:  # the runs already finished are still reported
                 if results:
-                    _write_partial(out_dir, report_of(results), results, model, settings, err)
+                    _write_partial(out_dir, report_of(results), results, model_info, settings,
+                                   err)
                 raise
             lost = sum(not o.answered for o in result.outcomes)
             bar.finish(len(result.outcomes), f"{lost} lost")
             results.append(result)
     report = report_of(results)
-    plots = write_report(out_dir, report, results, model.get("exit_cost"))
+    plots = write_report(out_dir, report, results, model_info.get("exit_cost"))
     return report, plots
 
 

@@ -38,14 +38,14 @@ def rolling_mean(x: Sequence[int], values: Sequence[float], window: int
     """At each point (frame index x), the mean of the values whose frame lies in the last
     ``window`` frames, so sparse series (a rare class group) are averaged over the same span
     of the stream as dense ones."""
-    x = np.asarray(x, dtype=np.int64)
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return x, values
-    csum = np.concatenate([[0.0], np.cumsum(values)])
-    hi = np.arange(1, values.size + 1)
-    lo = np.searchsorted(x, x - window + 1, side="left")
-    return x, (csum[hi] - csum[lo]) / (hi - lo)
+    frames = np.asarray(x, dtype=np.int64)
+    vals = np.asarray(values, dtype=np.float64)
+    if vals.size == 0:
+        return frames, vals
+    csum = np.concatenate([[0.0], np.cumsum(vals)])
+    hi = np.arange(1, vals.size + 1)
+    lo = np.searchsorted(frames, frames - window + 1, side="left")
+    return frames, (csum[hi] - csum[lo]) / (hi - lo)
 
 
 def _save(fig, path: Path) -> Path:
@@ -90,10 +90,11 @@ def stream_plots(out_dir: Path, results: Sequence, exit_cost: Sequence[float] | 
     fig, axes = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     for r in results:
         rows = answered(r)
-        x = [o.index for o in rows]
-        axes[0].plot(*rolling_mean(x, [o.exit_index for o in rows], roll), label=r.settings.name)
+        indices = [o.index for o in rows]
+        axes[0].plot(*rolling_mean(indices, [o.exit_index for o in rows], roll),
+                     label=r.settings.name)
         if exit_cost:
-            axes[1].plot(*rolling_mean(x, [exit_cost[o.exit_index] for o in rows], roll),
+            axes[1].plot(*rolling_mean(indices, [exit_cost[o.exit_index] for o in rows], roll),
                          label=r.settings.name)
     axes[0].set(ylabel=f"mean exit (rolling {roll})",
                 title="Exit depth and compute over the stream")

@@ -71,6 +71,7 @@ from ttspec_ros.model_update import (
     within_magnitude,
 )
 from ttspec_ros.models.checkpoint import validate_thresholds
+from ttspec_ros.models.revcol import ColumnState, RevCol
 
 LAYER_NORM_EPS = 1e-6  # eps of the classifier LayerNorm (RevCol)
 STATE_FILE = "specializer.safetensors"
@@ -87,11 +88,12 @@ def head_tensor_names(exit_index: int) -> list[str]:
     return [p + "0.weight", p + "0.bias", p + "1.weight", p + "1.bias"]
 
 
-def early_head_tensors(model: nn.Module | Mapping[str, Tensor], num_exits: int | None = None
+def early_head_tensors(model: RevCol | Mapping[str, Tensor], num_exits: int | None = None
                        ) -> dict[str, Tensor]:
     """Copies of the classifier tensors of exits 0..num_exits-2 (the ones specialization trains).
 
     ``model`` is a RevCol or its state dict; ``num_exits`` defaults to ``model.num_exits``."""
+    state: Mapping[str, Tensor]
     if isinstance(model, nn.Module):
         num_exits = num_exits or int(model.num_exits)
         state = model.state_dict()
@@ -210,7 +212,7 @@ def _is_count(value: Any) -> bool:
 
 # -- features ----------------------------------------------------------------------------
 @torch.inference_mode()
-def pooled_features(model: nn.Module, images: Tensor | np.ndarray, batch_size: int = 256
+def pooled_features(model: RevCol, images: Tensor | np.ndarray, batch_size: int = 256
                     ) -> list[Tensor]:
     """Pooled head inputs of every exit for a batch of preprocessed images (N, C, H, W).
 
@@ -222,7 +224,7 @@ def pooled_features(model: nn.Module, images: Tensor | np.ndarray, batch_size: i
         outs: list[list[Tensor]] = [[] for _ in range(model.num_exits)]
         for start in range(0, images.shape[0], batch_size):
             x = model.stem(images[start : start + batch_size].float())
-            state = (0.0, 0.0, 0.0, 0.0)
+            state: ColumnState = (0.0, 0.0, 0.0, 0.0)
             for i in range(model.num_exits):
                 state = model.run_exit(i, x, state)
                 outs[i].append(model.pool(state[3]))
@@ -319,7 +321,7 @@ class AnchorSet:
                    model_id=meta.get("model_id", ""))
 
 
-def build_anchor_set(model: nn.Module, images: Tensor | np.ndarray, per_class: int | None = None,
+def build_anchor_set(model: RevCol, images: Tensor | np.ndarray, per_class: int | None = None,
                      seed: int = 0, batch_size: int = 256, model_id: str = "") -> AnchorSet:
     """Anchors from unlabeled preprocessed images: early-exit features + the last exit's class.
 
@@ -557,9 +559,15 @@ class Specializer:
         return [n for i in range(self.num_exits - 1) for n in head_tensor_names(i)]
 
     @property
+    def _checking_guard(self) -> AnchorGuard | None:
+        """The guard if it checks the trained heads before they are published (check_every
+        > 0), else None."""
+        guard = self.guard
+        return guard if guard is not None and guard.check_every else None
+
+    @property
     def _checking(self) -> bool:
-        """A guard checks the trained heads before they are published (check_every > 0)."""
-        return self.guard is not None and bool(self.guard.check_every)
+        return self._checking_guard is not None
 
     def settings(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "batch_size": self.batch_size,
@@ -746,7 +754,8 @@ class Specializer:
             for feats, label in batch:
                 self._replay.setdefault(label, deque(maxlen=self._replay_per_class)).append(
                     (feats, label))
-        if self._checking and self.counters["steps"] % self.guard.check_every == 0:
+        guard = self._checking_guard
+        if guard is not None and self.counters["steps"] % guard.check_every == 0:
             self._check()
 
     def _check(self) -> None:
@@ -840,7 +849,7 @@ class Specializer:
                 f"state is for model {meta.get('model_id')!r} with {meta.get('num_exits')} "
                 f"exits; this specializer adapts {self.model_id!r} with {self.num_exits}"
             )
-        version = meta.get("version")
+        version: Any = meta.get("version")  # JSON: checked next
         counters = meta.get("counters", {})
         if not _is_count(version) or version > MAX_SAVED_VERSION:
             raise ValueError(f"specializer state version must be an integer in 0..2**62, got "
@@ -876,7 +885,8 @@ class Specializer:
                     # the next step would turn the heads into NaN
                     raise ValueError(f"momentum.{name} holds NaN or infinite values")
             momentum.append(saved)
-        if self._checking and not self.guard.passes(heads):
+        guard = self._checking_guard
+        if guard is not None and not guard.passes(heads):
             # Loaded heads are published at once and become what a failed check rolls back
             # to, so heads this guard refuses would go out unchecked and stay.
             raise ValueError(

@@ -26,6 +26,7 @@ import argparse
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from ttspec_ros.models.revcol import (
     INPUT_MULTIPLE,
     NUM_EXITS,
     STEM_PATCH,
+    ColumnState,
     RevCol,
     check_stem_kernel,
 )
@@ -150,13 +152,14 @@ def augment(x: Tensor, background: float, generator: torch.Generator, shift: int
 def masked_forward(model: RevCol, images: Tensor, mask_ratio: float,
                    generator: torch.Generator | None) -> tuple[list[Tensor], Tensor, Tensor]:
     """Reconstructions of decoders 0..2 from MAE-masked copies: (images list, mask, masked)."""
+    decoders = model.require_decoders()
     masked, mask = random_patch_mask(images, mask_ratio, generator=generator)
     x = model.stem(masked)
-    state = (0.0, 0.0, 0.0, 0.0)
+    state: ColumnState = (0.0, 0.0, 0.0, 0.0)
     recons = []
     for i in range(NUM_EXITS - 1):
         state = model.run_exit(i, x, state)
-        recons.append(model.decoder_blocks[i](state[3]))
+        recons.append(decoders[i](state[3]))
     return recons, mask, masked
 
 
@@ -206,8 +209,8 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
     split = data.splits(cfg.seed, cfg.pool_size)
     train_idx, val_idx = split.train, np.array([], dtype=np.int64)
     if cfg.val_size:
-        order = np.random.default_rng(cfg.seed + 1).permutation(train_idx)
-        train_idx, val_idx = np.sort(order[cfg.val_size :]), np.sort(order[: cfg.val_size])
+        shuffled = np.random.default_rng(cfg.seed + 1).permutation(train_idx)
+        train_idx, val_idx = np.sort(shuffled[cfg.val_size :]), np.sort(shuffled[: cfg.val_size])
     if cfg.limit:
         train_idx = train_idx[: cfg.limit]
     # Of the images trained on: held-out validation images must not shape the input either
@@ -222,7 +225,9 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
                    num_classes=data.NUM_CLASSES, in_chans=1, drop_path=cfg.drop_path,
                    with_decoders=True, stem_kernel=cfg.stem_kernel, stem_width=cfg.stem_width)
     # channels_last and the fused AdamW made a CPU step ~40 % cheaper (measured here).
-    model = model.to(memory_format=torch.channels_last)
+    # ignore: Module.to takes memory_format (documented, and it works); torch's overloads
+    # leave it out
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     x_train = x_train.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=True)
@@ -237,6 +242,8 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
     ema = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
         if cfg.ema else None)
+    # cast: an AveragedModel's module is its deepcopy of the model it was given
+    ema_model = cast(RevCol, ema.module) if ema is not None else None
     history = []
     log(f"train: {len(x_train)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"{sum(p.numel() for p in model.parameters())} parameters, threads {cfg.threads}")
@@ -256,8 +263,11 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
             recons, mask, _ = masked_forward(model, target, cfg.mask_ratio, mask_gen)
             recs = [masked_reconstruction_loss(r, target, mask, norm_pix=cfg.norm_pix)
                     for r in recons]
-            loss = (sum(w * c for w, c in zip(cfg.exit_weights, ces, strict=True))
-                    + sum(w * r for w, r in zip(cfg.recon_weights, recs, strict=True)))
+            ce_terms = [w * c for w, c in zip(cfg.exit_weights, ces, strict=True)]
+            recon_terms = [w * r for w, r in zip(cfg.recon_weights, recs, strict=True)]
+            # Each sum starts at its first term: the same sums as from 0 (0 + x is x), and
+            # Tensors to the type checker (sum of an empty list would be the int 0).
+            loss = (sum(ce_terms[1:], ce_terms[0]) + sum(recon_terms[1:], recon_terms[0]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -271,8 +281,8 @@ def train(cfg: TrainConfig, log=print) -> tuple[RevCol, dict]:
         if len(val_idx):
             x_val = torch.from_numpy(preprocess_batch(images[val_idx], spec))
             y_val = torch.from_numpy(labels[val_idx].copy())
-            row["val_accuracy"] = _accuracies(all_exit_logits(ema.module if ema else model, x_val),
-                                              y_val)
+            evaluated = model if ema_model is None else ema_model
+            row["val_accuracy"] = _accuracies(all_exit_logits(evaluated, x_val), y_val)
             if ema is not None:  # the same run without the average: a paired comparison
                 row["val_accuracy_raw"] = _accuracies(all_exit_logits(model, x_val), y_val)
         history.append(row)

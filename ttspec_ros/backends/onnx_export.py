@@ -31,6 +31,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ def _pointwise_conv(linear: nn.Linear, scale: Tensor | None = None) -> nn.Conv2d
     if scale is not None:
         weight, bias = weight * scale[:, None], bias * scale
     conv = nn.Conv2d(linear.in_features, linear.out_features, 1).to(weight.device)
+    assert conv.bias is not None, "nn.Conv2d has a bias by default"
     with torch.no_grad():
         conv.weight.copy_(weight[:, :, None, None])
         conv.bias.copy_(bias)
@@ -91,6 +93,7 @@ def _channel_affine_conv(weight: Tensor, bias: Tensor) -> nn.Conv2d:
     """``weight[c] * x + bias[c]`` on an NCHW tensor, as a depthwise 1x1 Conv."""
     c = weight.numel()
     conv = nn.Conv2d(c, c, 1, groups=c).to(weight.device)
+    assert conv.bias is not None, "nn.Conv2d has a bias by default"
     with torch.no_grad():
         conv.weight.copy_(weight.detach().reshape(c, 1, 1, 1))
         conv.bias.copy_(bias.detach().reshape(c))
@@ -143,6 +146,9 @@ class _ConvUpSample(nn.Module):
     def __init__(self, up: UpSampleConvnext) -> None:
         super().__init__()
         linear, norm = up.channel_reschedule
+        # UpSampleConvnext builds channel_reschedule as Sequential(Linear, LayerNorm)
+        assert isinstance(linear, nn.Linear) and isinstance(norm, nn.LayerNorm), \
+            "UpSampleConvnext.channel_reschedule is (Linear, LayerNorm)"
         self.pwconv = _pointwise_conv(linear)
         self.norm = _ChannelsFirstNorm(norm.weight, norm.bias, norm.eps)
         self.up = up.up
@@ -271,10 +277,12 @@ class UnsplitForward(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         x = self.model.stem(image)
-        state = (0.0, 0.0, 0.0, 0.0)
-        for k in range(self.model.num_columns):
-            state = self.model.run_column(k, x, state)
+        state = self.model.run_columns(range(self.model.num_columns), x, (0.0, 0.0, 0.0, 0.0))
         return self.model.pool(state[3])
+
+
+class _ExportOptions(TypedDict, total=False):
+    dynamo: bool  # torch.onnx.export's, from torch 2.5 on
 
 
 def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs, outputs
@@ -290,10 +298,15 @@ def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         # `dynamo` came with torch 2.5 (JetPack 6.0 ships 2.3); newer releases default it to True.
-        legacy = ({"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters
-                  else {})
+        legacy: _ExportOptions = (
+            {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters
+            else {})
         torch.onnx.export(
-            module, args, buffer, opset_version=OPSET, input_names=list(inputs),
+            # ignore: the TorchScript exporter (dynamo=False) writes to file-like objects too
+            # (torch's source: "Normally f can be a file-like object"); the annotation names
+            # only paths
+            module, args, buffer,  # type: ignore[arg-type]
+            opset_version=OPSET, input_names=list(inputs),
             output_names=list(outputs), do_constant_folding=True, **legacy,
         )
     atomic_write_bytes(path, buffer.getvalue())

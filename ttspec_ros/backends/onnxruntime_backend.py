@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from torch import Tensor
 
 from ttspec_ros.backends import check_num_threads, release
 from ttspec_ros.backends.onnx_export import MANIFEST, STATE_NAMES, load_manifest, shape_problem
+
+if TYPE_CHECKING:  # onnx is imported where graphs are edited (an optional dependency)
+    from onnx import NodeProto
 
 # Bounded spinning, the default: an intra-op worker that has no work spins this long for the
 # next op before it sleeps, so the gaps between the ops of one run cost no wake-ups, and a
@@ -217,10 +221,12 @@ class OnnxRuntimeBackbone:
         if not 0 <= i < self.num_exits:
             raise IndexError(f"stage {i} out of range 0..{self.num_exits - 1}")
         stage = self._stages[i]
+        # casts: stage 0's carry is the image, a later stage's the carry the one before it
+        # returned (the StagedBackbone contract the Cascade keeps)
         if i == 0:
-            self._set_image(carry)
+            self._set_image(cast(Tensor, carry))
         else:
-            stage.bind(carry)  # no-op for the carry of this backbone's previous stage
+            stage.bind(cast(Carry, carry))  # no-op for the carry of this backbone's previous stage
         out = stage.run()
         pooled = torch.tensor(out["pooled"].numpy())  # copy: tiny, owns its memory
         if i == self.num_exits - 1:
@@ -250,7 +256,7 @@ def _attributes(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _reorder_outputs(graph) -> dict[str, object]:
+def _reorder_outputs(graph) -> dict[str, NodeProto]:
     """Graph output name -> the ReorderOutput (blocked -> NCHW) that makes it, where the blocked
     tensor has the output's size and no node of the graph reads the NCHW output (ONNX Runtime
     shares one ReorderOutput between a graph output and the graph's NCHW readers)."""
@@ -267,7 +273,7 @@ def _reorder_outputs(graph) -> dict[str, object]:
     return found
 
 
-def _reorder_inputs(graph) -> dict[str, object]:
+def _reorder_inputs(graph) -> dict[str, NodeProto]:
     """Graph input name -> the ReorderInput (NCHW -> blocked) that is its only reader."""
     readers: dict[str, list] = {}
     for node in graph.node:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -411,11 +412,13 @@ class TensorRTBackbone:
         with torch.cuda.device(self.device):
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
+                # casts: stage 0's carry is the image, a later stage's the carry the one
+                # before it returned (the StagedBackbone contract the Cascade keeps)
                 if i == 0:
-                    self._image.copy_(check_image(carry, self.image_shape))
+                    self._image.copy_(check_image(cast(Tensor, carry), self.image_shape))
                     feeds = {"image": self._image}
                 else:
-                    feeds = carry
+                    feeds = cast(dict[str, Tensor], carry)
                 context = self._contexts[i]
                 for name in self._inputs[i]:
                     _set_address(context, name, feeds[name], i)
@@ -425,6 +428,6 @@ class TensorRTBackbone:
                 pooled = out["pooled"].to("cpu", torch.float32)  # waits for the stream
         if i == self.num_exits - 1:
             return None, pooled  # the last engine outputs no carry (nothing follows it)
-        next_carry = {"x": out["x"] if i == 0 else carry["x"]}
+        next_carry = {"x": out["x"] if i == 0 else feeds["x"]}  # feeds: the carry for i > 0
         next_carry.update({f"{n}_in": out[n] for n in STATE_NAMES})
         return next_carry, pooled

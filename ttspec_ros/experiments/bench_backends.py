@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ttspec_ros.backends import BACKENDS
+from ttspec_ros.cascade import StagedBackbone
 from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.files import check_writable, write_json
 
@@ -86,12 +87,13 @@ def _all_stages(backbone, image: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _build_backbones(names, model, graph_dir: Path, args, skipped: list) -> dict:
+def _build_backbones(names, model, graph_dir: Path, args, skipped: list
+                     ) -> dict[str, StagedBackbone]:
     from ttspec_ros.backends import BackendUnavailable
     from ttspec_ros.backends.onnxruntime_backend import OnnxRuntimeBackbone
     from ttspec_ros.cascade import TorchBackbone
 
-    backbones = {}
+    backbones: dict[str, StagedBackbone] = {}
     for name in names:
         if name == "torch":
             backbones[name] = TorchBackbone(model)
@@ -232,6 +234,7 @@ def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: di
         export_stages,
         relative_difference,
     )
+    from ttspec_ros.backends.onnxruntime_backend import OnnxRuntimeBackbone
     from ttspec_ros.experiments.export_onnx import resolve_model
 
     model, size, description = resolve_model(spec, seed=args.seed)
@@ -248,8 +251,10 @@ def bench_model(label: str, spec: str, args, backend_names, work: Path, meta: di
         "model_hash": manifest["model_hash"], "export_s": export_s,
         "skipped": skipped,
     }
-    if "onnxruntime" in backbones:  # the carries that crossed boundaries without reorders
-        info["onnxruntime_blocked_carries"] = backbones["onnxruntime"].blocked_carries
+    onnxruntime = backbones.get("onnxruntime")
+    if isinstance(onnxruntime, OnnxRuntimeBackbone):
+        # the carries that crossed boundaries without reorders
+        info["onnxruntime_blocked_carries"] = onnxruntime.blocked_carries
     with torch.inference_mode():
         if "torch" in backbones:
             info["accuracy_vs_torch"] = _accuracy(backbones, model, image)

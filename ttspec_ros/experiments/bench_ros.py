@@ -393,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
             nominal = _phase(probe, procs, images, args.rate, args.seconds)
         if args.hops_seconds > 0:
             hops = _phase(probe, procs, images, args.rate, args.hops_seconds, watch_frames=True)
-        if args.seconds > 0:
+        if nominal is not None:  # args.seconds > 0
             capacity_hz = 1000.0 / (nominal["latency_ms"]["model"]["mean"] or 1.0)
             overload_rate = min(args.max_rate, args.overload * capacity_hz)
             overload = _phase(probe, procs, images, overload_rate, args.seconds)
@@ -405,7 +405,9 @@ def run(args: argparse.Namespace) -> int:
             floor = _transport_floor(args, images, log_dir)
         except RuntimeError as e:  # keep the pipeline's figures; say why the floor is missing
             floor = {"error": str(e)}
-    targets = _targets(nominal, overload, capacity_hz, floor) if nominal and overload else None
+    # capacity_hz is measured whenever nominal is
+    targets = (_targets(nominal, overload, capacity_hz, floor)
+               if nominal and overload and capacity_hz is not None else None)
     result = {
         "command": "bench-ros",
         "settings": _settings(args, overload_rate, overload, capacity_hz),
@@ -439,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
     path = out / "bench_ros.json"
     write_json(path, result)
     print(f"wrote {path}")
-    if nominal and overload:
+    if nominal and overload and targets is not None:  # targets: computed for these two
         n, o = nominal["latency_ms"], overload["latency_ms"]
         print(f"{args.rate:g} Hz: overhead p50 {n['ros_overhead']['p50']} ms p95 "
               f"{n['ros_overhead']['p95']} ms, model p50 {n['model']['p50']} ms, drops "

@@ -48,6 +48,9 @@ def summary(report: dict) -> str:
     """Rows: metrics; columns: adaptation on, off (and the frames of first/last window)."""
     runs = {r["adapt"]: r for r in report["runs"]}
     on, off = runs.get(True), runs.get(False)
+    shown = on or off  # the run whose windows' frame ranges the rows name
+    if shown is None:  # replay_bag refuses to replay no runs; a report always has one
+        raise ValueError("the report holds no runs")
     rows = []
     for label, key, scale, digits in (("accuracy %", "accuracy", 100.0, 2),
                                       ("mean latency ms", "mean_latency_ms", 1.0, 2),
@@ -57,7 +60,7 @@ def summary(report: dict) -> str:
     for label, key, scale, digits in (("accuracy %", "accuracy", 100.0, 2),
                                       ("mean cost", "mean_cost", 1.0, 3)):
         for name, idx in (("first", 0), ("last", -1)):
-            w = (on or off)["windows"][idx]
+            w = shown["windows"][idx]
             rows.append((f"{label}, {name} window",
                          *(_fmt(r and r["windows"][idx][key], scale, digits) for r in (on, off)),
                          f"frames {w['start']}-{w['end']}"))

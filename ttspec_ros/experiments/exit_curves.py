@@ -91,9 +91,9 @@ def curve(heads: StackedHeads, data: ExitFeatures, labels: np.ndarray,
     out: dict[str, list[dict]] = {g: [] for g in groups}
     for t in thresholds:
         exit_index, pred = cascade_answers(probs, data.last_pred, [t] * heads.num_heads)
-        exit_index, correct = exit_index.numpy(), (pred.numpy() == labels)
+        exits, correct = exit_index.numpy(), (pred.numpy() == labels)
         for g, mask in groups.items():
-            e = exit_index[mask]
+            e = exits[mask]
             out[g].append({
                 "threshold": round(float(t), 2),
                 "latency_ms": None if latency is None else round(float(latency[e].mean()), 4),

@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
                 for g, rows in c.items()}
 
     before = evaluate(StackedHeads.from_tensors(initial, h))
-    runs = {}
+    runs: dict[str, dict[str, object]] = {}  # the JSON's runs: traces, stats, settings
+    traces: dict[str, dict[str, list[float]]] = {}  # per run: frames and each group's values
     for name, use_guard in (("no_guard", False), ("guard", True)):
         guard = AnchorGuard(anchors, threshold=args.threshold, rehearsal=args.guard_rehearsal,
                             tolerance=args.guard_tolerance,
@@ -163,10 +164,12 @@ def run(args: argparse.Namespace) -> int:
         spec = Specializer(initial, model.num_exits, model_id=card.model_id, lr=args.lr,
                            momentum=args.momentum, batch_size=args.batch_size,
                            min_confidence=args.min_confidence, guard=guard, seed=args.seed)
-        trace = {"frames": [0], **{f"{g}_{k}": [before[g][k]] for g in groups
-                                   for k in ("accuracy", "mean_cost")}}
+        trace: dict[str, list[float]] = {
+            "frames": [0], **{f"{g}_{k}": [before[g][k]] for g in groups
+                              for k in ("accuracy", "mean_cost")}}
 
-        def on_frame(n: int, spec: Specializer = spec, trace: dict = trace) -> None:
+        def on_frame(n: int, spec: Specializer = spec,
+                     trace: dict[str, list[float]] = trace) -> None:
             if n % args.eval_every == 0 or n == len(order):
                 ev = evaluate(spec.heads())
                 trace["frames"].append(n)
@@ -176,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         simulate_stream(spec, pool_data, order.tolist(), args.threshold, on_frame)
+        traces[name] = trace
         runs[name] = {**trace, "stats": spec.stats(),
                       "runtime_s": round(time.perf_counter() - t0, 1)}
         if guard is not None:
@@ -189,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
                                            - before["others"]["accuracy"], 6),
         "subset_accuracy_delta": round(r["subset_accuracy"][-1] - before["subset"]["accuracy"], 6),
         "subset_cost_ratio": round(r["subset_mean_cost"][-1] / before["subset"]["mean_cost"], 6),
-    } for name, r in runs.items()}
+    } for name, r in traces.items()}
     result = {
         "subset": args.subset, "classes": classes, "seed": args.seed,
         "settings": {

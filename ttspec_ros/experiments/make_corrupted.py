@@ -92,7 +92,9 @@ def source_images(source: str, count: int, split_seed: int, pool_size: int = dat
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    # numpy >= 2.1's stub lets **arrays fill its allow_pickle flag; not passing the flag keeps
+    # numpy 1.x (Humble's), which has none and would store it as an array
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 

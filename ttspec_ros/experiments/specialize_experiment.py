@@ -241,10 +241,10 @@ def run(args: argparse.Namespace) -> int:
         order = rng.permutation(chosen)
         exits = []
         for i in order:
-            result = cascade.run(torch.from_numpy(preprocess(pool_imgs[i], card.input)))
-            exits.append(int(result.exit_index))
-            if spec.add_sample(result.exit_index, result.class_id, result.confidence,
-                               [f.numpy() for f in result.features[: result.exit_index]]):
+            answer = cascade.run(torch.from_numpy(preprocess(pool_imgs[i], card.input)))
+            exits.append(int(answer.exit_index))
+            if spec.add_sample(answer.exit_index, answer.class_id, answer.confidence,
+                               [f.numpy() for f in answer.features[: answer.exit_index]]):
                 payload = spec.export()
                 cascade.apply_update(payload.tensors, payload.version)
         stream_exits.append(exits)

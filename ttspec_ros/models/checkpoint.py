@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat, TypedDict, cast
 
 import torch
 from torch import Tensor
@@ -54,7 +54,19 @@ from ttspec_ros.preprocess import check_input_spec
 
 MODEL_ID_HEX = 12  # model ids are the first 12 hex digits of the weights file's sha256
 DEFAULT_THRESHOLD = 0.9  # early-exit threshold for checkpoints that come without a card
-IMAGENET_INPUT = {
+
+
+class _InputSpec(TypedDict):
+    """A model card's ``input`` (``preprocess.check_input_spec``)."""
+
+    channels: int
+    size: int
+    content_size: int
+    mean: list[float]
+    std: list[float]
+
+
+IMAGENET_INPUT: _InputSpec = {
     "channels": 3, "size": 224, "content_size": 224,
     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
 }
@@ -163,7 +175,8 @@ class ModelCard:
 def validate_thresholds(thresholds: float | Sequence[float], num_exits: int,
                         source: str = "thresholds") -> list[float]:
     """A number (same for every early exit) or one value in [0, 1] per exit but the last."""
-    values = ([float(thresholds)] * (num_exits - 1) if is_real(thresholds)
+    # cast: is_real says it is a numbers.Real, and every Real has __float__
+    values = ([float(cast(SupportsFloat, thresholds))] * (num_exits - 1) if is_real(thresholds)
               else real_numbers(thresholds, source))
     if len(values) != num_exits - 1:
         raise ValueError(
@@ -181,6 +194,8 @@ class ForeignObject(dict):
     """Stands in for any pickled global outside the allow-list; calling or building it only
     records its arguments. A dict so that pickled dict subclasses (yacs CfgNode) keep their
     items readable."""
+
+    pickled_global: str  # "module.name", a class attribute of each subclass (_inert_global)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -148,10 +148,18 @@ class Level(nn.Module):
 
 
 ColumnState = tuple[Tensor | float, Tensor | float, Tensor | float, Tensor | float]
+# A column's output: c0..c3, all tensors (only the first column's input state is 0.0)
+ColumnTensors = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 class SubNet(nn.Module):
     """One column: four levels, each mixing its previous value (× alpha) with a new one."""
+
+    # Registered by name in __init__ (register_parameter); declared for the type checker.
+    alpha0: nn.Parameter
+    alpha1: nn.Parameter
+    alpha2: nn.Parameter
+    alpha3: nn.Parameter
 
     def __init__(
         self,
@@ -183,14 +191,15 @@ class SubNet(nn.Module):
             self._clamp_abs(getattr(self, f"alpha{i}").data, 1e-3)
 
     def forward(self, x: Tensor, c0: Tensor | float, c1: Tensor | float, c2: Tensor | float,
-                c3: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                c3: Tensor | float) -> ColumnTensors:
         self.clamp_alphas()
         # Order matters: each level reads the *new* value below it and the *previous* above.
-        c0 = self.alpha0 * c0 + self.level0(x, c1 if torch.is_tensor(c1) else None)
-        c1 = self.alpha1 * c1 + self.level1(c0, c2 if torch.is_tensor(c2) else None)
-        c2 = self.alpha2 * c2 + self.level2(c1, c3 if torch.is_tensor(c3) else None)
-        c3 = self.alpha3 * c3 + self.level3(c2, None)
-        return c0, c1, c2, c3
+        # (new names: the new values are tensors, the previous ones may be the first 0.0)
+        new0: Tensor = self.alpha0 * c0 + self.level0(x, c1 if torch.is_tensor(c1) else None)
+        new1: Tensor = self.alpha1 * c1 + self.level1(new0, c2 if torch.is_tensor(c2) else None)
+        new2: Tensor = self.alpha2 * c2 + self.level2(new1, c3 if torch.is_tensor(c3) else None)
+        new3: Tensor = self.alpha3 * c3 + self.level3(new2, None)
+        return new0, new1, new2, new3
 
 
 class Classifier(nn.Module):
@@ -413,6 +422,7 @@ class RevCol(nn.Module):
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.trunc_normal_(m.weight, std=0.02)
+            assert m.bias is not None, "every Conv2d and Linear of a RevCol has a bias"
             nn.init.constant_(m.bias, 0)
 
     # -- pieces the cascade runs one at a time -------------------------------------------
@@ -424,21 +434,43 @@ class RevCol(nn.Module):
         """Columns evaluated between exit ``exit_index - 1`` and exit ``exit_index``."""
         return range(exit_index * self.interval, (exit_index + 1) * self.interval)
 
-    def run_column(self, k: int, x: Tensor, state: ColumnState) -> ColumnState:
+    def run_column(self, k: int, x: Tensor, state: ColumnState) -> ColumnTensors:
         return getattr(self, f"subnet{k}")(x, *state)
+
+    def run_columns(self, columns: range, x: Tensor, state: ColumnState) -> ColumnTensors:
+        """Columns ``columns`` (at least one) in order, starting from ``state``."""
+        out = self.run_column(columns[0], x, state)
+        for k in columns[1:]:
+            out = self.run_column(k, x, out)
+        return out
 
     @staticmethod
     def pool(c3: Tensor) -> Tensor:
         """The exit's head input: global average of the column's c3, shape (N, C3)."""
         return global_pool(c3)
 
-    def head(self, exit_index: int, pooled: Tensor) -> Tensor:
-        return self.cls_blocks[exit_index].classifier(pooled)
+    def exit_head(self, exit_index: int) -> Classifier:
+        """``cls_blocks[exit_index]``, typed: a ModuleList's items are plain Modules to mypy."""
+        # cast: __init__ fills cls_blocks with Classifier modules only
+        return cast(Classifier, self.cls_blocks[exit_index])
 
-    def run_exit(self, exit_index: int, x: Tensor, state: ColumnState) -> ColumnState:
-        for k in self.exit_columns(exit_index):
-            state = self.run_column(k, x, state)
-        return state
+    def head(self, exit_index: int, pooled: Tensor) -> Tensor:
+        return self.exit_head(exit_index).classifier(pooled)
+
+    def head_device(self, exit_index: int) -> torch.device:
+        """Where the parameters of exit ``exit_index``'s head are."""
+        # cast: Classifier.classifier is Sequential(LayerNorm, Linear)
+        return cast(nn.Linear, self.exit_head(exit_index).classifier[1]).weight.device
+
+    def require_decoders(self) -> nn.ModuleList:
+        """The reconstruction decoders after exits 0..2; RuntimeError for a model without."""
+        if self.decoder_blocks is None:
+            raise RuntimeError("this model was built without reconstruction decoders")
+        return self.decoder_blocks
+
+    def run_exit(self, exit_index: int, x: Tensor, state: ColumnState) -> ColumnTensors:
+        # exit_columns is never empty: interval = num_columns // 4 >= 1 (check_architecture)
+        return self.run_columns(self.exit_columns(exit_index), x, state)
 
     # -- whole-model forwards ------------------------------------------------------------
     def forward_exits(self, x: Tensor) -> list[Tensor]:
@@ -453,8 +485,7 @@ class RevCol(nn.Module):
 
     def forward_with_reconstruction(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(logits of every exit, reconstructions after exits 0..2), as the official forward."""
-        if self.decoder_blocks is None:
-            raise RuntimeError("this model was built without reconstruction decoders")
+        decoders = self.require_decoders()
         x = self.stem(x)
         state: ColumnState = (0.0, 0.0, 0.0, 0.0)
         logits, images = [], []
@@ -462,15 +493,13 @@ class RevCol(nn.Module):
             state = self.run_exit(i, x, state)
             logits.append(self.cls_blocks[i](state[3]))
             if i < NUM_EXITS - 1:
-                images.append(self.decoder_blocks[i](state[3]))
+                images.append(decoders[i](state[3]))
         return logits, images
 
     def forward_last(self, x: Tensor) -> Tensor:
         """Plain backbone forward with only the last head (the paper's baseline)."""
         x = self.stem(x)
-        state: ColumnState = (0.0, 0.0, 0.0, 0.0)
-        for k in range(self.num_columns):
-            state = self.run_column(k, x, state)
+        state = self.run_columns(range(self.num_columns), x, (0.0, 0.0, 0.0, 0.0))
         return self.cls_blocks[-1](state[3])
 
     def forward(self, x: Tensor) -> list[Tensor]:

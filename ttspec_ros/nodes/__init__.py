@@ -344,11 +344,14 @@ class Diagnostics:
         counts = {k: int(values.get(k, 0)) for k in names}
         grew = {k for k, n in counts.items() if n > self._previous.get(k, 0)}
         self._previous = counts
-        now, idle = time.monotonic(), False
+        now = time.monotonic()
+        idle = ""  # the message's note while the expected counter has not grown
         if self._expect is not None:
-            if self._expect[0] in grew:
+            counter, what = self._expect
+            if counter in grew:
                 self._expect_grew = now
-            idle = now - self._expect_grew >= self.IDLE_S
+            if now - self._expect_grew >= self.IDLE_S:
+                idle = f" (no {what} for {now - self._expect_grew:.0f} s)"
         for failure, success in self._jobs.items():
             if success in grew:
                 self._failing.pop(failure, None)
@@ -360,8 +363,7 @@ class Diagnostics:
                 f"{f}, no {self._jobs[f]} since" for f in self._failing) + ")"
         if new:
             message += f" (new: {', '.join(new)})"
-        if idle:
-            message += f" (no {self._expect[1]} for {now - self._expect_grew:.0f} s)"
+        message += idle
         level = ERROR if self._failing else WARN if new or idle else OK
         status = DiagnosticStatus(
             level=bytes([level]), name=self._node.get_fully_qualified_name(),

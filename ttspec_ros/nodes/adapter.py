@@ -113,7 +113,8 @@ class AdapterNode(Node):
                                      qos(topics.QOS_SENSOR))
         self.create_service(Trigger, topics.RESET_SERVICE, self._on_reset)
         self.create_service(Trigger, topics.SAVE_SERVICE, self._on_save)
-        self._publish_timer = steady_timer(self, values["publish_period_s"], self._publish)
+        self._publish_timer = steady_timer(self, values["publish_period_s"],
+                                           self._publish_on_timer)
         self._save_timer = steady_timer(self, values["save_period_s"], self._periodic_save)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(
@@ -152,8 +153,8 @@ class AdapterNode(Node):
                                f"{type(e).__name__}: {e}") from e
         self._input_shape = input_shape(card.input)  # what a frame must look like
         self._frame_bounds = frame_bounds(card.input)
-        guard = self._guard(values, card, model.num_exits - 1,
-                            model.cls_blocks[0].classifier[1].in_features)
+        # the heads' input width: each exit's Classifier(channels[-1], num_classes)
+        guard = self._guard(values, card, model.num_exits - 1, model.config.channels[-1])
         try:
             specializer = Specializer(
                 early_head_tensors(model), model.num_exits, model_id=card.model_id,
@@ -258,7 +259,8 @@ class AdapterNode(Node):
                 setattr(spec, attr, new[name])
         if "publish_period_s" in new:
             self.destroy_timer(self._publish_timer)
-            self._publish_timer = steady_timer(self, new["publish_period_s"], self._publish)
+            self._publish_timer = steady_timer(self, new["publish_period_s"],
+                                               self._publish_on_timer)
         if "save_period_s" in new:
             self.destroy_timer(self._save_timer)
             self._save_timer = steady_timer(self, new["save_period_s"], self._periodic_save)
@@ -407,6 +409,10 @@ class AdapterNode(Node):
         self.stats.count("updates_published")
         return True
 
+    def _publish_on_timer(self) -> None:
+        """The publish timer's callback (only the reset service uses ``_publish``'s result)."""
+        self._publish()
+
     def _record_published(self, payload: ModelUpdatePayload) -> None:
         """Written before the update goes out: after a crash the record may be ahead of what
         classifiers got (harmless), never behind. It reserves ``PublishedRecord.RESERVE``
@@ -479,8 +485,8 @@ class AdapterNode(Node):
         return response
 
     # -- diagnostics and shutdown
-    def _diagnostic_values(self) -> tuple[str, dict]:
-        values = self.stats.snapshot()
+    def _diagnostic_values(self) -> tuple[str, dict[str, object]]:
+        values: dict[str, object] = dict(self.stats.snapshot())
         values.update({f"specializer_{k}": v for k, v in self.specializer.stats().items()})
         values.update({"model_id": self.specializer.model_id,
                        "model_version": self._version(),

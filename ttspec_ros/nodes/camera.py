@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rclpy.clock import ROSClock
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
+from rclpy.subscription import Subscription
 from sensor_msgs.msg import CompressedImage, Image
 
 from ttspec_ros import params, topics
@@ -55,16 +57,16 @@ class CameraNode(Node):
         self._frames_pub = self.create_publisher(
             Image, topics.FRAMES, qos(topics.QOS_SENSOR),
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
-        self._sub = None
+        self._sub: Subscription[Image] | Subscription[CompressedImage] | None = None
         self._qos: dict[str, Any] = {}
         self._image_reliability = values["image_reliability"]
-        self._subscribe(values["transport"])
+        sub = self._subscribe(values["transport"])
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diagnostics = Diagnostics(self, self._diagnostic_values, warn_on=("rejected",),
                                         jobs={"errors": "published"},
                                         expect=("received", "images"))
         self.get_logger().info(
-            f"camera: {self._sub.topic_name} ({values['transport']}) -> "
+            f"camera: {sub.topic_name} ({values['transport']}) -> "
             f"{self._frames_pub.topic_name}, input {dict(self._input_spec)}")
 
     @staticmethod
@@ -75,8 +77,9 @@ class CameraNode(Node):
             raise StartupError(f"camera: cannot read the model card of model {model!r}: "
                                f"{type(e).__name__}: {e}") from e
 
-    def _subscribe(self, transport: str) -> None:
-        """Subscribe for ``transport``; the old subscription goes once the new one exists."""
+    def _subscribe(self, transport: str) -> Subscription[Image] | Subscription[CompressedImage]:
+        """Subscribe for ``transport``; the old subscription goes once the new one exists.
+        -> the new subscription (also ``self._sub``)."""
         old = self._sub
         msg_type, topic, callback = (
             (CompressedImage, self._compressed_topic(), self._on_compressed)
@@ -98,6 +101,7 @@ class CameraNode(Node):
             self._qos[topic] = self._sub.qos_profile
         if old is not None:
             self.destroy_subscription(old)
+        return self._sub
 
     def _compressed_topic(self) -> str:
         """<image_raw as remapped>/compressed, as image_transport names it, so that
@@ -142,8 +146,8 @@ class CameraNode(Node):
         """The rate limit's time: the node's clock while it runs on ROS time (use_sim_time: a
         replayed bag's /clock, so ``ros2 bag play -r 4`` passes what the robot passed), else
         the monotonic clock (system time can jump)."""
-        clock = self.get_clock()
-        if clock.ros_time_is_active:
+        clock = self.get_clock()  # annotated Clock; a Node's clock is a ROSClock
+        if isinstance(clock, ROSClock) and clock.ros_time_is_active:
             return clock.now().nanoseconds * 1e-9
         return time.monotonic()
 
@@ -191,8 +195,8 @@ class CameraNode(Node):
         if self._throttle(reason):
             self.get_logger().warning(f"rejected image ({reason}): {message}")
 
-    def _diagnostic_values(self) -> tuple[str, dict]:
-        values = self.stats.snapshot()
+    def _diagnostic_values(self) -> tuple[str, dict[str, str | int]]:
+        values: dict[str, str | int] = dict(self.stats.snapshot())
         values[MATCHED_FRAMES_READERS] = self._frames_pub.get_subscription_count()
         writers = matched_writers(self._sub)
         if writers is not None:

@@ -359,9 +359,9 @@ class ClassifierNode(Node):
             self.get_logger().warning(f"rejected model update v{version}: {error}")
 
     # -- diagnostics
-    def _diagnostic_values(self) -> tuple[str, dict]:
+    def _diagnostic_values(self) -> tuple[str, dict[str, str | int]]:
         pending = self._slot.pending()
-        values = self.stats.snapshot()
+        values: dict[str, str | int] = dict(self.stats.snapshot())
         loaded, settings = self._active
         values.update({
             "model_id": loaded.cascade.model_id,

@@ -22,9 +22,11 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters
+from rclpy.client import Client
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.subscription import Subscription
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -154,9 +156,9 @@ class Probe:
             self._keep(self.predictions), qos(topics.QOS_RELIABLE))
         self.node.create_subscription(DiagnosticArray, topics.DIAGNOSTICS, self._on_diagnostics,
                                       qos(topics.QOS_RELIABLE))
-        self._frames_sub = None
+        self._frames_sub: Subscription[Image] | None = None
         self.watch_frames(watch_frames)
-        self._update_sub = None
+        self._update_sub: Subscription[ModelUpdate] | None = None
         self._sensor_pubs: dict[str, Any] = {}
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -301,7 +303,7 @@ class Probe:
 
     # -- services
     def _call(self, srv_type: Any, name: str, request: Any, timeout: float = 15.0) -> Any:
-        client = self.node.create_client(srv_type, name)
+        client: Client[Any, Any] = self.node.create_client(srv_type, name)
         try:
             if not client.wait_for_service(timeout_sec=timeout):
                 raise TimeoutError(f"service {name} not available")

@@ -22,6 +22,7 @@ from pathlib import Path
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.srv import GetParameters
+from rclpy.client import Client
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
@@ -232,7 +233,8 @@ def _classifier_thresholds(node: Collector, timeout_s: float = 10.0) -> list[flo
     from ttspec_ros import params
 
     # A plain service client: rclpy's AsyncParameterClient is Iron and later.
-    client = node.create_client(GetParameters, f"{topics.CLASSIFIER_NODE}/get_parameters")
+    client: Client[GetParameters.Request, GetParameters.Response] = node.create_client(
+        GetParameters, f"{topics.CLASSIFIER_NODE}/get_parameters")
     try:
         if not client.wait_for_service(timeout_sec=timeout_s):
             return None
@@ -240,9 +242,10 @@ def _classifier_thresholds(node: Collector, timeout_s: float = 10.0) -> list[flo
         deadline = time.monotonic() + timeout_s
         while not future.done() and time.monotonic() < deadline:
             time.sleep(0.02)  # the executor thread spinning this node completes the future
-        if not future.done() or future.result() is None:
+        response = future.result() if future.done() else None
+        if response is None:
             return None
-        threshold, thresholds = future.result().values
+        threshold, thresholds = response.values
     finally:
         node.destroy_client(client)
     return params.effective_thresholds(threshold.double_value, list(thresholds.double_array_value))
@@ -307,7 +310,7 @@ def play(
         for frame in stream.frames(limit=total):
             outcomes.append(replay.Outcome(index=frame.index, stamp_ns=frame.stamp_ns,
                                            label=stream.labels.get(frame.stamp_ns)))
-            if not settings.lockstep:
+            if settings.rate is not None:  # not lockstep: the recorded timing over the rate
                 first_time_ns = frame.time_ns if first_time_ns is None else first_time_ns
                 due = started + (frame.time_ns - first_time_ns) / 1e9 / settings.rate
                 delay = due - time.perf_counter()
