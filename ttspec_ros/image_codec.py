@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -47,15 +47,17 @@ CONVERTED: dict[str, tuple[int, str]] = {
 MAX_SIDE = 16384  # pixels; larger sides are treated as corrupt headers
 MAX_BYTES = 256 * 1024 * 1024
 
-REASONS = ("unsupported_encoding", "zero_size", "absurd_size", "wrong_step", "truncated",
-           "data_length", "undecodable", "non_finite")
+# Why an image is refused; mypy checks that every ImageDecodeError names one of these.
+Reason = Literal["unsupported_encoding", "zero_size", "absurd_size", "wrong_step", "truncated",
+                 "data_length", "undecodable", "non_finite"]
+REASONS: tuple[Reason, ...] = get_args(Reason)
 NATIVE_BIG_ENDIAN = sys.byteorder == "big"
 
 
 class ImageDecodeError(ValueError):
     """A malformed image; ``reason`` is one of REASONS, the message says what and why."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
