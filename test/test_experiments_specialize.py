@@ -241,7 +241,7 @@ def test_bench_update_writes_json(tiny_checkpoint, tmp_path) -> None:
 
 def test_make_anchors_writes_a_loadable_set(tiny_checkpoint, tmp_path) -> None:
     from ttspec_ros.experiments import make_anchors as mod
-    from ttspec_ros.specialize import AnchorSet
+    from ttspec_ros.guard import AnchorSet
 
     images = np.random.default_rng(0).integers(0, 255, (40, 28, 28), dtype=np.uint8)
     np.save(tmp_path / "frames.npy", images)
@@ -259,7 +259,7 @@ def test_make_anchors_from_a_bag_of_camera_frames(tiny_checkpoint, tmp_path, cap
     one clear line and exit 2."""
     from ttspec_ros import bags
     from ttspec_ros.experiments import make_anchors as mod
-    from ttspec_ros.specialize import AnchorSet
+    from ttspec_ros.guard import AnchorSet
 
     bag = bags.make_scenario_bag("uniform", tmp_path / "bag", frames=30, seed=1)["bag"]
     out = tmp_path / "anchors.safetensors"

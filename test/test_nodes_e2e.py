@@ -547,8 +547,8 @@ def test_unavailable_backend_exits_with_one_clear_line(tmp_path, tiny):
 def test_adapter_runs_the_forgetting_guard_from_an_anchors_file(tmp_path, tiny):
     """anchors_file turns the guard on (logged, in diagnostics); anchors of another model are
     refused at start with one clear line. The guard's behaviour is tested in test_specialize."""
+    from ttspec_ros.guard import build_anchor_set
     from ttspec_ros.models.checkpoint import load_model
-    from ttspec_ros.specialize import build_anchor_set
 
     stem, card = tiny
     model, _ = load_model(stem)
@@ -556,7 +556,7 @@ def test_adapter_runs_the_forgetting_guard_from_an_anchors_file(tmp_path, tiny):
     good = build_anchor_set(model, images, model_id=card.model_id).save(tmp_path / "good.st")
     other = build_anchor_set(model, images, model_id="another").save(tmp_path / "other.st")
 
-    from ttspec_ros.specialize import AnchorSet
+    from ttspec_ros.guard import AnchorSet
 
     anchors = AnchorSet.load(good)
     # Labels beyond the heads' classes are found when the guard binds to the heads.

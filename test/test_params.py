@@ -197,7 +197,7 @@ def test_adapter_guard_defaults_are_the_guards():
     """The adapter's forgetting-guard parameters default to AnchorGuard's own defaults."""
     import inspect
 
-    from ttspec_ros.specialize import AnchorGuard
+    from ttspec_ros.guard import AnchorGuard
 
     signature = inspect.signature(AnchorGuard).parameters
     for param, arg in (("guard_rehearsal", "rehearsal"), ("guard_tolerance", "tolerance"),

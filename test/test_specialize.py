@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from ttspec_ros.guard import AnchorGuard, AnchorSet, build_anchor_set
 from ttspec_ros.model_update import load_payload, save_payload
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.specialize import (
-    AnchorGuard,
-    AnchorSet,
     Specializer,
     StackedHeads,
-    build_anchor_set,
     early_head_tensors,
     head_tensor_names,
     pack_features,

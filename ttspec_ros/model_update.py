@@ -61,7 +61,7 @@ class ModelUpdatePayload:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
             try:
-                source = _as_numpy(value)
+                source = as_numpy(value)
             except TypeError as e:  # e.g. a bfloat16 tensor, which numpy has no type for
                 raise ValueError(f"tensor {name!r}: not convertible to float32 ({e})") from e
             # Real numbers only: the cast would drop imaginary parts and turn bools into 0/1.
@@ -96,7 +96,7 @@ def within_magnitude(arrays: Any) -> bool:
     """Whether every value lies strictly within +-MAX_MAGNITUDE (NaN fails both comparisons;
     min/max make no temporaries the size of a 1000-class head)."""
     for a in arrays:
-        a = _as_numpy(a)
+        a = as_numpy(a)
         if a.size and not (-MAX_MAGNITUDE < float(a.min()) and float(a.max()) < MAX_MAGNITUDE):
             return False
     return True
@@ -105,11 +105,12 @@ def within_magnitude(arrays: Any) -> bool:
 def all_finite(arrays: Any) -> bool:
     """Whether every array or tensor in ``arrays`` holds only finite values. numpy, not
     torch.isfinite: on 1000-class heads torch's took ~20x longer (1 thread)."""
-    return all(bool(np.isfinite(_as_numpy(a)).all()) for a in arrays)
+    return all(bool(np.isfinite(as_numpy(a)).all()) for a in arrays)
 
 
-def _as_numpy(value: Any) -> np.ndarray:
-    # torch tensors without importing torch here
+def as_numpy(value: Any) -> np.ndarray:
+    """An array of ``value`` (a torch tensor is detached and moved to the CPU first; torch
+    is not imported here)."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
@@ -246,5 +247,5 @@ class PublishedRecord:
 
 
 __all__ = ["MAX_MAGNITUDE", "MAX_SAVED_VERSION", "ModelUpdatePayload", "PublishedRecord",
-           "all_finite", "within_magnitude", "to_msg", "from_msg", "save_payload",
+           "all_finite", "as_numpy", "within_magnitude", "to_msg", "from_msg", "save_payload",
            "load_payload"]

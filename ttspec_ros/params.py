@@ -107,7 +107,7 @@ ADAPTER: tuple[ParamSpec, ...] = (
     ParamSpec("batch_size", "int", 1, "samples per SGD step", min=1, max=1024),
     ParamSpec("min_confidence", "double", 0.0,
               "samples whose answering exit is less confident are skipped", min=0.0, max=1.0),
-    # The guard's defaults are AnchorGuard's (ttspec_ros.specialize; a test checks they agree).
+    # The guard's defaults are AnchorGuard's (ttspec_ros.guard; a test checks they agree).
     ParamSpec("anchors_file", "string", "",
               "forgetting guard: anchor set of this model from `ttspec make-anchors` (every "
               "step rehearses anchors; heads that lose agreement with the last exit on them "

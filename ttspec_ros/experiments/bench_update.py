@@ -21,7 +21,8 @@ import torch
 
 from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.files import check_writable, write_json
-from ttspec_ros.specialize import AnchorGuard, AnchorSet, Specializer, early_head_tensors
+from ttspec_ros.guard import AnchorGuard, AnchorSet
+from ttspec_ros.specialize import Specializer, early_head_tensors
 
 MODELS = {"demo": "demo", "revcol_tiny_224": "revcol_tiny"}  # output name -> model spec
 LR = 1e-4  # the paper's update rule

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.cascade import reaches_threshold
-from ttspec_ros.specialize import Specializer, StackedHeads, cascade_answers, pooled_features
+from ttspec_ros.guard import cascade_answers
+from ttspec_ros.specialize import Specializer, StackedHeads, pooled_features
 
 THRESHOLDS = tuple(round(0.50 + 0.01 * i, 2) for i in range(50))  # 0.50 .. 0.99
 

@@ -30,12 +30,10 @@ from ttspec_ros.experiments.exit_curves import (
 )
 from ttspec_ros.experiments.specialize_experiment import PRESETS, pool_images, split_seed
 from ttspec_ros.files import check_writable, save_figure, write_json
+from ttspec_ros.guard import AnchorGuard, AnchorSet, check_guard_settings
 from ttspec_ros.specialize import (
-    AnchorGuard,
-    AnchorSet,
     Specializer,
     StackedHeads,
-    check_guard_settings,
     check_specializer_settings,
     early_head_tensors,
 )

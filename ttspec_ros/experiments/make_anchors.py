@@ -19,7 +19,7 @@ import torch
 
 from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.files import check_writable
-from ttspec_ros.specialize import build_anchor_set
+from ttspec_ros.guard import build_anchor_set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

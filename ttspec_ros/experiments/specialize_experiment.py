@@ -31,14 +31,16 @@ from ttspec_ros.experiments.exit_curves import (
     row_at,
 )
 from ttspec_ros.files import check_writable, save_figure, write_json
-from ttspec_ros.specialize import (
+from ttspec_ros.guard import (
     GUARD_CLASS_TOLERANCE,
     GUARD_TOLERANCE,
     AnchorGuard,
-    Specializer,
-    StackedHeads,
     build_anchor_set,
     check_guard_settings,
+)
+from ttspec_ros.specialize import (
+    Specializer,
+    StackedHeads,
     check_specializer_settings,
     early_head_tensors,
 )

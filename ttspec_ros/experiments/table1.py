@@ -1,7 +1,7 @@
 """Table 1 on the demo model: fixed exits, thresholds, plain backbone, oracle (accuracy, latency).
 
 Accuracy and mean exit use the full Fashion-MNIST test split: every exit's logits are computed
-once in batches and the cascade's rule (``specialize.cascade_answers``) is applied to them for
+once in batches and the cascade's rule (``guard.cascade_answers``) is applied to them for
 each threshold. Latency is batch 1 through ``Cascade.run`` (and ``forward_last`` for the
 baseline) on a seeded subset of test images; the configurations take turns image by image, so
 load changes on a shared CPU hit them all alike. ``relative_cost`` = mean of the model card's
@@ -23,9 +23,10 @@ from ttspec_ros import data
 from ttspec_ros.cascade import Cascade
 from ttspec_ros.experiments import seed_option, thread_option
 from ttspec_ros.files import check_writable, write_json, write_text
+from ttspec_ros.guard import cascade_answers
 from ttspec_ros.models.checkpoint import load_model
 from ttspec_ros.preprocess import preprocess_batch
-from ttspec_ros.specialize import cascade_answers, pooled_features
+from ttspec_ros.specialize import pooled_features
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -44,9 +44,9 @@ from ttspec_ros import corruptions, data
 from ttspec_ros.experiments import below_minimum, seed_option, thread_option
 from ttspec_ros.experiments.make_corrupted import split_of
 from ttspec_ros.files import check_writable, save_figure, tree_sha256, write_json
+from ttspec_ros.guard import cascade_answers
 from ttspec_ros.models.revcol import RevCol
 from ttspec_ros.preprocess import preprocess_batch
-from ttspec_ros.specialize import cascade_answers
 from ttspec_ros.ttt import TestTimeTrainer, TTTConfig, card_norm_pix, select_parameters
 
 PARTS = ("a", "b", "c", "d")
@@ -325,9 +325,10 @@ DATA_OPTIONS = ("seed", "corruption_seed", "split_seed", "pool_size", "severity"
 
 
 # The code a run's result comes from (package-relative): a cached run of older code is redone.
-# data.py picks the pool; cascade.py and specialize.py hold the threshold rule of the metrics.
+# data.py picks the pool; cascade.py and guard.py (cascade_answers) hold the threshold rule of
+# the metrics, and guard.py imports specialize.py.
 RUN_CODE = ("ttt.py", "masking.py", "corruptions.py", "preprocess.py", "models/revcol.py",
-            "data.py", "cascade.py", "specialize.py", "experiments/ttt_experiment.py")
+            "data.py", "cascade.py", "guard.py", "specialize.py", "experiments/ttt_experiment.py")
 
 
 def _code_hash() -> str:

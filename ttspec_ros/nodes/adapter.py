@@ -14,7 +14,7 @@ Any number of classifiers running the same model may feed one adapter. A failing
 publication or save is counted, logged and survived: the node keeps its last good state.
 
 With ``anchors_file`` (from ``ttspec make-anchors``) the Specializer runs with the forgetting
-guard (``ttspec_ros.specialize.AnchorGuard``): anchors are rehearsed with every step, and heads
+guard (``ttspec_ros.guard.AnchorGuard``): anchors are rehearsed with every step, and heads
 that lose agreement with the last exit on them are rolled back; only checked heads are
 published.
 
@@ -45,6 +45,7 @@ from std_srvs.srv import Trigger
 
 from ttspec_ros import params, topics
 from ttspec_ros.files import DirectoryLock, remove_temporaries
+from ttspec_ros.guard import AnchorGuard, AnchorSet
 from ttspec_ros.image_codec import ImageDecodeError, decode_frame
 from ttspec_ros.model_update import PUBLISHED_FILE, ModelUpdatePayload, PublishedRecord, to_msg
 from ttspec_ros.msg import AdaptationSample, ModelUpdate
@@ -65,8 +66,6 @@ from ttspec_ros.nodes import (
 from ttspec_ros.preprocess import frame_bounds, frame_problem, input_shape
 from ttspec_ros.specialize import (
     STATE_FILE,
-    AnchorGuard,
-    AnchorSet,
     Specializer,
     early_head_tensors,
     unpack_features,
