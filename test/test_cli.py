@@ -17,6 +17,15 @@ def test_every_subcommand_prints_its_help(command, capsys):
     assert f"usage: ttspec {command}" in capsys.readouterr().out
 
 
+def test_version_is_the_package_release(capsys):
+    from ttspec_ros import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ttspec_ros {__version__}"
+
+
 def _refused(argv: list[str], capsys, *expected: str) -> str:
     """``ttspec argv`` is refused: exit status 2 and one line naming the command and the
     reason (tracebacks and argparse usage screens are what this replaced)."""

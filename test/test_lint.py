@@ -39,6 +39,19 @@ def test_package_xml_valid() -> None:
     assert "rosidl_interface_packages" in [g.name for g in pkg.member_of_groups]
 
 
+def test_one_release_number() -> None:
+    # package.xml (ROS), setup.py (pip) and ttspec_ros.__version__ (provenance.json, --version)
+    # each state it, as ament_python packages do; they must say the same.
+    import re
+
+    from ttspec_ros import __version__
+
+    catkin_pkg = pytest.importorskip("catkin_pkg.package")
+    setup = re.search(r'version="([^"]+)"', (REPO / "setup.py").read_text(encoding="utf-8"))
+    assert setup is not None
+    assert catkin_pkg.parse_package(str(REPO / "package.xml")).version == setup[1] == __version__
+
+
 # Imports whose rosdep key is not the module's name.
 ROSDEP_KEYS = {"numpy": "python3-numpy", "cv2": "python3-opencv", "yaml": "python3-yaml",
                "matplotlib": "python3-matplotlib"}

@@ -58,6 +58,9 @@ def _summary(module_name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ttspec", description=__doc__.splitlines()[0])
+    from ttspec_ros import __version__
+
+    parser.add_argument("--version", action="version", version=f"ttspec_ros {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Build every subparser cheaply from docstrings; import only the chosen module.
     for name, module_name in COMMANDS.items():
