@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ttspec_ros import replay
-from ttspec_ros.replay import Outcome, RunResult, RunSettings
+from ttspec_ros import replay, replay_report
+from ttspec_ros.data import CLASS_NAMES
+from ttspec_ros.replay_runs import Outcome, RunResult, RunSettings
 
 EXIT_COST = [0.25, 0.5, 0.75, 1.0]
 
@@ -39,8 +40,8 @@ def test_run_metrics_by_hand():
     exits = [3, 3, 2, 2, 1, 1, 0, 0]
     labels = [5, 5, 0, 0, 5, 5, 0, 0]
     preds = [5, 7, 0, 0, 5, 5, 0, None]
-    r = replay.run_metrics(_run(True, exits, labels, preds), EXIT_COST, 4, window=4, tail=2,
-                           with_groups=True)
+    r = replay_report.run_metrics(_run(True, exits, labels, preds), EXIT_COST, 4, window=4, tail=2,
+                                  with_groups=True)
     assert r["frames"] == 8 and r["predictions"] == 7 and r["lost"] == 1
     assert r["dropped"] == {"no prediction within 10 s": 1}
     assert r["accuracy"] == pytest.approx(6 / 7, abs=1e-4)
@@ -68,8 +69,8 @@ def test_report_keys_comparison_and_files(tmp_path):
     bag = {"path": "/bags/x", "image_topic": "/camera/image_raw", "labels": 6,
            "custom_data": {"ttspec.scenario": "tops-heavy"}}
     model = {"model_id": "m", "exit_cost": EXIT_COST, "num_exits": 4}
-    report = replay.build_report(bag, [on, off], exit_cost=EXIT_COST, num_exits=4,
-                                 class_names=replay.CLASS_NAMES, model=model, window=3, tail=3)
+    report = replay_report.build_report(bag, [on, off], exit_cost=EXIT_COST, num_exits=4,
+                                        class_names=CLASS_NAMES, model=model, window=3, tail=3)
     assert {"bag", "frames", "predictions", "lost", "runs"} <= set(report)
     assert (report["bag"], report["frames"], report["predictions"], report["lost"]) == (
         "/bags/x", 6, 12, 0)
@@ -88,7 +89,7 @@ def test_report_keys_comparison_and_files(tmp_path):
     # last 3 frames: adaptation answered 2 of 3 right, no adaptation 3 of 3
     assert c["tail_accuracy_delta_points"] == pytest.approx(100 * (2 / 3 - 1.0), abs=1e-2)
 
-    plots = replay.write_report(tmp_path, report, [on, off], EXIT_COST)
+    plots = replay_report.write_report(tmp_path, report, [on, off], EXIT_COST)
     names = {p.name for p in plots}
     assert {"accuracy.png", "exit_cost.png", "exit_histogram.png", "latency.png",
             "group_cost.png"} <= names
@@ -110,15 +111,15 @@ def test_comparison_pairs_the_frames_both_runs_answered():
     labels = [0, 2, 4, 6, 0, 1]
     on = _run(True, [3, 2, 1, 0, 0, 0], labels, [0, 2, 4, 6, 0, 0])
     off = _run(False, [3, 3, 2, 3, 2, 3], labels, [0, 2, 4, 6, 0, None])
-    report = replay.build_report({"path": "b", "labels": 6}, [on, off], exit_cost=EXIT_COST,
-                                 num_exits=4, class_names=replay.CLASS_NAMES, model={}, window=3)
+    report = replay_report.build_report({"path": "b", "labels": 6}, [on, off], exit_cost=EXIT_COST,
+                                        num_exits=4, class_names=CLASS_NAMES, model={}, window=3)
     (c,) = report["comparison"]
     assert (c["answered_adapt"], c["answered_no_adapt"], c["answered_both"]) == (6, 5, 5)
     assert c["accuracy_delta_points"] == pytest.approx(100 * (5 / 6 - 1.0), abs=1e-2)
     assert c["accuracy_delta_points_both"] == 0.0
     assert c["mean_cost_ratio_both"] == pytest.approx(0.55 / 0.9, abs=1e-3)
     assert "on the 5 frames both runs answered, accuracy +0.00 points, mean cost ratio 0.611" \
-        in replay.markdown(report, [])
+        in replay_report.markdown(report, [])
 
 def test_rolling_mean_over_frames():
     from ttspec_ros.replay_plots import rolling_mean
@@ -134,12 +135,12 @@ def test_threshold_sweep_report_plots_the_curve(tmp_path):
     labels = [0, 2, 4, 6]
     runs = [_run(True, [0, 0, 1, 1], labels, [0, 2, 1, 1], threshold=0.5),
             _run(True, [1, 2, 2, 3], labels, [0, 2, 4, 1], threshold=0.9)]
-    report = replay.build_report({"path": "b", "labels": 4}, runs, exit_cost=EXIT_COST,
-                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    report = replay_report.build_report({"path": "b", "labels": 4}, runs, exit_cost=EXIT_COST,
+                                        num_exits=4, class_names=CLASS_NAMES, model={})
     assert [(r["threshold"], r["accuracy"]) for r in report["runs"]] == [(0.5, 0.5), (0.9, 0.75)]
     assert [r["name"] for r in report["runs"]] == ["adapt_t0.5", "adapt_t0.9"]
     assert "comparison" not in report  # no adaptation-off runs
-    plots = replay.write_report(tmp_path, report, runs, EXIT_COST)
+    plots = replay_report.write_report(tmp_path, report, runs, EXIT_COST)
     assert (tmp_path / "threshold_curve.png") in plots
 
 
@@ -164,9 +165,9 @@ def test_unlabelled_threshold_sweep_plots_cost_against_threshold(tmp_path, monke
     drawn = _drawn_lines(monkeypatch)
     runs = [_run(True, [0, 0, 1, 1], [None] * 4, [0, 2, 1, 1], threshold=0.5),
             _run(True, [1, 2, 2, 3], [None] * 4, [0, 2, 4, 1], threshold=0.9)]
-    report = replay.build_report({"path": "b", "labels": 0}, runs, exit_cost=EXIT_COST,
-                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
-    replay.write_report(tmp_path, report, runs, EXIT_COST)
+    report = replay_report.build_report({"path": "b", "labels": 0}, runs, exit_cost=EXIT_COST,
+                                        num_exits=4, class_names=CLASS_NAMES, model={})
+    replay_report.write_report(tmp_path, report, runs, EXIT_COST)
     latency, cost = drawn["threshold_curve.png"]
     assert latency == [([0.5, 0.9], [1.5, 3.0])]
     assert cost == [([0.5, 0.9], [0.375, 0.75])]
@@ -175,46 +176,47 @@ def test_unlabelled_threshold_sweep_plots_cost_against_threshold(tmp_path, monke
 def test_group_cost_plot_left_out_when_no_label_matches(tmp_path, monkeypatch):
     drawn = _drawn_lines(monkeypatch)
     labelled = _run(True, [0, 1, 2], [5, 0, 0], [5, 0, 0])
-    report = replay.build_report({"path": "b", "labels": 3}, [labelled], exit_cost=EXIT_COST,
-                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
-    replay.write_report(tmp_path, report, [labelled], EXIT_COST)
+    report = replay_report.build_report({"path": "b", "labels": 3}, [labelled], exit_cost=EXIT_COST,
+                                        num_exits=4, class_names=CLASS_NAMES, model={})
+    replay_report.write_report(tmp_path, report, [labelled], EXIT_COST)
     assert len(drawn["group_cost.png"][0]) == 2  # footwear and tops
     drawn.clear()
     unmatched = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
-    report = replay.build_report({"path": "b", "labels": 6}, [unmatched], exit_cost=EXIT_COST,
-                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    report = replay_report.build_report({"path": "b", "labels": 6}, [unmatched],
+                                        exit_cost=EXIT_COST, num_exits=4,
+                                        class_names=CLASS_NAMES, model={})
     (tmp_path / "group_cost.png").unlink()
-    plots = replay.write_report(tmp_path, report, [unmatched], EXIT_COST)
+    plots = replay_report.write_report(tmp_path, report, [unmatched], EXIT_COST)
     assert "group_cost.png" not in drawn and "group_cost.png" not in {p.name for p in plots}
 
 
 def test_unlabelled_bag_report_has_no_accuracy(tmp_path):
     run = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
-    report = replay.build_report({"path": "b", "labels": 0}, [run], exit_cost=EXIT_COST,
-                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
+    report = replay_report.build_report({"path": "b", "labels": 0}, [run], exit_cost=EXIT_COST,
+                                        num_exits=4, class_names=CLASS_NAMES, model={})
     (r,) = report["runs"]
     assert r["accuracy"] is None and r["mean_cost"] == 0.5 and "groups" not in r
-    plots = replay.write_report(tmp_path, report, [run], EXIT_COST)
+    plots = replay_report.write_report(tmp_path, report, [run], EXIT_COST)
     assert "accuracy.png" not in {p.name for p in plots}
 
 
 def test_labels_that_match_no_frame_are_named_in_the_report():
     # stamped 1 ns off the images: "labels: 6" and an accuracy of '-', without a word why
     run = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
-    report = replay.build_report({"path": "b", "labels": 6}, [run], exit_cost=EXIT_COST,
-                                 num_exits=4, class_names=replay.CLASS_NAMES, model={})
-    assert "no answered frame matched a label" in replay.markdown(report, [])
-    matched = replay.build_report({"path": "b", "labels": 3}, [_run(True, [0, 1, 2], [1, 2, 3],
-                                                                     [1, 2, 3])],
-                                  exit_cost=EXIT_COST, num_exits=4,
-                                  class_names=replay.CLASS_NAMES, model={})
-    assert "matched a label" not in replay.markdown(matched, [])
+    report = replay_report.build_report({"path": "b", "labels": 6}, [run], exit_cost=EXIT_COST,
+                                        num_exits=4, class_names=CLASS_NAMES, model={})
+    assert "no answered frame matched a label" in replay_report.markdown(report, [])
+    matched = replay_report.build_report({"path": "b", "labels": 3},
+                                         [_run(True, [0, 1, 2], [1, 2, 3], [1, 2, 3])],
+                                         exit_cost=EXIT_COST, num_exits=4,
+                                         class_names=CLASS_NAMES, model={})
+    assert "matched a label" not in replay_report.markdown(matched, [])
     # every frame lost (a review's 1280x720 bag): that, not the stamps, is the reason
-    lost = replay.build_report({"path": "b", "labels": 3}, [_run(True, [0, 1, 2], [1, 2, 3],
-                                                                  [None] * 3)],
-                               exit_cost=EXIT_COST, num_exits=4,
-                               class_names=replay.CLASS_NAMES, model={})
-    text = replay.markdown(lost, [])
+    lost = replay_report.build_report({"path": "b", "labels": 3},
+                                      [_run(True, [0, 1, 2], [1, 2, 3], [None] * 3)],
+                                      exit_cost=EXIT_COST, num_exits=4,
+                                      class_names=CLASS_NAMES, model={})
+    text = replay_report.markdown(lost, [])
     assert "no frame was answered" in text and "matched a label" not in text
 
 
@@ -223,7 +225,7 @@ def test_shift_analysis():
     labels = [5, 7, 9, 5, 0, 2, 4, 6]
     exits = [1, 1, 1, 1, 3, 3, 0, 0]
     run = _run(True, exits, labels, labels)
-    (s,) = replay.shift_analysis([run], 4, EXIT_COST, segment=2)
+    (s,) = replay_report.shift_analysis([run], 4, EXIT_COST, segment=2)
     assert s["tops_cost_after_switch"] == 1.0 and s["tops_cost_at_end"] == 0.25
     assert s["footwear_accuracy"] == 1.0 and s["footwear_frames_after_switch"] == 0
 
@@ -234,8 +236,8 @@ def test_demo_summary_table():
     labels = [0, 2, 4, 6, 0, 1]
     on = _run(True, [3, 2, 1, 0, 0, 0], labels, [0, 2, 4, 6, 0, 0])
     off = _run(False, [3, 3, 2, 3, 2, 3], labels, [0, 2, 4, 6, 0, 1])
-    report = replay.build_report({"path": "b", "labels": 6}, [on, off], exit_cost=EXIT_COST,
-                                 num_exits=4, class_names=replay.CLASS_NAMES, model={}, window=3)
+    report = replay_report.build_report({"path": "b", "labels": 6}, [on, off], exit_cost=EXIT_COST,
+                                        num_exits=4, class_names=CLASS_NAMES, model={}, window=3)
     text = demo.summary(report)
     rows = {line[:28].strip(): line[28:].split() for line in text.splitlines()[1:9]}
     assert rows["accuracy %"] == ["83.33", "100.00"]
@@ -254,7 +256,7 @@ def test_drop_attribution_uses_node_counters():
         o.class_id, o.exit_index = 1, 0
     delta = {"camera": {"received": 5, "published": 4, "rejected": 1, "rejected_wrong_step": 1},
              "classifier": {"received": 4, "dropped": 1, "classified": 3}}
-    replay.attribute_drops(outcomes, delta, 5.0)
+    replay_report.attribute_drops(outcomes, delta, 5.0)
     reasons = sorted(o.dropped for o in outcomes[3:])
     assert reasons == ["not received by the camera", "rejected by camera: wrong_step",
                        "replaced by a newer frame in the classifier's pending slot"]
@@ -264,19 +266,19 @@ def test_drop_attribution_uses_node_counters():
     delta["camera"]["published"] += 1
     delta["classifier"]["received"] += 1
     delta["classifier"]["errors"] = 1
-    replay.attribute_drops(outcomes, delta, 5.0)
+    replay_report.attribute_drops(outcomes, delta, 5.0)
     assert outcomes[6].dropped == "classifier error"
     assert sorted(o.dropped for o in outcomes[3:6]) == reasons
     # no counters at all: nothing reached the camera as far as anyone can tell
     outcomes.append(Outcome(index=7, stamp_ns=7))
-    replay.attribute_drops(outcomes, {}, 5.0)
+    replay_report.attribute_drops(outcomes, {}, 5.0)
     assert outcomes[7].dropped == "not received by the camera"
     # counters that account for every frame (the classifier still had one): a timeout
     pending = [Outcome(index=i, stamp_ns=i) for i in range(3)]
     for o in pending[:2]:
         o.class_id, o.exit_index = 1, 0
-    replay.attribute_drops(pending, {"camera": {"received": 3, "published": 3},
-                                     "classifier": {"received": 3, "classified": 2}}, 5.0)
+    replay_report.attribute_drops(pending, {"camera": {"received": 3, "published": 3},
+                                            "classifier": {"received": 3, "classified": 2}}, 5.0)
     assert pending[2].dropped == "no prediction within 5 s"
 
 
@@ -493,8 +495,8 @@ def test_run_settings_refuse_bad_values():
 def test_build_report_refuses_bad_window_and_tail(window, tail, bad):
     run = _run(True, [0, 1, 2], [0, 2, 4], [0, 2, 4])
     with pytest.raises(ValueError, match=f"{bad} must be a number of frames >= 1"):
-        replay.build_report({"path": "b"}, [run], exit_cost=EXIT_COST, num_exits=4,
-                            class_names=replay.CLASS_NAMES, model={}, window=window, tail=tail)
+        replay_report.build_report({"path": "b"}, [run], exit_cost=EXIT_COST, num_exits=4,
+                                   class_names=CLASS_NAMES, model={}, window=window, tail=tail)
 
 
 def test_replay_bag_refuses_bad_counts_before_any_work(tmp_path):

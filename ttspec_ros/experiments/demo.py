@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ttspec_ros import bags, params, replay, topics
+from ttspec_ros import bags, params, replay, replay_report, replay_runs, topics
 from ttspec_ros.files import check_writable
 
 # Sized for `make demo` < 10 min on 2 shared cores including set-up. Measured on a fresh clone
@@ -70,8 +70,8 @@ def summary(report: dict) -> str:
         # The accuracy difference of the same frames as the cost ratio, then of the whole run.
         lines.append(f"last {c['tail_frames']} frames: cost with adaptation = "
                      f"{_fmt(c['tail_cost_ratio'])} x without, accuracy "
-                     f"{replay.signed_points(c['tail_accuracy_delta_points'])}; whole run: "
-                     f"accuracy {replay.signed_points(c['accuracy_delta_points'])}")
+                     f"{replay_report.signed_points(c['tail_accuracy_delta_points'])}; whole run: "
+                     f"accuracy {replay_report.signed_points(c['accuracy_delta_points'])}")
     lost = sum(r["lost"] for r in report["runs"])
     lines.append(f"frames per run {report['frames']}, lost {lost} (accuracies are over answered "
                  f"frames), final model version {on['final_model_version'] if on else '-'}")
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[demo] replaying {bag} through camera -> classifier -> adapter, adaptation on "
               "and off (lockstep)", file=sys.stderr)
         report, plots = replay.replay_bag(
-            bag, out, [replay.RunSettings(adapt=True, rate=None),
-                       replay.RunSettings(adapt=False, rate=None)],
+            bag, out, [replay_runs.RunSettings(adapt=True, rate=None),
+                       replay_runs.RunSettings(adapt=False, rate=None)],
             params=[(topics.ADAPTER_NODE, "learning_rate", args.learning_rate)])
     except (bags.BagError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"ttspec demo: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 
-from ttspec_ros import replay
+from ttspec_ros import replay, replay_report, replay_runs
 from ttspec_ros.bags import BagError
 
 
@@ -71,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="playback speed factor of the recorded timing (default 1.0)")
     timing.add_argument("--lockstep", action="store_true",
                         help="publish the next frame once the previous prediction arrived")
-    parser.add_argument("--timeout", type=_seconds, default=replay.DEFAULT_TIMEOUT_S,
+    parser.add_argument("--timeout", type=_seconds, default=replay_runs.DEFAULT_TIMEOUT_S,
                         help="seconds a frame may wait for its prediction before it counts as "
-                             f"lost (default {replay.DEFAULT_TIMEOUT_S:g})")
+                             f"lost (default {replay_runs.DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--compare", action="store_true",
                         help="run with adaptation on and off, both in one report")
     thresholds.add_argument("--sweep-thresholds", type=_thresholds, default=None,
@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DDS domain of the replay graph (default: a private one, 60..101)")
 
 
-def run_settings(args: argparse.Namespace) -> list[replay.RunSettings]:
+def run_settings(args: argparse.Namespace) -> list[replay_runs.RunSettings]:
     if args.rate is not None and not args.rate > 0:
         raise ValueError(f"--rate must be > 0, got {args.rate}")
     if args.compare and args.adapt is not None:  # --compare used to win silently
@@ -103,7 +103,7 @@ def run_settings(args: argparse.Namespace) -> list[replay.RunSettings]:
     rate = None if args.lockstep else args.rate
     thresholds = args.sweep_thresholds or [args.threshold]
     adapts = [True, False] if args.compare else [args.adapt is not False]
-    return [replay.RunSettings(adapt=a, threshold=t, rate=rate, timeout_s=args.timeout)
+    return [replay_runs.RunSettings(adapt=a, threshold=t, rate=rate, timeout_s=args.timeout)
             for t in thresholds for a in adapts]
 
 
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     except (BagError, OSError, ValueError, RuntimeError) as err:
         print(f"ttspec replay: {err}", file=sys.stderr)
         return 2
-    print(replay.summary_table(report))
+    print(replay_report.summary_table(report))
     print(f"\nreport: {args.out}/report.json, {args.out}/report.md; plots: "
           + ", ".join(str(p) for p in plots))
     return 0

@@ -1,5 +1,6 @@
 """Replay driver: starts the installed node graph as processes, plays a bag's images into it and
-collects every prediction (the rclpy half of ``ttspec replay``; metrics live in ttspec_ros.replay).
+collects every prediction (the rclpy half of ``ttspec replay``; metrics live in
+ttspec_ros.replay_report).
 
 Each run gets fresh camera/classifier/adapter processes (same ``--ros-args --params-file`` and
 namespace as the launch file, plus ``-p`` overrides), so adaptation never carries over between
@@ -29,7 +30,7 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from ttspec_ros import replay, topics
+from ttspec_ros import replay, replay_report, replay_runs, topics
 from ttspec_ros.bags import ImageStream
 from ttspec_ros.files import write_text
 from ttspec_ros.msg import CascadePrediction
@@ -145,7 +146,8 @@ class Collector(Node):
 
     def counters(self) -> dict[str, dict[str, int]]:
         with self.cond:
-            return {node: replay.int_counters(values) for node, values in self.diagnostics.items()}
+            return {node: replay_report.int_counters(values)
+                    for node, values in self.diagnostics.items()}
 
     def wait_fresh_diagnostics(self, nodes: list[str], after: float, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -160,7 +162,7 @@ class Collector(Node):
 class _Matcher:
     """Frames waiting for their prediction, by header stamp (duplicates answered in order)."""
 
-    def __init__(self, outcomes: list[replay.Outcome]) -> None:
+    def __init__(self, outcomes: list[replay_runs.Outcome]) -> None:
         self.outcomes = outcomes
         self.waiting: dict[int, deque[int]] = {}
         self.sent_at: dict[int, float] = {}
@@ -252,10 +254,10 @@ def _classifier_thresholds(node: Collector, timeout_s: float = 10.0) -> list[flo
 
 
 def play(
-    stream: ImageStream, settings: replay.RunSettings, graph: replay.GraphSpec, *,
+    stream: ImageStream, settings: replay_runs.RunSettings, graph: replay.GraphSpec, *,
     domain_id: int, log_dir: Path, max_frames: int | None = None,
     progress: Callable[[int, str], None] | None = None,
-) -> replay.RunResult:
+) -> replay_runs.RunResult:
     """One run: start the graph, play the frames, collect predictions, stop the graph."""
     env = graph.environment(domain_id, log_dir)
     overrides = graph.overrides(settings, compressed=stream.compressed)
@@ -270,7 +272,7 @@ def play(
     executor = SingleThreadedExecutor(context=context)
     procs: NodeGraph | None = None
     spinner: SpinThread | None = None
-    outcomes: list[replay.Outcome] = []
+    outcomes: list[replay_runs.Outcome] = []
     matcher = _Matcher(outcomes)
     codes: dict[str, int | None] = {}
     try:
@@ -308,8 +310,8 @@ def play(
                 raise GraphError(f"the replay's spin thread stopped: {spinner.error!r}")
 
         for frame in stream.frames(limit=total):
-            outcomes.append(replay.Outcome(index=frame.index, stamp_ns=frame.stamp_ns,
-                                           label=stream.labels.get(frame.stamp_ns)))
+            outcomes.append(replay_runs.Outcome(index=frame.index, stamp_ns=frame.stamp_ns,
+                                                label=stream.labels.get(frame.stamp_ns)))
             if settings.rate is not None:  # not lockstep: the recorded timing over the rate
                 first_time_ns = frame.time_ns if first_time_ns is None else first_time_ns
                 due = started + (frame.time_ns - first_time_ns) / 1e9 / settings.rate
@@ -333,8 +335,8 @@ def play(
                     procs.check_alive()
                     node.wait_fresh_diagnostics(["camera", "classifier"], time.monotonic(),
                                                 DIAGNOSTICS_WAIT_S)
-                    replay.attribute_drops(
-                        outcomes, replay.counter_delta(before, node.counters()),
+                    replay_report.attribute_drops(
+                        outcomes, replay_report.counter_delta(before, node.counters()),
                         settings.timeout_s)
             else:
                 with node.cond:
@@ -358,7 +360,8 @@ def play(
         node.wait_fresh_diagnostics(list(topics.EXECUTABLES), time.monotonic(),
                                     DIAGNOSTICS_WAIT_S)
         after = node.counters()
-        replay.attribute_drops(outcomes, replay.counter_delta(before, after), settings.timeout_s)
+        replay_report.attribute_drops(outcomes, replay_report.counter_delta(before, after),
+                                      settings.timeout_s)
         with node.cond:
             final_counters = {k: dict(v) for k, v in node.diagnostics.items()}
     finally:
@@ -370,7 +373,7 @@ def play(
         rclpy.try_shutdown(context=context)
         if procs is not None:
             codes = procs.stop()
-    return replay.RunResult(
+    return replay_runs.RunResult(
         settings=settings, outcomes=outcomes, wall_s=wall, startup_s=startup,
         thresholds=used_thresholds,
         unmatched_predictions=matcher.unmatched, node_counters=final_counters,
