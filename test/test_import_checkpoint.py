@@ -38,7 +38,7 @@ def _outputs(model: torch.nn.Module) -> list[torch.Tensor]:
 def test_import_keeps_weights_and_outputs_and_writes_the_users_card(official, tmp_path, capsys):
     path, model, ema = official
     names = tmp_path / "classes.txt"
-    names.write_text("cat\n  dog \nbird\n\n", encoding="utf-8")
+    names.write_text("\ufeffcat\r\n  dog \r\nbird\n\n", encoding="utf-8")  # BOM, CRLF
     out = tmp_path / "models" / "robot_v1"
     argv = ["import-checkpoint", str(path), "--out", str(out), "--class-names", str(names),
             "--thresholds", "0.6", "0.7", "0.8", "--input-size", "64"]
@@ -51,7 +51,7 @@ def test_import_keeps_weights_and_outputs_and_writes_the_users_card(official, tm
     assert card.input["size"] == card.input["content_size"] == 64
     assert card.training["imported_from"] == {
         "file": path.name, "sha256": file_sha256(path),
-        "model_id": load_model(path)[1].model_id, "decoders": True}
+        "model_id": load_model(path)[1].model_id, "ema": False, "decoders": True}
     # The id is the new weights file's hash: load_model checks it against the file.
     assert card.model_id != load_model(path)[1].model_id
     assert card.model_id in capsys.readouterr().out
@@ -102,9 +102,17 @@ def test_bad_options_and_sources_are_refused_in_one_line(official, tmp_path, cap
     # Our own format is not an official checkpoint; a file that is none is named.
     assert cli.main(["import-checkpoint", str(path), "--out", str(out)]) == 0
     _refused(["import-checkpoint", str(out), "--out", str(tmp_path / "again")], capsys,
-             "this package's format already")
+             "names this package's format")
     _refused(["import-checkpoint", str(path), "--out", str(tmp_path)], capsys,
              "is a directory; give a path stem")
+    _refused(["import-checkpoint", str(path), "--out", f"{tmp_path / 'new'}/"], capsys,
+             "is a directory; give a path stem")
+    # --ema on a checkpoint without EMA weights (a plain state dict): refused, not ignored
+    raw = tmp_path / "raw.pth"
+    torch.save(_model(0).state_dict(), raw)
+    _refused(["import-checkpoint", str(raw), "--out", str(tmp_path / "raw_ema"), "--ema"],
+             capsys, "holds no state_dict_ema weights")
+    assert not list(tmp_path.glob("raw_ema*")) and not (tmp_path / "new").exists()
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     _refused(["import-checkpoint", str(garbage), "--out", str(tmp_path / "g")], capsys,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from ttspec_ros.files import check_writable
@@ -43,7 +45,9 @@ def read_class_names(path: str | Path) -> list[str]:
     """One name per line; surrounding whitespace and blank lines at the end are dropped, a
     blank line among the names is refused (it would shift every later class by one)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors' "UTF-8 with BOM") is no part of the
+        # first name
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: class names must be UTF-8 text ({err})") from err
     names = [line.strip() for line in lines]
@@ -57,7 +61,12 @@ def read_class_names(path: str | Path) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ttspec_ros.cascade import exit_costs
-    from ttspec_ros.models.checkpoint import file_sha256, load_model, save_model
+    from ttspec_ros.models.checkpoint import (
+        file_sha256,
+        load_model,
+        read_pickled_checkpoint,
+        save_model,
+    )
     from ttspec_ros.models.paths import is_our_format, model_files
     from ttspec_ros.models.revcol import INPUT_MULTIPLE
 
@@ -66,9 +75,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--input-size must be a positive multiple of {INPUT_MULTIPLE} (the "
                          f"stem and three 2x downsamplings), got {args.input_size}")
     if is_our_format(source):
-        raise ValueError(f"{source} names this package's format already (a .safetensors / "
-                         ".json pair or a stem); give the official .pth file")
-    if Path(args.out).is_dir():  # the pair would land beside it, named after the directory
+        raise ValueError(f"{source} names this package's format (a .safetensors / .json pair, "
+                         "or a stem: a path without suffix); give the official checkpoint file "
+                         "with its suffix, e.g. .pth")
+    # A directory, or one to be (a trailing slash): the pair would land beside it, named
+    # after it.
+    if Path(args.out).is_dir() or str(args.out).endswith(("/", os.sep)):
         raise IsADirectoryError(f"--out {args.out} is a directory; give a path stem such as "
                                 f"{Path(args.out) / source.stem}")
     out_files = model_files(args.out)
@@ -78,12 +90,18 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.force:
         raise FileExistsError(f"{', '.join(existing)} exists; --force replaces it")
     names = read_class_names(args.class_names) if args.class_names else None
+    if args.ema:  # load_model would warn and take the other weights
+        raw = read_pickled_checkpoint(source)
+        if not (isinstance(raw, Mapping) and "state_dict_ema" in raw):
+            raise ValueError(f"{source}: --ema, but the checkpoint holds no state_dict_ema "
+                             "weights")
+        del raw
     model, card = load_model(source, use_ema=args.ema,
                              with_decoders=False if args.no_decoders else None)
     # The .pth path's own model id ("-ema" marks the EMA set of a file that holds both).
     changes: dict = {"training": {"imported_from": {
         "file": source.name, "sha256": file_sha256(source), "model_id": card.model_id,
-        "decoders": model.decoder_blocks is not None}}}
+        "ema": args.ema, "decoders": model.decoder_blocks is not None}}}
     if names is not None:
         changes["class_names"] = names
     if args.thresholds is not None:
