@@ -112,6 +112,10 @@ def test_bad_options_and_sources_are_refused_in_one_line(official, tmp_path, cap
     torch.save(_model(0).state_dict(), raw)
     _refused(["import-checkpoint", str(raw), "--out", str(tmp_path / "raw_ema"), "--ema"],
              capsys, "holds no state_dict_ema weights")
+    model_only = tmp_path / "model_only.pth"
+    torch.save({"model": _model(0).state_dict(), "epoch": 1}, model_only)
+    _refused(["import-checkpoint", str(model_only), "--out", str(tmp_path / "raw_ema"),
+              "--ema"], capsys, "holds no state_dict_ema weights (top-level keys: model, epoch)")
     assert not list(tmp_path.glob("raw_ema*")) and not (tmp_path / "new").exists()
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")

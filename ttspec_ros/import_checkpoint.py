@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 from ttspec_ros.files import check_writable
@@ -61,12 +60,7 @@ def read_class_names(path: str | Path) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ttspec_ros.cascade import exit_costs
-    from ttspec_ros.models.checkpoint import (
-        file_sha256,
-        load_model,
-        read_pickled_checkpoint,
-        save_model,
-    )
+    from ttspec_ros.models.checkpoint import file_sha256, load_model, save_model
     from ttspec_ros.models.paths import is_our_format, model_files
     from ttspec_ros.models.revcol import INPUT_MULTIPLE
 
@@ -90,13 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.force:
         raise FileExistsError(f"{', '.join(existing)} exists; --force replaces it")
     names = read_class_names(args.class_names) if args.class_names else None
-    if args.ema:  # load_model would warn and take the other weights
-        raw = read_pickled_checkpoint(source)
-        if not (isinstance(raw, Mapping) and "state_dict_ema" in raw):
-            raise ValueError(f"{source}: --ema, but the checkpoint holds no state_dict_ema "
-                             "weights")
-        del raw
-    model, card = load_model(source, use_ema=args.ema,
+    # --ema: refused for a checkpoint without EMA weights (not the other weights, warned)
+    model, card = load_model(source, require_ema=args.ema,
                              with_decoders=False if args.no_decoders else None)
     # The .pth path's own model id ("-ema" marks the EMA set of a file that holds both).
     changes: dict = {"training": {"imported_from": {

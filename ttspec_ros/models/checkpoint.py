@@ -291,21 +291,28 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}" + (" (empty)" if isinstance(obj, Mapping) else "")
 
 
-def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint"
-                       ) -> dict[str, Tensor]:
+def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint", *,
+                       require_ema: bool = False) -> dict[str, Tensor]:
     """The state dict inside a loaded checkpoint: the object itself if it maps names to
     tensors, else its ``model`` entry (default) or, with ``use_ema``, its ``state_dict_ema``
     entry when present. When only one of the two is there, that one is used, with a warning
-    if it is not the one asked for."""
+    if it is not the one asked for; ``require_ema`` (implies ``use_ema``) refuses instead a
+    checkpoint without ``state_dict_ema``."""
     if not isinstance(obj, Mapping) or isinstance(obj, ForeignObject):
         raise ValueError(f"{source}: holds {_describe(obj)}, not a state dict")
+    use_ema = use_ema or require_ema
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        if require_ema:
+            raise ValueError(f"{source}: holds no state_dict_ema weights (a plain state dict)")
         state = obj
     else:
         key = "model"
         if use_ema:
             if "state_dict_ema" in obj:
                 key = "state_dict_ema"
+            elif require_ema:
+                raise ValueError(f"{source}: holds no state_dict_ema weights (top-level keys: "
+                                 f"{', '.join(map(str, list(obj)[:8]))})")
             else:
                 warnings.warn(f"{source}: no state_dict_ema entry; using 'model'", stacklevel=2)
         elif "model" not in obj and "state_dict_ema" in obj:  # a release of the EMA weights only
@@ -534,7 +541,8 @@ def _default_card(model: RevCol, model_id: str) -> ModelCard:
 
 
 def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
-               with_decoders: bool | None = None) -> tuple[RevCol, ModelCard]:
+               with_decoders: bool | None = None, require_ema: bool = False
+               ) -> tuple[RevCol, ModelCard]:
     """A RevCol in eval mode and its card.
 
     ``path``: None = the bundled demo model; ``X.safetensors`` / ``X.json`` / ``X`` = our format
@@ -544,6 +552,8 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
     ImageNet input spec, threshold 0.9, model_id = hash of the file, + "-ema" for the EMA
     weights of a file that holds both sets).
     ``with_decoders``: None keeps what the file has; False drops the decoders.
+    ``require_ema``: an official checkpoint must hold ``state_dict_ema`` (ValueError, not the
+    warning and the other weights of ``use_ema``).
     """
     if path is None:
         if not DEMO_STEM.with_suffix(SAFETENSORS_SUFFIX).exists():
@@ -570,7 +580,8 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found as a file")
     checkpoint = read_pickled_checkpoint(path)
-    state = extract_state_dict(checkpoint, use_ema, str(path))
+    use_ema = use_ema or require_ema
+    state = extract_state_dict(checkpoint, use_ema, str(path), require_ema=require_ema)
     model = build_from_state_dict(state, None, with_decoders, str(path))
     # The id decides which anchors and updates a model takes: one file's two weight sets
     # need two ids (extract_state_dict took the EMA set exactly when this holds).
