@@ -79,3 +79,14 @@ def test_an_input_that_stops_arriving_is_a_warning(ros_node, monkeypatch) -> Non
     level, message = report()
     assert level == WARN and "no images for" in message  # a dead or mis-remapped topic
     assert report(received=1) == (OK, "frames")
+
+
+def test_stats_report_means_since_start_and_over_the_recent_values() -> None:
+    from ttspec_ros.nodes import Stats
+
+    stats = Stats(recent=3)
+    stats.count("classified", 4)
+    for value in (10.0, 0.0, 1.0, 2.0):
+        stats.add("exit", value)
+    assert stats.snapshot() == {"classified": "4", "mean_exit": "3.250",
+                                "recent_mean_exit": "1.000"}

@@ -165,18 +165,35 @@ def _mean_exit(preds) -> float:
     return float(np.mean([p.exit_index for p in preds]))
 
 
+def _diagnostics_after(probe, classified: int) -> dict[str, str]:
+    """The classifier's /diagnostics once they count ``classified`` frames."""
+    assert wait_for(lambda: probe.count(CLS, "classified") >= classified, 5.0)
+    return probe.diag(CLS)
+
+
 def test_threshold_set_live_changes_exit_depth(pipeline, data):
     probe = pipeline["probe"]
     images = data[0][:12]
+    classified = probe.count(CLS, "classified")
     assert all(r.successful for r in probe.set_parameters(CLS, threshold=0.0))
     _stream(probe, images)
     low = _predictions(probe)
     assert low and all(p.exit_index == 0 for p in low)
+    after_low = _diagnostics_after(probe, classified + len(low))
     assert all(r.successful for r in probe.set_parameters(CLS, threshold=1.0))
     _stream(probe, images)
     high = _predictions(probe)
     assert high and _mean_exit(high) > 2.5
+    after_high = _diagnostics_after(probe, classified + len(low) + len(high))
     assert all(r.successful for r in probe.set_parameters(CLS, threshold=-1.0))
+    # /diagnostics show the change in the means over the recent frames, where the means since
+    # start dilute it.
+    for key in ("exit", "cost"):
+        recent, since_start = f"recent_mean_{key}", f"mean_{key}"
+        assert float(after_high[recent]) > float(after_low[recent])
+        assert (float(after_high[recent]) - float(after_low[recent])
+                >= float(after_high[since_start]) - float(after_low[since_start]))
+    assert float(after_high["recent_mean_cost"]) <= 1.0
 
 
 @pytest.mark.parametrize(("values", "words"), [

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -212,13 +212,21 @@ def matched_writers(subscription: Any) -> int | None:
     return None if count is None else int(count())
 
 
-class Stats:
-    """Thread-safe counters and running means a node reports on /diagnostics."""
+# Values behind each ``recent_mean_*`` on /diagnostics. The ``mean_*`` since start barely move
+# after an hour, so they cannot show what a live threshold change or the adapter's updates do.
+RECENT_VALUES = 100
 
-    def __init__(self) -> None:
+
+class Stats:
+    """Thread-safe counters and means a node reports on /diagnostics: ``mean_<key>`` since
+    start and ``recent_mean_<key>`` over the last ``recent`` values."""
+
+    def __init__(self, recent: int = RECENT_VALUES) -> None:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self._sums: dict[str, tuple[float, int]] = {}
+        self._recent: dict[str, deque[float]] = {}
+        self._recent_size = recent
         self.notes: dict[str, str] = {}
 
     def count(self, key: str, n: int = 1) -> None:
@@ -229,6 +237,7 @@ class Stats:
         with self._lock:
             total, n = self._sums.get(key, (0.0, 0))
             self._sums[key] = (total + value, n + 1)
+            self._recent.setdefault(key, deque(maxlen=self._recent_size)).append(value)
 
     def note(self, key: str, text: str) -> None:
         with self._lock:
@@ -239,6 +248,8 @@ class Stats:
             out = {k: str(v) for k, v in sorted(self.counts.items())}
             out.update({f"mean_{k}": f"{t / n:.3f}" for k, (t, n) in sorted(self._sums.items())
                         if n})
+            out.update({f"recent_mean_{k}": f"{sum(v) / len(v):.3f}"
+                        for k, v in sorted(self._recent.items())})
             out.update(self.notes)
             return out
 

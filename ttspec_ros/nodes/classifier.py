@@ -277,6 +277,9 @@ class ClassifierNode(Node):
         self._pred_pub.publish(pred)
         self.stats.count("classified")
         self.stats.add("model_ms", r.latency_ms)
+        # What a live threshold change or specialization moves (recent_mean_* on /diagnostics).
+        self.stats.add("exit", r.exit_index)
+        self.stats.add("cost", loaded.card.exit_cost[r.exit_index])
         self.exit_histogram[r.exit_index] += 1
         if settings["publish_samples"] and r.exit_index > 0:
             sizes, flat = pack_features(r.features[: r.exit_index])
