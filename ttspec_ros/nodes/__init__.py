@@ -17,7 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -511,15 +511,16 @@ class SpinThread:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _resolve_prctl() -> Callable[..., int] | None:
+def _libc_function(name: str) -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
-    return ctypes.CDLL(None).prctl
+    return getattr(ctypes.CDLL(None), name)
 
 
-_PRCTL = _resolve_prctl()  # looked up here: a forked child of a threaded process must not dlopen
+# Looked up here: a forked child of a threaded process must not dlopen.
+_PRCTL, _FFLUSH = _libc_function("prctl"), _libc_function("fflush")
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -540,6 +541,27 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def exit_process(code: int) -> NoReturn:
+    """End a node executable with ``code`` after :func:`run_node` has returned, skipping the
+    interpreter's own teardown.
+
+    Why: by then the node is destroyed, its ``close()`` has saved what it keeps and rclpy is
+    shut down (its log files closed); what is left is native teardown (DDS, torch, modules
+    in no set order), which can crash a process whose work is done. A fresh-clone test run
+    (2026-12-07) saw an adapter log its FATAL refusal, then die of SIGSEGV instead of exiting
+    with 1: once in a whole test run, and not in 300 runs of the same refusal since (with and
+    without peers, load, a killed node). rclcpp nodes hit the same at exit and skip it with
+    quick_exit (ros2/rmw_fastrtps#761). A crash before this point still shows: run_node
+    enables faulthandler, which writes every thread's stack to the node's log. Python's and
+    C's output buffers are flushed first (rcutils can log to a buffered stdout)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    if _FFLUSH is not None:
+        _FFLUSH(None)
+    os._exit(code)
+
+
 def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> int:
     """Init rclpy, build the node, spin until SIGINT/SIGTERM, shut down without a traceback.
 
@@ -549,8 +571,10 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None = None) ->
     kill the process, and lose the adapter's final save; ``close()`` is bounded and SIGKILL
     still works.
     SIGUSR1 prints every thread's stack to stderr: where a node is stuck, without stopping it
-    (``kill -USR1 <pid>``; the test harness does so before it kills a node that hangs)."""
+    (``kill -USR1 <pid>``; the test harness does so before it kills a node that hangs); so does
+    a crash (SIGSEGV, SIGABRT...) before the process ends: which thread, in which call."""
     global _COMMAND_LINE
+    faulthandler.enable(all_threads=True)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     _COMMAND_LINE = list(sys.argv if args is None else args)
     rclpy.init(args=args)

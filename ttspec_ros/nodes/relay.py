@@ -19,7 +19,7 @@ from sensor_msgs.msg import Image
 from ttspec_ros import topics
 from ttspec_ros.image_codec import encode_frame
 from ttspec_ros.msg import CascadePrediction
-from ttspec_ros.nodes import load_input_spec, qos, run_node
+from ttspec_ros.nodes import exit_process, load_input_spec, qos, run_node
 from ttspec_ros.preprocess import input_shape
 
 ROLES = (topics.CAMERA_NODE, topics.CLASSIFIER_NODE)
@@ -59,4 +59,4 @@ def main(args: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
