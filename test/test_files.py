@@ -87,6 +87,22 @@ def test_a_name_at_the_file_system_limit_is_written_and_one_past_it_refused_firs
         files.check_writable(tmp_path / "new" / ("m" * (limit + 1)))
 
 
+@pytest.mark.parametrize("answer", [-1, OSError(22, "Invalid argument")])
+def test_a_file_system_without_a_name_limit_leaves_the_name_to_the_write(tmp_path, monkeypatch,
+                                                                         answer):
+    """pathconf answers -1 where there is no limit (POSIX) or fails where it cannot tell:
+    neither refuses a name; a long one is written if the file system takes it."""
+    def pathconf(path, name):
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(files.os, "pathconf", pathconf)
+    target = tmp_path / "new" / ("m" * 200 + ".json")
+    assert files.check_writable(target, directory=False) == target
+    assert files.write_text(target, "x").read_text() == "x"
+
+
 def test_a_locked_directory_is_refused_to_another_process_until_its_holder_ends(tmp_path):
     import subprocess
     import sys

@@ -122,10 +122,10 @@ def check_writable(path: str | os.PathLike, *, directory: bool = True) -> Path:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise PermissionError(f"output {path}: {ancestor} is not writable")
     try:
-        name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+        name_max = os.pathconf(ancestor, "PC_NAME_MAX")  # -1: no limit (POSIX)
     except (OSError, ValueError):  # a file system that does not say: the write will tell
-        name_max = None
-    if path != ancestor and name_max:
+        name_max = -1
+    if path != ancestor and name_max > 0:
         for part in path.relative_to(ancestor).parts:
             if len(os.fsencode(part)) > name_max:
                 raise OSError(errno.ENAMETOOLONG, f"output {path}: the name {part[:40]}... is "
