@@ -101,10 +101,12 @@ def test_training_checkpoint_loads_without_running_pickled_code(tmp_path):
     assert card.model_id == file_hash(path) and len(card.model_id) == 12
     assert card.architecture == model.config.to_dict() | {"drop_path": 0.0}
     assert card.exit_cost[-1] == 1.0 and card.exit_cost == sorted(card.exit_cost)
+    assert card.training == {"ema": False}
 
     loaded_ema, ema_card = load_model(path, use_ema=True)
     assert_same_weights(loaded_ema, ema)
     assert ema_card.model_id == card.model_id + "-ema"  # the other weights take other updates
+    assert ema_card.training == {"ema": True}
     assert not marker.exists()
 
     # The objects themselves come back inert: the class is recorded, never imported.
@@ -153,8 +155,9 @@ def test_ema_requested_but_absent_falls_back_to_model_with_warning(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict(), "epoch": 3}, path)
     with pytest.warns(UserWarning, match="state_dict_ema"):
-        loaded, _ = load_model(path, use_ema=True)
+        loaded, card = load_model(path, use_ema=True)
     assert_same_weights(loaded, model)
+    assert card.training == {"ema": False} and not card.model_id.endswith("-ema")
 
 
 def test_checkpoint_holding_only_state_dict_ema_loads_with_warning(tmp_path):
@@ -162,10 +165,13 @@ def test_checkpoint_holding_only_state_dict_ema_loads_with_warning(tmp_path):
     path = tmp_path / "ema_only.pth"
     torch.save({"state_dict_ema": ema.state_dict(), "epoch": 3}, path)
     with pytest.warns(UserWarning, match="no 'model' entry"):
-        loaded, _ = load_model(path)
+        loaded, card = load_model(path)
     assert_same_weights(loaded, ema)
-    loaded, _ = load_model(path, use_ema=True)  # asked for: no warning needed
+    # The card says these are EMA weights; one weight set, one id.
+    assert card.training == {"ema": True} and card.model_id == file_hash(path)
+    loaded, card = load_model(path, use_ema=True)  # asked for: no warning needed
     assert_same_weights(loaded, ema)
+    assert card.training == {"ema": True} and card.model_id == file_hash(path)
 
 
 @pytest.mark.parametrize("with_decoders", [True, False])

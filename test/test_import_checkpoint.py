@@ -117,6 +117,13 @@ def test_bad_options_and_sources_are_refused_in_one_line(official, tmp_path, cap
     _refused(["import-checkpoint", str(model_only), "--out", str(tmp_path / "raw_ema"),
               "--ema"], capsys, "holds no state_dict_ema weights (top-level keys: model, epoch)")
     assert not list(tmp_path.glob("raw_ema*")) and not (tmp_path / "new").exists()
+    # A release of the EMA weights alone is imported as such without --ema: the card says so.
+    ema_only = tmp_path / "ema_only.pth"
+    torch.save({"state_dict_ema": _model(1).state_dict()}, ema_only)
+    with pytest.warns(UserWarning, match="no 'model' entry"):
+        assert cli.main(["import-checkpoint", str(ema_only), "--out",
+                         str(tmp_path / "ema_only")]) == 0
+    assert load_model(tmp_path / "ema_only")[1].training["imported_from"]["ema"] is True
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     _refused(["import-checkpoint", str(garbage), "--out", str(tmp_path / "g")], capsys,

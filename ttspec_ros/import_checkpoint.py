@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     # The .pth path's own model id ("-ema" marks the EMA set of a file that holds both).
     changes: dict = {"training": {"imported_from": {
         "file": source.name, "sha256": file_sha256(source), "model_id": card.model_id,
-        "ema": args.ema, "decoders": model.decoder_blocks is not None}}}
+        "ema": card.training["ema"], "decoders": model.decoder_blocks is not None}}}
     if names is not None:
         changes["class_names"] = names
     if args.thresholds is not None:

@@ -524,12 +524,13 @@ def tuple_or(v: Any) -> Any:
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-def _default_card(model: RevCol, model_id: str) -> ModelCard:
+def _default_card(model: RevCol, model_id: str, ema: bool) -> ModelCard:
     from ttspec_ros.cascade import exit_costs
 
     config = model.config
     return ModelCard(
         model_id=model_id,
+        training={"ema": ema},  # which of a checkpoint's weight sets these are
         architecture=config.to_dict(),
         class_names=[f"class_{i}" for i in range(config.num_classes)],
         input=dict(IMAGENET_INPUT, channels=config.in_chans,
@@ -583,10 +584,14 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
     use_ema = use_ema or require_ema
     state = extract_state_dict(checkpoint, use_ema, str(path), require_ema=require_ema)
     model = build_from_state_dict(state, None, with_decoders, str(path))
+    # What extract_state_dict took: the EMA set when asked for and there, or when it is the
+    # only set (a release of the EMA weights alone).
+    keys = checkpoint.keys() if isinstance(checkpoint, Mapping) else set()
+    ema = "state_dict_ema" in keys and (use_ema or "model" not in keys)
     # The id decides which anchors and updates a model takes: one file's two weight sets
-    # need two ids (extract_state_dict took the EMA set exactly when this holds).
-    both = isinstance(checkpoint, Mapping) and {"model", "state_dict_ema"} <= checkpoint.keys()
-    return model, _default_card(model, file_hash(path) + ("-ema" if both and use_ema else ""))
+    # need two ids.
+    both = {"model", "state_dict_ema"} <= keys
+    return model, _default_card(model, file_hash(path) + ("-ema" if both and ema else ""), ema)
 
 
 __all__ = [
