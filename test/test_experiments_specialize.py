@@ -184,6 +184,24 @@ def test_specialize_experiment_writes_figure4(tiny_checkpoint, tmp_path) -> None
     assert (tmp_path / "figure4.png").stat().st_size > 1000
 
 
+def test_specialize_experiment_learns_from_a_last_partial_batch(tiny_checkpoint, tmp_path
+                                                              ) -> None:
+    """4 stream images and batches of 5: the one partial batch is learned at the stream's end
+    (as the adapter does at shutdown), not left pending, and the 'after' heads include it."""
+    from ttspec_ros.experiments import specialize_experiment as mod
+
+    args = _args(mod, ["--subset", "bags", "--out", str(tmp_path), "--model", tiny_checkpoint,
+                       "--batch-size", "5", "--per-class", "4", "--latency-frames", "2",
+                       "--test-limit", "100", "--threads", "1", "--min-confidence", "0",
+                       "--threshold", "0.99"])  # so that frames reach later exits
+    assert mod.run(args) == 0
+    settings = json.loads((tmp_path / "figure4.json").read_text())["settings"]
+    stats = settings["specializer_stats"]
+    assert stats["samples"] == 4 and stats["samples"] - stats["skipped_first_exit"] > 0
+    assert stats["pending"] == 0 and stats["steps"] == 1
+    assert settings["final_version"] == 1
+
+
 def test_specialize_experiment_can_evaluate_on_unused_pool_images(tiny_checkpoint, tmp_path
                                                                  ) -> None:
     from ttspec_ros import data

@@ -250,6 +250,11 @@ def run(args: argparse.Namespace) -> int:
                 payload = spec.export()
                 cascade.apply_update(payload.tensors, payload.version)
         stream_exits.append(exits)
+    # The stream's last samples count too: a partly filled batch (batch_size > 1) and, with
+    # the guard, the steps since its last check (what the adapter does at shutdown).
+    if spec.flush():
+        payload = spec.export()
+        cascade.apply_update(payload.tensors, payload.version)
 
     # -- after: features again with the adapted model (backbone and last head must be equal)
     after_data = ExitFeatures.compute(cascade.model, test_x, args.batch)
