@@ -292,15 +292,16 @@ def _describe(obj: Any) -> str:
 
 
 def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint", *,
-                       require_ema: bool = False) -> dict[str, Tensor]:
-    """The state dict inside a loaded checkpoint: the object itself if it maps names to
-    tensors, else its ``model`` entry (default) or, with ``use_ema``, its ``state_dict_ema``
-    entry when present. When only one of the two is there, that one is used, with a warning
-    if it is not the one asked for; ``require_ema`` (implies ``use_ema``) refuses instead a
-    checkpoint without ``state_dict_ema``."""
+                       require_ema: bool = False) -> tuple[dict[str, Tensor], str | None]:
+    """The state dict inside a loaded checkpoint and the entry it came from: the object itself
+    (entry None) if it maps names to tensors, else its ``model`` entry (default) or, with
+    ``use_ema``, its ``state_dict_ema`` entry when present. When only one of the two is there,
+    that one is used, with a warning if it is not the one asked for; ``require_ema`` (implies
+    ``use_ema``) refuses instead a checkpoint without ``state_dict_ema``."""
     if not isinstance(obj, Mapping) or isinstance(obj, ForeignObject):
         raise ValueError(f"{source}: holds {_describe(obj)}, not a state dict")
     use_ema = use_ema or require_ema
+    key: str | None = None  # obj itself
     if obj and all(isinstance(v, Tensor) for v in obj.values()):
         if require_ema:
             raise ValueError(f"{source}: holds no state_dict_ema weights (a plain state dict)")
@@ -334,7 +335,7 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
         raise ValueError(f"{source}: state dict key {not_names[0]!r} is not a tensor name")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
         state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
+    return dict(state), key
 
 
 def _dim(state: Mapping[str, Tensor], key: str, ndim: int, dim: int, source: str) -> int:
@@ -582,15 +583,12 @@ def load_model(path: str | os.PathLike | None = None, *, use_ema: bool = False,
         raise FileNotFoundError(f"checkpoint {path} not found as a file")
     checkpoint = read_pickled_checkpoint(path)
     use_ema = use_ema or require_ema
-    state = extract_state_dict(checkpoint, use_ema, str(path), require_ema=require_ema)
+    state, entry = extract_state_dict(checkpoint, use_ema, str(path), require_ema=require_ema)
     model = build_from_state_dict(state, None, with_decoders, str(path))
-    # What extract_state_dict took: the EMA set when asked for and there, or when it is the
-    # only set (a release of the EMA weights alone).
-    keys = checkpoint.keys() if isinstance(checkpoint, Mapping) else set()
-    ema = "state_dict_ema" in keys and (use_ema or "model" not in keys)
+    ema = entry == "state_dict_ema"
     # The id decides which anchors and updates a model takes: one file's two weight sets
     # need two ids.
-    both = {"model", "state_dict_ema"} <= keys
+    both = entry is not None and {"model", "state_dict_ema"} <= checkpoint.keys()
     return model, _default_card(model, file_hash(path) + ("-ema" if both and ema else ""), ema)
 
 
