@@ -318,6 +318,33 @@ def test_tampered_graph_is_refused(exported, tmp_path):
         load_manifest(tmp_path)
 
 
+def replace_graph_after_manifest_check(monkeypatch, backend_module, graph_dir) -> None:
+    """Makes ``backend_module``'s manifest read end with stage 2's graph file replaced by stage
+    1's (a valid graph with the same interface), as another writer could between a check of
+    the files and their use."""
+    real = backend_module.load_manifest
+
+    def then_replace(*args, **kwargs):
+        manifest = real(*args, **kwargs)
+        (graph_dir / "stage2.onnx").write_bytes((graph_dir / "stage1.onnx").read_bytes())
+        return manifest
+
+    monkeypatch.setattr(backend_module, "load_manifest", then_replace)
+
+
+def test_a_graph_replaced_after_the_manifest_check_is_refused(exported, tmp_path, monkeypatch):
+    """The backbone runs the bytes it hash-checked. It checked the files by path and then opened
+    them again: a graph replaced in between ran unchecked (here stage 1's column in stage 2's
+    place, silently wrong features)."""
+    from ttspec_ros.backends import onnxruntime_backend
+
+    shutil.copytree(exported[1], tmp_path, dirs_exist_ok=True)
+    replace_graph_after_manifest_check(monkeypatch, onnxruntime_backend, tmp_path)
+    with pytest.raises(ValueError, match="stage2.onnx is missing or does not match its "
+                                         "manifest hash; export the graphs again"):
+        OnnxRuntimeBackbone(tmp_path, num_threads=1)
+
+
 def test_create_backbone_onnxruntime_uses_cached_graphs(exported, tmp_path, image):
     model, out, _ = exported
     # The cache directory is named by backbone hash and size; put the CLI's export there.
@@ -573,6 +600,9 @@ def test_manifest_fields_the_backends_read_are_checked(exported, tmp_path):
     refused(lambda m: m["stages"][0]["outputs"].append(3), "stage 0 outputs are not a list")
     refused(lambda m: m.update(image_shape=[1, 1, 32]), "image_shape")
     refused(lambda m: m.update(unsplit=[]), "unsplit is not an object")
+    # stage 0's graph, with its valid hash, as the unsplit one (it outputs `pooled` too)
+    refused(lambda m: m["unsplit"].update(file="stage0.onnx", sha256=m["stages"][0]["sha256"]),
+            "unsplit names file 'stage0.onnx', the exporter writes it to 'unsplit.onnx'")
     refused(lambda m: m.update(image_shape=[1, 1, 64, 64]),
             r"stage 0 takes an image of shape \[1, 1, 32, 32\], image_shape is \[1, 1, 64, 64\]")
 
@@ -612,9 +642,26 @@ def _three_stage_manifest(manifest: dict) -> None:
     manifest["stages"][2]["outputs"] = manifest["stages"][2]["outputs"][-1:]  # pooled only
 
 
+def _stage_graphs(*sources: int):
+    """A manifest change: stage i's entry names stage ``sources[i]``'s file, with that file's
+    (valid) hash."""
+    def change(manifest: dict) -> None:
+        stages = manifest["stages"]
+        graphs = [(stages[s]["file"], stages[s]["sha256"]) for s in sources]
+        for entry, (file, sha256) in zip(stages, graphs, strict=True):
+            entry.update(file=file, sha256=sha256)
+
+    return change
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
+        # Stages 1 and 2 have the same tensor names and shapes: a manifest running one's graph
+        # in the other's place passed every check and ran column 1 twice (wrong features).
+        (_stage_graphs(0, 1, 1, 3),
+         "stage 2 names file 'stage1.onnx', the exporter writes it to 'stage2.onnx'"),
+        (_stage_graphs(0, 2, 1, 3), "stage 1 names file 'stage2.onnx'"),
         (lambda m: m["stages"][1]["outputs"].pop(),  # pooled
          r"stage 1 outputs are named \['c0', 'c1', 'c2', 'c3'\], the exporter writes"),
         (lambda m: m["stages"][1].update(outputs=[]), r"stage 1 outputs are named \[\]"),
@@ -626,9 +673,10 @@ def _three_stage_manifest(manifest: dict) -> None:
 def test_manifest_that_does_not_match_the_graphs_is_exported_again(
     exported, tmp_path, image, change, reason
 ):
-    """A well-formed manifest naming other tensors than its graphs, or of another stage count
-    than the model's exits, was reused: a KeyError ('pooled', 'c0') at the first frame, or a
-    ValueError about the heads on every start. It is refused by name and exported again."""
+    """A well-formed manifest naming other tensors than its graphs, another stage's graph, or
+    of another stage count than the model's exits, was reused: a KeyError ('pooled', 'c0') at
+    the first frame, wrong features, or a ValueError about the heads on every start. It is
+    refused by name and exported again."""
     model, out, manifest = exported
     graph_dir = tmp_path / f"onnx-{backbone_hash(model)[:16]}-{SIZE}x{SIZE}"
     shutil.copytree(out, graph_dir)

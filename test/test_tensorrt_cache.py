@@ -270,7 +270,7 @@ class _FakeTRT(types.ModuleType):
         self.dtypes: dict[str, str] = {}  # tensor name -> dtype name other than FLOAT
 
         class Network:
-            path = None
+            model = None
 
         class Config:
             def set_memory_pool_limit(self, pool, size):
@@ -288,8 +288,8 @@ class _FakeTRT(types.ModuleType):
             def __init__(self, network, logger):
                 self.network = network
 
-            def parse_from_file(self, path):
-                self.network.path = path
+            def parse(self, model, path=None):
+                self.network.model = bytes(model)
                 return True
 
         class Builder:
@@ -305,8 +305,7 @@ class _FakeTRT(types.ModuleType):
                 return Config()
 
             def build_serialized_network(self, network, config):
-                with open(network.path, "rb") as f:
-                    return f.read()
+                return network.model  # the "engine" is the graph, run by ONNX Runtime
 
         class Context:
             def __init__(self, engine):
@@ -565,3 +564,20 @@ def test_tensorrt_refuses_manifest_shapes_that_are_not_the_engines(fake_gpu, tmp
     with pytest.raises(ValueError, match=rf"'{tensor['name']}' has shape .* in the manifest, "
                                          r".* in the graph; export the graphs again"):
         TensorRTBackbone(tmp_path / "graphs", cache_dir=tmp_path / "engines")
+
+
+def test_tensorrt_builds_from_the_graph_bytes_it_checked(fake_gpu, tmp_path, monkeypatch):
+    """As the ONNX Runtime backbone: engines are built from the bytes that were hash-checked,
+    so a graph file replaced after the manifest check is refused, not built and cached."""
+    from test_backends import make_tiny_model, replace_graph_after_manifest_check
+
+    from ttspec_ros.backends import tensorrt_backend
+    from ttspec_ros.backends.onnx_export import export_stages
+
+    graphs = tmp_path / "graphs"
+    export_stages(make_tiny_model(), 32, graphs, include_unsplit=False)
+    replace_graph_after_manifest_check(monkeypatch, tensorrt_backend, graphs)
+    with pytest.raises(ValueError, match="stage2.onnx is missing or does not match its "
+                                         "manifest hash; export the graphs again"):
+        tensorrt_backend.TensorRTBackbone(graphs, cache_dir=tmp_path / "engines")
+    assert not list((tmp_path / "engines").glob("*stage2*"))

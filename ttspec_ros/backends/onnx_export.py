@@ -326,6 +326,11 @@ def image_shape_for(model: RevCol, image_size: int | tuple[int, int]) -> tuple[i
     return (1, model.config.in_chans, h, w)
 
 
+def graph_file(stage: int | None) -> str:
+    """The file name the exporter gives stage ``stage``'s graph (None: the unsplit graph)."""
+    return "unsplit.onnx" if stage is None else f"stage{stage}.onnx"
+
+
 def export_stages(
     model: RevCol,
     image_size: int | tuple[int, int],
@@ -363,13 +368,13 @@ def export_stages(
         for i in range(model.num_exits):
             module = _FirstStage(traced) if i == 0 else _LaterStage(traced, i)
             args = (image,) if i == 0 else (x, *state)
-            path = out / f"stage{i}.onnx"
+            path = out / graph_file(i)
             names = stage_output_names(i, model.num_exits)
             export_graph(module, args, path, stage_input_names(i), names)
             stages.append(_graph_entry(path, i, names, shape, carry_shapes, pooled_shape))
         unsplit = None
         if include_unsplit:
-            path = out / "unsplit.onnx"
+            path = out / graph_file(None)
             export_graph(UnsplitForward(traced), (image,), path, ["image"], ["pooled"])
             unsplit = {
                 "file": path.name, "sha256": file_sha256(path),
@@ -442,9 +447,14 @@ def _manifest_problem(manifest: dict) -> str | None:
             return f"{label} is not an object"
         if label.startswith("stage") and entry.get("index") != int(label.split()[1]):
             return f"{label} has index {entry.get('index')!r}"
-        file = entry.get("file")
-        if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
-            return f"{label} names file {file!r}, not a file of the graph directory"
+        index = entry["index"] if label != "unsplit" else None
+        # The file name is what ties an entry to its graph: stages 1.. have the same tensor
+        # names and shapes, so an entry naming another stage's file (with that file's hash)
+        # passed every check and ran that stage's column in its place. One fixed name per
+        # entry also means no two entries share a file.
+        if entry.get("file") != graph_file(index):
+            return (f"{label} names file {entry.get('file')!r}, the exporter writes it to "
+                    f"{graph_file(index)!r}")
         if not isinstance(entry.get("sha256"), str):
             return f"{label} has no sha256"
         for side in ("inputs", "outputs"):
@@ -456,7 +466,6 @@ def _manifest_problem(manifest: dict) -> str | None:
                 return f"{label} {side} are not a list of {{name, shape}}"
         # The backends bind and read tensors by these names: a graph entry naming others
         # (edited, or from another exporter) failed as a KeyError at the first frame.
-        index = entry["index"] if label != "unsplit" else None
         expected = {
             "inputs": ["image"] if index is None else stage_input_names(index),
             "outputs": ["pooled"] if index is None else stage_output_names(index, len(stages)),
@@ -473,7 +482,8 @@ def _manifest_problem(manifest: dict) -> str | None:
 
 
 def load_manifest(graph_dir: str | os.PathLike, *, verify_files: bool = True) -> dict:
-    """Read ``manifest.json``; with ``verify_files`` check every graph's sha256 against it."""
+    """Read ``manifest.json``; with ``verify_files`` check every graph's sha256 against it
+    (a caller that then runs the graphs reads them with ``read_graph`` instead)."""
     graph_dir = Path(graph_dir)
     path = graph_dir / MANIFEST
     if not path.is_file():
@@ -497,10 +507,22 @@ def load_manifest(graph_dir: str | os.PathLike, *, verify_files: bool = True) ->
     if verify_files:
         unsplit = [manifest["unsplit"]] if manifest.get("unsplit") else []
         for entry in [*manifest["stages"], *unsplit]:
-            graph = graph_dir / entry["file"]
-            if not graph.is_file() or file_sha256(graph) != entry["sha256"]:
-                raise ValueError(f"{graph} is missing or does not match its manifest hash")
+            read_graph(graph_dir, entry)
     return manifest
+
+
+def read_graph(graph_dir: str | os.PathLike, entry: dict) -> bytes:
+    """The bytes of a manifest entry's graph file, checked against the entry's sha256.
+
+    The backends hand these very bytes to their runtime: a graph checked by path and opened
+    again by path could have been replaced in between, and run unchecked.
+    """
+    graph = Path(graph_dir) / entry["file"]
+    data = graph.read_bytes() if graph.is_file() else None
+    if data is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{graph} is missing or does not match its manifest hash; "
+                         "export the graphs again")
+    return data
 
 
 def shape_problem(entry: dict, declared: dict[str, dict[str, list[int]]]) -> str | None:

@@ -27,7 +27,13 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.backends import check_num_threads, release
-from ttspec_ros.backends.onnx_export import MANIFEST, STATE_NAMES, load_manifest, shape_problem
+from ttspec_ros.backends.onnx_export import (
+    MANIFEST,
+    STATE_NAMES,
+    load_manifest,
+    read_graph,
+    shape_problem,
+)
 
 if TYPE_CHECKING:  # onnx is imported where graphs are edited (an optional dependency)
     from onnx import NodeProto
@@ -125,7 +131,8 @@ class OnnxRuntimeBackbone:
         num_threads = check_num_threads(num_threads)
         self._ort = ort
         self.graph_dir = Path(graph_dir)
-        self.manifest = load_manifest(self.graph_dir)
+        # Each graph is hash-checked as it is read (read_graph), on the bytes the session gets.
+        self.manifest = load_manifest(self.graph_dir, verify_files=False)
         self.num_exits = int(self.manifest["num_stages"])
         self.image_shape = list(self.manifest["image_shape"])
         self.model_hash = self.manifest["model_hash"]
@@ -135,7 +142,8 @@ class OnnxRuntimeBackbone:
         # The image is copied into this array; the bound OrtValue shares its memory.
         self._image = np.zeros(self.image_shape, dtype=np.float32)
         self._image_value = ort.OrtValue.ortvalue_from_numpy(self._image)
-        graphs = [self._optimized_graph(entry["file"]) for entry in self.manifest["stages"]]
+        graphs = [self._optimized_graph(read_graph(self.graph_dir, entry))
+                  for entry in self.manifest["stages"]]
         self.blocked_carries = _keep_carries_blocked(graphs)
         sessions = [self._session(graph.SerializeToString(), optimize=False) for graph in graphs]
         self._stages: list[_BoundSession] = []
@@ -162,7 +170,7 @@ class OnnxRuntimeBackbone:
             raise ValueError(f"{self.graph_dir / MANIFEST} does not match {entry['file']}: "
                              f"{problem}; export the graphs again")
 
-    def _optimized_graph(self, file: str):
+    def _optimized_graph(self, model: bytes):
         """The graph as ONNX Runtime optimises it for this machine (NCHWc nodes included)."""
         import onnx
 
@@ -175,12 +183,12 @@ class OnnxRuntimeBackbone:
         options.log_severity_level = 3
         with tempfile.TemporaryDirectory(prefix="ttspec-ort-") as tmp:
             options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-            ort.InferenceSession(str(self.graph_dir / file), sess_options=options,
+            ort.InferenceSession(model, sess_options=options,
                                  providers=["CPUExecutionProvider"])
             return onnx.load(options.optimized_model_filepath)
 
-    def _session(self, model: str | bytes, *, optimize: bool = True):
-        """A session on a graph file, or (``optimize=False``) on an already optimised graph."""
+    def _session(self, model: bytes, *, optimize: bool = True):
+        """A session on a serialized graph, or (``optimize=False``) an already optimised one."""
         ort = self._ort
         options = ort.SessionOptions()
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -242,7 +250,7 @@ class OnnxRuntimeBackbone:
             entry = self.manifest.get("unsplit")
             if not entry:
                 raise ValueError(f"{self.graph_dir} has no unsplit graph (export it with the CLI)")
-            session = self._session(str(self.graph_dir / entry["file"]))
+            session = self._session(read_graph(self.graph_dir, entry))
             self._check_shapes(entry, session)
             self._unsplit = _BoundSession(self._ort, session, {"image": self._image_value},
                                           entry["outputs"])

@@ -31,10 +31,15 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.backends import BackendUnavailable, release
-from ttspec_ros.backends.onnx_export import MANIFEST, STATE_NAMES, load_manifest, shape_problem
+from ttspec_ros.backends.onnx_export import (
+    MANIFEST,
+    STATE_NAMES,
+    load_manifest,
+    read_graph,
+    shape_problem,
+)
 from ttspec_ros.backends.onnxruntime_backend import check_image
 from ttspec_ros.files import atomic_write_bytes, write_json
-from ttspec_ros.models.checkpoint import file_sha256
 
 PRECISIONS = ("fp32", "fp16")
 SIDECAR_FORMAT = 1
@@ -264,16 +269,20 @@ def gpu_identity(device: torch.device) -> str:
     return f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"
 
 
-def build_engine(trt, onnx_path: Path, precision: str, workspace_bytes: int, logger) -> bytes:
-    """Serialized engine for one static-shape ONNX graph. ``logger``: the runtime's (TensorRT
-    warns when a builder gets another logger than the one it already has)."""
+def build_engine(trt, graph: bytes, onnx_path: Path, precision: str, workspace_bytes: int,
+                 logger) -> bytes:
+    """Serialized engine for one static-shape ONNX graph, ``graph`` (the bytes of ``onnx_path``,
+    which names it in messages). ``logger``: the runtime's (TensorRT warns when a builder gets
+    another logger than the one it already has)."""
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
     # TensorRT < 10 needs explicit batch requested; from 10 on it is the only mode.
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    # The bytes, not the path: the graph was hash-checked as read, and the file could have
+    # changed since. The graphs hold their weights inline, so the parser needs no path.
+    if not parser.parse(graph):
         errors = "; ".join(str(parser.get_error(j)) for j in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
@@ -334,7 +343,8 @@ class TensorRTBackbone:
         self.device = cuda_device(device)
         self.precision = precision
         self.graph_dir = Path(graph_dir)
-        self.manifest = load_manifest(self.graph_dir)
+        # Each graph is hash-checked as it is read (read_graph), on the bytes the build gets.
+        self.manifest = load_manifest(self.graph_dir, verify_files=False)
         self.num_exits = int(self.manifest["num_stages"])
         self.image_shape = list(self.manifest["image_shape"])
         self.model_hash = self.manifest["model_hash"]
@@ -351,13 +361,14 @@ class TensorRTBackbone:
         self._engines, self._contexts, self._outputs, self._inputs = [], [], [], []
         for entry in self.manifest["stages"]:
             graph = self.graph_dir / entry["file"]
-            key = EngineKey(file_sha256(graph), trt.__version__, gpu_name, precision)
+            data = read_graph(self.graph_dir, entry)  # its sha256 is entry["sha256"]
+            key = EngineKey(entry["sha256"], trt.__version__, gpu_name, precision)
             name = entry_name(self.model_hash, self.image_shape, entry["index"], precision,
                               key.graph_sha256, gpu_name)
 
-            def build(graph: Path = graph) -> bytes:
+            def build(graph: Path = graph, data: bytes = data) -> bytes:
                 self.builds += 1
-                return build_engine(trt, graph, precision, workspace_bytes, logger)
+                return build_engine(trt, data, graph, precision, workspace_bytes, logger)
 
             with torch.cuda.device(self.device):
                 built = self.builds
