@@ -223,6 +223,41 @@ def test_official_checkpoint_with_wrong_head_size_is_refused_naming_keys(tmp_pat
         load_model(path)
 
 
+def test_one_wrong_alpha_is_named_against_another_tensor_of_its_level(tmp_path):
+    # The alphas alone set the widths: this one asked for a level-3 of 6000 channels (GBs in
+    # the full model) and then blamed the 64 correct tensors.
+    state = dict(make_model().state_dict())
+    state["subnet0.alpha3"] = torch.full((1, 6000, 1, 1), 0.5)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"bad\.pth: the tensors disagree on level 3's channel "
+                       r"count: subnet0\.alpha3 \[1, 6000, 1, 1\] says 6000, "
+                       r"subnet0\.level3\.blocks\.0\.dwconv\.weight \[32, 1, 3, 3\] says 32"):
+        load_model(tmp_path / "bad.pth")
+
+
+def test_state_dict_is_checked_against_a_model_without_storage(tmp_path, monkeypatch):
+    """A config that does not fit the tensors (from a card, or tensors that agree on a wrong
+    width) must be refused before a model of that size is allocated."""
+    checked_on: list[set[str]] = []
+    real_check = checkpoint.check_state_dict
+
+    def spy(model, state, source="state dict", show=5):
+        checked_on.append({t.device.type for t in model.state_dict().values()})
+        real_check(model, state, source, show)
+
+    monkeypatch.setattr(checkpoint, "check_state_dict", spy)
+    model = make_model()
+    state = dict(model.state_dict())
+    state["cls_blocks.1.classifier.1.weight"] = torch.zeros(4, 32)
+    with pytest.raises(ValueError, match=r"wrong shape: cls_blocks\.1\.classifier\.1\.weight"):
+        checkpoint.build_from_state_dict(state)
+    loaded = checkpoint.build_from_state_dict(model.state_dict())
+    assert checked_on == [{"meta"}, {"meta"}]
+    assert {(t.device.type, t.dtype) for t in loaded.state_dict().values()} == {
+        ("cpu", torch.float32)}
+    assert_same_weights(loaded, model)
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = make_model(in_chans=3)
     written = save_model(model, make_card(model), tmp_path / "m")
@@ -246,6 +281,13 @@ def test_refused_card_leaves_the_saved_pair_untouched(tmp_path):
     with pytest.raises(ValueError, match="2 class_names"):
         save_model(make_model(seed=5), bad, tmp_path / "m")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # Valid, but json cannot write it: found before the new weights replace the old ones.
+    unwritable = make_card(model)
+    unwritable.metrics = {"test_accuracy": [np.float32(0.91)]}
+    with pytest.raises(ValueError, match=r"m\.safetensors: not JSON-serialisable .*float32"):
+        save_model(make_model(seed=5), unwritable, tmp_path / "m")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert_same_weights(load_model(tmp_path / "m")[0], model)
 
 
 def test_card_whose_architecture_does_not_match_the_tensors_is_refused(tmp_path):
@@ -354,6 +396,14 @@ def test_corrupt_files_are_refused_clearly(tmp_path):
     garbage.write_bytes(b"\x00\x01 definitely not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         load_model(garbage)
+    # The end-of-archive record is intact (is_zipfile says yes), the central directory not.
+    bad_directory = tmp_path / "bad_directory.pth"
+    torch.save(model.state_dict(), bad_directory)
+    data = bad_directory.read_bytes()
+    bad_directory.write_bytes(data.replace(b"PK\x01\x02", b"XXXX", 1))
+    with pytest.raises(ValueError, match=r"bad_directory\.pth: not a readable PyTorch "
+                                         r"checkpoint \(corrupt zip archive"):
+        load_model(bad_directory)
 
 
 def test_missing_files_raise_file_not_found(tmp_path, monkeypatch):
@@ -409,6 +459,10 @@ def test_card_from_another_save_is_refused_and_resaving_recomputes_the_id(tmp_pa
      r"cls_blocks\.0\.classifier\.1\.bias torch\.int64"),
     ("stem.0.weight", lambda t: torch.full_like(t, float("nan")),
      r"NaN or infinite values: stem\.0\.weight"),
+    # finite in the file, inf in the model's float32
+    ("stem.0.bias", lambda t: torch.full_like(t, 1e300, dtype=torch.float64),
+     r"NaN or infinite values: stem\.0\.bias \(once cast from torch\.float64 to "
+     r"torch\.float32\)"),
 ])
 def test_wrongly_typed_or_non_finite_tensors_are_refused(tmp_path, key, value, message):
     state = dict(make_model().state_dict())
@@ -416,6 +470,25 @@ def test_wrongly_typed_or_non_finite_tensors_are_refused(tmp_path, key, value, m
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=message):
         load_model(tmp_path / "bad.pth")
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")
+@pytest.mark.parametrize("value, message", [
+    (lambda t: torch.empty(t.shape, device="meta"), "is a meta tensor"),
+    (lambda t: t.to_sparse(), "is a sparse_coo tensor"),
+    (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8),
+     "is a quantized torch.qint8 tensor"),
+    # 4 bytes in the file standing for 8 values (a million, and the model allocates them all)
+    (lambda t: torch.tensor([0.5]).expand(t.shape),
+     r"of shape \[8\] claims 32 bytes but its storage holds 4"),
+])
+def test_tensors_that_are_not_plain_data_are_refused_naming_the_key(tmp_path, value, message):
+    state = dict(make_model().state_dict())
+    state["stem.0.bias"] = value(state["stem.0.bias"])
+    torch.save({"model": state, "epoch": 1}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=rf"odd\.pth: tensor stem\.0\.bias {message}"):
+        load_model(tmp_path / "odd.pth")
 
 
 def test_tensor_with_the_wrong_number_of_dimensions_is_named(tmp_path):

@@ -73,6 +73,24 @@ def test_the_rename_is_made_durable_by_syncing_the_directory(tmp_path, monkeypat
     assert events == [("fsync", False), ("replace", None), ("fsync", True)]
 
 
+def test_directories_it_creates_are_synced_into_their_parents(tmp_path, monkeypatch):
+    """A new directory's entry is in its parent: unsynced, a power cut can lose the directory
+    and the file in it, though the file itself was synced."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            synced.append(st.st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    files.atomic_write_bytes(tmp_path / "a" / "b" / "state.bin", b"new")
+    inodes = {p.stat().st_ino: p for p in (tmp_path, tmp_path / "a", tmp_path / "a" / "b")}
+    assert [inodes[i] for i in synced] == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+
+
 def test_a_name_at_the_file_system_limit_is_written_and_one_past_it_refused_first(tmp_path):
     """A 250-character name is legal, but its temporary name was not: `ttspec train` failed
     after the whole training run. One past the limit is refused before any work."""

@@ -96,6 +96,10 @@ def test_bad_options_and_sources_are_refused_in_one_line(official, tmp_path, cap
     out = tmp_path / "robot"
     _refused(["import-checkpoint", str(path), "--out", str(out), "--input-size", "60"],
              capsys, "--input-size must be a positive multiple of 32")
+    # Refused up front, not after a forward at that size (GBs at 8192) by the card's check
+    _refused(["import-checkpoint", str(path), "--out", str(out), "--input-size", "4128"],
+             capsys, "--input-size must be a positive multiple of 32 (the stem and three 2x "
+                     "downsamplings) of at most 4096, got 4128")
     _refused(["import-checkpoint", str(path), "--out", str(out), "--thresholds", "1.5"],
              capsys, "thresholds")
     assert not list(tmp_path.glob("robot*"))

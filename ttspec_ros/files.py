@@ -25,9 +25,17 @@ FILE_MODE = 0o644
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` (parent directories created); returns the path."""
+    """Write ``data`` to ``path`` (parent directories created, and synced into theirs);
+    returns the path."""
     path = Path(path)
+    created: list[Path] = []  # missing ancestors, innermost first
+    ancestor = path.parent
+    while not ancestor.exists():
+        created.append(ancestor)
+        ancestor = ancestor.parent
     path.parent.mkdir(parents=True, exist_ok=True)
+    for directory in reversed(created):  # a new directory's entry lives in its parent
+        _sync_directory(directory.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -147,8 +155,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(obj: Any, indent: int = 2) -> bytes:
+    """``obj`` as the JSON text ``write_json`` writes (TypeError/ValueError if it is not
+    serialisable: a caller can find that out before it writes anything)."""
+    return (json.dumps(obj, indent=indent) + "\n").encode("utf-8")
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
-    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+    return atomic_write_bytes(path, json_bytes(obj, indent))
 
 
 def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default early-exit thresholds: one for all early exits or one "
                              "per early exit (default 0.9)")
     parser.add_argument("--input-size", type=int, default=None,
-                        help="input side in pixels, a multiple of 32 (default 224)")
+                        help="input side in pixels, a multiple of 32 up to 4096 "
+                             "(default 224)")
     parser.add_argument("--force", action="store_true", help="replace an existing model at --out")
 
 
@@ -63,11 +64,15 @@ def run(args: argparse.Namespace) -> int:
     from ttspec_ros.models.checkpoint import file_sha256, load_model, save_model
     from ttspec_ros.models.paths import is_our_format, model_files
     from ttspec_ros.models.revcol import INPUT_MULTIPLE
+    from ttspec_ros.preprocess import MAX_SIZE
 
     source = Path(args.checkpoint)
-    if args.input_size is not None and (args.input_size <= 0 or args.input_size % INPUT_MULTIPLE):
+    # The card's bound, checked before exit_costs runs a forward at that size (GBs at 8192).
+    if args.input_size is not None and (not 0 < args.input_size <= MAX_SIZE
+                                        or args.input_size % INPUT_MULTIPLE):
         raise ValueError(f"--input-size must be a positive multiple of {INPUT_MULTIPLE} (the "
-                         f"stem and three 2x downsamplings), got {args.input_size}")
+                         f"stem and three 2x downsamplings) of at most {MAX_SIZE}, got "
+                         f"{args.input_size}")
     if is_our_format(source):
         raise ValueError(f"{source} names this package's format (a .safetensors / .json pair, "
                          "or a stem: a path without suffix); give the official checkpoint file "

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ttspec_ros.checks import is_real, real_numbers
-from ttspec_ros.files import atomic_write_bytes, write_json
+from ttspec_ros.files import atomic_write_bytes, json_bytes
 from ttspec_ros.models.paths import (
     DEMO_STEM,
     SAFETENSORS_SUFFIX,
@@ -267,10 +267,15 @@ restricted_pickle.__name__ = "ttspec_restricted_pickle"
 def read_pickled_checkpoint(path: str | os.PathLike) -> Any:
     """Unpickle a torch checkpoint without executing pickled code (see module docstring)."""
     path = Path(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            if any(n.endswith("/constants.pkl") for n in zf.namelist()):
-                raise ValueError(f"{path}: a TorchScript archive, not a checkpoint of weights")
+    if zipfile.is_zipfile(path):  # only looks for the end-of-archive record
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt zip "
+                             f"archive: {e})") from e
+        if any(n.endswith("/constants.pkl") for n in names):
+            raise ValueError(f"{path}: a TorchScript archive, not a checkpoint of weights")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -333,9 +338,37 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoin
     not_names = [k for k in state if not isinstance(k, str)]
     if not_names:
         raise ValueError(f"{source}: state dict key {not_names[0]!r} is not a tensor name")
+    for k, v in state.items():
+        _check_plain_tensor(k, v, source)
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state), key
+
+
+def _tensor_kind(t: Tensor) -> str | None:
+    """What makes ``t`` other than a dense CPU tensor of plain values, or None."""
+    if t.layout != torch.strided:
+        return f"a {str(t.layout).removeprefix('torch.')} tensor"
+    if t.device.type != "cpu":  # map_location="cpu" moves all but meta tensors (no data)
+        return f"a {t.device.type} tensor"
+    if t.is_quantized:
+        return f"a quantized {t.dtype} tensor"
+    return None
+
+
+def _check_plain_tensor(key: str, t: Tensor, source: str) -> None:
+    """Refuse what the checks and load_state_dict cannot take as data: other layouts and
+    devices, quantized values (all failed with raw torch errors, or were cast), and views
+    whose storage is smaller than their shape (stride 0, ``expand``: a 4-byte storage
+    claiming a million values would be allocated in full by the model)."""
+    kind = _tensor_kind(t)
+    if kind is not None:
+        raise ValueError(f"{source}: tensor {key} is {kind}; only dense (strided), "
+                         "non-quantized CPU tensors can be loaded")
+    claimed, held = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+    if held < claimed:
+        raise ValueError(f"{source}: tensor {key} of shape {_shape(t)} claims {claimed} bytes "
+                         f"but its storage holds {held} (overlapping strides, e.g. expand())")
 
 
 def _dim(state: Mapping[str, Tensor], key: str, ndim: int, dim: int, source: str) -> int:
@@ -351,6 +384,15 @@ def infer_config(state: Mapping[str, Tensor], source: str = "state dict") -> Rev
     """The RevCol architecture a state dict was saved from (drop_path is not recorded)."""
     try:
         channels = tuple(_dim(state, f"subnet0.alpha{i}", 4, 1, source) for i in range(4))
+        # One tensor decides each level's width, and the model built from it can be GBs:
+        # a second tensor of the level must agree before anything is built.
+        for i, c in enumerate(channels):
+            block = f"subnet0.level{i}.blocks.0.dwconv.weight"
+            if block in state and (b := _dim(state, block, 4, 0, source)) != c:
+                raise ValueError(
+                    f"{source}: the tensors disagree on level {i}'s channel count: "
+                    f"subnet0.alpha{i} {_shape(state[f'subnet0.alpha{i}'])} says {c}, {block} "
+                    f"{_shape(state[block])} says {b}")
         layers = tuple(
             len({m.group(1) for k in state
                  if (m := re.match(rf"subnet0\.level{lv}\.blocks\.(\d+)\.", k))})
@@ -379,10 +421,15 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
+def _as_model_dtype(value: Tensor, expected: Tensor) -> Tensor:
+    return value.to(expected.dtype) if expected.is_floating_point() else value
+
+
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor],
                      source: str = "state dict", show: int = 5) -> None:
     """Raise ValueError naming the first missing, unexpected, wrongly shaped, wrongly typed
-    (integer where the model holds floats) and non-finite keys."""
+    (integer where the model holds floats) and non-finite keys (in the model's dtype).
+    ``model`` may be on the meta device: only its tensors' shapes and dtypes are read."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -392,8 +439,11 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor],
     # load_state_dict would silently cast an integer tensor into a float parameter.
     wrong_type = [f"{k} {state[k].dtype}" for k in common
                   if expected[k].is_floating_point() and not state[k].is_floating_point()]
-    non_finite = [k for k in common
-                  if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    # Checked as load_state_dict will store them: float64 1e300 is finite, float32 inf.
+    non_finite = [k if state[k].dtype == expected[k].dtype
+                  else f"{k} (once cast from {state[k].dtype} to {expected[k].dtype})"
+                  for k in common if state[k].is_floating_point()
+                  and not bool(torch.isfinite(_as_model_dtype(state[k], expected[k])).all())]
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected),
                         ("wrong shape", wrong), ("not floating point", wrong_type),
@@ -408,8 +458,9 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor],
 def build_from_state_dict(state: Mapping[str, Tensor], config: RevColConfig | None = None,
                           with_decoders: bool | None = None, source: str = "state dict"
                           ) -> RevCol:
-    """A RevCol in eval mode holding ``state`` (strict). ``with_decoders=False`` drops decoder
-    tensors; ``None`` keeps whatever the state dict has."""
+    """A RevCol in eval mode holding ``state`` (strict; checked by ``check_state_dict`` before
+    the model is allocated). ``with_decoders=False`` drops decoder tensors; ``None`` keeps
+    whatever the state dict has."""
     has_decoders = any(k.startswith(DECODER_PREFIX) for k in state)
     if with_decoders is None:
         with_decoders = has_decoders
@@ -420,8 +471,14 @@ def build_from_state_dict(state: Mapping[str, Tensor], config: RevColConfig | No
     config = config or infer_config(state, source)
     kwargs = config.to_dict()
     kwargs["with_decoders"] = with_decoders
-    model = RevCol(**kwargs)
+    # Built without storage and checked first: a wrong config (one bad tensor, or a card)
+    # would otherwise allocate a model of any size before being refused. Storage comes after
+    # (uninitialised: the strict load fills every tensor; RevCol holds no other state), which
+    # also skips the random initialisation the load would overwrite.
+    with torch.device("meta"):
+        model = RevCol(**kwargs)
     check_state_dict(model, state, source)
+    model.to_empty(device="cpu")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -452,12 +509,13 @@ def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> 
     a model id of its own; a hash-like id, e.g. of the weights this model was loaded from, is
     recomputed).
 
-    The weights go through ``atomic_write_bytes`` (temporary file, fsync, rename) before the
-    card, so readers never see a partial file, a refused card leaves the old pair untouched,
-    and a crash between the two renames leaves new weights beside an old card, which
-    ``load_model`` refuses because the card's id is not the weights' hash (for hash ids only:
-    a card naming a model id of its own cannot tell, and only a different architecture is
-    refused)."""
+    The card is validated and serialised before anything is written, then the weights go
+    through ``atomic_write_bytes`` (temporary file, fsync, rename) before the card, so readers
+    never see a partial file, a refused card (or one that is not JSON-serialisable) leaves the
+    old pair untouched, and a crash between the two renames leaves new weights beside an old
+    card, which ``load_model`` refuses because the card's id is not the weights' hash (for
+    hash ids only: a card naming a model id of its own cannot tell, and only a different
+    architecture is refused)."""
     from safetensors.torch import save
 
     weights, card_path = model_files(path_stem)
@@ -467,8 +525,14 @@ def save_model(model: RevCol, card: ModelCard, path_stem: str | os.PathLike) -> 
     blob = save(state)
     if not card.model_id or _is_hash_id(card.model_id):
         card = dataclasses.replace(card, model_id=hashlib.sha256(blob).hexdigest()[:MODEL_ID_HEX])
+    try:
+        # NaN stays allowed: read_card's json.loads reads it, and a diverged run's losses in
+        # training.history are NaN.
+        card_bytes = json_bytes(card.to_dict())
+    except (TypeError, ValueError) as e:  # e.g. numpy scalars in metrics
+        raise ValueError(f"model card for {weights}: not JSON-serialisable ({e})") from e
     atomic_write_bytes(weights, blob)
-    write_json(card_path, card.to_dict())
+    atomic_write_bytes(card_path, card_bytes)
     return card
 
 
