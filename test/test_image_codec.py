@@ -168,6 +168,18 @@ def test_a_cut_off_jpeg_is_refused_whatever_the_decoder_does(kept):
     assert padded.shape == (48, 64, 3)
 
 
+@pytest.mark.parametrize("pad", [63, 64, 200, 4096, 4097, 100_000])
+def test_jpeg_with_a_drivers_zero_padding_after_its_end_is_decoded(pad):
+    """V4L2/UVC MJPEG buffers are zero-filled to the driver's buffer size: more than ~62
+    padding bytes after FF D9 were refused as a cut-off frame."""
+    rng = np.random.default_rng(0)
+    jpg = cv2.imencode(".jpg", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))[1].tobytes()
+    assert decode_compressed("jpeg", jpg + bytes(pad)).shape == (48, 64, 3)
+    with pytest.raises(ImageDecodeError) as err:  # cut off, then padded: still refused
+        decode_compressed("jpeg", jpg[: len(jpg) // 2] + bytes(pad))
+    assert err.value.reason == "truncated"
+
+
 _PNG_HEAD = cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()[:33]  # up to IHDR's end
 
 

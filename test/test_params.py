@@ -210,3 +210,22 @@ def test_whole_layer_test_time_training_at_the_norm_rate_is_warned_about():
     assert params.ttt_learning_rate_warning("encoder", 0.003) is None
     warning = params.ttt_learning_rate_warning("columns", 0.03)
     assert "columns" in warning and "0.003" in warning
+
+
+def test_a_params_files_value_for_a_node_is_found_as_rcl_applies_sections():
+    """replay gives every node, and reads the card of, the classifier model a params file
+    names (the report used to read the bundled demo card)."""
+    def rank(text: str) -> object:
+        return params.params_file_value(text, "classifier", "model")
+
+    assert rank("/**:\n  ros__parameters:\n    model: /m/a\n") == "/m/a"
+    assert rank("/**:\n  ros__parameters:\n    threshold: 0.5\n") is None
+    # the classifier's own section wins over a wildcard, whichever comes first; other nodes'
+    # sections are not the classifier's
+    assert rank("/**/classifier:\n  ros__parameters:\n    model: /m/c\n"
+                "/**:\n  ros__parameters:\n    model: /m/a\n"
+                "/ttspec/camera:\n  ros__parameters:\n    model: /m/cam\n") == "/m/c"
+    assert rank("ttspec:\n  classifier:\n    ros__parameters:\n      model: /m/n\n") == "/m/n"
+    assert rank("/**:\n  ros__parameters:\n    model: /m/a\n---\n"
+                "/**:\n  ros__parameters:\n    model: /m/b\n") == "/m/b"
+

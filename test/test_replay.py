@@ -200,6 +200,50 @@ def test_unlabelled_bag_report_has_no_accuracy(tmp_path):
     assert "accuracy.png" not in {p.name for p in plots}
 
 
+def test_rate_mode_caps_recorded_time_jumps_and_plays_steps_back_as_no_wait():
+    """A bag whose first message was recorded at time 0 (rosbag2 --use-sim-time before the
+    first /clock), the rest at 1.7e18 ns: the driver slept for decades at "ETA 00:02"."""
+    from ttspec_ros.replay_runs import MAX_FRAME_WAIT_S, RatePacer, TimingGap
+
+    t = 1_700_000_000 * 10**9
+    pacer = RatePacer(rate=2.0)
+    times = [0, t, t + 100_000_000, t + 50_000_000, t + 150_000_000, t + 150_000_000]
+    due = [pacer.due(i, ns) for i, ns in enumerate(times)]
+    assert due == pytest.approx([0.0, MAX_FRAME_WAIT_S, MAX_FRAME_WAIT_S + 0.05,
+                                 MAX_FRAME_WAIT_S + 0.05, MAX_FRAME_WAIT_S + 0.1,
+                                 MAX_FRAME_WAIT_S + 0.1])
+    assert pacer.gaps == [TimingGap(frame=1, recorded_s=t / 1e9, played_s=MAX_FRAME_WAIT_S),
+                          TimingGap(frame=3, recorded_s=pytest.approx(-0.05), played_s=0.0)]
+    steady = RatePacer(rate=1.0)  # an ordinary recording plays as recorded
+    assert [steady.due(i, t + i * 33_333_333) for i in range(4)] == pytest.approx(
+        [0.0, 0.0333, 0.0667, 0.1], abs=1e-4)
+    assert steady.gaps == []
+
+    run = _run(True, [0] * 6, [None] * 6, [1] * 6)
+    run.timing_gaps = pacer.gaps
+    report = replay_report.build_report({"path": "b"}, [run], exit_cost=EXIT_COST,
+                                        num_exits=4, class_names=CLASS_NAMES, model={})
+    (r,) = report["runs"]
+    assert r["timing_gaps"] == 2 and r["timing_gaps_first"][0] == {
+        "frame": 1, "recorded_s": t / 1e9, "played_s": MAX_FRAME_WAIT_S}
+    text = replay_report.markdown(report, [])
+    assert "recorded timing not played as recorded** (adapt): 2 wait(s)" in text
+    assert "before frame 3 -0.05 s recorded, 0 s played" in text
+
+
+def test_frames_are_described_as_played_with_max_frames():
+    """report.json called `frames` the bag's image frames, with --max-frames too."""
+    run = _run(True, [0] * 4, [None] * 4, [1] * 4)
+    kwargs = {"exit_cost": EXIT_COST, "num_exits": 4, "class_names": CLASS_NAMES, "model": {}}
+    part = replay_report.build_report({"path": "b", "image_count": 10}, [run], **kwargs)
+    assert part["frames"] == 4
+    assert part["definitions"]["frames"] == (
+        "image frames played per run: the first 4 of the bag's 10")
+    assert "4 frames played (of 10 in the bag)" in replay_report.markdown(part, [])
+    whole = replay_report.build_report({"path": "b", "image_count": 4}, [run], **kwargs)
+    assert whole["definitions"]["frames"] == "image frames in the bag, each played once per run"
+
+
 def test_labels_that_match_no_frame_are_named_in_the_report():
     # stamped 1 ns off the images: "labels: 6" and an accuracy of '-', without a word why
     run = _run(True, [0, 1, 2], [None] * 3, [1, 2, 3])
@@ -294,7 +338,8 @@ def test_graph_arguments(tmp_path):
     assert mine.overrides(RunSettings(adapt=False), compressed=False)["camera"][
         "image_reliability"] == "best_effort"
     assert o["classifier"] == {"threshold": 0.7, "model": "/m/x"}
-    assert o["adapter"] == {"enabled": False, "model": "/m/x", "learning_rate": 0.01}
+    assert o["adapter"] == {"enabled": False, "model": "/m/x", "learning_rate": 0.01,
+                            "state_dir": ""}
     assert replay.parse_param("classifier.publish_samples=false") == (
         "classifier", "publish_samples", False)
     for bad in ("adapter.learning_rate", "learning_rate=1.0", "planner.x=1"):
@@ -335,6 +380,54 @@ def test_graph_arguments(tmp_path):
     assert graph.executable("camera_node") == tmp_path / "lib" / "ttspec_ros" / "camera_node"
     env = graph.environment(170, tmp_path)
     assert env["ROS_DOMAIN_ID"] == "170" and env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+
+
+def test_a_state_dir_never_carries_adaptation_into_another_run(tmp_path):
+    """A params file's adapter state_dir let the no-adapt run resume (and publish at start)
+    what the adapt run had saved there: it classified with adapted heads from frame 0."""
+    (tmp_path / "p.yaml").write_text("/**:\n  ros__parameters:\n    state_dir: /x\n")
+    graph = replay.GraphSpec(prefix=tmp_path, params_file=tmp_path / "p.yaml")
+    for settings in (RunSettings(adapt=True), RunSettings(adapt=False)):
+        # keyed by the adapter's full name, the overlay wins over the params file's /**
+        overlay = yaml.safe_load(graph.overlay_yaml(graph.overrides(settings, compressed=False)))
+        assert overlay["/ttspec/adapter"]["ros__parameters"]["state_dir"] == ""
+    with pytest.raises(ValueError, match="adapter.state_dir=/x'?: set by each run; every "
+                                         "run's adapter starts without saved state"):
+        replay.parse_param("adapter.state_dir=/x")
+
+
+def test_the_nodes_and_the_report_use_the_params_files_model(monkeypatch, tmp_path):
+    """With --params-file naming another model the nodes ran it, but the report read the
+    bundled demo card (its exit_cost, class names, "(bundled demo model)")."""
+    _installed_graph()  # rclpy and the built messages, else a skip
+    from ttspec_ros import bags
+    from ttspec_ros.nodes import replay_driver
+
+    stem = _tiny_model(tmp_path / "tiny")
+    params_file = tmp_path / "robot.yaml"
+    params_file.write_text(f"/**:\n  ros__parameters:\n    model: {stem}\n")
+    assert replay.find_graph(params_file=params_file).model == stem
+    assert replay.find_graph(model="/m/x", params_file=params_file).model == "/m/x"
+    bag = bags.make_scenario_bag("uniform", tmp_path / "bag", frames=6, seed=0,
+                                 storage="sqlite3")["bag"]
+    given: list[dict] = []
+
+    def play(stream, settings, graph, **kwargs):
+        given.append(graph.overrides(settings, compressed=stream.compressed))
+        result = _run(settings.adapt, [0] * 6, [None] * 6, [1] * 6)
+        result.settings = settings
+        return result
+
+    monkeypatch.setattr(replay_driver, "play", play)
+    report, _ = replay.replay_bag(bag, tmp_path / "report", [RunSettings(adapt=False)],
+                                  params_file=params_file, domain_id=0,
+                                  stream_out=io.StringIO())
+    # every node is given the model explicitly, and the report reads that model's card
+    assert {node: o["model"] for node, o in given[0].items()} == dict.fromkeys(
+        ("camera", "classifier", "adapter"), stem)
+    assert report["model"]["model_id"] == "tiny-replay-test"
+    assert report["model"]["exit_cost"] == EXIT_COST
+    assert report["settings"]["model"] == stem
 
 
 def test_graphs_stay_on_this_host_on_humble_too(monkeypatch, tmp_path):

@@ -171,6 +171,22 @@ def header_claim(buf: np.ndarray) -> tuple[int, int, int, int] | None:
     return None
 
 
+def _ends_jpeg(buf: np.ndarray, chunk: int = 4096) -> bool:
+    """Whether a JPEG's bytes end with its end-of-image marker (FF D9), after any amount of
+    zero padding: V4L2/UVC MJPEG buffers are often the driver's fixed buffer size, zero-filled
+    after the image (a check of the last 64 bytes refused those as cut off). The zeros are
+    skipped a chunk at a time from the end, so the cost is bounded by the padding."""
+    end = buf.size
+    while end > 0:
+        start = max(0, end - chunk)
+        nonzero = np.flatnonzero(buf[start:end])
+        if nonzero.size:
+            end = start + int(nonzero[-1]) + 1
+            break
+        end = start
+    return b"\xff\xd9" in bytes(buf[max(0, end - 8):end])
+
+
 def decode_compressed(format_: str, data: Any) -> np.ndarray:
     """CompressedImage, PNG or JPEG (what image_transport's compressed transport sends)
     -> (H, W) or RGB(A), uint8 or uint16."""
@@ -190,7 +206,7 @@ def decode_compressed(format_: str, data: Any) -> np.ndarray:
             f"bytes {bytes(buf[:8]).hex()}) has no PNG or JPEG header this can read; only PNG "
             "and JPEG are decoded")
     check_size(*claimed)
-    if bytes(buf[:2]) == b"\xff\xd8" and b"\xff\xd9" not in bytes(buf[-64:]).rstrip(b"\0")[-8:]:
+    if bytes(buf[:2]) == b"\xff\xd8" and not _ends_jpeg(buf):
         # A cut-off frame (common from USB cameras' MJPEG): OpenCV 4 (what rosdep installs)
         # decodes it with a warning and black rows for the missing part, which would be
         # answered and trained on. FF D9 (end of image) occurs nowhere else at a file's end:

@@ -302,6 +302,27 @@ def _parameter_sections(doc: Mapping, path: tuple[str, ...] = ()):
             yield from _parameter_sections(body, here)
 
 
+def _section_node(path: tuple[str, ...]) -> str:
+    """The node name a section applies to: its last name part (``*``/``**``: a wildcard)."""
+    return path[-1].rstrip("/").rsplit("/", 1)[-1]
+
+
+def params_file_value(text: str, node: str, name: str) -> Any | None:
+    """The value a params file (text ``check_params_file`` accepted) gives ``node``'s
+    parameter ``name``, or None. Sections match as ``check_params_file`` matches them; one
+    naming the node wins over a wildcard one (it shadows ``/**`` for the node), and of
+    equals the later one."""
+    best: tuple[int, Any] | None = None
+    for doc in _rcl_documents(text):
+        for path, values in (_parameter_sections(doc) if isinstance(doc, Mapping) else ()):
+            section_node = _section_node(path)
+            rank = 1 if section_node == node else 0 if "*" in section_node else None
+            if rank is not None and values and name in values and (
+                    best is None or rank >= best[0]):
+                best = (rank, values[name])
+    return best[1] if best else None
+
+
 def check_params_file(text: str) -> str | None:
     """Reason the text of a ROS 2 params file would stop one of our nodes at start-up, or None:
     not YAML, not rcl's layout (node name -> ``ros__parameters`` -> name -> value), or a value
@@ -323,7 +344,7 @@ def check_params_file(text: str) -> str | None:
         section = "/".join(path)
         if values is None:
             return f"section {section!r} has no 'ros__parameters' mapping"
-        node = path[-1].rstrip("/").rsplit("/", 1)[-1]
+        node = _section_node(path)
         matched = [node] if node in known else list(known) if "*" in node else []
         for name, value in values.items():
             for s in (spec for n in matched for spec in known[n] if spec.name == name):

@@ -66,7 +66,9 @@ class GraphSpec:
 
     prefix: Path  # install prefix holding lib/ttspec_ros and share/ttspec_ros
     params_file: Path
-    model: str = ""  # '' = the bundled demo model (the params file's default)
+    # The model every node is given ('' = the bundled demo model) and the report reads;
+    # find_graph resolves it (--model, else the params file's classifier model).
+    model: str = ""
     params: tuple[tuple[str, str, object], ...] = ()  # (node, name, value) set on every run
 
     def executable(self, name: str) -> Path:
@@ -105,13 +107,17 @@ class GraphSpec:
                                  # frames arrive reliably (a --param of the same name wins).
                                  "image_reliability": "reliable"},
             topics.CLASSIFIER_NODE: {},
-            topics.ADAPTER_NODE: {"enabled": settings.adapt},
+            # A state_dir in the params file would let the adapter resume the state an
+            # earlier run (or replay, or robot) saved there and publish it at start: the
+            # no-adapt run would classify with adapted heads from frame 0. '' rather than a
+            # fresh directory per run: nothing is resumed, and no directory is left for the
+            # next replay into the same --out (or another adapter's lock) to trip on.
+            topics.ADAPTER_NODE: {"enabled": settings.adapt, "state_dir": ""},
         }
         if settings.threshold is not None:
             out[topics.CLASSIFIER_NODE]["threshold"] = float(settings.threshold)
-        if self.model:
-            for node in out:
-                out[node]["model"] = self.model
+        for node in out:  # explicitly, '' too: a node-specific model in the params file
+            out[node]["model"] = self.model  # would otherwise differ from the report's
         for node, name, value in self.params:
             out[node][name] = value
         return out
@@ -128,13 +134,18 @@ class GraphSpec:
         return env
 
 
-# Parameters that GraphSpec.overrides sets for every run, and the replay options that own them.
+# Parameters that GraphSpec.overrides sets for every run, and why a --param may not: the
+# replay option that owns it ("use ..."), or the reason no option sets it.
 RUN_OWNED_PARAMS = {
-    (topics.CLASSIFIER_NODE, "threshold"): "--threshold or --sweep-thresholds",
-    (topics.ADAPTER_NODE, "enabled"): "--adapt / --no-adapt or --compare",
-    (topics.CAMERA_NODE, "transport"): "a bag of CompressedImage (the bag's image type decides)",
+    (topics.CLASSIFIER_NODE, "threshold"): "use --threshold or --sweep-thresholds",
+    (topics.ADAPTER_NODE, "enabled"): "use --adapt / --no-adapt or --compare",
+    (topics.CAMERA_NODE, "transport"): "use a bag of CompressedImage (the bag's image type "
+                                       "decides)",
     # The report names the model it ran; a per-node model would also split the graph's models.
-    **{(node, "model"): "--model" for node in topics.EXECUTABLES},
+    **{(node, "model"): "use --model" for node in topics.EXECUTABLES},
+    (topics.ADAPTER_NODE, "state_dir"): "every run's adapter starts without saved state "
+                                        "(state_dir ''), so that adaptation never carries over "
+                                        "into another run",
 }
 
 
@@ -152,7 +163,7 @@ def parse_param(text: str) -> tuple[str, str, object]:
                          f"{', '.join(topics.EXECUTABLES)}")
     owner = RUN_OWNED_PARAMS.get((node, name))
     if owner:  # each run sets it, so a --param would silently change what the run is named
-        raise ValueError(f"parameter {text!r}: set by each run; use {owner}")
+        raise ValueError(f"parameter {text!r}: set by each run; {owner}")
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as err:
@@ -188,19 +199,28 @@ def _as_double(value: object) -> object:
 
 def find_graph(model: str = "", params_file: str | os.PathLike | None = None,
                params: Sequence[tuple[str, str, object]] = ()) -> GraphSpec:
-    """The install prefix of this package's executables (``topics.installed_prefix``) and its
-    installed params file."""
+    """The install prefix of this package's executables (``topics.installed_prefix``), its
+    installed params file (or ``params_file``), and the model the nodes run: ``model``, else
+    the params file's classifier ``model``."""
     prefix = topics.installed_prefix()
     params_path = Path(params_file) if params_file else topics.installed_params_file(prefix)
     if not params_path.is_file():
         raise FileNotFoundError(f"params file {params_path} not found")
+    text = ""
     try:
-        reason = param_specs.check_params_file(params_path.read_text(encoding="utf-8"))
+        text = params_path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        reason = "not UTF-8 text"
+        reason: str | None = "not UTF-8 text"
+    else:
+        reason = param_specs.check_params_file(text)
     if reason:  # else every node would stop at start-up, each saying so only in its log
         raise ValueError(f"params file {params_path}: {reason}")
-    return GraphSpec(prefix=prefix, params_file=params_path, model=model, params=tuple(params))
+    # Resolved once here: every node is given it (GraphSpec.overrides) and the report reads its
+    # card, so the report cannot describe another model than the one the nodes ran.
+    return GraphSpec(prefix=prefix, params_file=params_path,
+                     model=model or str(param_specs.params_file_value(
+                         text, topics.CLASSIFIER_NODE, "model") or ""),
+                     params=tuple(params))
 
 
 def pick_domain_id() -> int:

@@ -26,7 +26,7 @@ import numpy as np
 from ttspec_ros import topics
 from ttspec_ros.data import CLASS_NAMES, SUBSETS
 from ttspec_ros.files import write_json, write_text
-from ttspec_ros.replay_runs import Outcome, RunResult
+from ttspec_ros.replay_runs import MAX_FRAME_WAIT_S, Outcome, RunResult
 
 # Class groups reported separately when the model uses the Fashion-MNIST classes.
 GROUPS: dict[str, list[int]] = {
@@ -37,6 +37,7 @@ GROUPS: dict[str, list[int]] = {
 }
 DEFAULT_TAIL = 1000  # frames; the "last 1,000 frames"
 DEFAULT_WINDOWS = 6
+TIMING_GAPS_LISTED = 20  # report.json lists the first ones of a run, and counts all
 
 
 # --- dropped frames ------------------------------------------------------------------------------
@@ -219,6 +220,9 @@ def run_metrics(
                  **block_metrics(tail_block, exit_cost)},
         "node_counters": result.node_counters,
         "node_exit_codes": result.node_exit_codes,
+        # rate mode: steps of the recorded timing not played as recorded (replay_runs.RatePacer)
+        "timing_gaps": len(result.timing_gaps),
+        "timing_gaps_first": [asdict(g) for g in result.timing_gaps[:TIMING_GAPS_LISTED]],
     }
     if with_groups:
         run["groups"] = group_metrics(outcomes, exit_cost)
@@ -325,6 +329,12 @@ def build_report(
     with_groups = list(class_names) == list(CLASS_NAMES) and bool(bag.get("labels"))
     runs = [run_metrics(r, exit_cost, num_exits, window=window, tail=tail,
                         with_groups=with_groups) for r in results]
+    in_bag = bag.get("image_count")
+    if in_bag is None or frames == in_bag:
+        frames_text = "image frames in the bag, each played once per run"
+    else:  # --max-frames (or a run cut short): not the bag's count
+        frames_text = (f"image frames played per run: the first {frames} of the bag's "
+                       f"{in_bag}")
     report = {
         "bag": bag.get("path"),
         "frames": frames,
@@ -337,7 +347,7 @@ def build_report(
         "tail": tail,
         "settings": settings or {},
         "definitions": {
-            "frames": "image frames in the bag, each played once per run",
+            "frames": frames_text,
             "predictions/lost": "totals over all runs (per run: runs[i].predictions/lost)",
             "accuracy": "correct / answered labelled frames",
             "latency_ms": "classifier model time per frame (CascadePrediction.latency_ms)",
@@ -391,15 +401,27 @@ def summary_table(report: dict) -> str:
 
 def markdown(report: dict, plots: Sequence[str]) -> str:
     bag, model = report["bag_info"], report["model"]
+    in_bag = bag.get("image_count")
     lines = [
         f"# Replay of `{report['bag']}`",
         "",
         *([f"**Incomplete:** {report['incomplete']}", ""] if report.get("incomplete") else []),
         f"- image topic `{bag.get('image_topic')}` ({bag.get('image_type')}), "
-        f"{report['frames']} frames, labels in the bag: {bag.get('labels') or 'none'}; "
-        f"storage {bag.get('storage')}"
+        f"{report['frames']} frames"
+        + ("" if in_bag in (None, report["frames"]) else f" played (of {in_bag} in the bag)")
+        + f", labels in the bag: {bag.get('labels') or 'none'}; storage {bag.get('storage')}"
         + (f", compressed {bag['compression']}" if bag.get("compression") else ""),
     ]
+    for r in report["runs"]:
+        if r.get("timing_gaps"):
+            listed = r.get("timing_gaps_first", [])[:3]
+            lines.append(
+                f"- **recorded timing not played as recorded** ({r['name']}): "
+                f"{r['timing_gaps']} wait(s) between frames capped at {MAX_FRAME_WAIT_S:g} s or "
+                "step(s) back in time played as no wait: " + ", ".join(
+                    f"before frame {g['frame']} {g['recorded_s']:+.6g} s recorded, "
+                    f"{g['played_s']:g} s played" for g in listed)
+                + (" and more (report.json)" if r["timing_gaps"] > len(listed) else ""))
     if report["runs"] and not any(r.get("predictions") for r in report["runs"]):
         lines.append("- **no frame was answered**: every frame was lost (see each run's `lost` "
                      "and `dropped`)")

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 DEFAULT_TIMEOUT_S = 10.0
+# Rate mode: the longest wait between two frames (seconds, after the rate), see RatePacer.
+MAX_FRAME_WAIT_S = 5.0
 
 
 @dataclass
@@ -63,6 +65,50 @@ class RunSettings:
         return "_".join(parts)
 
 
+@dataclass(frozen=True)
+class TimingGap:
+    """A step of the recorded timing that rate mode did not play as recorded."""
+
+    frame: int  # index of the frame after the step
+    recorded_s: float  # recording time since the previous frame (< 0: time went backwards)
+    played_s: float  # the wait played instead (after the rate)
+
+
+class RatePacer:
+    """When each frame of a rate-mode run is due: seconds after the first frame, following the
+    recorded times over the rate, except that a wait between two frames is capped at
+    ``max_wait_s`` and a step back in time is played as no wait; each such step is kept in
+    ``gaps`` (the report lists them).
+
+    Capped rather than refused: a bag recorded with --use-sim-time before the first /clock
+    (first message at time 0, the rest at 1.7e18 ns), or one joined from several recordings,
+    still holds good frames in a good order; uncapped, the driver slept for decades while the
+    progress bar showed a two-second ETA. Refusing would need a pass over the whole bag before
+    the first run and make such a bag usable only in lockstep, for a timing artefact that says
+    nothing about the nodes. The cap is far above any camera's frame interval, so an ordinary
+    recording plays exactly as before (due times add up the recorded steps, so a slow publish
+    is caught up as before, not carried over)."""
+
+    def __init__(self, rate: float, max_wait_s: float = MAX_FRAME_WAIT_S) -> None:
+        self.rate, self.max_wait_s = rate, max_wait_s
+        self.gaps: list[TimingGap] = []
+        self._due_s = 0.0
+        self._last_ns: int | None = None
+
+    def due(self, index: int, time_ns: int) -> float:
+        """Seconds after the first frame at which frame ``index`` (recorded at ``time_ns``) is
+        published; call once per frame, in playing order."""
+        if self._last_ns is not None:
+            recorded_s = (time_ns - self._last_ns) / 1e9
+            wait_s = recorded_s / self.rate
+            if not 0.0 <= wait_s <= self.max_wait_s:
+                wait_s = min(max(wait_s, 0.0), self.max_wait_s)
+                self.gaps.append(TimingGap(frame=index, recorded_s=recorded_s, played_s=wait_s))
+            self._due_s += wait_s
+        self._last_ns = time_ns
+        return self._due_s
+
+
 @dataclass
 class RunResult:
     settings: RunSettings
@@ -73,3 +119,4 @@ class RunResult:
     unmatched_predictions: int = 0  # predictions whose stamp matched no outstanding frame
     node_counters: dict[str, dict[str, str]] = field(default_factory=dict)  # last diagnostics
     node_exit_codes: dict[str, int | None] = field(default_factory=dict)
+    timing_gaps: list[TimingGap] = field(default_factory=list)  # rate mode: RatePacer.gaps

@@ -3,9 +3,10 @@ collects every prediction (the rclpy half of ``ttspec replay``; metrics live in
 ttspec_ros.replay_report).
 
 Each run gets fresh camera/classifier/adapter processes (same ``--ros-args --params-file`` and
-namespace as the launch file, plus ``-p`` overrides), so adaptation never carries over between
-runs. The raw CDR bytes from the bag are published unchanged (header stamps preserved);
-predictions are matched to frames by header stamp. ``main()`` is ``ttspec replay``.
+namespace as the launch file, plus an overlay params file of the run's values, among them an
+empty adapter ``state_dir``), so adaptation never carries over between runs. The raw CDR
+bytes from the bag are published unchanged (header stamps preserved); predictions are matched
+to frames by header stamp. ``main()`` is ``ttspec replay``.
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ def play(
             progress(0, "graph ready")
         before = node.counters()
         started = time.perf_counter()
-        first_time_ns: int | None = None
+        pacer = replay_runs.RatePacer(settings.rate) if settings.rate is not None else None
 
         # Last frame sent or answer received: the end of the run's wall time (waits for answers
         # that never come do not count; with a lost frame they added QUIET_S or a timeout).
@@ -312,10 +313,8 @@ def play(
         for frame in stream.frames(limit=total):
             outcomes.append(replay_runs.Outcome(index=frame.index, stamp_ns=frame.stamp_ns,
                                                 label=stream.labels.get(frame.stamp_ns)))
-            if settings.rate is not None:  # not lockstep: the recorded timing over the rate
-                first_time_ns = frame.time_ns if first_time_ns is None else first_time_ns
-                due = started + (frame.time_ns - first_time_ns) / 1e9 / settings.rate
-                delay = due - time.perf_counter()
+            if pacer is not None:  # not lockstep: the recorded timing over the rate, capped
+                delay = started + pacer.due(frame.index, frame.time_ns) - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
             check_running()
@@ -377,7 +376,7 @@ def play(
         settings=settings, outcomes=outcomes, wall_s=wall, startup_s=startup,
         thresholds=used_thresholds,
         unmatched_predictions=matcher.unmatched, node_counters=final_counters,
-        node_exit_codes=codes,
+        node_exit_codes=codes, timing_gaps=list(pacer.gaps) if pacer is not None else [],
     )
 
 
