@@ -119,6 +119,29 @@ def test_simulated_stream_feeds_every_frame() -> None:
     assert stats["steps"] + stats["skipped_first_exit"] == 60
 
 
+def test_simulated_stream_learns_the_last_partial_batch_before_the_last_frame_report() -> None:
+    """Batches of 4: the frames after the last full batch are learned at the stream's end
+    (flush), and the last on_frame already sees those heads (experiments evaluate there)."""
+    model = tiny_model()
+    x = torch.randn(30, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    data = ExitFeatures.compute(model, x)
+    spec = Specializer(early_head_tensors(model), 4, lr=0.05, batch_size=4)
+    seen: dict[int, dict] = {}
+
+    def on_frame(n: int) -> None:
+        seen[n] = {**spec.stats(), "heads": spec.heads().to_tensors()}
+
+    simulate_stream(spec, data, list(range(30)), 0.6, on_frame)
+    learned = seen[30]["samples"] - seen[30]["skipped_first_exit"]
+    assert learned % 4, "a partial batch must be left for this test to mean much"
+    assert seen[30]["pending"] == 0 and seen[30]["steps"] == -(-learned // 4)
+    before_end = seen[29]
+    assert before_end["steps"] == learned // 4
+    assert any(not np.array_equal(seen[30]["heads"][k], v)
+               for k, v in before_end["heads"].items())
+    assert spec.export().version == seen[30]["version"] == seen[30]["steps"]
+
+
 # -- the commands, on a tiny checkpoint ------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
@@ -234,6 +257,28 @@ def test_forgetting_experiment_writes_json(tiny_checkpoint, tmp_path) -> None:
     assert guard["anchors_per_class"] == 3 and 0 < guard["anchors"] <= 3 * 10
     assert guard["check_every"] == 10 and "guard_settings" not in result["runs"]["no_guard"]
     assert (tmp_path / "forgetting.png").stat().st_size > 1000
+
+
+def test_forgetting_experiment_learns_the_last_partial_batch(tiny_checkpoint, tmp_path) -> None:
+    """13 frames in batches of 8: the last 5 used to stay pending, left out of the last trace
+    point and ``final``; the stream's end is flushed, so every learned frame is in them."""
+    from ttspec_ros.experiments import forgetting_experiment as mod
+
+    args = _args(mod, ["--out", str(tmp_path), "--model", tiny_checkpoint, "--subset-frames",
+                       "13", "--mixed-frames", "0", "--eval-every", "5", "--batch-size", "8",
+                       "--test-limit", "200", "--threads", "1", "--anchors-per-class", "3",
+                       "--min-confidence", "0", "--threshold", "0.99"])  # frames reach exit > 0
+    assert mod.run(args) == 0
+    result = json.loads((tmp_path / "forgetting.json").read_text())
+    for name, r in result["runs"].items():
+        stats = r["stats"]
+        learned = stats["samples"] - stats["skipped_first_exit"] - stats["skipped_low_confidence"]
+        assert r["frames"] == [0, 5, 10, 13] and stats["pending"] == 0, name
+        assert learned % 8 and stats["steps"] + stats["overflows"] == -(-learned // 8), name
+    no_guard = result["runs"]["no_guard"]
+    assert no_guard["stats"]["version"] == no_guard["stats"]["steps"] >= 1  # published
+    assert result["final"]["no_guard"]["others_accuracy_delta"] == round(
+        no_guard["others_accuracy"][-1] - result["before"]["others"]["accuracy"], 6)
 
 
 def test_bench_update_writes_json(tiny_checkpoint, tmp_path) -> None:

@@ -633,3 +633,41 @@ def test_anchor_labels_must_be_integers() -> None:
     with pytest.raises(ValueError, match="anchor labels must be integers, got float64"):
         AnchorSet(feats, np.array([2.7, 1.0]))  # was read as classes 2 and 1
     assert AnchorSet(feats, np.array([2, 1], np.uint8)).labels.dtype == np.int64
+
+
+@pytest.mark.parametrize("replay_size", [3, 7])
+def test_replay_buffer_holds_at_most_replay_size_and_stays_balanced(replay_size: int) -> None:
+    """Per-class shares are rounded up (ceil(size / 5 classes): 1 and 2), so 5 classes used
+    to fill 5 and 10 places; the total must stay within replay_size, balanced over the
+    classes, keeping the newest samples."""
+    spec = Specializer(early_head_tensors(tiny_model()), 4, replay_size=replay_size, lr=0.1)
+    for i, f in enumerate(features(40)):
+        spec.add_sample(3, i % 5, 0.9, f)
+        held = {c: len(q) for c, q in spec._replay.items() if q}
+        assert sum(held.values()) <= replay_size
+    assert sum(held.values()) == replay_size and max(held.values()) - min(held.values()) <= 1
+    if replay_size == 3:  # one place each for the three classes seen last (i = 37, 38, 39)
+        assert held == {2: 1, 3: 1, 4: 1}
+
+
+def test_replay_buffer_keeps_no_sample_of_a_rolled_back_batch() -> None:
+    """A batch the guard's check refuses is undone, so it must not come back as replay."""
+    rng = np.random.default_rng(0)
+    anchors = AnchorSet([rng.standard_normal((20, 32)).astype(np.float32) for _ in range(3)],
+                        rng.integers(0, 5, 20))
+    init = early_head_tensors(tiny_model())
+
+    def spec_after_three_steps(tolerance: float) -> Specializer:
+        guard = AnchorGuard(anchors, threshold=0.3, rehearsal=0, check_every=1,
+                            tolerance=tolerance, class_tolerance=tolerance)
+        spec = Specializer(init, 4, lr=1.0, guard=guard, replay_size=10)
+        for f in features(3, seed=4):
+            spec.add_sample(3, 0, 0.99, f)
+        return spec
+
+    strict = spec_after_three_steps(0.0)  # lr 1 on one class: every check fails
+    assert strict.stats()["rollbacks"] == 3 and strict.version == 0
+    assert sum(len(q) for q in strict._replay.values()) == 0
+    lenient = spec_after_three_steps(1.0)  # every check passes: all three are kept
+    assert lenient.stats()["rollbacks"] == 0 and lenient.version == 3
+    assert {c: len(q) for c, q in lenient._replay.items()} == {0: 2}  # ceil(10 / 5) per class

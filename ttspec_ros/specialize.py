@@ -236,7 +236,12 @@ class Specializer:
     ``add_sample`` queues one frame's sample and takes an SGD step when ``batch_size`` samples
     are queued (``flush`` learns from a partly filled one); ``export`` gives the current
     heads as a ``ModelUpdatePayload`` whose version increases with every change (step,
-    rollback, reset, load)."""
+    rollback, reset, load).
+
+    ``replay_size`` > 0 keeps that many of the stream's learned samples at most (and at most
+    ceil(replay_size / classes) per class, so classes share it) and replays ``batch_size`` of
+    them, drawn over classes evenly, with every step. With a checking guard a batch enters
+    it only once the check of its step passed: a rolled-back batch is not replayed later."""
 
     def __init__(self, initial_heads: Mapping[str, Any], num_exits: int, *, model_id: str = "",
                  lr: float = 1e-4, momentum: float = 0.0, batch_size: int = 1,
@@ -265,8 +270,13 @@ class Specializer:
         self._rng = np.random.default_rng(seed)
         self._pending: list[tuple[np.ndarray, int]] = []
         per_class = math.ceil(replay_size / self.num_classes) if replay_size else 0
+        # class -> deque of (features, label, arrival number), oldest first
         self._replay: dict[int, deque] = {}
         self._replay_per_class = per_class
+        self._replay_count = 0  # samples ever added: orders evictions across classes
+        # Samples of steps a checking guard has not passed yet: they join the buffer when the
+        # check passes and are dropped when it rolls the heads back.
+        self._replay_unchecked: list[tuple[np.ndarray, int]] = []
         self._new_optimizer()
         self.version = 0  # of the published heads
         self.counters = {"samples": 0, "skipped_low_confidence": 0, "skipped_first_exit": 0,
@@ -393,8 +403,23 @@ class Specializer:
         out = []
         for c in self._rng.choice(classes, size=self.batch_size):
             q = self._replay[int(c)]
-            out.append(q[int(self._rng.integers(len(q)))])
+            feats, label, _ = q[int(self._rng.integers(len(q)))]
+            out.append((feats, label))
         return out
+
+    def _remember(self, samples: Sequence[tuple[np.ndarray, int]]) -> None:
+        """Add learned samples to the replay buffer. Per-class shares are rounded up
+        (ceil(replay_size / classes)), so when the total exceeds replay_size the oldest
+        sample of the class holding the most goes (ties: the class whose oldest sample is
+        oldest), which keeps the classes balanced and the total within replay_size."""
+        for feats, label in samples:
+            self._replay.setdefault(label, deque(maxlen=self._replay_per_class)).append(
+                (feats, label, self._replay_count))
+            self._replay_count += 1
+            if sum(len(q) for q in self._replay.values()) > self.replay_size:
+                victim = max((q for q in self._replay.values() if q),
+                             key=lambda q: (len(q), -q[0][2]))
+                victim.popleft()
 
     def _gradients(self, x: np.ndarray, weights: np.ndarray, targets: np.ndarray,
                    apply_weight_lr: float | None = None) -> list[np.ndarray | None]:
@@ -484,9 +509,10 @@ class Specializer:
         if not self._checking:
             self.version = self._changes  # published = trained heads
         if self.replay_size:
-            for feats, label in batch:
-                self._replay.setdefault(label, deque(maxlen=self._replay_per_class)).append(
-                    (feats, label))
+            if self._checking:  # replayed only once the guard's check keeps this step
+                self._replay_unchecked.extend(batch)
+            else:
+                self._remember(batch)
         guard = self._checking_guard
         if guard is not None and self.counters["steps"] % guard.check_every == 0:
             self._check()
@@ -497,6 +523,8 @@ class Specializer:
         if self.guard.passes(self._heads):
             self._published = self._heads.clone()
             self.version = self._changes
+            self._remember(self._replay_unchecked)
+            self._replay_unchecked = []
         else:
             self._roll_back()
 
@@ -506,6 +534,7 @@ class Specializer:
         unchecked = self._published_heads() is self._heads
         self._heads.copy_(self._published)
         self._new_optimizer()
+        self._replay_unchecked.clear()  # the steps that learned them are undone
         self.counters["rollbacks"] += 1
         if unchecked:  # the exported heads changed: a new version, so classifiers take it
             self._changes += 1
@@ -540,6 +569,7 @@ class Specializer:
             self._published = self._initial.clone()
             self._pending.clear()
             self._replay.clear()
+            self._replay_unchecked.clear()
             self._new_optimizer()
             self.counters["resets"] += 1
             self._changes += 1
@@ -630,6 +660,7 @@ class Specializer:
             self._heads.copy_(heads)
             self._published = heads.clone()
             self._pending.clear()
+            self._replay_unchecked.clear()  # their unchecked steps are replaced by the state
             self._new_optimizer()
             for buf, saved in zip(self._momentum, momentum, strict=True):
                 if saved is not None:

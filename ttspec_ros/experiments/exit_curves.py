@@ -125,7 +125,11 @@ def simulate_stream(spec: Specializer, data: ExitFeatures, order: Sequence[int],
                     threshold: float, on_frame: Callable[[int], None] | None = None) -> None:
     """Feed frames (indices into ``data``) through the cascade's rule with the specializer's
     current heads, then into ``add_sample`` - what camera -> classifier -> adapter does, with
-    the backbone's features precomputed. ``on_frame(n)`` runs after frame n (1-based)."""
+    the backbone's features precomputed. ``on_frame(n)`` runs after frame n (1-based).
+
+    After the last frame the specializer is flushed before its ``on_frame``, as the adapter
+    does at shutdown: with ``batch_size`` > 1 the last partial batch (and, with a checking
+    guard, the steps since its last check) would otherwise never be learned or published."""
     h = spec.num_exits - 1
     heads = spec.heads()
     for n, idx in enumerate(order, start=1):
@@ -139,5 +143,7 @@ def simulate_stream(spec: Specializer, data: ExitFeatures, order: Sequence[int],
                     break
         if spec.add_sample(exit_index, cls, conf, feats[:exit_index]):
             heads = spec.heads()
+        if n == len(order):
+            spec.flush()
         if on_frame is not None:
             on_frame(n)

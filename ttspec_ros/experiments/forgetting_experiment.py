@@ -176,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
                         trace[f"{g}_{k}"].append(ev[g][k])
 
         t0 = time.perf_counter()
+        # flushes before the last on_frame: the trace's last point (always at the stream's
+        # end) and ``final`` include the last partial batch, as specialize-experiment's do
         simulate_stream(spec, pool_data, order.tolist(), args.threshold, on_frame)
         traces[name] = trace
         runs[name] = {**trace, "stats": spec.stats(),
