@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from ttspec_ros.cascade import Cascade, NonFiniteOutput, TorchBackbone, exit_costs
+from ttspec_ros.cascade import (
+    Cascade,
+    NonFiniteOutput,
+    TorchBackbone,
+    exit_costs,
+    reaches_threshold,
+)
+from ttspec_ros.guard import cascade_answers
 from ttspec_ros.models.revcol import RevCol
 
 torch.set_num_threads(1)
@@ -92,6 +99,35 @@ def test_threshold_one_never_answers_even_on_a_saturated_softmax():
     assert cascade.run(x, thresholds=[0.999, 1.0, 1.0]).exit_index == 0
 
 
+@pytest.mark.parametrize("value, threshold, expected", [
+    (np.float32(0.9), 0.9, False),  # 0.89999998: below 0.9, though float32(0.9) equals it
+    (np.nextafter(np.float32(0.9), np.float32(1)), 0.9, True),
+    (np.float32(0.5), 0.5, True),  # exactly the threshold reaches it
+    (np.float32(1.0), 1.0, False),  # 1.0 means never
+])
+def test_threshold_precision_is_the_same_for_floats_arrays_and_tensors(value, threshold,
+                                                                       expected):
+    """torch and numpy rounded a Python-float threshold to float32: float32(0.9) exited in
+    the batched curves and the guard but not in Cascade.run (Python floats)."""
+    inputs = (float(value), value, np.array([value]), torch.tensor([float(value)]),
+              torch.tensor(float(value)))
+    assert [bool(reaches_threshold(c, threshold)) for c in inputs] == [expected] * 5
+
+
+def test_batched_rule_and_cascade_agree_on_a_threshold_float32_cannot_hold():
+    model = make_model()
+    cascade = Cascade(model, 1.0)
+    x = image()
+    result = cascade.run(x, force_exit=0)
+    c = result.exit_confidences[0]
+    t = c + float(np.spacing(np.float32(c))) / 4  # above c, but float32(t) == c
+    assert t > c and np.float32(t) == np.float32(c)
+    assert cascade.run(x, thresholds=[t, 1.0, 1.0]).exit_index > 0
+    probs = torch.softmax(result.logits, dim=0)[None]  # what the cascade compared
+    exit_index, _ = cascade_answers([probs], torch.zeros(1, dtype=torch.long), [t])
+    assert exit_index.tolist() == [1]  # the last exit of this one-head rule, not head 0
+
+
 def test_non_finite_logits_give_no_answer():
     model = make_model()
     cascade = Cascade(model, 0.0)
@@ -162,6 +198,31 @@ def test_apply_update_validates_everything_before_changing_anything():
     result = cascade.run(x, force_exit=0)
     assert result.model_version == 7
     assert torch.allclose(result.logits, old - before["cls_blocks.0.classifier.1.bias"] + 1)
+
+
+def test_an_update_leaving_out_tensors_an_earlier_one_changed_puts_them_back():
+    """Each update is the adapter's whole state: after a backbone update (test-time
+    training), a heads-only update (an adapter restarted as specialize, or its reset) must not
+    leave the adapted backbone in place."""
+    model = make_model()
+    cascade = Cascade(model, 0.5)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    head = {"cls_blocks.0.classifier.1.bias": np.ones(5, np.float32)}
+    backbone = {"stem.1.bias": np.full(8, 0.5, np.float32)}
+    x = image()
+    assert cascade.apply_update({**head, **backbone}, version=1) == []
+    adapted = cascade.run(x, force_exit=0).logits
+    assert cascade.apply_update(head, version=2) == ["stem.1.bias"]
+    assert torch.equal(model.stem[1].bias, original["stem.1.bias"])
+    assert torch.equal(model.cls_blocks[0].classifier[1].bias, torch.ones(5))
+    expected = make_model()  # the same seed: the model's own values, then the head update
+    expected.load_state_dict({**original, "cls_blocks.0.classifier.1.bias": torch.ones(5)})
+    result = cascade.run(x, force_exit=0).logits
+    assert torch.equal(result, Cascade(expected, 0.5).run(x, force_exit=0).logits)
+    assert not torch.equal(result, adapted)
+    assert cascade.apply_update({}, version=3) == ["cls_blocks.0.classifier.1.bias"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
 
 
 def test_backbone_tensors_update_on_torch_only():

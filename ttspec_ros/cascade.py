@@ -32,7 +32,17 @@ def reaches_threshold(confidence: Any, threshold: float) -> Any:
     """The exit rule: an early exit answers when its max softmax reaches the threshold, and
     threshold 1.0 means never. float32 softmax rounds to exactly 1.0 once the top logit leads
     by ~17, so with plain ``>=`` a user disabling early exits with 1.0 would still get some.
-    Works elementwise on floats, numpy arrays and tensors."""
+    Works elementwise on floats, numpy arrays and tensors.
+
+    Tensors and numpy values compare in float64, as Python floats do: torch and numpy round
+    a Python-float threshold to a float32 operand's dtype, so a probability of float32(0.9)
+    (0.89999998) "reached" 0.9 in the batched curves and the guard but not in ``Cascade.run``.
+    float64 holds every float32 exactly, so this keeps the rule "max prob >= threshold" on the
+    probability's true value; rounding the threshold instead would let values below it exit."""
+    if isinstance(confidence, Tensor):
+        confidence = confidence.double()
+    elif isinstance(confidence, np.ndarray | np.generic):
+        confidence = np.asarray(confidence, dtype=np.float64)
     return (confidence >= threshold) & (threshold < 1.0)
 
 
@@ -107,6 +117,9 @@ class Cascade:
         # Tensors an update may replace, by state-dict name (parameters and buffers).
         self._targets: dict[str, Tensor] = dict(model.named_parameters())
         self._targets.update(model.named_buffers())
+        # The model's own values of the tensors updates replaced: an update is the adapter's
+        # whole adapted state, so what a later one leaves out goes back to these.
+        self._originals: dict[str, Tensor] = {}
 
     @property
     def torch_backbone(self) -> bool:
@@ -183,14 +196,20 @@ class Cascade:
         )
 
     # -- updates ----------------------------------------------------------------------------
-    def apply_update(self, tensors: Mapping[str, np.ndarray | Tensor], version: int) -> None:
+    def apply_update(self, tensors: Mapping[str, np.ndarray | Tensor], version: int
+                     ) -> list[str]:
         """Replace the named tensors (state-dict names) between two frames. Every name must
         exist and be updatable on this backend, shapes must match and values be finite and
-        within +-MAX_MAGNITUDE; otherwise ValueError naming the tensor, and nothing changes."""
+        within +-MAX_MAGNITUDE; otherwise ValueError naming the tensor, and nothing changes.
+
+        An update is the whole adapted state: tensors an earlier update replaced that this
+        one leaves out go back to the model's own values (an adapter restarted with strategy
+        ``specialize`` after ``ttt_online`` sends heads only; its classifier used to keep the
+        adapted backbone, also through the adapter's reset). -> the names put back."""
         if not is_integer(version) or version < 0:
             raise ValueError(f"version must be a non-negative integer, got {version!r}")
         updatable = set(self.updatable_tensor_names())
-        prepared: list[tuple[Tensor, Tensor]] = []
+        prepared: list[tuple[str, Tensor]] = []
         for name, value in tensors.items():
             if name not in self._targets:
                 raise ValueError(f"update names unknown tensor {name!r}")
@@ -209,11 +228,18 @@ class Cascade:
             if not within_magnitude([src]):
                 raise ValueError(f"update tensor {name!r} has non-finite values or values "
                                  f"beyond +-{MAX_MAGNITUDE:g}")
-            prepared.append((target, src.clone()))
+            prepared.append((name, src.clone()))
+        restored = [n for n in self._originals if n not in tensors]
         with self._lock, torch.no_grad():
-            for target, src in prepared:
+            for name, src in prepared:
+                target = self._targets[name]
+                if name not in self._originals:
+                    self._originals[name] = target.detach().clone()
                 target.copy_(src)
+            for name in restored:
+                self._targets[name].copy_(self._originals.pop(name))
             self.version = int(version)
+        return restored
 
 
 def exit_costs(model: RevCol, image_size: int | tuple[int, int]) -> list[float]:

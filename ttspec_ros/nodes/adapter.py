@@ -40,6 +40,7 @@ from typing import Any
 import rclpy.logging
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 
@@ -108,8 +109,9 @@ class AdapterNode(Node):
             self.create_subscription(AdaptationSample, topics.ADAPTATION_SAMPLES,
                                      self._on_sample, qos(topics.QOS_RELIABLE))
         if self.ttt is not None:
-            self.create_subscription(Image, topics.FRAMES, self._on_frame,
-                                     qos(topics.QOS_SENSOR))
+            self.create_subscription(
+                Image, topics.FRAMES, self._on_frame, qos(topics.QOS_FRAMES),
+                qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self.create_service(Trigger, topics.RESET_SERVICE, self._on_reset)
         self.create_service(Trigger, topics.SAVE_SERVICE, self._on_save)
         self._publish_timer = steady_timer(self, values["publish_period_s"],

@@ -52,10 +52,9 @@ class CameraNode(Node):
         self._throttle = Throttle()
         self._input_spec = self._load_input_spec(values["model"])
         self._rate = RateLimit(params.min_period_s(values["max_rate_hz"]))
-        # Overridable like the classifier's subscription of frames: a reliable reader needs a
-        # reliable writer (e.g. qos_overrides./ttspec/frames.publisher.reliability:=reliable).
+        # Overridable like the readers of frames (a reliable reader needs a reliable writer).
         self._frames_pub = self.create_publisher(
-            Image, topics.FRAMES, qos(topics.QOS_SENSOR),
+            Image, topics.FRAMES, qos(topics.QOS_FRAMES),
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self._sub: Subscription[Image] | Subscription[CompressedImage] | None = None
         self._qos: dict[str, Any] = {}

@@ -131,7 +131,7 @@ class ClassifierNode(Node):
         self._sample_pub = self.create_publisher(AdaptationSample, topics.ADAPTATION_SAMPLES,
                                                  qos(topics.QOS_RELIABLE))
         self._frames_sub = self.create_subscription(
-            Image, topics.FRAMES, self._on_frame, qos(topics.QOS_SENSOR),
+            Image, topics.FRAMES, self._on_frame, qos(topics.QOS_FRAMES),
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self.create_subscription(ModelUpdate, topics.MODEL_UPDATES, self._on_update,
                                  qos(topics.QOS_LATCHED))
@@ -223,7 +223,7 @@ class ClassifierNode(Node):
             try:
                 self._check_and_apply(loaded, payload)
             except ValueError as e:
-                self._update_rejected(payload.version, e)
+                self._update_rejected(payload.version, e, "refused")
                 kept.pop()
                 continue
             self.get_logger().info(f"model {loaded.cascade.model_id}: applied its latest "
@@ -305,11 +305,16 @@ class ClassifierNode(Node):
         loaded = self.loaded
         try:
             payload = from_msg(msg)
-            if payload.model_id != loaded.cascade.model_id:
+        except ValueError as e:
+            self._update_rejected(msg.version, e, "malformed")
+            return
+        other_model = payload.model_id != loaded.cascade.model_id
+        try:
+            if other_model:
                 self._keep_update(payload)  # for a switch to that model
             self._check_and_apply(loaded, payload)
         except ValueError as e:
-            self._update_rejected(msg.version, e)
+            self._update_rejected(msg.version, e, "other_model" if other_model else "refused")
             return
         self._keep_update(payload)
         self.get_logger().debug(f"applied model update v{payload.version}")
@@ -343,8 +348,12 @@ class ClassifierNode(Node):
                 "graph, only head tensors (cls_blocks.*) can change: adapter strategies "
                 "that train the backbone need classifier backend 'torch'")
         previous = cascade.version
-        cascade.apply_update(payload.tensors, payload.version)
+        restored = cascade.apply_update(payload.tensors, payload.version)
         self.stats.count("updates_applied")
+        if restored:
+            self.get_logger().info(
+                f"model update v{payload.version} leaves out {len(restored)} tensors an "
+                f"earlier update changed (e.g. {restored[0]!r}): back to the model file's")
         if payload.version < previous:
             # Applied all the same (the adapter's state is what counts), but version numbers
             # now name other tensors than before: say so.
@@ -355,10 +364,13 @@ class ClassifierNode(Node):
                     "applied before: the adapter restarted without state_dir (its adaptation "
                     "starts over) or another adapter publishes for this model")
 
-    def _update_rejected(self, version: int, error: ValueError) -> None:
+    def _update_rejected(self, version: int, error: ValueError, reason: str) -> None:
+        """Count, keep the message for diagnostics, warn throttled per ``reason``: the
+        message names sizes and tensors, so as the key it gave every bad update a warning
+        (a review: 40 varied bad updates in 2 s, 40 warnings) and the throttle a new entry."""
         self.stats.count("updates_rejected")
         self.stats.note("last_update_rejection", str(error))
-        if self._throttle(str(error)):
+        if self._throttle(f"update:{reason}"):
             self.get_logger().warning(f"rejected model update v{version}: {error}")
 
     # -- diagnostics

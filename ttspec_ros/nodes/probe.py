@@ -192,7 +192,7 @@ class Probe:
         if on and self._frames_sub is None:
             self._frames_sub = self.node.create_subscription(
                 Image, f"{self.ns}/{topics.FRAMES}", self._keep(self.frames),
-                qos(topics.QOS_SENSOR))
+                qos(topics.QOS_FRAMES))
         elif not on and self._frames_sub is not None:
             self.node.destroy_subscription(self._frames_sub)
             self._frames_sub = None
@@ -279,10 +279,11 @@ class Probe:
             self.node.destroy_publisher(pub)
 
     def _sensor_publisher(self, msg_type: Any, topic: str) -> Any:
-        """A sensor-QoS publisher on ``topic`` (made on first use, once it has a match)."""
+        """A publisher on ``topic`` with the QoS its table entry gives a camera driver or the
+        camera node (made on first use, once it has a match)."""
         if topic not in self._sensor_pubs:
-            pub = self.node.create_publisher(msg_type, f"{self.ns}/{topic}",
-                                             qos(topics.QOS_SENSOR))
+            profile = next(t.qos for t in topics.TOPICS if t.name == topic)
+            pub = self.node.create_publisher(msg_type, f"{self.ns}/{topic}", qos(profile))
             wait_for(lambda: pub.get_subscription_count() > 0, 5.0)
             self._sensor_pubs[topic] = pub
         return self._sensor_pubs[topic]

@@ -31,14 +31,14 @@ class RelayNode(Node):
         if role == topics.CAMERA_NODE:
             shape = input_shape(load_input_spec(model))
             self._frame = encode_frame(np.zeros(shape, np.float32))
-            self._pub = self.create_publisher(Image, topics.FRAMES, qos(topics.QOS_SENSOR))
+            self._pub = self.create_publisher(Image, topics.FRAMES, qos(topics.QOS_FRAMES))
             self.create_subscription(Image, topics.IMAGE_RAW, self._to_frame,
                                      qos(topics.QOS_SENSOR))
         else:
             self._pub = self.create_publisher(CascadePrediction, topics.PREDICTIONS,
                                               qos(topics.QOS_RELIABLE))
             self.create_subscription(Image, topics.FRAMES, self._to_prediction,
-                                     qos(topics.QOS_SENSOR))
+                                     qos(topics.QOS_FRAMES))
 
     def _to_frame(self, msg: Image) -> None:
         self._pub.publish(Image(header=msg.header, **self._frame))
