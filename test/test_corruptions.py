@@ -119,7 +119,7 @@ def test_contrast_keeps_each_channel_mean_as_imagenet_c():
         assert abs(y[..., ch].std() - c * x[..., ch].std()) < 1.0
 
 
-def test_make_corrupted_tiny(tmp_path):
+def test_make_corrupted_tiny(tmp_path, monkeypatch):
     from ttspec_ros.cli import main
 
     assert main(["make-corrupted", "--out", str(tmp_path), "--test-images", "6",
@@ -147,6 +147,17 @@ def test_make_corrupted_tiny(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == sorted(
         f["file"] for f in index["files"]) == [
         "pool_clean.npz", "pool_contrast.npz", "test_clean.npz", "test_contrast.npz"]
+    # a run that fails midway leaves no index.json: the old one no longer describes the files
+    from ttspec_ros.experiments import make_corrupted
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(make_corrupted, "contact_sheet", disk_full)
+    assert main(["make-corrupted", "--out", str(tmp_path), "--test-images", "2",
+                 "--pool-images", "2", "--split-seed", "0", "--seed", "1",
+                 "--corruptions", "contrast"]) == 2
+    assert not (tmp_path / "index.json").exists()
 
 
 @pytest.mark.parametrize("counts, message", [

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+from conftest import REPO
 
 from ttspec_ros import files
 
@@ -156,3 +160,25 @@ def test_temporaries_a_killed_writer_left_are_removed_by_name(tmp_path):
                                                ".specializer.safetensors.x9.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.k3j2.tmp",
                                                           "published.json"]
+
+
+def test_safetensors_bytes_depend_on_the_content_only(tmp_path):
+    """safetensors writes metadata in its hash map's order, which changes per process: two
+    make-anchors runs with one seed gave files of different sha256."""
+    from safetensors import safe_open
+
+    script = ("import hashlib, numpy as np; from ttspec_ros.files import safetensors_bytes; "
+              "print(hashlib.sha256(safetensors_bytes({'w': np.arange(6, dtype=np.float32)}, "
+              "{'format': 'f', 'model_id': 'm', 'made_with': '{}', 'version': '3'}))"
+              ".hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                              text=True, cwd=REPO).stdout for _ in range(4)}
+    assert len(digests) == 1, digests
+    tensors = {"w": np.arange(6, dtype=np.float32), "b": np.ones(3, np.int64)}
+    path = files.atomic_write_bytes(tmp_path / "t.safetensors",
+                                    files.safetensors_bytes(tensors, {"z": "1", "a": "2"}))
+    with safe_open(str(path), framework="numpy") as f:  # still a valid file, all kept
+        assert f.metadata() == {"z": "1", "a": "2"}
+        for name, value in tensors.items():
+            read = f.get_tensor(name)
+            assert np.array_equal(read, value) and read.dtype == value.dtype

@@ -161,6 +161,24 @@ def json_bytes(obj: Any, indent: int = 2) -> bytes:
     return (json.dumps(obj, indent=indent) + "\n").encode("utf-8")
 
 
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """numpy arrays + metadata as a safetensors file whose bytes depend on the content only.
+
+    safetensors writes the metadata in its hash map's order, which changes from process to
+    process: two runs with the same seed gave anchor files of different sha256. The header
+    is rewritten with the metadata's keys sorted (tensor entries and data are unchanged; the
+    header is padded with spaces to 8 bytes, as safetensors pads it)."""
+    from safetensors.numpy import save
+
+    blob = save(tensors, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    header["__metadata__"] = dict(sorted(metadata.items()))  # what save wrote, in order
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     return atomic_write_bytes(path, json_bytes(obj, indent))
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ttspec_ros.cascade import reaches_threshold
-from ttspec_ros.files import atomic_write_bytes
+from ttspec_ros.files import atomic_write_bytes, safetensors_bytes
 from ttspec_ros.model_update import all_finite, as_numpy
 from ttspec_ros.models.checkpoint import validate_thresholds
 from ttspec_ros.models.revcol import RevCol
@@ -89,15 +89,12 @@ class AnchorSet:
 
     def save(self, path: str | os.PathLike, made_with: Mapping[str, Any] | None = None) -> Path:
         """``made_with`` (JSON-able: source, seed, ...) is kept in the file's metadata."""
-        from safetensors.numpy import save
-
         tensors = {f"features.{i}": f for i, f in enumerate(self.features)}
         tensors["labels"] = self.labels
         metadata = {"format": "ttspec-anchors-1", "model_id": self.model_id}
         if made_with is not None:
             metadata["made_with"] = json.dumps(dict(made_with), sort_keys=True)
-        data = save(tensors, metadata=metadata)
-        return atomic_write_bytes(Path(path), data)
+        return atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata))
 
     def check_matches(self, model_id: str, num_early: int, feature_dim: int) -> None:
         """Refuse anchors of another model, or whose shapes do not fit its early heads."""

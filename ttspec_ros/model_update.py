@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ttspec_ros.checks import is_integer
-from ttspec_ros.files import atomic_write_bytes, write_json
+from ttspec_ros.files import atomic_write_bytes, safetensors_bytes, write_json
 
 if TYPE_CHECKING:  # torch tensors are accepted without importing torch here
     from torch import Tensor
@@ -166,9 +166,7 @@ def from_msg(msg: Any) -> ModelUpdatePayload:
 
 def save_payload(payload: ModelUpdatePayload, path: str | os.PathLike) -> Path:
     """Write the payload as one safetensors file, atomically (temp file + rename)."""
-    from safetensors.numpy import save
-
-    data = save(
+    data = safetensors_bytes(
         dict(payload.tensors),
         metadata={"model_id": payload.model_id, "version": str(payload.version)},
     )

@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     selected = {source: source_images(source, count, split_seed, pool_size)
                 for source, count in (("test", args.test_images), ("pool", args.pool_images))}
     out.mkdir(parents=True, exist_ok=True)
+    # index.json is written last and means "complete": an earlier run's, left in place while
+    # this one replaced files, described a mix of two seeds' files if this run died midway.
+    (out / "index.json").unlink(missing_ok=True)
     # An earlier run's files of corruptions this run leaves out would sit beside an index.json
     # of other seeds and counts: only what this run writes stays.
     written = {f"{source}_{name}.npz" for source in selected
