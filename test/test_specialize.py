@@ -143,18 +143,25 @@ def test_flush_steps_on_a_partly_filled_batch() -> None:
     assert spec.flush() is False and spec.stats()["steps"] == 1  # nothing held back
 
 
-def test_flush_runs_the_guard_check_of_unchecked_steps() -> None:
+def guarded_after_three_steps(tolerance: float, check_every: int, **kwargs) -> Specializer:
+    """A guarded Specializer after three lr-1 steps on one class: with tolerance 0 each check
+    fails, with tolerance 1 each passes."""
     rng = np.random.default_rng(0)
     anchors = AnchorSet([rng.standard_normal((20, 32)).astype(np.float32) for _ in range(3)],
                         rng.integers(0, 5, 20))
+    guard = AnchorGuard(anchors, threshold=0.3, rehearsal=0, check_every=check_every,
+                        tolerance=tolerance, class_tolerance=tolerance)
+    spec = Specializer(early_head_tensors(tiny_model()), 4, lr=1.0, guard=guard, **kwargs)
+    for f in features(3, seed=4):
+        spec.add_sample(3, 0, 0.99, f)
+    return spec
+
+
+def test_flush_runs_the_guard_check_of_unchecked_steps() -> None:
     init = early_head_tensors(tiny_model())
 
     def spec_after_three_steps(tolerance: float) -> Specializer:
-        guard = AnchorGuard(anchors, threshold=0.3, rehearsal=0, check_every=10,
-                            tolerance=tolerance, class_tolerance=tolerance)
-        spec = Specializer(init, 4, lr=1.0, guard=guard)
-        for f in features(3, seed=4):
-            spec.add_sample(3, 0, 0.99, f)
+        spec = guarded_after_three_steps(tolerance, check_every=10)
         assert spec.version == 0  # 3 steps, no check yet: nothing published
         return spec
 
@@ -652,18 +659,8 @@ def test_replay_buffer_holds_at_most_replay_size_and_stays_balanced(replay_size:
 
 def test_replay_buffer_keeps_no_sample_of_a_rolled_back_batch() -> None:
     """A batch the guard's check refuses is undone, so it must not come back as replay."""
-    rng = np.random.default_rng(0)
-    anchors = AnchorSet([rng.standard_normal((20, 32)).astype(np.float32) for _ in range(3)],
-                        rng.integers(0, 5, 20))
-    init = early_head_tensors(tiny_model())
-
     def spec_after_three_steps(tolerance: float) -> Specializer:
-        guard = AnchorGuard(anchors, threshold=0.3, rehearsal=0, check_every=1,
-                            tolerance=tolerance, class_tolerance=tolerance)
-        spec = Specializer(init, 4, lr=1.0, guard=guard, replay_size=10)
-        for f in features(3, seed=4):
-            spec.add_sample(3, 0, 0.99, f)
-        return spec
+        return guarded_after_three_steps(tolerance, check_every=1, replay_size=10)
 
     strict = spec_after_three_steps(0.0)  # lr 1 on one class: every check fails
     assert strict.stats()["rollbacks"] == 3 and strict.version == 0
