@@ -20,7 +20,7 @@ setup(
     data_files=[("share/ttspec_ros/msg", ["msg/LabelStamped.msg"])],
     install_requires=[
         "numpy",
-        "torch",
+        "torch>=2.0",  # torch.device as a context (checkpoint loading builds on "meta")
         "safetensors",
         "opencv-python-headless",
         "matplotlib",
