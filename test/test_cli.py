@@ -282,3 +282,16 @@ def test_a_results_directory_gets_the_command_line_and_code_hash(tmp_path):
     refused = tmp_path / "refused"
     assert cli.main(["bench-exits", "--out", str(refused), "--repeats", "1"]) == 2
     assert not (refused / "provenance.json").exists()
+
+
+def test_ros_measurements_name_the_node_processes_that_did_not_run_through():
+    """ttt-ros and bench-ros exit 1 with these (a run whose adapter died was reported as
+    that strategy's result, exit 0)."""
+    from ttspec_ros.nodes.probe import process_problems
+
+    assert process_problems({"camera": True, "adapter": True}, {"camera": 0, "adapter": 0}) == []
+    # a node dead before the end is named once (its exit code follows from its death)
+    assert process_problems({"camera": True, "adapter": False},
+                            {"camera": 0, "adapter": -9}) == ["adapter was not running at the end"]
+    assert process_problems({"classifier": True}, {"classifier": 1}) == [
+        "classifier exited with 1"]

@@ -25,7 +25,7 @@ SCRIPTS = [VENV_PREFIX / "bin" / "ttspec"] + [
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_runs_main_only_as_main(script, monkeypatch):
-    module_name = re.search(r"^from (\S+) import main$", script.read_text(), re.M).group(1)
+    module_name = re.search(r"^\s*from (\S+) import main$", script.read_text(), re.M).group(1)
     calls = []
     monkeypatch.setattr(importlib.import_module(module_name), "main",
                         lambda: calls.append(1) or 3)
@@ -58,3 +58,18 @@ def test_exit_process_keeps_buffered_output_and_the_code():
     assert done.returncode == 7, done.stderr
     assert sorted(done.stdout.splitlines()) == ["from C", "from Python"], done.stdout
     assert done.stderr == "to stderr"
+
+
+def test_ctrl_c_while_a_node_starts_ends_it_quietly():
+    """SIGINT while the node script still imports rclpy and torch (about 2 s here), before
+    run_node's handling exists, printed a KeyboardInterrupt traceback and ended with -2."""
+    import signal
+    import time
+
+    script = installed_executable(topics.EXECUTABLES[topics.ADAPTER_NODE])
+    proc = subprocess.Popen([str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]

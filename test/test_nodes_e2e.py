@@ -741,6 +741,61 @@ def test_a_reset_publishes_the_original_backbone_while_frames_train(tmp_path):
     assert re.search(r"resets 20 not original 0 tensors [1-9]", out.stdout), out.stdout
 
 
+SAVE_SCRIPT = """
+import sys, rclpy
+from pathlib import Path
+from std_srvs.srv import Trigger
+from ttspec_ros.nodes import adapter as adapter_mod
+stem, state = sys.argv[1:3]
+rclpy.init(args=["--ros-args", "-r", "__ns:=/ttspec_save", "-p", f"model:={stem}",
+                 "-p", "save_period_s:=3600.0"]
+                + (["-p", f"state_dir:={state}"] if state else []))  # `:=` alone does not parse
+node = adapter_mod.AdapterNode()
+sent = []
+node._diagnostics._pub.publish = sent.append  # the reports /diagnostics would get
+def report(what):
+    node._diagnostics.publish()
+    print(what, "level", sent[-1].status[0].level[0], sent[-1].status[0].message, flush=True)
+if state:  # saved once; then the state file's path taken by a directory: renames fail
+    assert node._on_save(Trigger.Request(), Trigger.Response()).success
+    blocker = Path(state) / "specializer.safetensors"
+    blocker.unlink()
+    blocker.mkdir()
+reply = node._on_save(Trigger.Request(), Trigger.Response())
+print("save", reply.success, reply.message, flush=True)
+report("after")
+if state:
+    blocker.rmdir()
+    node._periodic_save()  # nothing new to save, but the last save failed: it tries again
+    print("saves", node.stats.snapshot().get("saves"), flush=True)
+    report("retried")
+node.close()
+node.destroy_node()
+rclpy.shutdown()
+"""
+
+
+@pytest.mark.parametrize("with_state_dir", [False, True])
+def test_a_refused_or_failed_save_does_not_leave_the_adapter_at_error(tiny, tmp_path,
+                                                                      with_state_dir):
+    """~/save without a state_dir is a refused request: counted as a failing save job it kept
+    the adapter at ERROR for good. A failed save is retried by the periodic save even with
+    nothing new to save (an idle adapter stayed at ERROR until its state changed)."""
+    stem, _ = tiny
+    state = str(tmp_path / "state") if with_state_dir else ""
+    out = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(stem), state],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if not with_state_dir:
+        assert "save False not saved: state_dir is ''" in out.stdout, out.stdout
+        assert re.search(r"after level 0 ", out.stdout), out.stdout  # OK, not ERROR
+    else:
+        assert "save False not saved:" in out.stdout, out.stdout
+        assert re.search(r"after level [12] .*save_errors", out.stdout), out.stdout
+        assert "saves 2" in out.stdout and re.search(r"retried level 0 ", out.stdout), \
+            out.stdout
+
+
 def test_adapter_warns_when_specialization_diverges(tiny):
     """A step whose heads overflow or diverge is rolled back (test_specialize); the adapter says
     so in its log, naming the settings to lower, and counts it as a WARN on /diagnostics."""

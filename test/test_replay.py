@@ -294,6 +294,30 @@ def test_demo_summary_table():
             "whole run: accuracy -16.67 points") in text
 
 
+def test_demo_fails_when_the_pipeline_did_not_work():
+    """The demo exited 0 with a classifier that answered nothing or an adapter that died."""
+    from ttspec_ros.experiments import demo
+
+    def report(on: RunResult, off: RunResult) -> dict:
+        return replay_report.build_report({"path": "b", "labels": 6}, [on, off],
+                                          exit_cost=EXIT_COST, num_exits=4,
+                                          class_names=CLASS_NAMES, model={}, window=3)
+
+    labels = [0, 2, 4, 6, 0, 1]
+    on = _run(True, [3, 2, 1, 0, 0, 0], labels, labels)  # model version 1 from frame 4
+    off = _run(False, [3] * 6, labels, labels)
+    assert demo.failures(report(on, off)) == []
+    silent = _run(True, [3] * 6, labels, [None] * 6)
+    on.node_exit_codes = {"camera": 0, "classifier": 0, "adapter": -9}
+    never_updated = _run(True, [3] * 3, labels[:3], labels[:3])  # model version 0 throughout
+    half_lost = _run(False, [3] * 6, labels, labels[:2] + [None] * 4)
+    assert demo.failures(report(silent, off)) == ["run adapt: no frame was answered"]
+    assert demo.failures(report(on, half_lost)) == [
+        "run adapt: nodes exited with {'adapter': -9}", "run no-adapt: 4 of 6 frames lost"]
+    assert demo.failures(report(never_updated, off)) == [
+        "run adapt: no model update of the adapter reached the classifier"]
+
+
 def test_drop_attribution_uses_node_counters():
     outcomes = [Outcome(index=i, stamp_ns=i) for i in range(6)]
     for o in outcomes[:3]:

@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -367,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in topics.localhost_discovery().items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("ROS_LOG_DIR", str(log_dir / "ros"))
-    from ttspec_ros.nodes.probe import NodeProcess, started
+    from ttspec_ros.nodes.probe import NodeProcess, process_problems, started
 
     model = {"model": args.model} if args.model else {}
     procs = {
@@ -467,4 +468,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"adapting on {args.adapt_classes}: mean exit per window "
               f"{[x['mean_exit'] for x in w]}, model version {w[0]['model_version_min']} -> "
               f"{w[-1]['model_version_max']}")
-    return 0
+    problems = process_problems(alive, codes)
+    for problem in problems:  # the figures are not the pipeline's: say so, fail
+        print(f"ttspec bench-ros: {problem} (logs in {log_dir})", file=sys.stderr)
+    return 1 if problems else 0

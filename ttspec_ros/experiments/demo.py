@@ -78,6 +78,23 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def failures(report: dict) -> list[str]:
+    """Why the replayed pipeline did not work, or []: the demo printed its table and exited 0
+    with a classifier that answered nothing or an adapter that had died (a review)."""
+    out = []
+    for r in report["runs"]:
+        if r["predictions"] == 0:
+            out.append(f"run {r['name']}: no frame was answered")
+        elif 2 * r["lost"] > r["frames"]:
+            out.append(f"run {r['name']}: {r['lost']} of {r['frames']} frames lost")
+        exited = {node: code for node, code in r["node_exit_codes"].items() if code != 0}
+        if exited:
+            out.append(f"run {r['name']}: nodes exited with {exited}")
+        if r["adapt"] and r["predictions"] and not r["final_model_version"]:
+            out.append(f"run {r['name']}: no model update of the adapter reached the classifier")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     if args.frames < 1:
@@ -110,4 +127,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreport: {out / 'report.md'} (JSON: {out / 'report.json'})")
     print("plots:  " + "\n        ".join(str(p) for p in plots))
     print(f"demo took {time.monotonic() - started:.0f} s")
-    return 0
+    problems = failures(report)
+    for problem in problems:
+        print(f"ttspec demo: {problem} (node logs: {out / 'logs'})", file=sys.stderr)
+    return 1 if problems else 0

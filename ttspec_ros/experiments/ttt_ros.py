@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def _adapter_params(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
 def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
                   args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     from ttspec_ros.image_codec import encode_image
-    from ttspec_ros.nodes.probe import NodeProcess, started
+    from ttspec_ros.nodes.probe import NodeProcess, process_problems, started
 
     ns = f"{args.namespace}_{strategy}"
     model = {"model": args.model} if args.model else {}  # `-p model:=` does not parse
@@ -95,6 +96,7 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
         with probe.lock:
             preds = [r.msg for r in probe.predictions]
         cls, ada = probe.diag(topics.CLASSIFIER_NODE), probe.diag(topics.ADAPTER_NODE)
+        alive = {n: p.alive() for n, p in procs.items()}
     index = np.array([int(p.header.frame_id) for p in preds], dtype=np.int64)
     correct = np.array([p.class_id for p in preds]) == labels[index]
     windows = []
@@ -113,7 +115,9 @@ def _run_strategy(strategy: str, images: list[np.ndarray], labels: np.ndarray,
                                             "mean_ttt_step_ms", "ttt_loss", "model_version")},
         "classifier": {k: cls.get(k) for k in ("updates_applied", "updates_rejected",
                                                "dropped", "mean_model_ms")},
+        "nodes_alive_at_end": alive,
         "exit_codes": codes,
+        "problems": process_problems(alive, codes),
     }
 
 
@@ -147,4 +151,7 @@ def run(args: argparse.Namespace) -> int:
         acc = [w["accuracy"] for w in r["windows"]]
         print(f"{r['strategy']}: accuracy {r['accuracy']}, windows {acc}, "
               f"adapted {r['adapter']['frames_adapted']}, version {r['final_model_version']}")
-    return 0
+    problems = [f"{r['strategy']}: {p}" for r in runs for p in r["problems"]]
+    for problem in problems:  # its figures are not the strategy's: say so, fail
+        print(f"ttspec ttt-ros: {problem} (logs in {out})", file=sys.stderr)
+    return 1 if problems else 0

@@ -100,6 +100,7 @@ class AdapterNode(Node):
         self._reserved: int | None = None  # versions up to this are in published.json
         self._state_lock: DirectoryLock | None = None
         self._saved_version: int | None = None
+        self._save_failed = False  # the last save failed: the periodic save tries again
         self._save_lock = threading.Lock()
         resumed = self._resume(values["state_dir"])
 
@@ -440,14 +441,19 @@ class AdapterNode(Node):
             if self.ttt is not None:
                 self.ttt.save(state_dir)
             self._saved_version = version
+            self._save_failed = False
         self.stats.count("saves")
         return f"saved version {version} to {state_dir}"
 
     def _periodic_save(self) -> None:
-        if self._values["state_dir"] and self._version() != self._saved_version:
+        # After a failed save, also with nothing new to save: until a save succeeds the
+        # diagnostics say ERROR (failing save_errors), and an idle adapter never cleared it.
+        if self._values["state_dir"] and (self._version() != self._saved_version
+                                          or self._save_failed):
             try:
                 self._save()
             except Exception as e:  # the last saved state stays; the next period tries again
+                self._save_failed = True
                 self._failed("saving the state", e, "save_errors")
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response):
@@ -477,10 +483,16 @@ class AdapterNode(Node):
         return response
 
     def _on_save(self, request: Trigger.Request, response: Trigger.Response):
+        if not self._values["state_dir"]:  # a refused request, not a failing job: counted as
+            # save_errors it left the node at ERROR for good (no save can ever succeed)
+            response.success, response.message = False, "not saved: state_dir is '' (state " \
+                "not persisted; set state_dir in the params file)"
+            return response
         try:
             response.message = self._save()
             response.success = True
         except Exception as e:
+            self._save_failed = True
             self._failed("saving the state", e, "save_errors")
             response.success, response.message = False, f"not saved: {type(e).__name__}: {e}"
         return response

@@ -374,3 +374,14 @@ def started(procs: Mapping[str, NodeProcess], namespace: str, name: str
                 probe.close()
         finally:
             codes.update({n: p.stop() for n, p in procs.items()})
+
+
+def process_problems(alive: Mapping[str, bool], codes: Mapping[str, int]) -> list[str]:
+    """Why the node processes of a measurement did not run through, or []: not running when it
+    ended (``alive``), or stopped with an exit code other than 0 (``codes``; SIGINT ends a
+    healthy node with 0). ttt-ros and bench-ros reported a run whose adapter had died as a
+    normal result, exit status 0."""
+    out = [f"{node} was not running at the end" for node, up in alive.items() if not up]
+    out += [f"{node} exited with {code}" for node, code in codes.items()
+            if code != 0 and alive.get(node, True)]
+    return out
