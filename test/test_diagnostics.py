@@ -10,8 +10,10 @@ import pytest
 pytest.importorskip("rclpy")
 
 
-def reporter(node, counts: dict[str, int], **options) -> Callable[..., tuple[int, str]]:
-    """report(**grown) -> (level, message) of the status published after adding ``grown``."""
+def reporter(node, counts: dict[str, int], resumed: bool = False,
+             **options) -> Callable[..., tuple[int, str]]:
+    """report(**grown) -> (level, message) of the status published after adding ``grown``
+    (``resumed``: ``counts`` are a node's restored ones, as a resumed adapter's)."""
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
 
@@ -20,6 +22,8 @@ def reporter(node, counts: dict[str, int], **options) -> Callable[..., tuple[int
 
     diagnostics = Diagnostics(node, lambda: ("frames", dict(counts)), period_s=3600.0,
                               **options)  # published by hand below
+    if resumed:
+        diagnostics.start_from_current()
     received: list[DiagnosticArray] = []
     node.create_subscription(DiagnosticArray, topics.DIAGNOSTICS, received.append,
                              qos(topics.QOS_RELIABLE))
@@ -90,3 +94,13 @@ def test_stats_report_means_since_start_and_over_the_recent_values() -> None:
         stats.add("exit", value)
     assert stats.snapshot() == {"classified": "4", "mean_exit": "3.250",
                                 "recent_mean_exit": "1.000"}
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_counters_restored_from_saved_state_are_not_news(ros_node, resumed) -> None:
+    """A resumed adapter's first report warned of an overflow from before its restart."""
+    from ttspec_ros.nodes import OK, WARN
+
+    report = reporter(ros_node, {"overflows": 1}, resumed=resumed, warn_on=("overflows",))
+    assert report() == ((OK, "frames") if resumed else (WARN, "frames (new: overflows)"))
+    assert report(overflows=1) == (WARN, "frames (new: overflows)")  # one in this run is

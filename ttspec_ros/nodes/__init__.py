@@ -348,11 +348,20 @@ class Diagnostics:
                                           qos(topics.QOS_RELIABLE))
         self._timer = steady_timer(node, period_s, self.publish)
 
-    def publish(self) -> None:
-        message, values = self._values()
+    def _counts(self, values: Mapping[str, Any]) -> dict[str, int]:
         expected = () if self._expect is None else (self._expect[0],)
         names = dict.fromkeys((*self._warn_on, *self._jobs, *self._jobs.values(), *expected))
-        counts = {k: int(values.get(k, 0)) for k in names}
+        return {k: int(values.get(k, 0)) for k in names}
+
+    def start_from_current(self) -> None:
+        """Take the counters as they are now as the previous report's: counters a node
+        restored from saved state did not grow in this run (a resumed adapter's first report
+        warned of an overflow from before its restart)."""
+        self._previous = self._counts(self._values()[1])
+
+    def publish(self) -> None:
+        message, values = self._values()
+        counts = self._counts(values)
         grew = {k for k, n in counts.items() if n > self._previous.get(k, 0)}
         self._previous = counts
         now = time.monotonic()

@@ -133,6 +133,7 @@ class AdapterNode(Node):
                                                 daemon=True)
             self._ttt_worker.start()
         if resumed:
+            self._diagnostics.start_from_current()
             self._publish()  # classifiers get the resumed heads at once
         self.get_logger().info(
             f"adapter: model {self.specializer.model_id}, strategy {self.strategy}"
