@@ -438,6 +438,7 @@ class AdapterNode(Node):
             raise ValueError("state_dir is '' (state not persisted)")
         with self._save_lock:
             version = self._version()
+            self._save_failed = True  # until this save completes (the periodic save retries)
             self.specializer.save(state_dir)
             if self.ttt is not None:
                 self.ttt.save(state_dir)
@@ -454,7 +455,6 @@ class AdapterNode(Node):
             try:
                 self._save()
             except Exception as e:  # the last saved state stays; the next period tries again
-                self._save_failed = True
                 self._failed("saving the state", e, "save_errors")
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response):
@@ -493,7 +493,6 @@ class AdapterNode(Node):
             response.message = self._save()
             response.success = True
         except Exception as e:
-            self._save_failed = True
             self._failed("saving the state", e, "save_errors")
             response.success, response.message = False, f"not saved: {type(e).__name__}: {e}"
         return response
