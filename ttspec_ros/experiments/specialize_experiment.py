@@ -240,6 +240,10 @@ def run(args: argparse.Namespace) -> int:
                        momentum=settings["momentum"], batch_size=settings["batch_size"],
                        min_confidence=settings["min_confidence"],
                        replay_size=settings["replay_size"], guard=guard, seed=args.seed)
+    def apply_published() -> None:  # what a classifier does with the adapter's update
+        payload = spec.export()
+        cascade.apply_update(payload.tensors, payload.version)
+
     stream_exits: list[list[int]] = []
     for _ in range(settings["passes"]):
         order = rng.permutation(chosen)
@@ -249,14 +253,12 @@ def run(args: argparse.Namespace) -> int:
             exits.append(int(answer.exit_index))
             if spec.add_sample(answer.exit_index, answer.class_id, answer.confidence,
                                [f.numpy() for f in answer.features[: answer.exit_index]]):
-                payload = spec.export()
-                cascade.apply_update(payload.tensors, payload.version)
+                apply_published()
         stream_exits.append(exits)
     # The stream's last samples count too: a partly filled batch (batch_size > 1) and, with
     # the guard, the steps since its last check (what the adapter does at shutdown).
     if spec.flush():
-        payload = spec.export()
-        cascade.apply_update(payload.tensors, payload.version)
+        apply_published()
 
     # -- after: features again with the adapted model (backbone and last head must be equal)
     after_data = ExitFeatures.compute(cascade.model, test_x, args.batch)
